@@ -1,0 +1,145 @@
+"""The `kvcake` command line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from kvcake.config import ConfigError, KvcakeConfig, add_config_flags, config_from_args, markdown_table
+
+BENCHMARKS = {
+    "prefill": ("kvcake.bench.prefill", "Our full prefill vs the Hugging Face forward on the same prompt (1k/2k/4k tokens)."),
+}
+
+DEMO_QUESTION = "In two sentences, what is the main argument of the essay above?"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args) or 0
+    except (ConfigError, ValueError, FileNotFoundError) as error:
+        print(f"kvcake: error: {error}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvcake",
+        description="Lower time to first token for long-context LLM requests by reusing KV caches.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `kvcake COMMAND --help` for the options of each command.",
+    )
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    generate = commands.add_parser("generate", help="Generate text for a prompt and print it with its time to first token.")
+    _add_prompt_flags(generate)
+    add_config_flags(generate)
+    generate.set_defaults(handler=_generate)
+
+    demo = commands.add_parser("demo", help="The main job: answer a question over a built-in long document (a Paul Graham essay).")
+    demo.add_argument("--document-chars", type=int, default=6000, help="Characters of the document to use (about 4 per token).")
+    _add_sampling_flags(demo)
+    add_config_flags(demo)
+    demo.set_defaults(handler=_demo)
+
+    bench = commands.add_parser("bench", help="Benchmarks; each prints a table and saves a report under docs/benchmarks/.")
+    benches = bench.add_subparsers(title="benchmarks", metavar="BENCHMARK")
+    for name, (module_name, summary) in BENCHMARKS.items():
+        sub = benches.add_parser(name, help=summary, description=summary)
+        sub.set_defaults(handler=_bench_handler(module_name), bench_module=module_name)
+        _bench_arguments(module_name, sub)
+
+    config = commands.add_parser("config", help="Print the effective settings, or the settings table as markdown.")
+    config.add_argument("--markdown", action="store_true", help="Print the table of all settings (as in the README).")
+    add_config_flags(config)
+    config.set_defaults(handler=_config)
+    return parser
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default).")
+    parser.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass (with temperature > 0).")
+    parser.add_argument("--seed", type=int, default=None, help="Seed for sampling.")
+
+
+def _add_prompt_flags(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="Prompt text.")
+    source.add_argument("--prompt-file", type=Path, help="Read the prompt from a file.")
+    parser.add_argument("--raw", action="store_true", help="Do not wrap the prompt in the model's chat template.")
+    _add_sampling_flags(parser)
+
+
+def _bench_arguments(module_name: str, parser: argparse.ArgumentParser) -> None:
+    module = importlib.import_module(module_name)
+    module.add_arguments(parser)
+    add_config_flags(parser)
+
+
+def _bench_handler(module_name: str):
+    def handler(args: argparse.Namespace) -> int:
+        importlib.import_module(module_name).run(args)
+        return 0
+
+    return handler
+
+
+def _sampling(args: argparse.Namespace, config: KvcakeConfig):
+    from kvcake.model import SamplingParams
+
+    return SamplingParams(max_tokens=config.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+
+
+def _run_and_print(config: KvcakeConfig, request) -> int:
+    from kvcake.engine import Engine
+
+    engine = Engine(config)
+    result = engine.generate(request)
+    print(result.text)
+    metrics = result.metrics
+    print(
+        f"\n[kvcake] model={config.model} prompt_tokens={metrics.prompt_tokens} ttft={metrics.ttft_s:.3f}s "
+        f"generated={metrics.generated_tokens} decode={metrics.decode_s:.3f}s finish={result.finish_reason}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from kvcake.engine import GenerateRequest
+
+    config = config_from_args(args)
+    prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
+    return _run_and_print(config, GenerateRequest(prompt=prompt, chat=not args.raw, sampling=_sampling(args, config)))
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from kvcake.data import long_text
+    from kvcake.engine import GenerateRequest
+
+    config = config_from_args(args)
+    document = long_text(config.cache_path(), args.document_chars)
+    prompt = f"{document}\n\n{DEMO_QUESTION}"
+    print(f"[kvcake] question over a {len(document)}-character document: {DEMO_QUESTION}\n", file=sys.stderr)
+    return _run_and_print(config, GenerateRequest(prompt=prompt, sampling=_sampling(args, config)))
+
+
+def _config(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print(markdown_table())
+    else:
+        print(json.dumps(asdict(config_from_args(args)), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""kvcake's one configuration object.
+
+Every setting is a field of `KvcakeConfig`. Values come, later ones winning, from the
+defaults below, a YAML file (`--config FILE` or `KVCAKE_CONFIG`), environment variables
+`KVCAKE_<FIELD>` and command-line flags `--<field>`. The README's table is generated
+from the same fields (`kvcake config --markdown`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+ENV_PREFIX = "KVCAKE_"
+
+
+class ConfigError(ValueError):
+    """A setting is unknown or has a value of the wrong kind."""
+
+
+def _setting(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class KvcakeConfig:
+    model: str = _setting("smollm2-135m", "Registry name (smollm2-135m, qwen2.5-0.5b), a .gguf file or a HF safetensors folder.")
+    device: str = _setting("auto", "torch device: auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...")
+    dtype: str = _setting("auto", "Compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16.")
+    threads: int = _setting(0, "CPU threads for torch; 0 keeps torch's default (all cores).")
+    chunk_size: int = _setting(256, "Prefill chunk size in tokens (also the unit of stored KV chunks).")
+    max_tokens: int = _setting(64, "Default number of tokens to generate.")
+    cache_dir: str = _setting("~/.cache/kvcake", "Where converted models, downloaded packages and data sets are kept.")
+
+    def cache_path(self) -> Path:
+        path = Path(self.cache_dir).expanduser()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def replace(self, **changes: Any) -> KvcakeConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(name: str, kind: type, raw: Any) -> Any:
+    if isinstance(raw, kind) and not (kind is int and isinstance(raw, bool)):
+        return raw
+    try:
+        if kind is bool:
+            return str(raw).strip().lower() in ("1", "true", "yes", "on")
+        return kind(raw)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"setting {name!r}: cannot read {raw!r} as {kind.__name__}") from error
+
+
+def _field_types() -> dict[str, type]:
+    kinds = {"str": str, "int": int, "float": float, "bool": bool}
+    return {f.name: kinds[str(f.type)] for f in fields(KvcakeConfig)}
+
+
+def _apply(values: dict[str, Any], source: Mapping[str, Any], origin: str) -> None:
+    types = _field_types()
+    for name, raw in source.items():
+        key = name.replace("-", "_")
+        if key not in types:
+            raise ConfigError(f"unknown setting {name!r} in {origin}; known: {', '.join(types)}")
+        values[key] = _coerce(key, types[key], raw)
+
+
+def load_config(config_file: str | None = None, overrides: Mapping[str, Any] | None = None) -> KvcakeConfig:
+    """Defaults < YAML file < KVCAKE_* environment < explicit overrides (CLI flags)."""
+    values: dict[str, Any] = {}
+    path = config_file or os.environ.get(ENV_PREFIX + "CONFIG")
+    if path:
+        content = yaml.safe_load(Path(path).expanduser().read_text()) or {}
+        if not isinstance(content, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings")
+        _apply(values, content, path)
+    env = {name: os.environ[ENV_PREFIX + name.upper()] for name in _field_types() if ENV_PREFIX + name.upper() in os.environ}
+    _apply(values, env, "environment")
+    _apply(values, {k: v for k, v in (overrides or {}).items() if v is not None}, "command line")
+    return KvcakeConfig(**values)
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One `--flag` per setting; unset flags stay None so lower-priority sources show through."""
+    group = parser.add_argument_group("settings (also KVCAKE_* env and YAML; see README)")
+    group.add_argument("--config", dest="config_file", default=None, help="YAML file of settings.")
+    for item in fields(KvcakeConfig):
+        flag = "--" + item.name.replace("_", "-")
+        group.add_argument(flag, dest=item.name, default=None, help=f"{item.metadata['help']} (default: {item.default})")
+
+
+def config_from_args(args: argparse.Namespace) -> KvcakeConfig:
+    overrides = {item.name: getattr(args, item.name, None) for item in fields(KvcakeConfig)}
+    return load_config(getattr(args, "config_file", None), overrides)
+
+
+def markdown_table() -> str:
+    rows = ["| setting | flag | env | default | meaning |", "|---|---|---|---|---|"]
+    for item in fields(KvcakeConfig):
+        flag = "--" + item.name.replace("_", "-")
+        rows.append(f"| `{item.name}` | `{flag}` | `{ENV_PREFIX}{item.name.upper()}` | `{item.default}` | {item.metadata['help']} |")
+    return "\n".join(rows)

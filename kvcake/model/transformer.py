@@ -1,0 +1,286 @@
+"""A layer-wise decoder-only transformer (Llama, Qwen2, Mistral) written as explicit steps.
+
+The steps are public because KV reuse needs them separately: K comes out of `qkv`
+*before* RoPE (so a stored chunk can be placed at any position), RoPE is applied at
+explicit positions, and `attend` lets any set of query tokens attend over any set of
+KV tokens with a causal mask derived from their positions.
+
+Shapes (one request, no batch dimension): hidden states `(T, hidden)`, queries
+`(num_heads, T, head_dim)`, keys and values `(num_kv_heads, T, head_dim)`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from kvcake.model.config import ModelConfig, RopeConfig
+from kvcake.model.kv import KVCache
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+
+
+@dataclass
+class ForwardOutput:
+    """Logits, and with `keep_kv` the chunk's per-layer K (before RoPE) and V, each (Hkv, T, d)."""
+
+    logits: torch.Tensor
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32 whatever the activation dtype, as the reference models do."""
+    hidden32 = hidden.float()
+    normed = hidden32 * torch.rsqrt(hidden32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(hidden.dtype)
+
+
+def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (rope.theta**exponents)
+    if rope.type == "linear":
+        return inv_freq / rope.factor
+    if rope.type == "llama3":
+        return _llama3_frequencies(inv_freq, rope)
+    return inv_freq
+
+
+def _llama3_frequencies(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
+    """Llama 3 scaling: long wavelengths slowed by `factor`, short kept, a smooth ramp between."""
+    wavelengths = 2 * math.pi / inv_freq
+    old_context = rope.original_max_position_embeddings
+    ramp = (old_context / wavelengths - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    ramp = ramp.clamp(0.0, 1.0)
+    return (1 - ramp) * inv_freq / rope.factor + ramp * inv_freq
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+class Transformer:
+    """Weights plus the per-layer math; owns no request state (that lives in `KVCache`)."""
+
+    def __init__(self, config: ModelConfig, tensors: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.layers = [self._layer_weights(tensors, i) for i in range(config.num_layers)]
+        self.embedding = self._take(tensors, "model.embed_tokens.weight")
+        self.final_norm = self._take(tensors, "model.norm.weight")
+        lm_head = tensors.get("lm_head.weight")
+        self.lm_head = self.embedding if config.tie_word_embeddings or lm_head is None else self._move(lm_head)
+        self.inv_freq = rope_inverse_frequencies(config.rope, config.head_dim).to(device)
+        self.q_size = config.num_heads * config.head_dim
+        self.kv_size = config.num_kv_heads * config.head_dim
+
+    @classmethod
+    def from_folder(cls, folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
+        config = ModelConfig.from_folder(folder)
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors weights in {folder}")
+        tensors: dict[str, torch.Tensor] = {}
+        for path in files:
+            tensors.update(load_file(path))
+        return cls(config, tensors, torch.device(device), dtype)
+
+    def _move(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device=self.device, dtype=self.dtype).contiguous()
+
+    def _take(self, tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        if name not in tensors:
+            raise KeyError(f"weight {name!r} missing from checkpoint")
+        return self._move(tensors[name])
+
+    def _optional(self, tensors: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor | None:
+        if not all(name in tensors for name in names):
+            return None
+        return self._move(torch.cat([tensors[name] for name in names]))
+
+    def _layer_weights(self, tensors: dict[str, torch.Tensor], index: int) -> LayerWeights:
+        attn = f"model.layers.{index}.self_attn"
+        mlp = f"model.layers.{index}.mlp"
+        qkv_names = [f"{attn}.{p}_proj.weight" for p in "qkv"]
+        gate_up_names = [f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"]
+        return LayerWeights(
+            input_norm=self._take(tensors, f"model.layers.{index}.input_layernorm.weight"),
+            qkv=self._move(torch.cat([tensors[name] for name in qkv_names])),
+            qkv_bias=self._optional(tensors, [f"{attn}.{p}_proj.bias" for p in "qkv"]),
+            o=self._take(tensors, f"{attn}.o_proj.weight"),
+            o_bias=self._optional(tensors, [f"{attn}.o_proj.bias"]),
+            post_norm=self._take(tensors, f"model.layers.{index}.post_attention_layernorm.weight"),
+            gate_up=self._move(torch.cat([tensors[name] for name in gate_up_names])),
+            gate_up_bias=self._optional(tensors, [f"{mlp}.gate_proj.bias", f"{mlp}.up_proj.bias"]),
+            down=self._take(tensors, f"{mlp}.down_proj.weight"),
+            down_bias=self._optional(tensors, [f"{mlp}.down_proj.bias"]),
+        )
+
+    # ---- the steps ---------------------------------------------------------------
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(token_ids.to(self.device), self.embedding)
+
+    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of shape (T, head_dim) for the given absolute positions."""
+        angles = positions.to(self.device).float()[:, None] * self.inv_freq[None, :]
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+
+    @staticmethod
+    def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return x * cos + rotate_half(x) * sin
+
+    def qkv(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normalise and project: q (H, T, d), k (Hkv, T, d) before RoPE, v (Hkv, T, d)."""
+        weights = self.layers[layer]
+        normed = rms_norm(hidden, weights.input_norm, self.config.rms_norm_eps)
+        projected = F.linear(normed, weights.qkv, weights.qkv_bias)
+        q, k, v = projected.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        head_dim = self.config.head_dim
+        num_tokens = hidden.shape[0]
+        return (
+            q.view(num_tokens, -1, head_dim).transpose(0, 1),
+            k.view(num_tokens, -1, head_dim).transpose(0, 1),
+            v.view(num_tokens, -1, head_dim).transpose(0, 1),
+        )
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        q_positions: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_positions: torch.Tensor,
+    ) -> torch.Tensor:
+        """Attention of rotated queries over rotated keys; token j is visible to i iff pos_j <= pos_i.
+
+        Returns (T_q, H * d), ready for the output projection.
+        """
+        out = causal_attention(q.unsqueeze(0), q_positions, k.unsqueeze(0), v.unsqueeze(0), kv_positions)
+        return out.squeeze(0).transpose(0, 1).reshape(q.shape[1], -1)
+
+    def attention_output(self, layer: int, attended: torch.Tensor) -> torch.Tensor:
+        weights = self.layers[layer]
+        return F.linear(attended, weights.o, weights.o_bias)
+
+    def mlp(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The residual branch after attention: norm, SwiGLU, down projection."""
+        weights = self.layers[layer]
+        normed = rms_norm(hidden, weights.post_norm, self.config.rms_norm_eps)
+        gate, up = F.linear(normed, weights.gate_up, weights.gate_up_bias).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, weights.down, weights.down_bias)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        normed = rms_norm(hidden, self.final_norm, self.config.rms_norm_eps)
+        return F.linear(normed, self.lm_head).float()
+
+    # ---- composed passes -----------------------------------------------------------
+
+    def layer_forward(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache,
+        slot: slice,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One layer for the tokens in cache slot `slot`, attending over the cache up to its end.
+
+        Returns the new hidden states and the layer's K (before RoPE) and V for these tokens.
+        """
+        q, k, v = self.qkv(layer, hidden)
+        cos, sin = rope
+        cache.write(layer, slot, self.apply_rope(k, cos, sin), v)
+        cached_k, cached_v = cache.layer(layer, slot.stop)
+        attended = self.attend(self.apply_rope(q, cos, sin), cache.positions[slot], cached_k, cached_v, cache.positions[: slot.stop])
+        hidden = hidden + self.attention_output(layer, attended)
+        return hidden + self.mlp(layer, hidden), k, v
+
+    def forward(
+        self,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        *,
+        all_logits: bool = False,
+        keep_kv: bool = False,
+    ) -> ForwardOutput:
+        """Run new tokens through every layer, appending their KV to `cache`.
+
+        Logits are returned for the last token only unless `all_logits`; with `keep_kv`
+        the chunk's own K (before RoPE) and V are returned for storing.
+        """
+        slot = cache.reserve(positions.to(self.device))
+        rope = self.rope_tables(positions)
+        hidden = self.embed(token_ids)
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        for layer in range(self.config.num_layers):
+            hidden, k, v = self.layer_forward(layer, hidden, rope, cache, slot)
+            if keep_kv:
+                keys.append(k.contiguous())
+                values.append(v.contiguous())
+        cache.commit(slot)
+        last = hidden if all_logits else hidden[-1:]
+        return ForwardOutput(self.logits(last), keys, values)
+
+    def load_kv(self, cache: KVCache, keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor) -> None:
+        """Place stored per-layer K (before RoPE) and V into the cache at `positions`."""
+        slot = cache.reserve(positions.to(self.device))
+        cos, sin = self.rope_tables(positions)
+        for layer in range(self.config.num_layers):
+            k = keys[layer].to(device=self.device, dtype=self.dtype)
+            v = values[layer].to(device=self.device, dtype=self.dtype)
+            cache.write(layer, slot, self.apply_rope(k, cos, sin), v)
+        cache.commit(slot)
+
+    def new_cache(self, capacity: int) -> KVCache:
+        config = self.config
+        return KVCache(config.num_layers, config.num_kv_heads, config.head_dim, capacity, self.device, self.dtype)
+
+
+def causal_attention(
+    q: torch.Tensor,
+    q_positions: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_positions: torch.Tensor,
+) -> torch.Tensor:
+    """SDPA with the mask implied by positions; picks the cheapest exact kernel call.
+
+    q: (1, H, Tq, d); k, v: (1, Hkv, Tk, d) with H a multiple of Hkv (GQA).
+    """
+    num_queries, num_keys = q.shape[2], k.shape[2]
+    if num_queries == num_keys and torch.equal(q_positions, kv_positions) and _is_increasing_run(q_positions):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    if int(kv_positions.max()) <= int(q_positions.min()):
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    mask = kv_positions[None, :] <= q_positions[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def _is_increasing_run(positions: torch.Tensor) -> bool:
+    """True when positions are p, p+1, ..., so SDPA's built-in causal mask is exactly ours."""
+    if positions.numel() < 2:
+        return True
+    return bool((positions[1:] - positions[:-1] == 1).all())

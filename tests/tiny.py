@@ -1,0 +1,49 @@
+"""Tiny random-weight checkpoints of each supported family, saved as real HF folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+COMMON = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+FAMILY_CONFIGS = {
+    "llama": lambda: LlamaConfig(**COMMON, rope_theta=10000.0, tie_word_embeddings=True),
+    "llama3-rope": lambda: LlamaConfig(
+        **COMMON,
+        rope_scaling={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 256,
+        },
+        attention_bias=True,
+    ),
+    "qwen2": lambda: Qwen2Config(**COMMON, rope_theta=1000000.0, tie_word_embeddings=True),
+    "mistral": lambda: MistralConfig(**COMMON, rope_theta=10000.0, sliding_window=None, head_dim=24),
+}
+
+
+def save_tiny_model(family: str, folder: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(FAMILY_CONFIGS[family](), dtype=torch.float32)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.08)
+    model.save_pretrained(folder)
+    return folder
