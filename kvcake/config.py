@@ -38,6 +38,13 @@ class KvcakeConfig:
     max_tokens: int = _setting(64, "Default number of tokens to generate.")
     cache_dir: str = _setting("~/.cache/kvcake", "Where converted models, downloaded packages and data sets are kept.")
 
+    def __post_init__(self) -> None:
+        for name in ("chunk_size", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"setting {name!r} must be >= 1, got {getattr(self, name)}")
+        if self.threads < 0:
+            raise ConfigError(f"setting 'threads' must be >= 0, got {self.threads}")
+
     def cache_path(self) -> Path:
         path = Path(self.cache_dir).expanduser()
         path.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TRAINING_TEXT = [
+    "The quick brown fox jumps over the lazy dog. " * 4,
+    "Paris is the capital of France; Berlin is the capital of Germany. " * 4,
+    "KV caches make the first token arrive sooner when documents repeat. " * 4,
+]
 
 COMMON = dict(
     vocab_size=512,
@@ -46,4 +57,23 @@ def save_tiny_model(family: str, folder: Path, seed: int = 0) -> Path:
         for parameter in model.parameters():
             parameter.normal_(0.0, 0.08)
     model.save_pretrained(folder)
+    save_tiny_tokenizer(folder)
     return folder
+
+
+def save_tiny_tokenizer(folder: Path) -> None:
+    """A byte-level BPE of 512 tokens with chat markers (ids 0-2 special), trained on a few lines."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(TRAINING_TEXT, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<unk>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)

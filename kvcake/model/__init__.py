@@ -30,6 +30,7 @@ __all__ = [
     "load_model",
     "resolve_device",
     "resolve_dtype",
+    "resolve_model",
 ]
 
 

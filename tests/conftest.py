@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import FAMILY_CONFIGS, save_tiny_model  # noqa: E402
+
+from kvcake.config import KvcakeConfig  # noqa: E402
+from kvcake.model import DEFAULT_MODEL, ModelConfig, Tokenizer, Transformer, resolve_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: save_tiny_model(family, root / family) for family in FAMILY_CONFIGS}
+
+
+@pytest.fixture(scope="session")
+def default_config() -> KvcakeConfig:
+    """The real default model, converted once into the user cache (as the README's commands do)."""
+    return KvcakeConfig(model=DEFAULT_MODEL, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def default_folder(default_config: KvcakeConfig) -> Path:
+    return resolve_model(default_config.model, default_config.cache_path())
+
+
+@pytest.fixture(scope="session")
+def default_model(default_folder: Path) -> Transformer:
+    return Transformer.from_folder(default_folder)
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer(default_folder: Path) -> Tokenizer:
+    return Tokenizer(default_folder, ModelConfig.from_folder(default_folder))
+
+
+@pytest.fixture(scope="session")
+def hf_default_model(default_folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(default_folder, dtype=torch.float32).eval()

@@ -1,0 +1,66 @@
+"""Settings from defaults, YAML, environment and flags; sampling reproducibility."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvcake.cli import build_parser
+from kvcake.config import ConfigError, KvcakeConfig, config_from_args, load_config, markdown_table
+from kvcake.fetch import FetchError, PackageFile, materialise
+from kvcake.model import Sampler, SamplingParams
+
+
+def test_sources_are_layered_yaml_then_env_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = tmp_path / "kvcake.yaml"
+    settings.write_text("chunk_size: 128\nmax_tokens: 10\nmodel: qwen2.5-0.5b\n")
+    monkeypatch.setenv("KVCAKE_MAX_TOKENS", "20")
+    monkeypatch.setenv("KVCAKE_CONFIG", str(settings))
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--chunk-size", "64"])
+    config = config_from_args(args)
+    assert (config.chunk_size, config.max_tokens, config.model) == (64, 20, "qwen2.5-0.5b")
+
+
+def test_unknown_or_malformed_settings_are_refused(tmp_path: Path) -> None:
+    settings = tmp_path / "bad.yaml"
+    settings.write_text("chunk_sizes: 128\n")
+    with pytest.raises(ConfigError, match="unknown setting 'chunk_sizes'"):
+        load_config(str(settings))
+    with pytest.raises(ConfigError, match="cannot read 'many' as int"):
+        load_config(overrides={"threads": "many"})
+
+
+def test_settings_table_lists_every_field() -> None:
+    table = markdown_table()
+    for name in KvcakeConfig.__dataclass_fields__:
+        assert f"`KVCAKE_{name.upper()}`" in table
+
+
+def test_seeded_sampling_is_reproducible_and_top_p_narrows() -> None:
+    logits = torch.randn(100, generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=7)
+    first, second = Sampler(params, torch.device("cpu")), Sampler(params, torch.device("cpu"))
+    draws = [first(logits) for _ in range(10)]
+    assert draws == [second(logits) for _ in range(10)]
+    assert len(set(draws)) > 1
+    tiny_nucleus = Sampler(SamplingParams(temperature=1.0, top_p=1e-6, seed=1), torch.device("cpu"))
+    assert {tiny_nucleus(logits) for _ in range(20)} == {int(logits.argmax())}
+
+
+def test_packaged_artefact_is_verified_by_sha256(tmp_path: Path) -> None:
+    """A wheel already in the cache is used as is; a wrong digest is refused and nothing is left behind."""
+    wheel_dir = tmp_path / "packages" / "demo-pkg-1.0"
+    wheel_dir.mkdir(parents=True)
+    with zipfile.ZipFile(wheel_dir / "demo_pkg-1.0-py3-none-any.whl", "w") as wheel:
+        wheel.writestr("demo_pkg/data/a.bin", b"hello ")
+        wheel.writestr("demo_pkg/data/b.bin", b"world")
+    parts = [PackageFile("demo-pkg", "1.0", "demo_pkg/data/a.bin"), PackageFile("demo-pkg", "1.0", "demo_pkg/data/b.bin")]
+    target = tmp_path / "out.bin"
+    with pytest.raises(FetchError, match="sha256 mismatch"):
+        materialise(parts, target, "0" * 64, tmp_path)
+    assert not target.exists()
+    good = "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9"
+    assert materialise(parts, target, good, tmp_path).read_bytes() == b"hello world"

@@ -1,0 +1,78 @@
+"""The real default model (SmolLM2-135M-Instruct from its PyPI package) end to end."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kvcake.data import long_text
+from kvcake.engine import Engine, GenerateRequest, RequestError
+from kvcake.model import SamplingParams
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def engine(default_config) -> Engine:
+    return Engine(default_config)
+
+
+@pytest.fixture(scope="module")
+def long_prompt(default_config, default_tokenizer) -> list[int]:
+    ids = default_tokenizer.encode(long_text(default_config.cache_path(), 8000))
+    assert len(ids) >= 1100
+    return ids[:1100]
+
+
+def test_logits_match_transformers_on_a_long_prompt(default_model, hf_default_model, long_prompt) -> None:
+    ids = torch.tensor(long_prompt)
+    with torch.no_grad():
+        reference = hf_default_model(ids[None]).logits[0]
+    ours = default_model.forward(ids, torch.arange(len(ids)), default_model.new_cache(len(ids)), all_logits=True).logits
+    assert (ours - reference).abs().max().item() <= 1e-4
+
+
+def test_chunked_prefill_matches_one_shot_on_the_real_model(engine, long_prompt) -> None:
+    chunked = engine.prefill(long_prompt, len(long_prompt)).last_logits
+    model = engine.model
+    one_shot = model.forward(torch.tensor(long_prompt), torch.arange(len(long_prompt)), model.new_cache(len(long_prompt))).logits[-1]
+    assert (chunked - one_shot).abs().max().item() <= 1e-4
+
+
+def test_greedy_generation_equals_transformers_generate(engine, hf_default_model, long_prompt) -> None:
+    prompt = long_prompt[:600]
+    with torch.no_grad():
+        reference = hf_default_model.generate(
+            torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, len(prompt) :].tolist()
+    ours = engine.generate(GenerateRequest(token_ids=prompt, sampling=SamplingParams(max_tokens=32)))
+    stop = next((i + 1 for i, t in enumerate(reference) if t in engine.tokenizer.stop_ids), len(reference))
+    assert ours.token_ids == reference[:stop]
+
+
+def test_chat_prompt_answers_and_reports_ttft(engine) -> None:
+    result = engine.generate(GenerateRequest(prompt="What is the capital of France?", sampling=SamplingParams(max_tokens=16)))
+    assert "Paris" in result.text
+    assert result.metrics.ttft_s > 0
+    assert result.metrics.prompt_tokens > 0
+
+
+def test_prompt_longer_than_the_context_is_refused(engine) -> None:
+    too_long = [100] * engine.context_length
+    with pytest.raises(RequestError, match="context is 8192"):
+        engine.generate(GenerateRequest(token_ids=too_long))
+
+
+def test_cli_generate_prints_text_and_ttft(default_config) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "kvcake.cli", "generate", "--prompt", "Say hello.", "--max-tokens", "8"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    assert "ttft=" in result.stderr
