@@ -1,0 +1,395 @@
+"""Binary format of one stored chunk: versioned header + raw tensor bytes, no pickle.
+
+Layout (all integers little-endian)::
+
+    fixed header   magic "KVCK", codec version, flags, header length, L, T, H, D,
+                   page_tokens, storage dtype, original dtype
+    crc table      uint32 per (block, page); int8 entries add one crc per block for scales
+    header crc     uint32 crc32 of everything above
+    blocks         for layer 0..L-1: K block, then V block
+                   block = [per-channel scales, float32 (H, D), int8 only]
+                           [tensor bytes in token-major order (T, H, D)]
+
+Token-major blocks make a token range [a, b) of a layer one contiguous byte range, and
+the K and V blocks of a layer are adjacent, so a layer is one range as well. Every block
+is checksummed per page of ``page_tokens`` tokens: a layer read or a token-range read
+fetches the header plus the pages it overlaps and verifies exactly those pages, never
+the whole entry.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+CODEC_VERSION = 1
+MAGIC = b"KVCK"
+DEFAULT_PAGE_TOKENS = 16
+#: bytes a reader fetches first; covers the header of any entry up to ~8k tokens x 32 layers
+HEADER_PROBE_BYTES = 16384
+
+_FIXED = struct.Struct("<4sHHIIIIIIBBH")
+_CRC = struct.Struct("<I")
+
+# code -> (name, torch dtype, element size, numpy view dtype used for byte-exact copies)
+_DTYPES: dict[int, tuple[str, torch.dtype, int, str]] = {
+    1: ("fp32", torch.float32, 4, "<i4"),
+    2: ("fp16", torch.float16, 2, "<i2"),
+    3: ("bf16", torch.bfloat16, 2, "<i2"),
+    4: ("int8", torch.int8, 1, "i1"),
+}
+_TORCH_VIEW = {"<i4": torch.int32, "<i2": torch.int16, "i1": torch.int8}
+_ALIASES = {
+    "fp32": 1, "float32": 1, "float": 1,
+    "fp16": 2, "float16": 2, "half": 2,
+    "bf16": 3, "bfloat16": 3,
+    "int8": 4,
+}
+_INT8 = 4
+_INT8_MAX = 127.0
+
+
+@dataclass
+class ChunkKV:
+    """KV of one chunk: per layer a K and a V tensor shaped (n_kv_heads, T, head_dim)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.keys[0].shape[1]) if self.keys else 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+class CodecError(Exception):
+    """An entry that cannot be trusted; ``kind`` is the stats error kind."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Header:
+    """Parsed header; knows where every block, page and checksum lives."""
+
+    num_layers: int
+    num_tokens: int
+    n_heads: int
+    head_dim: int
+    page_tokens: int
+    store_code: int
+    orig_code: int
+    crcs: tuple[int, ...]
+
+    @property
+    def is_int8(self) -> bool:
+        return self.store_code == _INT8
+
+    @property
+    def n_pages(self) -> int:
+        return -(-self.num_tokens // self.page_tokens)
+
+    @property
+    def crcs_per_block(self) -> int:
+        return self.n_pages + (1 if self.is_int8 else 0)
+
+    @property
+    def elem_size(self) -> int:
+        return _DTYPES[self.store_code][2]
+
+    @property
+    def token_bytes(self) -> int:
+        return self.n_heads * self.head_dim * self.elem_size
+
+    @property
+    def scale_bytes(self) -> int:
+        return self.n_heads * self.head_dim * 4 if self.is_int8 else 0
+
+    @property
+    def block_bytes(self) -> int:
+        return self.scale_bytes + self.num_tokens * self.token_bytes
+
+    @property
+    def header_len(self) -> int:
+        return _header_len(self.num_layers, self.crcs_per_block)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.header_len + 2 * self.num_layers * self.block_bytes
+
+    @property
+    def out_dtype(self) -> torch.dtype:
+        """dtype decode returns: the storage dtype, or the original one for int8 entries."""
+        return _DTYPES[self.orig_code if self.is_int8 else self.store_code][1]
+
+    def block_offset(self, block: int) -> int:
+        return self.header_len + block * self.block_bytes
+
+    def page_span(self, start: int, end: int) -> tuple[int, int]:
+        """Pages [p0, p1) that cover tokens [start, end)."""
+        return start // self.page_tokens, -(-end // self.page_tokens)
+
+    def pages_range(self, block: int, p0: int, p1: int) -> tuple[int, int]:
+        """Byte range of pages [p0, p1) of a block."""
+        base = self.block_offset(block) + self.scale_bytes
+        first = p0 * self.page_tokens * self.token_bytes
+        last = min(p1 * self.page_tokens, self.num_tokens) * self.token_bytes
+        return base + first, base + last
+
+
+def dtype_code(name: str | None, original: torch.dtype) -> int:
+    """Storage dtype code for a name (``None``/``keep`` keeps the tensors' own dtype)."""
+    if name is None or name == "keep":
+        return _code_of(original)
+    try:
+        return _ALIASES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown storage dtype {name!r}; use keep, fp32, fp16, bf16 or int8") from None
+
+
+def _code_of(dtype: torch.dtype) -> int:
+    for code, (_, tdtype, _, _) in _DTYPES.items():
+        if tdtype == dtype and code != _INT8:
+            return code
+    raise ValueError(f"unsupported KV dtype {dtype}; use float32, float16 or bfloat16")
+
+
+def _header_len(num_layers: int, crcs_per_block: int) -> int:
+    return _FIXED.size + 4 * 2 * num_layers * crcs_per_block + _CRC.size
+
+
+def _validate(chunk: ChunkKV) -> tuple[int, int, int]:
+    if not chunk.keys or len(chunk.keys) != len(chunk.values):
+        raise ValueError("a chunk needs the same non-zero number of K and V tensors")
+    shape = tuple(chunk.keys[0].shape)
+    dtype = chunk.keys[0].dtype
+    if len(shape) != 3 or shape[1] == 0:
+        raise ValueError(f"KV tensors must be (n_kv_heads, T>0, head_dim), got {shape}")
+    for t in (*chunk.keys, *chunk.values):
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise ValueError("all K/V tensors of a chunk must share shape and dtype")
+    return shape  # type: ignore[return-value]
+
+
+def _to_storage(t: torch.Tensor, code: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Token-major bytes of one tensor in the storage dtype (+ int8 scales)."""
+    t = t.detach().cpu()
+    scales = None
+    if code == _INT8:
+        x = t.float()
+        amax = x.abs().amax(dim=1, keepdim=True)  # per (head, channel), over tokens
+        scale = torch.where(amax > 0, amax / _INT8_MAX, torch.ones_like(amax))
+        t = torch.round(x / scale).clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+        scales = scale.reshape(-1).numpy().astype("<f4").view(np.uint8)
+    else:
+        t = t.to(_DTYPES[code][1])
+    data = t.permute(1, 0, 2).contiguous().view(torch.uint8).reshape(-1).numpy()
+    return data, scales
+
+
+def _page_crcs(data: memoryview, page_bytes: int) -> list[int]:
+    return [zlib.crc32(data[i : i + page_bytes]) for i in range(0, len(data), page_bytes)]
+
+
+def encode(chunk: ChunkKV, dtype: str | None = None, page_tokens: int = DEFAULT_PAGE_TOKENS) -> bytes:
+    """Serialize a chunk. ``dtype``: keep (default), fp32, fp16, bf16 or int8."""
+    if page_tokens <= 0:
+        raise ValueError("page_tokens must be positive")
+    n_heads, num_tokens, head_dim = _validate(chunk)
+    orig = _code_of(chunk.keys[0].dtype)
+    code = dtype_code(dtype, chunk.keys[0].dtype)
+    page_bytes = page_tokens * n_heads * head_dim * _DTYPES[code][2]
+    body: list[memoryview] = []
+    crcs: list[int] = []
+    for layer in range(chunk.num_layers):
+        for t in (chunk.keys[layer], chunk.values[layer]):
+            data, scales = _to_storage(t, code)
+            if scales is not None:
+                body.append(memoryview(scales))
+                crcs.append(zlib.crc32(scales))
+            view = memoryview(data)
+            body.append(view)
+            crcs.extend(_page_crcs(view, page_bytes))
+    fixed = _FIXED.pack(
+        MAGIC, CODEC_VERSION, 0,
+        _header_len(chunk.num_layers, len(crcs) // (2 * chunk.num_layers)),
+        chunk.num_layers, num_tokens, n_heads, head_dim, page_tokens, code, orig, 0,
+    )
+    head = fixed + np.asarray(crcs, dtype="<u4").tobytes()
+    return b"".join([head, _CRC.pack(zlib.crc32(head)), *body])
+
+
+def header_length(prefix: bytes | memoryview) -> int:
+    """Total header length announced by the first bytes of an entry."""
+    if len(prefix) < _FIXED.size:
+        raise CodecError("truncated", f"entry is {len(prefix)} bytes, shorter than a header")
+    magic, version, _, header_len = _FIXED.unpack_from(prefix)[:4]
+    if magic != MAGIC:
+        raise CodecError("bad_header", "not a kvcake entry (bad magic)")
+    if version != CODEC_VERSION:
+        raise CodecError("bad_header", f"codec version {version}, this reader is {CODEC_VERSION}")
+    return int(header_len)
+
+
+def parse_header(buf: bytes | memoryview) -> Header:
+    """Parse and verify a header; ``buf`` must hold at least ``header_length(buf)`` bytes."""
+    header_len = header_length(buf)
+    if len(buf) < header_len:
+        raise CodecError("truncated", "entry shorter than its header")
+    fields = _FIXED.unpack_from(buf)
+    layers, tokens, heads, head_dim, page_tokens, code, orig = fields[4:11]
+    if (
+        code not in _DTYPES or orig not in _DTYPES or orig == _INT8
+        or min(layers, tokens, heads, head_dim, page_tokens) == 0
+    ):
+        raise CodecError("bad_header", "header fields out of range")
+    stored_crc = _CRC.unpack_from(buf, header_len - _CRC.size)[0]
+    if zlib.crc32(memoryview(buf)[: header_len - _CRC.size]) != stored_crc:
+        raise CodecError("checksum", "header checksum mismatch")
+    n_pages = -(-tokens // page_tokens)
+    per_block = n_pages + (1 if code == _INT8 else 0)
+    if header_len != _header_len(layers, per_block):
+        raise CodecError("bad_header", "header length does not match its fields")
+    crcs = np.frombuffer(buf, dtype="<u4", count=2 * layers * per_block, offset=_FIXED.size)
+    return Header(layers, tokens, heads, head_dim, page_tokens, code, orig, tuple(int(c) for c in crcs))
+
+
+def _check(buf: memoryview, expected: int, what: str) -> None:
+    if zlib.crc32(buf) != expected:
+        raise CodecError("checksum", f"checksum mismatch in {what}")
+
+
+def _decode_block(
+    h: Header, block: int, scales: memoryview | None, pages: memoryview, p0: int, start: int, end: int,
+    check: bool,
+) -> torch.Tensor:
+    """Tensor (H, end-start, D) of one block from the bytes of its pages [p0, ...)."""
+    base = h.crcs_per_block * block
+    page_bytes = h.page_tokens * h.token_bytes
+    p1 = h.page_span(start, end)[1]
+    expected_len = (min(p1 * h.page_tokens, h.num_tokens) - p0 * h.page_tokens) * h.token_bytes
+    if len(pages) < expected_len or (scales is not None and len(scales) < h.scale_bytes):
+        raise CodecError("truncated", f"block {block} is shorter than its header says")
+    if check:
+        first_crc = base + (1 if h.is_int8 else 0)
+        if scales is not None:
+            _check(scales[: h.scale_bytes], h.crcs[base], f"scales of block {block}")
+        for i, page in enumerate(range(p0, p1)):
+            _check(pages[i * page_bytes : min((i + 1) * page_bytes, expected_len)],
+                   h.crcs[first_crc + page], f"page {page} of block {block}")
+    n = end - start
+    view_dtype = _DTYPES[h.store_code][3]
+    arr = np.frombuffer(
+        pages, dtype=view_dtype, count=n * h.n_heads * h.head_dim,
+        offset=(start - p0 * h.page_tokens) * h.token_bytes,
+    ).reshape(n, h.n_heads, h.head_dim).transpose(1, 0, 2).copy()
+    t = torch.from_numpy(arr)
+    if h.is_int8:
+        s = torch.from_numpy(np.frombuffer(scales, dtype="<f4", count=h.n_heads * h.head_dim).copy())
+        return (t.float() * s.view(h.n_heads, 1, h.head_dim)).to(h.out_dtype)
+    return t.view(h.out_dtype)
+
+
+def _split_block(h: Header, buf: memoryview, block: int) -> tuple[memoryview | None, memoryview]:
+    """(scales, pages) views of a whole block inside a buffer holding the full entry."""
+    off = h.block_offset(block)
+    scales = buf[off : off + h.scale_bytes] if h.is_int8 else None
+    return scales, buf[off + h.scale_bytes : off + h.block_bytes]
+
+
+def verify(buf: bytes | memoryview) -> Header:
+    """Check a whole encoded entry (header and every page) without building tensors."""
+    mv = memoryview(buf)
+    h = parse_header(mv)
+    _check_length(h, mv)
+    page_bytes = h.page_tokens * h.token_bytes
+    for block in range(2 * h.num_layers):
+        scales, pages = _split_block(h, mv, block)
+        base = h.crcs_per_block * block
+        if scales is not None:
+            _check(scales, h.crcs[base], f"scales of block {block}")
+            base += 1
+        for page, crc in enumerate(_page_crcs(pages, page_bytes)):
+            if crc != h.crcs[base + page]:
+                raise CodecError("checksum", f"checksum mismatch in page {page} of block {block}")
+    return h
+
+
+def _check_length(h: Header, mv: memoryview) -> None:
+    if len(mv) < h.total_bytes:
+        raise CodecError("truncated", f"entry is {len(mv)} bytes, header says {h.total_bytes}")
+    if len(mv) > h.total_bytes:
+        raise CodecError("bad_header", f"entry is {len(mv)} bytes, header says {h.total_bytes}")
+
+
+def decode(buf: bytes | memoryview, check: bool = True) -> ChunkKV:
+    """Whole entry -> ChunkKV; ``check=False`` only for bytes already passed to ``verify``.
+
+    Tensors come back in the storage dtype chosen at encode time (the original dtype when
+    it was ``keep``); int8 entries are dequantized to the original dtype. fp32 kept as
+    fp32 round-trips bit-exactly.
+    """
+    mv = memoryview(buf)
+    h = parse_header(mv)
+    _check_length(h, mv)
+    tensors = []
+    for block in range(2 * h.num_layers):
+        scales, pages = _split_block(h, mv, block)
+        tensors.append(_decode_block(h, block, scales, pages, 0, 0, h.num_tokens, check))
+    return ChunkKV(keys=tensors[0::2], values=tensors[1::2])
+
+
+def layer_range(h: Header, layer: int) -> tuple[int, int]:
+    """Byte range of the K and V blocks of one layer (adjacent, so one range)."""
+    start = h.block_offset(2 * layer)
+    return start, start + 2 * h.block_bytes
+
+
+def decode_layer(h: Header, layer: int, buf: bytes | memoryview) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, V) of a layer from the bytes of ``layer_range``; every page is verified."""
+    mv = memoryview(buf)
+    out = []
+    for i, block in enumerate((2 * layer, 2 * layer + 1)):
+        off = i * h.block_bytes
+        scales = mv[off : off + h.scale_bytes] if h.is_int8 else None
+        pages = mv[off + h.scale_bytes : off + h.block_bytes]
+        out.append(_decode_block(h, block, scales, pages, 0, 0, h.num_tokens, True))
+    return out[0], out[1]
+
+
+def token_ranges(h: Header, start: int, end: int) -> list[tuple[int, int]]:
+    """Byte ranges a token-range read fetches: per block [scales,] pages covering [start, end)."""
+    p0, p1 = h.page_span(start, end)
+    ranges = []
+    for block in range(2 * h.num_layers):
+        if h.is_int8:
+            off = h.block_offset(block)
+            ranges.append((off, off + h.scale_bytes))
+        ranges.append(h.pages_range(block, p0, p1))
+    return ranges
+
+
+def decode_tokens(h: Header, start: int, end: int, parts: Sequence[bytes | memoryview]) -> ChunkKV:
+    """ChunkKV of tokens [start, end) from the parts fetched for ``token_ranges``."""
+    p0 = h.page_span(start, end)[0]
+    step = 2 if h.is_int8 else 1
+    tensors = []
+    for block in range(2 * h.num_layers):
+        scales = memoryview(parts[step * block]) if h.is_int8 else None
+        pages = memoryview(parts[step * block + step - 1])
+        tensors.append(_decode_block(h, block, scales, pages, p0, start, end, True))
+    return ChunkKV(keys=tensors[0::2], values=tensors[1::2])

@@ -1,0 +1,87 @@
+"""Stable chunk keys: BLAKE2b over length-prefixed fields, equal in every process.
+
+Every field is prefixed by its length, so no two different field lists hash the same
+bytes. Token ids are hashed as little-endian int64. Keys are 32 lowercase hex digits
+(128 bits): valid Redis keys and file names.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import PurePath
+from typing import Any
+
+import numpy as np
+
+from kvcake.store.codec import CODEC_VERSION
+
+_DIGEST_SIZE = 16
+_PERSON = b"kvcake.keys.v1"
+
+
+def _digest(*fields: bytes) -> str:
+    h = hashlib.blake2b(digest_size=_DIGEST_SIZE, person=_PERSON)
+    for field in fields:
+        h.update(len(field).to_bytes(8, "little"))
+        h.update(field)
+    return h.hexdigest()
+
+
+def _token_bytes(token_ids: Sequence[int]) -> bytes:
+    ids = np.asarray(token_ids, dtype=np.int64)
+    if ids.ndim != 1:
+        raise ValueError("token ids must be a flat sequence of integers")
+    return ids.astype("<i8").tobytes()
+
+
+def _json_value(obj: Any) -> Any:
+    """Canonical JSON form of config values json does not know (dtypes, enums, paths, sets)."""
+    if isinstance(obj, enum.Enum):
+        return _json_value(obj.value)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=repr)
+    if isinstance(obj, PurePath) or type(obj).__name__ == "dtype":
+        return str(obj)
+    raise TypeError(f"cannot fingerprint a config value of type {type(obj).__name__}")
+
+
+def model_fingerprint(arch: Mapping[str, Any], weights_id: str, dtype: str) -> str:
+    """Identity of a model as the cache sees it.
+
+    Covers the architecture config (canonical JSON, key order irrelevant), the weights'
+    identity (e.g. a file digest), the dtype KV is computed and stored in, and the codec
+    version, so a cache written by another model, precision or format is never read.
+    """
+    arch_json = json.dumps(dict(arch), sort_keys=True, separators=(",", ":"), default=_json_value)
+    return _digest(
+        b"fingerprint", arch_json.encode(), weights_id.encode(), dtype.encode(),
+        str(CODEC_VERSION).encode(),
+    )
+
+
+def prefix_chunk_keys(
+    fingerprint: str, tenant_salt: str, token_ids: Sequence[int], chunk_size: int
+) -> list[str]:
+    """One key per full chunk; key i hashes key i-1, so it names the whole prefix.
+
+    A trailing partial chunk gets no key.
+    """
+    if chunk_size <= 0:
+        raise ValueError("chunk_size must be positive")
+    tokens = _token_bytes(token_ids)
+    step = 8 * chunk_size
+    keys: list[str] = []
+    parent = b""
+    for start in range(0, len(tokens) - step + 1, step):
+        key = _digest(b"prefix", fingerprint.encode(), tenant_salt.encode(), parent, tokens[start : start + step])
+        keys.append(key)
+        parent = key.encode()
+    return keys
+
+
+def document_key(fingerprint: str, tenant_salt: str, token_ids: Sequence[int]) -> str:
+    """Position-independent key of a document (segment): the same tokens anywhere in a prompt."""
+    return _digest(b"doc", fingerprint.encode(), tenant_salt.encode(), _token_bytes(token_ids))

@@ -1,0 +1,157 @@
+"""Redis tier (single server or Redis Cluster) through redis-py.
+
+Range reads are GETRANGE commands sent in one pipeline (one round trip); a whole entry is
+one GET. Clients are created lazily, so a store opened while Redis is down works (it
+misses) and starts hitting once the server is reachable. Socket timeouts bound every
+call; one transparent retry on a broken connection makes the first command after a
+server restart succeed. Eviction is Redis's own (``maxmemory`` + ``allkeys-lru`` on the
+server); ``ttl_s`` optionally expires entries.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import redis
+from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import (
+    ClusterError,
+    OutOfMemoryError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from kvcake.store.backend import Backend, Buffer, Range, Reader
+
+Client = redis.Redis | RedisCluster
+
+
+class _RedisReader(Reader):
+    entry_known = False
+
+    def __init__(self, client: Client, key: str) -> None:
+        self._client = client
+        self._key = key
+
+    def read(self, ranges: list[Range]) -> list[Buffer]:
+        if len(ranges) == 1:
+            start, end = ranges[0]
+            return [self._client.getrange(self._key, start, end - 1)]
+        pipe = self._client.pipeline(transaction=False)
+        for start, end in ranges:
+            pipe.getrange(self._key, start, end - 1)
+        return pipe.execute()
+
+
+class RedisBackend(Backend):
+    """Entries under ``<prefix><key>``; on a cluster, outages are tracked per node."""
+
+    def __init__(
+        self, connect: Callable[[], Client], *, name: str, cluster: bool, prefix: str,
+        ttl_s: float | None, retry_s: float,
+    ) -> None:
+        self.name = name
+        self.retry_s = retry_s
+        self._connect = connect
+        self._cluster = cluster
+        self._prefix = prefix
+        self._ttl_ms = None if ttl_s is None else int(ttl_s * 1000)
+        self._client_obj: Client | None = None
+        self._lock = threading.Lock()
+
+    def _client(self) -> Client:
+        with self._lock:
+            if self._client_obj is None:
+                self._client_obj = self._connect()
+            return self._client_obj
+
+    def _k(self, key: str) -> str:
+        return self._prefix + key
+
+    def read_all(self, key: str) -> bytes | None:
+        return self._client().get(self._k(key))
+
+    @contextmanager
+    def open_reader(self, key: str) -> Iterator[Reader | None]:
+        yield _RedisReader(self._client(), self._k(key))
+
+    def write(self, key: str, data: bytes) -> None:
+        self._client().set(self._k(key), data, px=self._ttl_ms)
+
+    def exists(self, key: str) -> bool:
+        return bool(self._client().exists(self._k(key)))
+
+    def remove(self, key: str) -> None:
+        self._client().delete(self._k(key))
+
+    def route(self, key: str) -> str:
+        if not self._cluster:
+            return self.name
+        client = self._client()
+        assert isinstance(client, RedisCluster)
+        return client.get_node_from_key(self._k(key)).name
+
+    def classify(self, exc: Exception) -> tuple[str, bool] | None:
+        if isinstance(exc, (RedisTimeoutError, socket.timeout)):
+            return "timeout", True
+        if isinstance(exc, (RedisConnectionError, ClusterError, RedisClusterException, OSError)):
+            return "unavailable", True
+        if isinstance(exc, OutOfMemoryError) or (isinstance(exc, ResponseError) and str(exc).startswith("OOM")):
+            return "oom", False
+        if isinstance(exc, RedisError):
+            return "redis_error", False
+        return super().classify(exc)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client_obj is not None:
+                self._client_obj.close()
+                self._client_obj = None
+
+
+def _retry() -> Retry:
+    # one immediate retry on a dropped connection (e.g. the server restarted), none on timeouts
+    return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+
+
+def redis_backend(
+    host: str, port: int, db: int, *, password: str | None, username: str | None, timeout_s: float,
+    connect_timeout_s: float, prefix: str, ttl_s: float | None, retry_s: float,
+) -> RedisBackend:
+    """Backend on a single Redis server."""
+
+    def connect() -> Client:
+        return redis.Redis(
+            host=host, port=port, db=db, username=username, password=password,
+            socket_timeout=timeout_s, socket_connect_timeout=connect_timeout_s, retry=_retry(),
+        )
+
+    return RedisBackend(connect, name=f"redis({host}:{port}/{db})", cluster=False, prefix=prefix,
+                        ttl_s=ttl_s, retry_s=retry_s)
+
+
+def redis_cluster_backend(
+    nodes: list[tuple[str, int]], *, password: str | None, username: str | None, timeout_s: float,
+    connect_timeout_s: float, prefix: str, ttl_s: float | None, retry_s: float,
+) -> RedisBackend:
+    """Backend on a Redis Cluster reached through any of ``nodes``."""
+
+    def connect() -> Client:
+        return RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in nodes], username=username, password=password,
+            socket_timeout=timeout_s, socket_connect_timeout=connect_timeout_s,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError, ClusterError)),
+            require_full_coverage=False,
+        )
+
+    names = ",".join(f"{h}:{p}" for h, p in nodes)
+    return RedisBackend(connect, name=f"redis-cluster({names})", cluster=True, prefix=prefix,
+                        ttl_s=ttl_s, retry_s=retry_s)

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from kvcake.store import codec, open_store
+
+
+def test_round_trip_and_partial_reads(make_chunk, same, tokens_of) -> None:
+    store = open_store("memory://?max_gb=0.01")
+    chunk = make_chunk()
+    assert store.put("a", chunk)
+    assert store.contains("a") and not store.contains("b")
+    assert same(store.get("a"), chunk)
+    k, v = store.get_layer("a", 1)
+    assert k.equal(chunk.keys[1]) and v.equal(chunk.values[1])
+    assert same(store.get_tokens("a", 3, 19), tokens_of(chunk, 3, 19))
+    assert store.get("b") is None and store.get_layer("b", 0) is None and store.get_tokens("b", 0, 1) is None
+    stats = store.stats()
+    assert (stats.hits, stats.misses, stats.puts) == (3, 3, 1)
+    assert stats.bytes_written == len(codec.encode(chunk)) and stats.bytes_read > 0
+    store.delete("a")
+    assert store.get("a") is None
+
+
+def test_lru_eviction_by_byte_budget(make_chunk) -> None:
+    entry = len(codec.encode(make_chunk()))
+    store = open_store(f"memory://?max_gb={3.5 * entry / 1e9}")
+    for i in range(3):
+        store.put(f"k{i}", make_chunk(seed=i))
+    assert store.get("k0") is not None  # k0 is now the most recently used
+    store.put("k3", make_chunk(seed=3))
+    assert [store.contains(f"k{i}") for i in range(4)] == [True, False, True, True]
+    assert store.stats().evictions == 1
+
+
+def test_entry_larger_than_budget_is_skipped(make_chunk) -> None:
+    store = open_store("memory://?max_gb=0.000001")
+    assert store.put("big", make_chunk()) is False
+    stats = store.stats()
+    assert stats.errors == {"too_large": 1} and stats.puts_failed == 1
+
+
+def test_out_of_range_reads_miss_without_dropping_the_entry(make_chunk) -> None:
+    store = open_store("memory://")
+    store.put("a", make_chunk(layers=2, tokens=10))
+    assert store.get_layer("a", 2) is None
+    assert store.get_tokens("a", 5, 11) is None
+    assert store.contains("a") and store.stats().errors == {"out_of_range": 2}
