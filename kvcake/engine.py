@@ -9,7 +9,7 @@ from typing import Iterator
 import torch
 
 from kvcake.config import KvcakeConfig
-from kvcake.model import KVCache, SamplingParams, Sampler, Transformer, load_model, resolve_device, resolve_dtype
+from kvcake.model import KVCache, SamplingParams, Sampler, load_model, resolve_device, resolve_dtype
 
 
 class RequestError(ValueError):
@@ -101,15 +101,9 @@ class Engine:
 
     def prefill(self, prompt_ids: list[int], capacity: int) -> Prefill:
         """Compute the prompt's KV chunk by chunk, each chunk attending to the ones before it."""
-        model: Transformer = self.model
-        cache = model.new_cache(capacity)
-        ids = torch.tensor(prompt_ids, dtype=torch.long)
-        logits = None
-        for start in range(0, len(prompt_ids), self.config.chunk_size):
-            end = min(start + self.config.chunk_size, len(prompt_ids))
-            logits = model.forward(ids[start:end], torch.arange(start, end), cache).logits
-        assert logits is not None
-        return Prefill(cache, logits[-1], len(prompt_ids))
+        cache = self.model.new_cache(capacity)
+        last_logits = self.model.prefill(prompt_ids, cache, self.config.chunk_size)
+        return Prefill(cache, last_logits, len(prompt_ids))
 
     def generate(self, request: GenerateRequest) -> GenerateResult:
         token_ids: list[int] = []

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,12 @@ from tiny import FAMILY_CONFIGS, save_tiny_model  # noqa: E402
 
 from kvcake.config import KvcakeConfig  # noqa: E402
 from kvcake.model import DEFAULT_MODEL, ModelConfig, Tokenizer, Transformer, resolve_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def test_device() -> torch.device:
+    """CPU unless KVCAKE_TEST_DEVICE says otherwise (the GPU check runs the runner tests on cuda)."""
+    return torch.device(os.environ.get("KVCAKE_TEST_DEVICE", "cpu"))
 
 
 @pytest.fixture(scope="session")

@@ -35,26 +35,26 @@ def chunked_logits(model: Transformer, ids: torch.Tensor, chunk_size: int) -> to
 
 
 @pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
-def test_logits_match_transformers(tiny_folders: dict[str, Path], family: str) -> None:
+def test_logits_match_transformers(tiny_folders: dict[str, Path], test_device: torch.device, family: str) -> None:
     ids = torch.randint(0, 512, (300,), generator=torch.Generator().manual_seed(1))
-    ours = full_logits(Transformer.from_folder(tiny_folders[family]), ids)
+    ours = full_logits(Transformer.from_folder(tiny_folders[family], test_device), ids)
     reference = hf_logits(tiny_folders[family], ids)
     assert ours.shape == reference.shape
-    assert (ours - reference).abs().max().item() <= TOLERANCE
+    assert (ours.cpu() - reference).abs().max().item() <= TOLERANCE
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 @pytest.mark.parametrize("chunk_size", [1, 7, 64, 256])
-def test_chunked_prefill_equals_one_shot(tiny_folders: dict[str, Path], family: str, chunk_size: int) -> None:
-    model = Transformer.from_folder(tiny_folders[family])
+def test_chunked_prefill_equals_one_shot(tiny_folders: dict[str, Path], test_device: torch.device, family: str, chunk_size: int) -> None:
+    model = Transformer.from_folder(tiny_folders[family], test_device)
     ids = torch.randint(0, 512, (150,), generator=torch.Generator().manual_seed(2))
     assert (chunked_logits(model, ids, chunk_size) - full_logits(model, ids)).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_suffix_over_stored_prefix_kv_equals_full_pass(tiny_folders: dict[str, Path], family: str) -> None:
+def test_suffix_over_stored_prefix_kv_equals_full_pass(tiny_folders: dict[str, Path], test_device: torch.device, family: str) -> None:
     """Store a prefix's K (before RoPE) and V, place it into a fresh cache, compute only the suffix."""
-    model = Transformer.from_folder(tiny_folders[family])
+    model = Transformer.from_folder(tiny_folders[family], test_device)
     ids = torch.randint(0, 512, (200,), generator=torch.Generator().manual_seed(3))
     prefix_len = 120
     stored = model.forward(ids[:prefix_len], torch.arange(prefix_len), model.new_cache(prefix_len), keep_kv=True)
@@ -66,29 +66,29 @@ def test_suffix_over_stored_prefix_kv_equals_full_pass(tiny_folders: dict[str, P
     assert (suffix - full_logits(model, ids)[prefix_len:]).abs().max().item() <= 1e-5
 
 
-def test_attention_over_any_subset_uses_positions(tiny_folders: dict[str, Path]) -> None:
+def test_attention_over_any_subset_uses_positions(tiny_folders: dict[str, Path], test_device: torch.device) -> None:
     """Scattered queries and shuffled KV give the rows of the full causal attention."""
-    model = Transformer.from_folder(tiny_folders["llama"])
+    model = Transformer.from_folder(tiny_folders["llama"], test_device)
     generator = torch.Generator().manual_seed(4)
     heads, kv_heads, length, dim = 4, 2, 40, 16
-    q = torch.randn(heads, length, dim, generator=generator)
-    k = torch.randn(kv_heads, length, dim, generator=generator)
-    v = torch.randn(kv_heads, length, dim, generator=generator)
-    positions = torch.arange(length)
+    q, k, v = (
+        torch.randn(heads_, length, dim, generator=generator).to(test_device) for heads_ in (heads, kv_heads, kv_heads)
+    )
+    positions = torch.arange(length, device=test_device)
     full = model.attend(q, positions, k, v, positions)
 
-    chosen = torch.tensor([3, 17, 18, 39])
-    order = torch.randperm(length, generator=generator)
+    chosen = torch.tensor([3, 17, 18, 39], device=test_device)
+    order = torch.randperm(length, generator=generator).to(test_device)
     subset = model.attend(q[:, chosen], chosen, k[:, order], v[:, order], order)
     assert (subset - full[chosen]).abs().max().item() <= 1e-5
 
 
-def test_rope_at_shifted_positions_is_a_relative_rotation(tiny_folders: dict[str, Path]) -> None:
+def test_rope_at_shifted_positions_is_a_relative_rotation(tiny_folders: dict[str, Path], test_device: torch.device) -> None:
     """q.k after RoPE depends only on the distance, so a chunk can move as a block."""
-    model = Transformer.from_folder(tiny_folders["qwen2"])
+    model = Transformer.from_folder(tiny_folders["qwen2"], test_device)
     generator = torch.Generator().manual_seed(5)
-    q = torch.randn(1, 1, 16, generator=generator)
-    k = torch.randn(1, 1, 16, generator=generator)
+    q = torch.randn(1, 1, 16, generator=generator).to(test_device)
+    k = torch.randn(1, 1, 16, generator=generator).to(test_device)
 
     def score(q_pos: int, k_pos: int) -> float:
         cos_q, sin_q = model.rope_tables(torch.tensor([q_pos]))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -176,8 +177,7 @@ class Transformer:
 
         Returns (T_q, H * d), ready for the output projection.
         """
-        out = causal_attention(q.unsqueeze(0), q_positions, k.unsqueeze(0), v.unsqueeze(0), kv_positions)
-        return out.squeeze(0).transpose(0, 1).reshape(q.shape[1], -1)
+        return attend_with_mask(q, k, v, causal_mask(q_positions, kv_positions))
 
     def attention_output(self, layer: int, attended: torch.Tensor) -> torch.Tensor:
         weights = self.layers[layer]
@@ -203,6 +203,7 @@ class Transformer:
         rope: tuple[torch.Tensor, torch.Tensor],
         cache: KVCache,
         slot: slice,
+        mask: Mask,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One layer for the tokens in cache slot `slot`, attending over the cache up to its end.
 
@@ -212,7 +213,7 @@ class Transformer:
         cos, sin = rope
         cache.write(layer, slot, self.apply_rope(k, cos, sin), v)
         cached_k, cached_v = cache.layer(layer, slot.stop)
-        attended = self.attend(self.apply_rope(q, cos, sin), cache.positions[slot], cached_k, cached_v, cache.positions[: slot.stop])
+        attended = attend_with_mask(self.apply_rope(q, cos, sin), cached_k, cached_v, mask)
         hidden = hidden + self.attention_output(layer, attended)
         return hidden + self.mlp(layer, hidden), k, v
 
@@ -232,17 +233,30 @@ class Transformer:
         """
         slot = cache.reserve(positions.to(self.device))
         rope = self.rope_tables(positions)
+        mask = causal_mask(cache.positions[slot], cache.positions[: slot.stop])
         hidden = self.embed(token_ids)
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
         for layer in range(self.config.num_layers):
-            hidden, k, v = self.layer_forward(layer, hidden, rope, cache, slot)
+            hidden, k, v = self.layer_forward(layer, hidden, rope, cache, slot, mask)
             if keep_kv:
                 keys.append(k.contiguous())
                 values.append(v.contiguous())
         cache.commit(slot)
         last = hidden if all_logits else hidden[-1:]
         return ForwardOutput(self.logits(last), keys, values)
+
+    def prefill(self, token_ids: Sequence[int], cache: KVCache, chunk_size: int, first_position: int = 0) -> torch.Tensor:
+        """Append tokens chunk by chunk, each chunk attending to everything before it; last logits."""
+        ids = torch.tensor(list(token_ids), dtype=torch.long)
+        logits = None
+        for start in range(0, len(ids), chunk_size):
+            end = min(start + chunk_size, len(ids))
+            positions = torch.arange(first_position + start, first_position + end)
+            logits = self.forward(ids[start:end], positions, cache).logits
+        if logits is None:
+            raise ValueError("prefill needs at least one token")
+        return logits[-1]
 
     def load_kv(self, cache: KVCache, keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor) -> None:
         """Place stored per-layer K (before RoPE) and V into the cache at `positions`."""
@@ -259,24 +273,26 @@ class Transformer:
         return KVCache(config.num_layers, config.num_kv_heads, config.head_dim, capacity, self.device, self.dtype)
 
 
-def causal_attention(
-    q: torch.Tensor,
-    q_positions: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv_positions: torch.Tensor,
-) -> torch.Tensor:
-    """SDPA with the mask implied by positions; picks the cheapest exact kernel call.
+Mask = torch.Tensor | bool | None
+"""What SDPA needs for a causal mask by positions: True = its built-in causal mask, None = none, or a bool tensor."""
 
-    q: (1, H, Tq, d); k, v: (1, Hkv, Tk, d) with H a multiple of Hkv (GQA).
-    """
-    num_queries, num_keys = q.shape[2], k.shape[2]
-    if num_queries == num_keys and torch.equal(q_positions, kv_positions) and _is_increasing_run(q_positions):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+def causal_mask(q_positions: torch.Tensor, kv_positions: torch.Tensor) -> Mask:
+    """The cheapest exact form of the mask `pos_kv <= pos_q`, decided once per chunk, not per layer."""
+    if q_positions.numel() == kv_positions.numel() and torch.equal(q_positions, kv_positions) and _is_increasing_run(q_positions):
+        return True
     if int(kv_positions.max()) <= int(q_positions.min()):
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-    mask = kv_positions[None, :] <= q_positions[:, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return None
+    return kv_positions[None, :] <= q_positions[:, None]
+
+
+def attend_with_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask) -> torch.Tensor:
+    """q: (H, Tq, d); k, v: (Hkv, Tk, d) with H a multiple of Hkv (GQA). Returns (Tq, H * d)."""
+    if mask is True:
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=True)
+    else:
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=True)
+    return out[0].transpose(0, 1).reshape(q.shape[1], -1)
 
 
 def _is_increasing_run(positions: torch.Tensor) -> bool:
