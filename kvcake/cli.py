@@ -13,6 +13,7 @@ from kvcake.config import ConfigError, KvcakeConfig, add_config_flags, config_fr
 
 BENCHMARKS = {
     "prefill": ("kvcake.bench.prefill", "Our full prefill vs the Hugging Face forward on the same prompt (1k/2k/4k tokens)."),
+    "store": ("kvcake.bench.store", "KV store read/write throughput per tier and chunk size; throttle accuracy."),
 }
 
 DEMO_QUESTION = "In two sentences, what is the main argument of the essay above?"
@@ -103,12 +104,19 @@ def _run_and_print(config: KvcakeConfig, request) -> int:
     from kvcake.engine import Engine
 
     engine = Engine(config)
-    result = engine.generate(request)
+    try:
+        result = engine.generate(request)
+    finally:
+        engine.close()
     print(result.text)
     metrics = result.metrics
+    prefix = metrics.prefix
     print(
         f"\n[kvcake] model={config.model} prompt_tokens={metrics.prompt_tokens} ttft={metrics.ttft_s:.3f}s "
-        f"generated={metrics.generated_tokens} decode={metrics.decode_s:.3f}s finish={result.finish_reason}",
+        f"generated={metrics.generated_tokens} decode={metrics.decode_s:.3f}s finish={result.finish_reason}\n"
+        f"[kvcake] reuse={prefix.strategy} hit_chunks={prefix.hit_chunks} computed={metrics.tokens_computed} "
+        f"loaded={metrics.tokens_loaded} ({prefix.bytes_loaded / 1e6:.1f} MB) meet_chunk={prefix.meet_chunk} "
+        f"compute={prefix.compute_s:.3f}s io_wait={prefix.io_wait_s:.3f}s",
         file=sys.stderr,
     )
     return 0

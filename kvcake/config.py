@@ -37,6 +37,11 @@ class KvcakeConfig:
     chunk_size: int = _setting(256, "Prefill chunk size in tokens (also the unit of stored KV chunks).")
     max_tokens: int = _setting(64, "Default number of tokens to generate.")
     cache_dir: str = _setting("~/.cache/kvcake", "Where converted models, downloaded packages and data sets are kept.")
+    store_url: str = _setting(
+        "", "KV store URL (memory://, file:///dir, redis://, redis+cluster://, tiered://; see docs/store.md); empty = file store in cache_dir/kv."
+    )
+    reuse: str = _setting("cake", "Prefix reuse strategy: compute, load, cake or split:M.")
+    tenant: str = _setting("", "Tenant salt mixed into every cache key (requests of other tenants never hit these entries).")
 
     def __post_init__(self) -> None:
         for name in ("chunk_size", "max_tokens"):
@@ -44,6 +49,9 @@ class KvcakeConfig:
                 raise ConfigError(f"setting {name!r} must be >= 1, got {getattr(self, name)}")
         if self.threads < 0:
             raise ConfigError(f"setting 'threads' must be >= 0, got {self.threads}")
+
+    def effective_store_url(self) -> str:
+        return self.store_url or f"file://{self.cache_path() / 'kv'}?max_gb=20"
 
     def cache_path(self) -> Path:
         path = Path(self.cache_dir).expanduser()

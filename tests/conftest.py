@@ -30,7 +30,7 @@ def tiny_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def default_config() -> KvcakeConfig:
     """The real default model, converted once into the user cache (as the README's commands do)."""
-    return KvcakeConfig(model=DEFAULT_MODEL, device="cpu", dtype="float32")
+    return KvcakeConfig(model=DEFAULT_MODEL, device="cpu", dtype="float32", store_url="memory://?max_gb=2")
 
 
 @pytest.fixture(scope="session")

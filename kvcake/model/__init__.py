@@ -8,7 +8,7 @@ import torch
 
 from kvcake.model.config import ModelConfig, UnsupportedArchitectureError
 from kvcake.model.kv import KVCache
-from kvcake.model.registry import DEFAULT_MODEL, REGISTRY, UnknownModelError, resolve_model
+from kvcake.model.registry import DEFAULT_MODEL, REGISTRY, UnknownModelError, resolve_model, weights_identity
 from kvcake.model.sampling import Sampler, SamplingParams
 from kvcake.model.tokenizer import Tokenizer
 from kvcake.model.transformer import ForwardOutput, Transformer
@@ -31,6 +31,7 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
     "resolve_model",
+    "weights_identity",
 ]
 
 

@@ -7,6 +7,7 @@ plain safetensors folder in the cache; later loads read that folder (about 2 s).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 from kvcake.fetch import PackageFile, materialise, sha256_of
 
 CONVERTED_MARKER = "kvcake-source.json"
+SAMPLE_BYTES = 1 << 20
 
 
 class UnknownModelError(ValueError):
@@ -70,6 +72,29 @@ def resolve_model(model: str, cache_root: Path) -> Path:
         f"unknown model {model!r}: expected one of {', '.join(REGISTRY)}, a .gguf file, "
         "or a folder with config.json and safetensors weights"
     )
+
+
+def weights_identity(folder: Path) -> str:
+    """A stable name for the weights in `folder`, for cache fingerprints.
+
+    Converted models carry their source's sha256. Other folders are named by a digest of
+    each safetensors file's size and header (tensor names, shapes, offsets) plus its first
+    and last MiB: cheap even for large models, and different for any re-trained weights.
+    """
+    marker = folder / CONVERTED_MARKER
+    if marker.is_file():
+        return "sha256:" + json.loads(marker.read_text())["sha256"]
+    digest = hashlib.blake2b(digest_size=16)
+    for path in sorted(folder.glob("*.safetensors")):
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            header_len = int.from_bytes(handle.read(8), "little")
+            digest.update(path.name.encode() + size.to_bytes(8, "little") + handle.read(min(header_len, size)))
+            handle.seek(max(0, size - SAMPLE_BYTES))
+            digest.update(handle.read(SAMPLE_BYTES))
+            handle.seek(8 + header_len)
+            digest.update(handle.read(SAMPLE_BYTES))
+    return "blake2b:" + digest.hexdigest()
 
 
 def _converted_registry_model(entry: RegistryModel, cache_root: Path) -> Path:

@@ -1,0 +1,209 @@
+"""When each chunk of a stored prefix is computed or loaded: compute, load, Cake, split:m.
+
+Cake runs one compute side (this thread) that takes chunks from the front, each over the
+KV of the chunks before it, and one loader thread that fetches stored chunks from the
+back. Each side claims its next chunk under one lock, so they never take the same chunk
+and stop where they meet; the meeting point falls out of the run itself. Every strategy
+is the same mechanism with different limits:
+
+| strategy | compute may take | loader may take |
+|---|---|---|
+| compute | every chunk | nothing |
+| load | nothing (until a load fails) | every chunk |
+| cake | chunks below the loader's lowest claim | chunks above the compute side |
+| split:m | chunks < m | chunks >= m |
+
+A load that fails (miss, corrupt entry, backend down) hands its chunk back: the loader
+stops and the compute side computes up to and including it, so the result stays exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import torch
+
+from kvcake.model import KVCache, Transformer
+
+STRATEGIES = ("compute", "load", "cake")
+log = logging.getLogger(__name__)
+
+
+class ChunkLoader(Protocol):
+    """Fetches the stored KV of prefix chunk `index` (K before RoPE), or None on any failure."""
+
+    def __call__(self, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor], int] | None: ...
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    split: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Strategy:
+        if text in STRATEGIES:
+            return cls(text)
+        if text.startswith("split:") and text[6:].isdigit():
+            return cls("split", int(text[6:]))
+        raise ValueError(f"unknown reuse strategy {text!r}: use compute, load, cake or split:M")
+
+    def __str__(self) -> str:
+        return f"split:{self.split}" if self.name == "split" else self.name
+
+    def limits(self, num_chunks: int) -> tuple[int, int]:
+        """(chunks the compute side may take from the front, lowest chunk the loader may take)."""
+        if self.name == "compute":
+            return num_chunks, num_chunks
+        if self.name == "load":
+            return 0, 0
+        if self.name == "split":
+            boundary = min(self.split or 0, num_chunks)
+            return boundary, boundary
+        return num_chunks, 0
+
+
+@dataclass
+class PrefixReport:
+    """What a prefix prefill did: the accounting every response carries."""
+
+    strategy: str = "compute"
+    hit_chunks: int = 0
+    chunks_computed: int = 0
+    chunks_loaded: int = 0
+    tokens_computed: int = 0
+    tokens_loaded: int = 0
+    bytes_loaded: int = 0
+    meet_chunk: int | None = None
+    load_failures: int = 0
+    compute_s: float = 0.0
+    io_wait_s: float = 0.0
+    load_s: float = 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass
+class _Meeting:
+    """Shared claim state of the two sides; every field is read and written under `lock`."""
+
+    num_chunks: int
+    compute_limit: int
+    loader_floor: int
+    lock: threading.Condition = field(default_factory=threading.Condition)
+    front: int = 0
+    lowest_claimed: int = 0
+    loader_done: bool = False
+
+    def __post_init__(self) -> None:
+        self.lowest_claimed = self.num_chunks
+
+    def claim_compute(self) -> int | None:
+        """The next chunk to compute, waiting while the loader might still hand one back."""
+        with self.lock:
+            while True:
+                if self.front < min(self.compute_limit, self.lowest_claimed):
+                    self.front += 1
+                    return self.front - 1
+                if self.loader_done:
+                    return None
+                self.lock.wait()
+
+    def claim_load(self) -> int | None:
+        with self.lock:
+            candidate = self.lowest_claimed - 1
+            if candidate < max(self.front, self.loader_floor):
+                return None
+            self.lowest_claimed = candidate
+            return candidate
+
+    def give_back(self, index: int) -> None:
+        """A load failed: chunk `index` (and everything below it) is the compute side's."""
+        with self.lock:
+            self.lowest_claimed = index + 1
+            self.compute_limit = max(self.compute_limit, index + 1)
+
+    def finish_loading(self) -> None:
+        with self.lock:
+            self.loader_done = True
+            self.lock.notify_all()
+
+    def loaded(self) -> None:
+        with self.lock:
+            self.lock.notify_all()
+
+
+class PrefixPrefill:
+    """Fill `cache` with the KV of `num_chunks` stored prefix chunks by one strategy."""
+
+    def __init__(self, model: Transformer, chunk_size: int, prompt_ids: list[int], loader: ChunkLoader):
+        self.model = model
+        self.chunk_size = chunk_size
+        self.prompt_ids = torch.tensor(prompt_ids, dtype=torch.long)
+        self.loader = loader
+        self.computed_kv: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+
+    def run(self, cache: KVCache, num_chunks: int, strategy: Strategy) -> PrefixReport:
+        compute_limit, loader_floor = strategy.limits(num_chunks)
+        meeting = _Meeting(num_chunks, compute_limit, loader_floor)
+        report = PrefixReport(strategy=str(strategy), hit_chunks=num_chunks)
+        loaded: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        loader = threading.Thread(target=self._load_from_back, args=(meeting, loaded, report), name="kvcake-loader", daemon=True)
+        loader.start()
+        self._compute_from_front(cache, meeting, report)
+        loader.join()
+        report.meet_chunk = meeting.front
+        for index in range(meeting.front, num_chunks):
+            keys, values = loaded[index]
+            self.model.load_kv(cache, keys, values, self._positions(index))
+        report.chunks_loaded = num_chunks - meeting.front
+        report.tokens_loaded = report.chunks_loaded * self.chunk_size
+        report.chunks_computed = meeting.front
+        report.tokens_computed = meeting.front * self.chunk_size
+        return report
+
+    def _positions(self, index: int) -> torch.Tensor:
+        return torch.arange(index * self.chunk_size, (index + 1) * self.chunk_size)
+
+    def _compute_from_front(self, cache: KVCache, meeting: _Meeting, report: PrefixReport) -> None:
+        while True:
+            waited_from = time.perf_counter()
+            index = meeting.claim_compute()
+            report.io_wait_s += time.perf_counter() - waited_from
+            if index is None:
+                return
+            started = time.perf_counter()
+            positions = self._positions(index)
+            out = self.model.forward(self.prompt_ids[positions], positions, cache, keep_kv=True)
+            self.computed_kv[index] = (out.keys, out.values)
+            report.compute_s += time.perf_counter() - started
+
+    def _load_from_back(self, meeting: _Meeting, loaded: dict, report: PrefixReport) -> None:
+        try:
+            while (index := meeting.claim_load()) is not None:
+                started = time.perf_counter()
+                result = self._load(index)
+                report.load_s += time.perf_counter() - started
+                if result is None:
+                    report.load_failures += 1
+                    meeting.give_back(index)
+                    return
+                keys, values, num_bytes = result
+                loaded[index] = (keys, values)
+                report.bytes_loaded += num_bytes
+                meeting.loaded()
+        finally:
+            meeting.finish_loading()
+
+    def _load(self, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor], int] | None:
+        """The loader's result; an unexpected error is a failed load, never a failed request."""
+        try:
+            return self.loader(index)
+        except Exception:
+            log.exception("loading prefix chunk %d failed; computing it instead", index)
+            return None

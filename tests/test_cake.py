@@ -1,0 +1,119 @@
+"""Prefix reuse by compute, load, Cake and split:m gives exactly the full prefill's result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvcake.config import KvcakeConfig
+from kvcake.data import long_text
+from kvcake.engine import Engine, GenerateRequest, GenerateResult
+from kvcake.model import SamplingParams
+from kvcake.store import open_store
+
+CHUNK = 256
+METHODS = ["load", "cake", "split:1", "split:3"]
+
+
+def ask(engine: Engine, prompt: list[int], reuse: str, max_tokens: int = 8) -> GenerateResult:
+    result = engine.generate(GenerateRequest(token_ids=prompt, reuse=reuse, sampling=SamplingParams(max_tokens=max_tokens)))
+    engine.writeback.flush()
+    return result
+
+
+def assert_same(result: GenerateResult, reference: GenerateResult) -> None:
+    assert result.token_ids == reference.token_ids
+    assert (result.first_token_logits - reference.first_token_logits).abs().max().item() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def prompt(default_config, default_tokenizer) -> list[int]:
+    return default_tokenizer.encode(long_text(default_config.cache_path(), 12000))[: 5 * CHUNK + 40]
+
+
+@pytest.fixture()
+def engine(default_config: KvcakeConfig, tmp_path: Path) -> Engine:
+    engine = Engine(default_config.replace(store_url=f"file://{tmp_path}/kv"))
+    yield engine
+    engine.close()
+
+
+@pytest.mark.real_model
+def test_every_strategy_equals_full_compute_on_many_chunks(engine: Engine, prompt: list[int]) -> None:
+    reference = ask(engine, prompt, "compute")
+    assert reference.metrics.prefix.hit_chunks == 0
+    assert engine.store.stats().puts == 5
+    again = ask(engine, prompt, "compute")
+    assert_same(again, reference)
+    assert again.metrics.prefix.hit_chunks == 5 and again.metrics.tokens_loaded == 0
+    for method in METHODS:
+        result = ask(engine, prompt, method)
+        assert_same(result, reference)
+        report = result.metrics.prefix
+        assert report.hit_chunks == 5
+        assert report.chunks_computed + report.chunks_loaded == 5
+        assert result.metrics.tokens_computed == len(prompt) - report.tokens_loaded
+    assert ask(engine, prompt, "load").metrics.prefix.chunks_loaded == 5
+    split = ask(engine, prompt, "split:3").metrics.prefix
+    assert (split.chunks_computed, split.chunks_loaded, split.meet_chunk) == (3, 2, 3)
+
+
+@pytest.mark.real_model
+def test_one_chunk_hit_and_a_hit_followed_by_new_tokens(engine: Engine, prompt: list[int]) -> None:
+    short = prompt[: CHUNK + 5]
+    ask(engine, short, "compute")
+    for method in ("load", "cake"):
+        result = ask(engine, short, method)
+        assert result.metrics.prefix.hit_chunks == 1
+        assert_same(result, ask(engine, short, "compute"))
+
+    longer = prompt[: 2 * CHUNK] + prompt[3 * CHUNK : 3 * CHUNK + 30]
+    reference = ask(engine, longer, "compute")
+    for method in ("load", "cake"):
+        result = ask(engine, longer, method)
+        assert result.metrics.prefix.hit_chunks == 2
+        assert_same(result, reference)
+
+
+@pytest.mark.real_model
+def test_corrupt_or_missing_chunk_in_the_middle_stays_exact(engine: Engine, prompt: list[int], tmp_path: Path) -> None:
+    reference = ask(engine, prompt, "compute")
+    keys = sorted((tmp_path / "kv").rglob("*.kv"), key=lambda p: p.stat().st_mtime_ns)
+    assert len(keys) == 5
+    data = bytearray(keys[3].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    keys[3].write_bytes(bytes(data))
+    for method in ("load", "cake"):
+        result = ask(engine, prompt, method)
+        assert_same(result, reference)
+    assert engine.store.stats().errors
+
+    keys[2].unlink()
+    result = ask(engine, prompt, "cake")
+    assert_same(result, reference)
+
+
+def test_cake_meets_in_the_middle_with_a_slow_store(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
+    """Loads throttled to roughly the compute speed: both sides do part of the prefix."""
+    store = open_store("memory://?max_gb=1&throttle_gbps=0.02&latency_ms=5")
+    config = KvcakeConfig(model=str(tiny_folders["llama"]), device="cpu", dtype="float32", chunk_size=32, cache_dir=str(tmp_path))
+    engine = Engine(config, store=store)
+    prompt = torch.randint(3, 512, (32 * 24 + 7,), generator=torch.Generator().manual_seed(0)).tolist()
+    reference = ask(engine, prompt, "compute")
+    for method in ("cake", "load", "split:12"):
+        result = ask(engine, prompt, method)
+        assert_same(result, reference)
+    cake = ask(engine, prompt, "cake").metrics.prefix
+    assert cake.chunks_computed + cake.chunks_loaded == 24
+    assert cake.meet_chunk == cake.chunks_computed
+    engine.close()
+
+
+def test_unknown_strategy_is_a_clear_error(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
+    config = KvcakeConfig(model=str(tiny_folders["llama"]), device="cpu", dtype="float32", store_url="memory://", cache_dir=str(tmp_path))
+    engine = Engine(config)
+    with pytest.raises(ValueError, match="unknown reuse strategy 'fast'"):
+        engine.generate(GenerateRequest(token_ids=[5, 6], reuse="fast"))
+    engine.close()
