@@ -100,7 +100,10 @@ class KVStore(ABC):
 
     @abstractmethod
     def close(self) -> None:
-        """Release connections and threads."""
+        """Release connections and threads (a tiered store first flushes its write-back queue)."""
+
+    def flush(self) -> None:  # noqa: B027 - stores that write synchronously have nothing to wait for
+        """Wait until asynchronous writes (write-back tiers) have landed."""
 
     def __enter__(self) -> KVStore:
         return self

@@ -106,7 +106,12 @@ class ByteStore(KVStore):
     def put_encoded(self, key: str, data: bytes) -> bool:
         _check_key(key)
         self._forget_header(key)
-        ok = self._guarded(key, lambda: _written(self.backend.write(key, data)), False)
+
+        def write() -> bool:
+            self.backend.write(key, data)
+            return True
+
+        ok = self._guarded(key, write, False)
         if ok:
             self._stats.add(puts=1, bytes_written=len(data))
         else:
@@ -185,7 +190,7 @@ class ByteStore(KVStore):
             self._stats.error("out_of_range")
             self._note("out_of_range", f"{self.backend.name}: {exc}")
             return default
-        except Exception as exc:  # noqa: BLE001 - a cache must never fail its caller
+        except Exception as exc:  # a cache must never fail its caller
             self._failed(route, exc)
             return default
         self._recovered(route)
@@ -266,10 +271,6 @@ def _read_header(reader: Reader) -> tuple[Header | None, int]:
 def _verified(data: Buffer) -> bytes:
     codec.verify(data)
     return bytes(data)
-
-
-def _written(_: None) -> bool:
-    return True
 
 
 def _check_key(key: str) -> None:

@@ -1,4 +1,4 @@
-"""Binary format of one stored chunk: versioned header + raw tensor bytes, no pickle.
+"""Binary format of one stored chunk: versioned header + raw tensor bytes (no object serialization).
 
 Layout (all integers little-endian)::
 
@@ -36,22 +36,23 @@ HEADER_PROBE_BYTES = 16384
 _FIXED = struct.Struct("<4sHHIIIIIIBBH")
 _CRC = struct.Struct("<I")
 
-# code -> (name, torch dtype, element size, numpy view dtype used for byte-exact copies)
-_DTYPES: dict[int, tuple[str, torch.dtype, int, str]] = {
-    1: ("fp32", torch.float32, 4, "<i4"),
-    2: ("fp16", torch.float16, 2, "<i2"),
-    3: ("bf16", torch.bfloat16, 2, "<i2"),
-    4: ("int8", torch.int8, 1, "i1"),
+# code -> (name, torch dtype, element size, numpy dtype of the stored bits; bf16 bits as uint16)
+_DTYPES: dict[int, tuple[str, torch.dtype, int, np.dtype]] = {
+    1: ("fp32", torch.float32, 4, np.dtype("<f4")),
+    2: ("fp16", torch.float16, 2, np.dtype("<f2")),
+    3: ("bf16", torch.bfloat16, 2, np.dtype("<u2")),
+    4: ("int8", torch.int8, 1, np.dtype("i1")),
 }
-_TORCH_VIEW = {"<i4": torch.int32, "<i2": torch.int16, "i1": torch.int8}
 _ALIASES = {
     "fp32": 1, "float32": 1, "float": 1,
     "fp16": 2, "float16": 2, "half": 2,
     "bf16": 3, "bfloat16": 3,
     "int8": 4,
 }
+_BF16 = 3
 _INT8 = 4
-_INT8_MAX = 127.0
+_INT8_MAX = 127
+_BF16_NAN = 0x7FC0
 
 
 @dataclass
@@ -131,11 +132,6 @@ class Header:
     def total_bytes(self) -> int:
         return self.header_len + 2 * self.num_layers * self.block_bytes
 
-    @property
-    def out_dtype(self) -> torch.dtype:
-        """dtype decode returns: the storage dtype, or the original one for int8 entries."""
-        return _DTYPES[self.orig_code if self.is_int8 else self.store_code][1]
-
     def block_offset(self, block: int) -> int:
         return self.header_len + block * self.block_bytes
 
@@ -185,20 +181,55 @@ def _validate(chunk: ChunkKV) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
-def _to_storage(t: torch.Tensor, code: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Token-major bytes of one tensor in the storage dtype (+ int8 scales)."""
+# Layout changes and dtype conversions run in numpy: single-threaded copies that release
+# the GIL, so an I/O thread never competes with the model for torch's intra-op thread pool
+# (small permute-copies through that pool cost milliseconds on a loaded 2-core machine).
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """Numpy view of a float tensor's elements (bf16 as uint16 bits), any strides."""
     t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def _tensor(a: np.ndarray, code: int) -> torch.Tensor:
+    """Tensor over a C-contiguous numpy array of code's stored bits."""
+    if code == _BF16:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def _to_f32(a: np.ndarray, code: int) -> np.ndarray:
+    if code == _BF16:
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32, copy=False)
+
+
+def _from_f32(x: np.ndarray, code: int) -> np.ndarray:
+    """float32 -> code's bits, rounding to nearest even exactly like torch's ``.to()``."""
+    if code != _BF16:
+        with np.errstate(over="ignore"):  # overflow to inf is the intended rounding
+            return x.astype(_DTYPES[code][3], copy=False)
+    u = x.view(np.uint32)
+    bits = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
+    bits[np.isnan(x)] = _BF16_NAN
+    return bits
+
+
+def _to_storage(t: torch.Tensor, code: int) -> tuple[memoryview, memoryview | None]:
+    """Token-major bytes (T, H, D) of one (H, T, D) tensor in the storage dtype (+ int8 scales)."""
+    src = _code_of(t.dtype)
+    a = _bits(t)
     scales = None
     if code == _INT8:
-        x = t.float()
-        amax = x.abs().amax(dim=1, keepdim=True)  # per (head, channel), over tokens
-        scale = torch.where(amax > 0, amax / _INT8_MAX, torch.ones_like(amax))
-        t = torch.round(x / scale).clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8)
-        scales = scale.reshape(-1).numpy().astype("<f4").view(np.uint8)
-    else:
-        t = t.to(_DTYPES[code][1])
-    data = t.permute(1, 0, 2).contiguous().view(torch.uint8).reshape(-1).numpy()
-    return data, scales
+        x = _to_f32(a, src)
+        amax = np.abs(x).max(axis=1, keepdims=True)  # per (head, channel), over tokens
+        scale = np.where(amax > 0, amax / _INT8_MAX, 1).astype("<f4")
+        a = np.clip(np.rint(x / scale), -_INT8_MAX, _INT8_MAX).astype(np.int8)
+        scales = scale.reshape(-1).view(np.uint8).data
+    elif code != src:
+        a = _from_f32(_to_f32(a, src), code)
+    return np.ascontiguousarray(a.transpose(1, 0, 2)).reshape(-1).view(np.uint8).data, scales
 
 
 def _page_crcs(data: memoryview, page_bytes: int) -> list[int]:
@@ -219,11 +250,10 @@ def encode(chunk: ChunkKV, dtype: str | None = None, page_tokens: int = DEFAULT_
         for t in (chunk.keys[layer], chunk.values[layer]):
             data, scales = _to_storage(t, code)
             if scales is not None:
-                body.append(memoryview(scales))
+                body.append(scales)
                 crcs.append(zlib.crc32(scales))
-            view = memoryview(data)
-            body.append(view)
-            crcs.extend(_page_crcs(view, page_bytes))
+            body.append(data)
+            crcs.extend(_page_crcs(data, page_bytes))
     fixed = _FIXED.pack(
         MAGIC, CODEC_VERSION, 0,
         _header_len(chunk.num_layers, len(crcs) // (2 * chunk.num_layers)),
@@ -292,16 +322,16 @@ def _decode_block(
             _check(pages[i * page_bytes : min((i + 1) * page_bytes, expected_len)],
                    h.crcs[first_crc + page], f"page {page} of block {block}")
     n = end - start
-    view_dtype = _DTYPES[h.store_code][3]
     arr = np.frombuffer(
-        pages, dtype=view_dtype, count=n * h.n_heads * h.head_dim,
+        pages, dtype=_DTYPES[h.store_code][3], count=n * h.n_heads * h.head_dim,
         offset=(start - p0 * h.page_tokens) * h.token_bytes,
-    ).reshape(n, h.n_heads, h.head_dim).transpose(1, 0, 2).copy()
-    t = torch.from_numpy(arr)
-    if h.is_int8:
-        s = torch.from_numpy(np.frombuffer(scales, dtype="<f4", count=h.n_heads * h.head_dim).copy())
-        return (t.float() * s.view(h.n_heads, 1, h.head_dim)).to(h.out_dtype)
-    return t.view(h.out_dtype)
+    ).reshape(n, h.n_heads, h.head_dim).transpose(1, 0, 2)
+    if not h.is_int8:
+        return _tensor(arr.copy(order="C"), h.store_code)  # always a copy: never alias the read buffer
+    assert scales is not None
+    scale = np.frombuffer(scales, dtype="<f4", count=h.n_heads * h.head_dim).reshape(h.n_heads, 1, h.head_dim)
+    x = arr.astype(np.float32, order="C") * scale
+    return _tensor(_from_f32(x, h.orig_code), h.orig_code)
 
 
 def _split_block(h: Header, buf: memoryview, block: int) -> tuple[memoryview | None, memoryview]:

@@ -21,7 +21,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -41,7 +41,7 @@ class _FileReader(Reader):
     def __init__(self, fd: int) -> None:
         self._fd = fd
 
-    def read(self, ranges: list[Range]) -> list[Buffer]:
+    def read(self, ranges: Sequence[Range]) -> list[Buffer]:
         return [os.pread(self._fd, end - start, start) for start, end in ranges]
 
 

@@ -14,7 +14,7 @@ from kvcake.store.base import KVStore
 from kvcake.store.bytestore import ByteStore
 from kvcake.store.disk import FileBackend
 from kvcake.store.memory import MemoryBackend
-from kvcake.store.redis_backend import redis_backend, redis_cluster_backend
+from kvcake.store.redis_backend import RedisOptions, redis_backend, redis_cluster_backend
 from kvcake.store.throttle import ThrottledBackend
 from kvcake.store.tiered import TieredStore
 
@@ -39,14 +39,18 @@ class _Params:
             raise ValueError(f"{self._url}: {name} given more than once")
         return values[0] if values else default
 
-    def number(self, name: str, default: float | None = None) -> float | None:
+    def number(self, name: str) -> float | None:
         value = self.text(name)
         if value is None:
-            return default
+            return None
         try:
             return float(value)
         except ValueError:
             raise ValueError(f"{self._url}: {name}={value!r} is not a number") from None
+
+    def number_or(self, name: str, default: float) -> float:
+        value = self.number(name)
+        return default if value is None else value
 
     def done(self) -> None:
         unknown = set(self._values) - self._used
@@ -61,14 +65,14 @@ def open_store(url: str) -> KVStore:
     dtype = params.text("dtype")
     if dtype is not None and dtype != "keep":
         codec.dtype_code(dtype, torch.float32)  # validate the name now, not at the first put
-    page_tokens = int(params.number("page_tokens", codec.DEFAULT_PAGE_TOKENS))
+    page_tokens = int(params.number_or("page_tokens", codec.DEFAULT_PAGE_TOKENS))
     if parts.scheme == "tiered":
         mode = params.text("write", "through")
         if mode not in ("through", "back"):
             raise ValueError(f"{url}: write must be 'through' or 'back'")
         tiers = [open_store(u) for u in params.all("tier")]
         store: KVStore = TieredStore(
-            tiers, write_back=mode == "back", queue_size=int(params.number("queue", 64)),
+            tiers, write_back=mode == "back", queue_size=int(params.number_or("queue", 64)),
             dtype=dtype, page_tokens=page_tokens,
         )
     else:
@@ -103,7 +107,8 @@ def _backend(parts: SplitResult, params: _Params, url: str) -> Backend:
 
 
 def _budget(params: _Params, default_gb: float | None) -> int | None:
-    gb = params.number("max_gb", default_gb)
+    gb = params.number("max_gb")
+    gb = default_gb if gb is None else gb
     if gb is not None and gb <= 0:
         raise ValueError("max_gb must be positive")
     return None if gb is None else int(gb * _GB)
@@ -115,20 +120,22 @@ def _redis(parts: SplitResult, params: _Params, url: str) -> Backend:
     nodes = [_host_port(h, url) for h in hosts.split(",") if h]
     if not nodes:
         raise ValueError(f"{url}: no host")
-    ttl_s = params.number("ttl_s")
-    common = dict(
+    defaults = RedisOptions()
+    options = RedisOptions(
         username=unquote(username) or None, password=unquote(password) or None,
-        timeout_s=params.number("timeout_s", 2.0), connect_timeout_s=params.number("connect_timeout_s", 1.0),
-        prefix=params.text("prefix", "kvcake:"), ttl_s=ttl_s, retry_s=params.number("retry_s", 1.0),
+        timeout_s=params.number_or("timeout_s", defaults.timeout_s),
+        connect_timeout_s=params.number_or("connect_timeout_s", defaults.connect_timeout_s),
+        prefix=params.text("prefix") or defaults.prefix, ttl_s=params.number("ttl_s"),
+        retry_s=params.number_or("retry_s", defaults.retry_s),
     )
     if parts.scheme == "redis+cluster":
-        return redis_cluster_backend(nodes, **common)
+        return redis_cluster_backend(nodes, options)
     if len(nodes) != 1:
         raise ValueError(f"{url}: redis:// takes one host (use redis+cluster:// for several)")
     db = parts.path.strip("/") or "0"
     if not db.isdigit():
         raise ValueError(f"{url}: database must be a number")
-    return redis_backend(nodes[0][0], nodes[0][1], int(db), **common)
+    return redis_backend(nodes[0][0], nodes[0][1], int(db), options)
 
 
 def _host_port(text: str, url: str) -> tuple[str, int]:

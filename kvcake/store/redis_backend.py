@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import cast
 
 import redis
 from redis.backoff import NoBackoff
@@ -41,29 +43,39 @@ class _RedisReader(Reader):
         self._client = client
         self._key = key
 
-    def read(self, ranges: list[Range]) -> list[Buffer]:
+    def read(self, ranges: Sequence[Range]) -> list[Buffer]:
         if len(ranges) == 1:
             start, end = ranges[0]
-            return [self._client.getrange(self._key, start, end - 1)]
+            return [cast(bytes, self._client.getrange(self._key, start, end - 1))]
         pipe = self._client.pipeline(transaction=False)
         for start, end in ranges:
             pipe.getrange(self._key, start, end - 1)
         return pipe.execute()
 
 
+@dataclass(frozen=True)
+class RedisOptions:
+    """Connection and storage settings shared by single-server and cluster backends."""
+
+    username: str | None = None
+    password: str | None = None
+    timeout_s: float = 2.0
+    connect_timeout_s: float = 1.0
+    prefix: str = "kvcake:"
+    ttl_s: float | None = None
+    retry_s: float = 1.0
+
+
 class RedisBackend(Backend):
     """Entries under ``<prefix><key>``; on a cluster, outages are tracked per node."""
 
-    def __init__(
-        self, connect: Callable[[], Client], *, name: str, cluster: bool, prefix: str,
-        ttl_s: float | None, retry_s: float,
-    ) -> None:
+    def __init__(self, connect: Callable[[], Client], *, name: str, cluster: bool, options: RedisOptions) -> None:
         self.name = name
-        self.retry_s = retry_s
+        self.retry_s = options.retry_s
         self._connect = connect
         self._cluster = cluster
-        self._prefix = prefix
-        self._ttl_ms = None if ttl_s is None else int(ttl_s * 1000)
+        self._prefix = options.prefix
+        self._ttl_ms = None if options.ttl_s is None else int(options.ttl_s * 1000)
         self._client_obj: Client | None = None
         self._lock = threading.Lock()
 
@@ -77,7 +89,7 @@ class RedisBackend(Backend):
         return self._prefix + key
 
     def read_all(self, key: str) -> bytes | None:
-        return self._client().get(self._k(key))
+        return cast(bytes | None, self._client().get(self._k(key)))
 
     @contextmanager
     def open_reader(self, key: str) -> Iterator[Reader | None]:
@@ -117,41 +129,31 @@ class RedisBackend(Backend):
                 self._client_obj = None
 
 
-def _retry() -> Retry:
-    # one immediate retry on a dropped connection (e.g. the server restarted), none on timeouts
-    return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
-
-
-def redis_backend(
-    host: str, port: int, db: int, *, password: str | None, username: str | None, timeout_s: float,
-    connect_timeout_s: float, prefix: str, ttl_s: float | None, retry_s: float,
-) -> RedisBackend:
+def redis_backend(host: str, port: int, db: int, options: RedisOptions) -> RedisBackend:
     """Backend on a single Redis server."""
 
     def connect() -> Client:
         return redis.Redis(
-            host=host, port=port, db=db, username=username, password=password,
-            socket_timeout=timeout_s, socket_connect_timeout=connect_timeout_s, retry=_retry(),
+            host=host, port=port, db=db, username=options.username, password=options.password,
+            socket_timeout=options.timeout_s, socket_connect_timeout=options.connect_timeout_s,
+            # one immediate retry on a dropped connection (the server restarted), none on timeouts
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
 
-    return RedisBackend(connect, name=f"redis({host}:{port}/{db})", cluster=False, prefix=prefix,
-                        ttl_s=ttl_s, retry_s=retry_s)
+    return RedisBackend(connect, name=f"redis({host}:{port}/{db})", cluster=False, options=options)
 
 
-def redis_cluster_backend(
-    nodes: list[tuple[str, int]], *, password: str | None, username: str | None, timeout_s: float,
-    connect_timeout_s: float, prefix: str, ttl_s: float | None, retry_s: float,
-) -> RedisBackend:
+def redis_cluster_backend(nodes: list[tuple[str, int]], options: RedisOptions) -> RedisBackend:
     """Backend on a Redis Cluster reached through any of ``nodes``."""
 
     def connect() -> Client:
         return RedisCluster(
-            startup_nodes=[ClusterNode(h, p) for h, p in nodes], username=username, password=password,
-            socket_timeout=timeout_s, socket_connect_timeout=connect_timeout_s,
+            startup_nodes=[ClusterNode(h, p) for h, p in nodes], username=options.username,
+            password=options.password, socket_timeout=options.timeout_s,
+            socket_connect_timeout=options.connect_timeout_s,
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError, ClusterError)),
             require_full_coverage=False,
         )
 
     names = ",".join(f"{h}:{p}" for h, p in nodes)
-    return RedisBackend(connect, name=f"redis-cluster({names})", cluster=True, prefix=prefix,
-                        ttl_s=ttl_s, retry_s=retry_s)
+    return RedisBackend(connect, name=f"redis-cluster({names})", cluster=True, options=options)

@@ -91,9 +91,11 @@ class TieredStore(KVStore):
         """True when the first tier stored it, or (write-through) any tier did, or it was queued."""
         first = self.tiers[0].put_encoded(key, data)
         lower = self._write_lower(key, data, range(1, len(self.tiers)))
-        ok = first or lower
-        self._stats.add(**({"puts": 1} if ok else {"puts_failed": 1}))
-        return ok
+        if first or lower:
+            self._stats.add(puts=1)
+            return True
+        self._stats.add(puts_failed=1)
+        return False
 
     def delete(self, key: str) -> None:
         with self._cond:
@@ -102,7 +104,7 @@ class TieredStore(KVStore):
             tier.delete(key)
 
     def flush(self) -> None:
-        """Wait until queued write-backs reached the lower tiers."""
+        """Wait until queued write-backs (and promotions) reached the lower tiers."""
         with self._cond:
             self._cond.wait_for(lambda: not self._pending and not self._in_flight)
 

@@ -60,9 +60,9 @@ def test_prefix_keys_chain_the_whole_prefix() -> None:
     assert len(keys) == len(TOKENS) // 16  # the trailing partial chunk gets no key
     assert len(set(keys)) == len(keys)
     # a prompt that shares the first 32 tokens shares exactly the first two keys
-    other = TOKENS[:32] + [7] + TOKENS[33:]
+    other = [*TOKENS[:32], 7, *TOKENS[33:]]
     other_keys = prefix_chunk_keys(fp, "", other, 16)
-    assert other_keys[:2] == keys[:2] and all(x != y for x, y in zip(other_keys[2:], keys[2:]))
+    assert other_keys[:2] == keys[:2] and all(x != y for x, y in zip(other_keys[2:], keys[2:], strict=True))
     # the same chunk tokens after a different prefix get a different key
     assert prefix_chunk_keys(fp, "", [1] * 16 + TOKENS[16:32], 16)[1] != keys[1]
     assert prefix_chunk_keys(fp, "", TOKENS[:15], 16) == []
