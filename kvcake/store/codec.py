@@ -30,8 +30,9 @@ import torch
 CODEC_VERSION = 1
 MAGIC = b"KVCK"
 DEFAULT_PAGE_TOKENS = 16
-#: bytes a reader fetches first; covers the header of any entry up to ~8k tokens x 32 layers
-HEADER_PROBE_BYTES = 16384
+#: bytes a reader fetches first: the whole header when layers x pages <= ~1000 (e.g. 30 layers
+#: x 512 tokens at 16-token pages); a larger header costs a second read
+HEADER_PROBE_BYTES = 8192
 
 _FIXED = struct.Struct("<4sHHIIIIIIBBH")
 _CRC = struct.Struct("<I")

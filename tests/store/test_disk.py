@@ -137,3 +137,13 @@ def test_two_processes_share_a_directory_without_torn_reads(tmp_path) -> None:
         assert r["errors"] == {}  # not even a torn read caught by a checksum
         assert r["hits"] > 0
     assert sum(r["evictions"] for r in results) > 0  # eviction ran while the other process read
+
+
+def test_entry_whose_header_exceeds_the_first_read(tmp_path, make_chunk, same, tokens_of) -> None:
+    store = open_store(f"file://{tmp_path}?page_tokens=1")
+    chunk = make_chunk(layers=2, heads=1, tokens=1500, dim=2)  # 6000 page checksums: a 24 KB header
+    store.put("k", chunk)
+    assert codec.parse_header(codec.encode(chunk, page_tokens=1)).header_len > codec.HEADER_PROBE_BYTES
+    assert store.get_layer("k", 1)[1].equal(chunk.values[1])
+    assert same(store.get_tokens("k", 700, 1500), tokens_of(chunk, 700, 1500))
+    assert store.stats().errors == {}

@@ -61,6 +61,15 @@ def test_partial_reads_fetch_only_their_bytes(redis_server, make_chunk) -> None:
     assert store.stats().bytes_read - before == 2 * 4 * 16 * h.token_bytes
 
 
+def test_entry_whose_header_exceeds_the_first_read(redis_server, make_chunk, same, tokens_of) -> None:
+    store = open_store(redis_server.url + "?page_tokens=1")
+    chunk = make_chunk(layers=2, heads=1, tokens=1500, dim=2)
+    store.put("k", chunk)
+    assert store.get_layer("k", 0)[0].equal(chunk.keys[0])
+    assert same(store.get_tokens("k", 3, 1499), tokens_of(chunk, 3, 1499))
+    assert store.stats().errors == {}
+
+
 def test_int8_and_prefix_and_ttl(redis_server, make_chunk) -> None:
     store = open_store(redis_server.url + "?dtype=int8&prefix=t1:&ttl_s=60")
     chunk = make_chunk()
