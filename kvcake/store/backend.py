@@ -89,5 +89,5 @@ class Backend(ABC):
             return exc.kind, exc.outage
         return None
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - most backends hold nothing to release
         """Release resources."""

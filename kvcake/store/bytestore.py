@@ -149,7 +149,8 @@ class ByteStore(KVStore):
             retry = header is not None
             while True:
                 if header is None:
-                    header, nbytes = _read_header(reader)
+                    header, header_bytes = _read_header(reader)
+                    nbytes += header_bytes
                     if header is None:
                         return None
                 parts = reader.read(ranges(header))

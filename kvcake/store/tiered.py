@@ -32,6 +32,8 @@ T = TypeVar("T")
 
 
 class TieredStore(KVStore):
+    """``tiers`` fastest first; see the module docstring for reads, promotion and writes."""
+
     def __init__(
         self, tiers: Sequence[KVStore], *, write_back: bool = False, queue_size: int = 64,
         dtype: str | None = None, page_tokens: int = codec.DEFAULT_PAGE_TOKENS,
@@ -55,14 +57,8 @@ class TieredStore(KVStore):
 
     # -- reads ---------------------------------------------------------------------------
     def get(self, key: str) -> ChunkKV | None:
-        for i, tier in enumerate(self.tiers):
-            data = tier.get_encoded(key)
-            if data is not None:
-                self._promote(key, data, i)
-                self._stats.add(hits=1)
-                return codec.decode(data, check=False)
-        self._stats.add(misses=1)
-        return None
+        data = self.get_encoded(key)
+        return None if data is None else codec.decode(data, check=False)  # the tier verified it
 
     def get_encoded(self, key: str) -> bytes | None:
         for i, tier in enumerate(self.tiers):
@@ -177,6 +173,9 @@ class TieredStore(KVStore):
             try:
                 for i in targets:
                     self.tiers[i].put_encoded(key, data)
+            except Exception:  # a tier that breaks the never-raise contract must not kill the worker
+                self._stats.error("internal")
+                logger.exception("write-back of %s failed", key)
             finally:
                 with self._cond:
                     self._in_flight -= 1
