@@ -9,10 +9,12 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from kvcake.runtime import keep_freed_memory
 from kvcake.config import ConfigError, KvcakeConfig, add_config_flags, config_from_args, markdown_table
 
 BENCHMARKS = {
     "prefill": ("kvcake.bench.prefill", "Our full prefill vs the Hugging Face forward on the same prompt (1k/2k/4k tokens)."),
+    "cake": ("kvcake.bench.cake", "TTFT of compute, load, Cake and the best static split over a storage bandwidth grid."),
     "store": ("kvcake.bench.store", "KV store read/write throughput per tier and chunk size; throttle accuracy."),
 }
 
@@ -20,6 +22,7 @@ DEMO_QUESTION = "In two sentences, what is the main argument of the essay above?
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "handler"):

@@ -9,8 +9,9 @@ from typing import Iterator
 import torch
 
 from kvcake.config import KvcakeConfig
+from kvcake.runtime import keep_freed_memory
 from kvcake.model import KVCache, SamplingParams, Sampler, load_model, resolve_device, resolve_dtype, weights_identity
-from kvcake.schedule import PrefixPrefill, PrefixReport, Strategy, WriteBack
+from kvcake.schedule import CostProfile, PrefixPrefill, PrefixReport, Strategy, WriteBack
 from kvcake.store import KVStore, model_fingerprint, open_store, prefix_chunk_keys
 
 
@@ -79,6 +80,7 @@ class Engine:
     def __init__(self, config: KvcakeConfig, store: KVStore | None = None):
         self.config = config
         self.default_strategy = Strategy.parse(config.reuse)
+        keep_freed_memory()
         if config.threads > 0:
             torch.set_num_threads(config.threads)
         device = resolve_device(config.device)
@@ -88,6 +90,7 @@ class Engine:
         self.fingerprint = model_fingerprint(self.model.config.as_dict(), weights_identity(self.model_folder), str(dtype))
         self.store = store if store is not None else open_store(config.effective_store_url())
         self.writeback = WriteBack(self.store)
+        self.cost_profile = CostProfile()
 
     def close(self) -> None:
         self.writeback.close()
@@ -125,7 +128,7 @@ class Engine:
         reusable = keys[: (len(prompt_ids) - 1) // chunk_size]
         num_hit = self._stored_prefix_length(reusable)
         cache = self.model.new_cache(capacity)
-        prefix = PrefixPrefill(self.model, chunk_size, prompt_ids, self._chunk_loader(reusable))
+        prefix = PrefixPrefill(self.model, chunk_size, prompt_ids, self._chunk_loader(reusable), self.cost_profile)
         report = prefix.run(cache, num_hit, strategy or self.default_strategy)
         started = time.perf_counter()
         last_logits = self._compute_rest(prompt_ids, cache, num_hit, keys)

@@ -20,6 +20,7 @@ stops and the compute side computes up to and including it, so the result stays 
 from __future__ import annotations
 
 import logging
+import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -88,31 +89,95 @@ class PrefixReport:
         return asdict(self)
 
 
+class CostProfile:
+    """Observed costs from earlier requests: compute seconds per chunk index, load seconds per chunk.
+
+    Only a starting guess: within a request the live timings take over as soon as
+    there are any. It lets the compute side stand aside from the first chunk when the
+    store is known to deliver the whole prefix sooner than one chunk computes.
+    """
+
+    def __init__(self, smoothing: float = 0.5):
+        self.smoothing = smoothing
+        self.compute_s: list[float] = []
+        self.load_s: float | None = None
+        self._lock = threading.Lock()
+
+    def compute_estimate(self, index: int) -> float | None:
+        with self._lock:
+            if not self.compute_s:
+                return None
+            return self.compute_s[min(index, len(self.compute_s) - 1)]
+
+    def record_compute(self, index: int, seconds: float) -> None:
+        with self._lock:
+            if index < len(self.compute_s):
+                self.compute_s[index] += self.smoothing * (seconds - self.compute_s[index])
+            elif index == len(self.compute_s):
+                self.compute_s.append(seconds)
+
+    def record_load(self, seconds: float) -> None:
+        with self._lock:
+            self.load_s = seconds if self.load_s is None else self.load_s + self.smoothing * (seconds - self.load_s)
+
+
 @dataclass
 class _Meeting:
-    """Shared claim state of the two sides; every field is read and written under `lock`."""
+    """Shared claim state of the two sides; every field is read and written under `lock`.
+
+    The compute side takes the next chunk unless the loader, at the rate it shows, would
+    load every chunk still unclaimed before the compute side could finish that one chunk;
+    then it waits and re-checks. This is what makes the meeting point land at the best
+    chunk boundary instead of one chunk early when chunks are coarse.
+    """
 
     num_chunks: int
     compute_limit: int
     loader_floor: int
+    profile: CostProfile
     lock: threading.Condition = field(default_factory=threading.Condition)
     front: int = 0
     lowest_claimed: int = 0
     loader_done: bool = False
+    load_started_at: float | None = None
+    load_times: list[float] = field(default_factory=list)
+    last_compute_s: float | None = None
 
     def __post_init__(self) -> None:
         self.lowest_claimed = self.num_chunks
 
     def claim_compute(self) -> int | None:
-        """The next chunk to compute, waiting while the loader might still hand one back."""
+        """The next chunk to compute, waiting while the loader might still take or hand back one."""
         with self.lock:
             while True:
                 if self.front < min(self.compute_limit, self.lowest_claimed):
-                    self.front += 1
-                    return self.front - 1
+                    delay = self._loader_finishes_first_by()
+                    if delay is None:
+                        self.front += 1
+                        return self.front - 1
+                    self.lock.wait(timeout=max(delay, 1e-3))
+                    continue
                 if self.loader_done:
                     return None
                 self.lock.wait()
+
+    def _loader_finishes_first_by(self) -> float | None:
+        """Seconds the loader needs to take every unclaimed chunk, if that beats computing one; else None."""
+        if self.loader_done or self.front < self.loader_floor:
+            return None
+        load_s = statistics.fmean(self.load_times) if self.load_times else self.profile.load_s
+        compute_s = self.last_compute_s if self.last_compute_s is not None else self.profile.compute_estimate(self.front)
+        if load_s is None or compute_s is None:
+            return None
+        now = time.perf_counter()
+        busy_until = now if self.load_started_at is None else max(now, self.load_started_at + load_s)
+        unclaimed = self.lowest_claimed - self.front
+        loader_done_at = busy_until + unclaimed * load_s
+        return loader_done_at - now if loader_done_at <= now + compute_s else None
+
+    def computed(self, seconds: float) -> None:
+        with self.lock:
+            self.last_compute_s = seconds
 
     def claim_load(self) -> int | None:
         with self.lock:
@@ -120,6 +185,7 @@ class _Meeting:
             if candidate < max(self.front, self.loader_floor):
                 return None
             self.lowest_claimed = candidate
+            self.load_started_at = time.perf_counter()
             return candidate
 
     def give_back(self, index: int) -> None:
@@ -127,22 +193,27 @@ class _Meeting:
         with self.lock:
             self.lowest_claimed = index + 1
             self.compute_limit = max(self.compute_limit, index + 1)
+            self.load_started_at = None
 
     def finish_loading(self) -> None:
         with self.lock:
             self.loader_done = True
+            self.load_started_at = None
             self.lock.notify_all()
 
-    def loaded(self) -> None:
+    def loaded(self, seconds: float) -> None:
         with self.lock:
+            self.load_times.append(seconds)
+            self.load_started_at = None
             self.lock.notify_all()
 
 
 class PrefixPrefill:
     """Fill `cache` with the KV of `num_chunks` stored prefix chunks by one strategy."""
 
-    def __init__(self, model: Transformer, chunk_size: int, prompt_ids: list[int], loader: ChunkLoader):
+    def __init__(self, model: Transformer, chunk_size: int, prompt_ids: list[int], loader: ChunkLoader, profile: CostProfile):
         self.model = model
+        self.profile = profile
         self.chunk_size = chunk_size
         self.prompt_ids = torch.tensor(prompt_ids, dtype=torch.long)
         self.loader = loader
@@ -150,7 +221,7 @@ class PrefixPrefill:
 
     def run(self, cache: KVCache, num_chunks: int, strategy: Strategy) -> PrefixReport:
         compute_limit, loader_floor = strategy.limits(num_chunks)
-        meeting = _Meeting(num_chunks, compute_limit, loader_floor)
+        meeting = _Meeting(num_chunks, compute_limit, loader_floor, self.profile)
         report = PrefixReport(strategy=str(strategy), hit_chunks=num_chunks)
         loaded: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         loader = threading.Thread(target=self._load_from_back, args=(meeting, loaded, report), name="kvcake-loader", daemon=True)
@@ -181,14 +252,18 @@ class PrefixPrefill:
             positions = self._positions(index)
             out = self.model.forward(self.prompt_ids[positions], positions, cache, keep_kv=True)
             self.computed_kv[index] = (out.keys, out.values)
-            report.compute_s += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            meeting.computed(elapsed)
+            self.profile.record_compute(index, elapsed)
+            report.compute_s += elapsed
 
     def _load_from_back(self, meeting: _Meeting, loaded: dict, report: PrefixReport) -> None:
         try:
             while (index := meeting.claim_load()) is not None:
                 started = time.perf_counter()
                 result = self._load(index)
-                report.load_s += time.perf_counter() - started
+                elapsed = time.perf_counter() - started
+                report.load_s += elapsed
                 if result is None:
                     report.load_failures += 1
                     meeting.give_back(index)
@@ -196,7 +271,8 @@ class PrefixPrefill:
                 keys, values, num_bytes = result
                 loaded[index] = (keys, values)
                 report.bytes_loaded += num_bytes
-                meeting.loaded()
+                self.profile.record_load(elapsed)
+                meeting.loaded(elapsed)
         finally:
             meeting.finish_loading()
 
