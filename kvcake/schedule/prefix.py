@@ -125,10 +125,17 @@ class CostProfile:
 class _Meeting:
     """Shared claim state of the two sides; every field is read and written under `lock`.
 
-    The compute side takes the next chunk unless the loader, at the rate it shows, would
-    load every chunk still unclaimed before the compute side could finish that one chunk;
-    then it waits and re-checks. This is what makes the meeting point land at the best
-    chunk boundary instead of one chunk early when chunks are coarse.
+    Greedy claiming meets up to one chunk off when chunks are coarse, so each side asks
+    one question before it takes the next chunk, with costs measured in this run (the
+    engine's profile of earlier requests seeds the first decision):
+
+    - the compute side waits if the loader, at its observed rate, would load every chunk
+      still unclaimed before one more chunk could be computed;
+    - the loader waits if the compute side would compute every chunk still unclaimed
+      before one more chunk could be loaded.
+
+    A waiting side re-checks as time passes, so a stall on the other side ends the wait.
+    Both cannot wait at once: that needs load < compute and compute <= load per chunk.
     """
 
     num_chunks: int
@@ -141,19 +148,23 @@ class _Meeting:
     loader_done: bool = False
     load_started_at: float | None = None
     load_times: list[float] = field(default_factory=list)
-    last_compute_s: float | None = None
+    compute_started_at: float | None = None
+    last_computed: tuple[int, float] | None = None
 
     def __post_init__(self) -> None:
         self.lowest_claimed = self.num_chunks
 
+    # ---- compute side -------------------------------------------------------------
+
     def claim_compute(self) -> int | None:
-        """The next chunk to compute, waiting while the loader might still take or hand back one."""
+        """The next chunk to compute, or None when every chunk is taken and the loader is done."""
         with self.lock:
             while True:
                 if self.front < min(self.compute_limit, self.lowest_claimed):
                     delay = self._loader_finishes_first_by()
                     if delay is None:
                         self.front += 1
+                        self.compute_started_at = time.perf_counter()
                         return self.front - 1
                     self.lock.wait(timeout=max(delay, 1e-3))
                     continue
@@ -161,32 +172,61 @@ class _Meeting:
                     return None
                 self.lock.wait()
 
+    def computed(self, index: int, seconds: float) -> None:
+        with self.lock:
+            self.last_computed = (index, seconds)
+            self.compute_started_at = None
+            self.lock.notify_all()
+
     def _loader_finishes_first_by(self) -> float | None:
-        """Seconds the loader needs to take every unclaimed chunk, if that beats computing one; else None."""
+        """Seconds until the loader would have loaded every unclaimed chunk, if before one more computes."""
         if self.loader_done or self.front < self.loader_floor:
             return None
-        load_s = statistics.fmean(self.load_times) if self.load_times else self.profile.load_s
-        compute_s = self.last_compute_s if self.last_compute_s is not None else self.profile.compute_estimate(self.front)
+        load_s = self._load_estimate()
+        compute_s = self._compute_estimate(self.front)
         if load_s is None or compute_s is None:
             return None
         now = time.perf_counter()
         busy_until = now if self.load_started_at is None else max(now, self.load_started_at + load_s)
-        unclaimed = self.lowest_claimed - self.front
-        loader_done_at = busy_until + unclaimed * load_s
-        return loader_done_at - now if loader_done_at <= now + compute_s else None
+        loader_done_at = busy_until + (self.lowest_claimed - self.front) * load_s
+        return loader_done_at - now if loader_done_at < now + compute_s else None
 
-    def computed(self, seconds: float) -> None:
-        with self.lock:
-            self.last_compute_s = seconds
+    # ---- loader -------------------------------------------------------------------
 
     def claim_load(self) -> int | None:
+        """The next chunk to load from the back, or None when the loader should stop."""
         with self.lock:
-            candidate = self.lowest_claimed - 1
-            if candidate < max(self.front, self.loader_floor):
-                return None
-            self.lowest_claimed = candidate
-            self.load_started_at = time.perf_counter()
-            return candidate
+            while True:
+                candidate = self.lowest_claimed - 1
+                if candidate < max(self.front, self.loader_floor):
+                    return None
+                delay = self._compute_finishes_first_by(candidate)
+                if delay is None:
+                    self.lowest_claimed = candidate
+                    self.load_started_at = time.perf_counter()
+                    return candidate
+                self.lock.wait(timeout=max(delay, 1e-3))
+
+    def _compute_finishes_first_by(self, candidate: int) -> float | None:
+        """Seconds until the compute side would have computed chunks front..candidate, if before one load."""
+        if self.front >= self.compute_limit:
+            return None
+        load_s = self._load_estimate()
+        estimates = [self._compute_estimate(i) for i in range(self.front, candidate + 1)]
+        if load_s is None or None in estimates:
+            return None
+        now = time.perf_counter()
+        busy_until = now
+        if self.compute_started_at is not None and self.last_computed is not None:
+            busy_until = max(now, self.compute_started_at + (self._compute_estimate(self.front - 1) or 0.0))
+        compute_done_at = busy_until + sum(e for e in estimates if e is not None)
+        return compute_done_at - now if compute_done_at <= now + load_s else None
+
+    def loaded(self, seconds: float) -> None:
+        with self.lock:
+            self.load_times.append(seconds)
+            self.load_started_at = None
+            self.lock.notify_all()
 
     def give_back(self, index: int) -> None:
         """A load failed: chunk `index` (and everything below it) is the compute side's."""
@@ -201,11 +241,21 @@ class _Meeting:
             self.load_started_at = None
             self.lock.notify_all()
 
-    def loaded(self, seconds: float) -> None:
-        with self.lock:
-            self.load_times.append(seconds)
-            self.load_started_at = None
-            self.lock.notify_all()
+    # ---- cost estimates -----------------------------------------------------------
+
+    def _load_estimate(self) -> float | None:
+        return statistics.fmean(self.load_times) if self.load_times else self.profile.load_s
+
+    def _compute_estimate(self, index: int) -> float | None:
+        """Chunk `index`'s compute time: the profile's shape scaled to this run's last chunk."""
+        profiled = self.profile.compute_estimate(index)
+        if self.last_computed is None:
+            return profiled
+        last_index, last_s = self.last_computed
+        profiled_last = self.profile.compute_estimate(last_index)
+        if profiled is None or not profiled_last:
+            return last_s
+        return profiled * last_s / profiled_last
 
 
 class PrefixPrefill:
@@ -218,6 +268,7 @@ class PrefixPrefill:
         self.prompt_ids = torch.tensor(prompt_ids, dtype=torch.long)
         self.loader = loader
         self.computed_kv: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._observed_compute: list[tuple[int, float]] = []
 
     def run(self, cache: KVCache, num_chunks: int, strategy: Strategy) -> PrefixReport:
         compute_limit, loader_floor = strategy.limits(num_chunks)
@@ -228,6 +279,7 @@ class PrefixPrefill:
         loader.start()
         self._compute_from_front(cache, meeting, report)
         loader.join()
+        self._update_profile(meeting)
         report.meet_chunk = meeting.front
         for index in range(meeting.front, num_chunks):
             keys, values = loaded[index]
@@ -237,6 +289,13 @@ class PrefixPrefill:
         report.chunks_computed = meeting.front
         report.tokens_computed = meeting.front * self.chunk_size
         return report
+
+    def _update_profile(self, meeting: _Meeting) -> None:
+        """Teach the profile after the run, so within a run it stays the prior the live times scale."""
+        for index, seconds in self._observed_compute:
+            self.profile.record_compute(index, seconds)
+        for seconds in meeting.load_times:
+            self.profile.record_load(seconds)
 
     def _positions(self, index: int) -> torch.Tensor:
         return torch.arange(index * self.chunk_size, (index + 1) * self.chunk_size)
@@ -253,8 +312,8 @@ class PrefixPrefill:
             out = self.model.forward(self.prompt_ids[positions], positions, cache, keep_kv=True)
             self.computed_kv[index] = (out.keys, out.values)
             elapsed = time.perf_counter() - started
-            meeting.computed(elapsed)
-            self.profile.record_compute(index, elapsed)
+            self._observed_compute.append((index, elapsed))
+            meeting.computed(index, elapsed)
             report.compute_s += elapsed
 
     def _load_from_back(self, meeting: _Meeting, loaded: dict, report: PrefixReport) -> None:
@@ -271,7 +330,6 @@ class PrefixPrefill:
                 keys, values, num_bytes = result
                 loaded[index] = (keys, values)
                 report.bytes_loaded += num_bytes
-                self.profile.record_load(elapsed)
                 meeting.loaded(elapsed)
         finally:
             meeting.finish_loading()
