@@ -6,11 +6,13 @@ import argparse
 import importlib
 import json
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import Iterator
 
-from kvcake.runtime import keep_freed_memory
 from kvcake.config import ConfigError, KvcakeConfig, add_config_flags, config_from_args, markdown_table
+from kvcake.runtime import keep_freed_memory
 
 BENCHMARKS = {
     "prefill": ("kvcake.bench.prefill", "Our full prefill vs the Hugging Face forward on the same prompt (1k/2k/4k tokens)."),
@@ -18,7 +20,10 @@ BENCHMARKS = {
     "store": ("kvcake.bench.store", "KV store read/write throughput per tier and chunk size; throttle accuracy."),
 }
 
-DEMO_QUESTION = "In two sentences, what is the main argument of the essay above?"
+DEMO_QUESTIONS = (
+    "In two sentences, what is the main argument of the essay above?",
+    "Which examples does the essay above give?",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,26 +108,31 @@ def _sampling(args: argparse.Namespace, config: KvcakeConfig):
     return SamplingParams(max_tokens=config.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
 
 
-def _run_and_print(config: KvcakeConfig, request) -> int:
-    from kvcake.engine import Engine
-
-    engine = Engine(config)
-    try:
-        result = engine.generate(request)
-    finally:
-        engine.close()
+def _run_and_print(engine, request) -> None:
+    result = engine.generate(request)
+    engine.writeback.flush()
     print(result.text)
     metrics = result.metrics
     prefix = metrics.prefix
     print(
-        f"\n[kvcake] model={config.model} prompt_tokens={metrics.prompt_tokens} ttft={metrics.ttft_s:.3f}s "
+        f"\n[kvcake] model={engine.config.model} prompt_tokens={metrics.prompt_tokens} ttft={metrics.ttft_s:.3f}s "
         f"generated={metrics.generated_tokens} decode={metrics.decode_s:.3f}s finish={result.finish_reason}\n"
         f"[kvcake] reuse={prefix.strategy} hit_chunks={prefix.hit_chunks} computed={metrics.tokens_computed} "
         f"loaded={metrics.tokens_loaded} ({prefix.bytes_loaded / 1e6:.1f} MB) meet_chunk={prefix.meet_chunk} "
-        f"compute={prefix.compute_s:.3f}s io_wait={prefix.io_wait_s:.3f}s",
+        f"compute={prefix.compute_s:.3f}s io_wait={prefix.io_wait_s:.3f}s\n",
         file=sys.stderr,
     )
-    return 0
+
+
+@contextmanager
+def _engine(config: KvcakeConfig) -> Iterator:
+    from kvcake.engine import Engine
+
+    engine = Engine(config)
+    try:
+        yield engine
+    finally:
+        engine.close()
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -130,7 +140,9 @@ def _generate(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
-    return _run_and_print(config, GenerateRequest(prompt=prompt, chat=not args.raw, sampling=_sampling(args, config)))
+    with _engine(config) as engine:
+        _run_and_print(engine, GenerateRequest(prompt=prompt, chat=not args.raw, sampling=_sampling(args, config)))
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -139,9 +151,11 @@ def _demo(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     document = long_text(config.cache_path(), args.document_chars)
-    prompt = f"{document}\n\n{DEMO_QUESTION}"
-    print(f"[kvcake] question over a {len(document)}-character document: {DEMO_QUESTION}\n", file=sys.stderr)
-    return _run_and_print(config, GenerateRequest(prompt=prompt, sampling=_sampling(args, config)))
+    with _engine(config) as engine:
+        for question in DEMO_QUESTIONS:
+            print(f"[kvcake] question over a {len(document)}-character document: {question}\n", file=sys.stderr)
+            _run_and_print(engine, GenerateRequest(prompt=f"{document}\n\n{question}", sampling=_sampling(args, config)))
+    return 0
 
 
 def _config(args: argparse.Namespace) -> int:

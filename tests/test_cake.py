@@ -117,3 +117,16 @@ def test_unknown_strategy_is_a_clear_error(tiny_folders: dict[str, Path], tmp_pa
     with pytest.raises(ValueError, match="unknown reuse strategy 'fast'"):
         engine.generate(GenerateRequest(token_ids=[5, 6], reuse="fast"))
     engine.close()
+
+
+def test_store_that_is_down_never_fails_a_request(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
+    """Nothing listens on port 1: every store call fails; the request computes and the stats say so."""
+    url = "redis://127.0.0.1:1/0?timeout_s=0.2&connect_timeout_s=0.2"
+    config = KvcakeConfig(model=str(tiny_folders["llama"]), device="cpu", dtype="float32", chunk_size=32, store_url=url, cache_dir=str(tmp_path))
+    engine = Engine(config)
+    prompt = torch.randint(3, 512, (100,), generator=torch.Generator().manual_seed(1)).tolist()
+    first, second = ask(engine, prompt, "cake"), ask(engine, prompt, "cake")
+    assert first.token_ids == second.token_ids
+    assert second.metrics.prefix.hit_chunks == 0 and second.metrics.tokens_computed == len(prompt)
+    assert sum(engine.store.stats().errors.values()) > 0
+    engine.close()

@@ -64,3 +64,8 @@ def test_packaged_artefact_is_verified_by_sha256(tmp_path: Path) -> None:
     assert not target.exists()
     good = "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9"
     assert materialise(parts, target, good, tmp_path).read_bytes() == b"hello world"
+
+
+def test_readme_settings_table_is_the_config() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert markdown_table() in readme

@@ -77,3 +77,10 @@ def test_cli_generate_prints_text_and_ttft(default_config) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     assert "ttft=" in result.stderr
+
+
+def test_gguf_file_of_a_registry_model_resolves_to_its_converted_folder(default_config, default_folder) -> None:
+    from kvcake.model import resolve_model
+
+    gguf = default_config.cache_path() / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert resolve_model(str(gguf), default_config.cache_path()) == default_folder

@@ -49,16 +49,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contention", action="store_true", help="Run with a background thread doing matrix products.")
     parser.add_argument("--json", type=Path, default=None, help="Records file (default docs/benchmarks/cake[-contention].json).")
     parser.add_argument("--out-dir", type=Path, default=Path("docs/benchmarks"), help="Where the markdown report and plot go.")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="Keep the records file's cells of other lengths and replace those of the lengths run now.",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
     config = config_from_args(args).replace(reuse="cake")
     name = "cake-contention" if args.contention else "cake"
-    records: list[dict] = []
-    with _background_compute(args.contention):
-        for length in (int(x) for x in args.lengths.split(",")):
-            records.extend(_bench_length(config, length, [float(f) for f in args.factors.split(",")], args.repeats))
+    lengths = [int(x) for x in args.lengths.split(",")]
     json_path = args.json or args.out_dir / f"{name}.json"
+    records: list[dict] = []
+    if args.merge and json_path.is_file():
+        records = [r for r in json.loads(json_path.read_text()) if r["context_tokens"] not in lengths]
+    with _background_compute(args.contention):
+        for length in lengths:
+            records.extend(_bench_length(config, length, [float(f) for f in args.factors.split(",")], args.repeats))
+    records.sort(key=lambda r: (r["context_tokens"], r["bandwidth_gbps"]))
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(records, indent=2))
     _report(args.out_dir, name, config, records, args)
@@ -98,6 +107,7 @@ def _bench_length(config: KvcakeConfig, length: int, factors: list[float], repea
             "meet_chunk": meet,
             "oracle_split": best_split,
             "num_chunks": num_chunks,
+            "repeats": repeats,
         }
         print(json.dumps(record), flush=True)
         records.append(record)
@@ -186,11 +196,13 @@ def _report(out_dir: Path, name: str, config: KvcakeConfig, records: list[dict],
             "cake / min(compute, load)": ttft["cake"] / min(ttft["compute"], ttft["load"]),
             "meet": f"{record['meet_chunk']}/{record['num_chunks']}",
             "oracle": record["oracle_split"],
+            "runs": record.get("repeats", args.repeats),
         })
     summary = _summary(records)
     header = [
         f"Model `{config.model}`, chunk {config.chunk_size} tokens, store in memory behind the throttle "
-        f"({LATENCY_S * 1e3:g} ms latency), {torch.get_num_threads()} threads, median of {args.repeats} interleaved runs"
+        f"({LATENCY_S * 1e3:g} ms latency), {torch.get_num_threads()} threads, median of "
+        f"{'/'.join(str(n) for n in sorted({r.get('repeats', args.repeats) for r in records}))} interleaved runs per cell (column `runs`)"
         + (", with a background thread doing matrix products on the cores" if args.contention else "") + ".",
         f"Machine: {machine_description()}.",
         "",
@@ -224,6 +236,7 @@ def _summary(records: list[dict]) -> list[str]:
 
 def _plot(path: Path, records: list[dict]) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -236,6 +249,11 @@ def _plot(path: Path, records: list[dict]) -> None:
         for method, style in zip(METHODS, ("o-", "s-", "^-", "k--")):
             axis.plot(bandwidths, [r["ttft_s"][method] for r in cells], style, label=method)
         axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        axis.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        axis.set_xticks(bandwidths, [f"{b:.3g}" for b in bandwidths])
         axis.set_xlabel("storage bandwidth (Gbps)")
         axis.set_ylabel("TTFT (s)")
         axis.set_title(f"{length}-token prefix")

@@ -106,7 +106,9 @@ def _converted_registry_model(entry: RegistryModel, cache_root: Path) -> Path:
 
 
 def _converted_gguf(path: Path, sha256: str, cache_root: Path) -> Path:
-    folder = cache_root / "models" / f"gguf-{sha256[:16]}"
+    """A GGUF file converted once, into the registry model's folder when it is one of ours."""
+    known = next((entry.name for entry in REGISTRY.values() if entry.sha256 == sha256), None)
+    folder = cache_root / "models" / (known or f"gguf-{sha256[:16]}")
     if _is_converted(folder, sha256):
         return folder
     return _convert(path, sha256, folder)

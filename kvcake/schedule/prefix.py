@@ -31,6 +31,8 @@ import torch
 from kvcake.model import KVCache, Transformer
 
 STRATEGIES = ("compute", "load", "cake")
+RECHECK_S = 0.005
+"""How often a waiting side re-checks its decision when nothing has notified it."""
 log = logging.getLogger(__name__)
 
 
@@ -166,7 +168,7 @@ class _Meeting:
                         self.front += 1
                         self.compute_started_at = time.perf_counter()
                         return self.front - 1
-                    self.lock.wait(timeout=max(delay, 1e-3))
+                    self.lock.wait(timeout=max(delay, RECHECK_S))
                     continue
                 if self.loader_done:
                     return None
@@ -205,7 +207,7 @@ class _Meeting:
                     self.lowest_claimed = candidate
                     self.load_started_at = time.perf_counter()
                     return candidate
-                self.lock.wait(timeout=max(delay, 1e-3))
+                self.lock.wait(timeout=max(delay, RECHECK_S))
 
     def _compute_finishes_first_by(self, candidate: int) -> float | None:
         """Seconds until the compute side would have computed chunks front..candidate, if before one load."""
