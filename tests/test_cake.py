@@ -95,8 +95,8 @@ def test_corrupt_or_missing_chunk_in_the_middle_stays_exact(engine: Engine, prom
     assert_same(result, reference)
 
 
-def test_cake_meets_in_the_middle_with_a_slow_store(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
-    """Loads throttled to roughly the compute speed: both sides do part of the prefix."""
+def test_every_strategy_stays_exact_with_a_slow_store(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
+    """Loads throttled to roughly the compute speed, so Cake splits the prefix between its two sides."""
     store = open_store("memory://?max_gb=1&throttle_gbps=0.02&latency_ms=5")
     config = KvcakeConfig(model=str(tiny_folders["llama"]), device="cpu", dtype="float32", chunk_size=32, cache_dir=str(tmp_path))
     engine = Engine(config, store=store)

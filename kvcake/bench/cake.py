@@ -121,18 +121,20 @@ def _prompt(engine: Engine, config: KvcakeConfig, length: int) -> list[int]:
     return prefix + engine.tokenizer.encode(QUERY)
 
 
-def _per_chunk_compute_times(engine: Engine, prompt: list[int], num_chunks: int) -> list[float]:
+def _per_chunk_compute_times(engine: Engine, prompt: list[int], num_chunks: int, passes: int = 3) -> list[float]:
+    """Each prefix chunk's compute time over the chunks before it: the median of `passes` passes."""
     model, chunk_size = engine.model, engine.config.chunk_size
-    cache = model.new_cache(len(prompt))
     ids = torch.tensor(prompt)
-    times = []
+    samples: list[list[float]] = [[] for _ in range(num_chunks)]
     with torch.inference_mode():
-        for index in range(num_chunks):
-            positions = torch.arange(index * chunk_size, (index + 1) * chunk_size)
-            started = time.perf_counter()
-            model.forward(ids[positions], positions, cache, keep_kv=True)
-            times.append(time.perf_counter() - started)
-    return times
+        for _ in range(passes):
+            cache = model.new_cache(len(prompt))
+            for index in range(num_chunks):
+                positions = torch.arange(index * chunk_size, (index + 1) * chunk_size)
+                started = time.perf_counter()
+                model.forward(ids[positions], positions, cache, keep_kv=True)
+                samples[index].append(time.perf_counter() - started)
+    return [statistics.median(times) for times in samples]
 
 
 def _oracle_candidates(chunk_compute_s: list[float], load_per_chunk_s: float) -> list[int]:
