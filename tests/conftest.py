@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import FAMILY_CONFIGS, save_tiny_model  # noqa: E402
 
-from kvcake.config import KvcakeConfig  # noqa: E402
+from kvcake.config import KvcakeConfig, load_config  # noqa: E402
 from kvcake.model import DEFAULT_MODEL, ModelConfig, Tokenizer, Transformer, resolve_model  # noqa: E402
 
 
@@ -30,7 +30,7 @@ def tiny_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def default_config() -> KvcakeConfig:
     """The real default model, converted once into the user cache (as the README's commands do)."""
-    return KvcakeConfig(model=DEFAULT_MODEL, device="cpu", dtype="float32", store_url="memory://?max_gb=2")
+    return load_config(overrides={"model": DEFAULT_MODEL, "device": "cpu", "dtype": "float32", "store_url": "memory://?max_gb=2"})
 
 
 @pytest.fixture(scope="session")

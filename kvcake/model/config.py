@@ -50,11 +50,6 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of K and V for one token over all layers at fp32."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 4
-
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
