@@ -18,6 +18,10 @@ BENCHMARKS = {
     "prefill": ("kvcake.bench.prefill", "Our full prefill vs the Hugging Face forward on the same prompt (1k/2k/4k tokens)."),
     "cake": ("kvcake.bench.cake", "TTFT of compute, load, Cake and the best static split over a storage bandwidth grid."),
     "store": ("kvcake.bench.store", "KV store read/write throughput per tier and chunk size; throttle accuracy."),
+    "blend": ("kvcake.bench.blend", "TTFT of full prefill, naive reuse and blend on a ~4k-token multi-document prompt, in memory and throttled."),
+}
+EVALUATIONS = {
+    "blend": ("kvcake.bench.blend_eval", "Answer quality of blended document reuse on multi-document QA from quoref."),
 }
 
 DEMO_QUESTIONS = (
@@ -67,6 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=_bench_handler(module_name), bench_module=module_name)
         _bench_arguments(module_name, sub)
 
+    evaluate = commands.add_parser("eval", help="Quality evaluations on real data; each saves a report under docs/benchmarks/.")
+    evaluations = evaluate.add_subparsers(title="evaluations", metavar="EVALUATION")
+    for name, (module_name, summary) in EVALUATIONS.items():
+        sub = evaluations.add_parser(name, help=summary, description=summary)
+        sub.set_defaults(handler=_bench_handler(module_name))
+        _bench_arguments(module_name, sub)
+
+    warm = commands.add_parser("warm", help="Compute and store documents' KV in isolation, for reuse at any position (--reuse blend).")
+    warm.add_argument("documents", nargs="+", type=Path, help="Files, one document each (or several, cut by --separator).")
+    add_config_flags(warm)
+    warm.set_defaults(handler=_warm)
+
     config = commands.add_parser("config", help="Print the effective settings, or the settings table as markdown.")
     config.add_argument("--markdown", action="store_true", help="Print the table of all settings (as in the README).")
     add_config_flags(config)
@@ -82,8 +98,12 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
 
 def _add_prompt_flags(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", help="Prompt text.")
+    source.add_argument("--prompt", help="Prompt text (cut into documents + query where --separator occurs).")
     source.add_argument("--prompt-file", type=Path, help="Read the prompt from a file.")
+    source.add_argument("--query", help="A question over --document files (reusable segments, in the given order).")
+    parser.add_argument("--document", type=Path, action="append", default=[], help="A document file; repeat for several.")
+    parser.add_argument("--system", help="System text placed before the documents.")
+    parser.add_argument("--ratio", type=float, default=None, help="With --reuse blend: recompute ratio (default: blend_ratio).")
     parser.add_argument("--raw", action="store_true", help="Do not wrap the prompt in the model's chat template.")
     _add_sampling_flags(parser)
 
@@ -119,9 +139,18 @@ def _run_and_print(engine, request) -> None:
         f"generated={metrics.generated_tokens} decode={metrics.decode_s:.3f}s finish={result.finish_reason}\n"
         f"[kvcake] reuse={prefix.strategy} hit_chunks={prefix.hit_chunks} computed={metrics.tokens_computed} "
         f"loaded={metrics.tokens_loaded} ({prefix.bytes_loaded / 1e6:.1f} MB) meet_chunk={prefix.meet_chunk} "
-        f"compute={prefix.compute_s:.3f}s io_wait={prefix.io_wait_s:.3f}s\n",
+        f"compute={prefix.compute_s:.3f}s io_wait={prefix.io_wait_s:.3f}s",
         file=sys.stderr,
     )
+    if (blend := metrics.blend) is not None:
+        print(
+            f"[kvcake] blend ratio={blend.ratio} documents={blend.documents} (stored {blend.documents_stored}, "
+            f"computed {blend.documents_computed}) recomputed={blend.tokens_recomputed} reused={blend.tokens_reused} "
+            f"loaded={blend.bytes_loaded / 1e6:.1f} MB load_wait={blend.load_wait_s:.3f}s"
+            + (f" fallback: {blend.fallback}" if blend.fallback else ""),
+            file=sys.stderr,
+        )
+    print(file=sys.stderr)
 
 
 @contextmanager
@@ -139,9 +168,28 @@ def _generate(args: argparse.Namespace) -> int:
     from kvcake.engine import GenerateRequest
 
     config = config_from_args(args)
-    prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
+    if args.document and args.query is None:
+        raise ValueError("--document needs --query (the question asked about the documents)")
+    common = {"chat": not args.raw, "sampling": _sampling(args, config), "system": args.system, "ratio": args.ratio}
+    if args.query is not None:
+        request = GenerateRequest(query=args.query, documents=[path.read_text() for path in args.document], **common)
+    else:
+        prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
+        request = GenerateRequest(prompt=prompt, **common)
     with _engine(config) as engine:
-        _run_and_print(engine, GenerateRequest(prompt=prompt, chat=not args.raw, sampling=_sampling(args, config)))
+        _run_and_print(engine, request)
+    return 0
+
+
+def _warm(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    documents = []
+    for path in args.documents:
+        text = path.read_text()
+        documents += [part.strip() for part in text.split(config.separator)] if config.separator else [text]
+    with _engine(config) as engine:
+        for key, tokens, present in engine.warm([d for d in documents if d]):
+            print(f"{key}  {tokens:6d} tokens  {'already stored' if present else 'stored'}")
     return 0
 
 

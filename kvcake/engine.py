@@ -1,4 +1,4 @@
-"""One request from text to tokens: tokenize, prefill in chunks, decode, account."""
+"""One request from text to tokens: tokenize, plan (exact prefix / documents / new), prefill, decode, account."""
 
 from __future__ import annotations
 
@@ -8,11 +8,15 @@ from typing import Iterator
 
 import torch
 
-from kvcake.config import KvcakeConfig
+from kvcake.blend import BlendFallback, BlendPrefill, BlendReport, LayerKV, LayerSource
+from kvcake.config import ConfigError, KvcakeConfig
 from kvcake.runtime import keep_freed_memory
 from kvcake.model import KVCache, SamplingParams, Sampler, load_model, resolve_device, resolve_dtype, weights_identity
 from kvcake.schedule import CostProfile, PrefixPrefill, PrefixReport, Strategy, WriteBack
-from kvcake.store import KVStore, model_fingerprint, open_store, prefix_chunk_keys
+from kvcake.segments import PromptLayout, Segments, document_token_ids, layout, split_prompt
+from kvcake.store import ChunkKV, KVStore, document_key, model_fingerprint, open_store, prefix_chunk_keys
+
+BLEND = "blend"
 
 
 class RequestError(ValueError):
@@ -21,14 +25,24 @@ class RequestError(ValueError):
 
 @dataclass
 class GenerateRequest:
-    """A prompt as plain text, chat messages, or token ids (exactly one of them)."""
+    """A prompt as plain text, chat messages, token ids, or a query over documents (exactly one of them).
+
+    With `query`, `documents` are reusable segments placed in the given order after
+    the `system` text; a plain `prompt` is also cut into documents + query by the
+    configured separator. `reuse` is a prefix strategy or `blend` (documents' stored
+    KV blended at `ratio`).
+    """
 
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
     token_ids: list[int] | None = None
+    query: str | None = None
+    documents: list[str] = field(default_factory=list)
+    system: str | None = None
     chat: bool = True
     sampling: SamplingParams = field(default_factory=SamplingParams)
     reuse: str | None = None
+    ratio: float | None = None
     tenant: str | None = None
 
 
@@ -44,6 +58,7 @@ class RequestMetrics:
     tokens_loaded: int = 0
     generated_tokens: int = 0
     prefix: PrefixReport = field(default_factory=PrefixReport)
+    blend: BlendReport | None = None
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -79,7 +94,7 @@ class Prefill:
 class Engine:
     def __init__(self, config: KvcakeConfig, store: KVStore | None = None):
         self.config = config
-        self.default_strategy = Strategy.parse(config.reuse)
+        self.default_reuse = parse_reuse(config.reuse)
         keep_freed_memory()
         if config.threads > 0:
             torch.set_num_threads(config.threads)
@@ -91,31 +106,45 @@ class Engine:
         self.store = store if store is not None else open_store(config.effective_store_url())
         self.writeback = WriteBack(self.store)
         self.cost_profile = CostProfile()
+        self.check_layers = parse_check_layers(config.blend_check_layers, self.model.config.num_layers)
 
     def close(self) -> None:
         self.writeback.close()
         self.store.close()
 
-    def prompt_ids(self, request: GenerateRequest) -> list[int]:
-        given = [x is not None for x in (request.prompt, request.messages, request.token_ids)]
+    def plan_prompt(self, request: GenerateRequest) -> PromptLayout:
+        """Token ids of the request's prompt, with the exact prefix and the documents marked."""
+        given = [x is not None for x in (request.prompt, request.messages, request.token_ids, request.query)]
         if sum(given) != 1:
-            raise RequestError("give exactly one of prompt, messages or token_ids")
-        if request.token_ids is not None:
-            ids = list(request.token_ids)
-            vocab = self.model.config.vocab_size
-            if any(not 0 <= t < vocab for t in ids):
-                raise RequestError(f"token ids must lie in [0, {vocab})")
-        elif request.messages is not None:
-            ids = self.tokenizer.encode(self.tokenizer.render_chat(request.messages))
-        elif request.chat and self.tokenizer.has_chat_template:
-            ids = self.tokenizer.encode(self.tokenizer.render_chat([{"role": "user", "content": request.prompt}]))
+            raise RequestError("give exactly one of prompt, messages, token_ids or query")
+        if request.documents and request.query is None:
+            raise RequestError("documents need a query (the text asked about them)")
+        segments = Segments(request.query, tuple(request.documents), request.system) if request.query is not None else None
+        if request.prompt is not None and (split := split_prompt(request.prompt, self.config.separator)) is not None:
+            segments = Segments(split.query, split.documents, request.system)
+        if segments is not None:
+            if not segments.query.strip():
+                raise RequestError("the query is empty")
+            planned = layout(self.tokenizer, segments, request.chat)
         else:
-            ids = self.tokenizer.encode(request.prompt or "")
-        if not ids:
+            planned = PromptLayout.plain(self._plain_ids(request))
+        if not planned.token_ids:
             raise RequestError("the prompt is empty")
-        if len(ids) >= self.context_length:
-            raise RequestError(f"the prompt has {len(ids)} tokens; the model's context is {self.context_length}")
-        return ids
+        if len(planned.token_ids) >= self.context_length:
+            raise RequestError(f"the prompt has {len(planned.token_ids)} tokens; the model's context is {self.context_length}")
+        return planned
+
+    def _plain_ids(self, request: GenerateRequest) -> list[int]:
+        if request.token_ids is not None:
+            vocab = self.model.config.vocab_size
+            if any(not 0 <= t < vocab for t in request.token_ids):
+                raise RequestError(f"token ids must lie in [0, {vocab})")
+            return list(request.token_ids)
+        if request.messages is not None:
+            return self.tokenizer.encode(self.tokenizer.render_chat(request.messages))
+        if request.chat and self.tokenizer.has_chat_template:
+            return self.tokenizer.encode(self.tokenizer.render_chat([{"role": "user", "content": request.prompt}]))
+        return self.tokenizer.encode(request.prompt or "")
 
     def prefill(self, prompt_ids: list[int], capacity: int, strategy: Strategy | None = None, tenant: str | None = None) -> tuple[Prefill, PrefixReport]:
         """KV of the prompt: the longest stored prefix by `strategy`, then the rest computed.
@@ -129,7 +158,7 @@ class Engine:
         num_hit = self._stored_prefix_length(reusable)
         cache = self.model.new_cache(capacity)
         prefix = PrefixPrefill(self.model, chunk_size, prompt_ids, self._chunk_loader(reusable), self.cost_profile)
-        report = prefix.run(cache, num_hit, strategy or self.default_strategy)
+        report = prefix.run(cache, num_hit, strategy or self._prefix_strategy(self.default_reuse))
         started = time.perf_counter()
         last_logits = self._compute_rest(prompt_ids, cache, num_hit, keys)
         report.compute_s += time.perf_counter() - started
@@ -184,18 +213,127 @@ class Engine:
     def stream(self, request: GenerateRequest, metrics: RequestMetrics) -> Iterator[Step]:
         """Yield generated tokens one by one; `metrics` is filled in as the request runs."""
         started = time.perf_counter()
-        prompt_ids = self.prompt_ids(request)
+        planned = self.plan_prompt(request)
+        reuse = parse_reuse(request.reuse) if request.reuse else self.default_reuse
+        ratio = self._ratio(request)
         params = request.sampling
-        budget = min(params.max_tokens, self.context_length - len(prompt_ids))
-        strategy = Strategy.parse(request.reuse) if request.reuse else self.default_strategy
+        prompt_length = len(planned.token_ids)
+        budget = min(params.max_tokens, self.context_length - prompt_length)
         with torch.inference_mode():
-            state, report = self.prefill(prompt_ids, len(prompt_ids) + budget, strategy, request.tenant)
-            metrics.prompt_tokens = len(prompt_ids)
-            metrics.tokens_loaded = report.tokens_loaded
-            metrics.tokens_computed = len(prompt_ids) - report.tokens_loaded
+            if reuse == BLEND and planned.document_spans:
+                state, report, blend = self.blend_prefill(planned, prompt_length + budget, ratio, request.tenant)
+            else:
+                state, report = self.prefill(planned.token_ids, prompt_length + budget, self._prefix_strategy(reuse), request.tenant)
+                blend = None
+            metrics.prompt_tokens = prompt_length
+            metrics.tokens_loaded = report.tokens_loaded + (blend.tokens_reused if blend else 0)
+            metrics.tokens_computed = prompt_length - metrics.tokens_loaded
             metrics.prefix = report
+            metrics.blend = blend
             metrics.prefill_s = time.perf_counter() - started
             yield from self._decode(state, Sampler(params, self.model.device), budget, metrics, started)
+
+    def _ratio(self, request: GenerateRequest) -> float:
+        ratio = self.config.blend_ratio if request.ratio is None else request.ratio
+        if not 0.0 <= ratio <= 1.0:
+            raise RequestError(f"ratio must lie in [0, 1], got {ratio}")
+        return ratio
+
+    @staticmethod
+    def _prefix_strategy(reuse: Strategy | str) -> Strategy:
+        """Blend requests take their exact prefix with Cake."""
+        return Strategy("cake") if reuse == BLEND else reuse
+
+    # ---- documents (blend) ---------------------------------------------------------
+
+    def blend_prefill(self, planned: PromptLayout, capacity: int, ratio: float, tenant: str | None = None) -> tuple[Prefill, PrefixReport, BlendReport]:
+        """Exact prefix (Cake), then the documents' stored KV blended at `ratio`, the query computed.
+
+        Documents missing from the store are computed in isolation first and stored. If
+        a stored layer cannot be read mid-way, the tokens after the prefix are computed
+        in full instead and the report says why.
+        """
+        prefix_ids = planned.token_ids[: planned.prefix_length]
+        if prefix_ids:
+            state, report = self.prefill(prefix_ids, capacity, Strategy("cake"), tenant)
+            cache = state.cache
+        else:
+            cache, report = self.model.new_cache(capacity), PrefixReport()
+        source, stored = self._document_source(planned, ratio, tenant)
+        rest = torch.tensor(planned.token_ids[planned.prefix_length :], dtype=torch.long)
+        positions = torch.arange(planned.prefix_length, len(planned.token_ids))
+        is_document = torch.zeros(len(rest), dtype=torch.bool)
+        for start, end in planned.document_spans:
+            is_document[start - planned.prefix_length : end - planned.prefix_length] = True
+        try:
+            logits, blend = BlendPrefill(self.model, ratio, self.check_layers).run(cache, rest, positions, is_document, source)
+        except BlendFallback as failure:
+            logits = self.model.prefill(rest.tolist(), cache, self.config.chunk_size, planned.prefix_length)
+            blend = BlendReport(ratio=ratio, document_tokens=int(is_document.sum()), tokens_recomputed=int(is_document.sum()), fallback=str(failure))
+        blend.documents = len(planned.document_spans)
+        blend.documents_stored = stored
+        blend.documents_computed = blend.documents - stored
+        return Prefill(cache, logits, len(planned.token_ids)), report, blend
+
+    def document_key(self, document_ids: list[int], tenant: str | None = None) -> str:
+        return document_key(self.fingerprint, self.config.tenant if tenant is None else tenant, document_ids)
+
+    def warm(self, documents: list[str], tenant: str | None = None) -> list[tuple[str, int, bool]]:
+        """Compute and store documents in isolation; (key, tokens, was already stored) for each."""
+        warmed = []
+        with torch.inference_mode():
+            for text in documents:
+                ids = document_token_ids(self.tokenizer, text)
+                key = self.document_key(ids, tenant)
+                present = self.store.contains(key)
+                if not present:
+                    self.store.put(key, self.compute_document(ids))
+                warmed.append((key, len(ids), present))
+        return warmed
+
+    def compute_document(self, document_ids: list[int]) -> ChunkKV:
+        """A document's KV computed on its own from position 0 (K before RoPE), chunk by chunk."""
+        cache = self.model.new_cache(len(document_ids))
+        ids = torch.tensor(document_ids, dtype=torch.long)
+        keys: list[list[torch.Tensor]] = [[] for _ in range(self.model.config.num_layers)]
+        values: list[list[torch.Tensor]] = [[] for _ in range(self.model.config.num_layers)]
+        for start in range(0, len(ids), self.config.chunk_size):
+            end = min(start + self.config.chunk_size, len(ids))
+            out = self.model.forward(ids[start:end], torch.arange(start, end), cache, keep_kv=True)
+            for layer in range(self.model.config.num_layers):
+                keys[layer].append(out.keys[layer])
+                values[layer].append(out.values[layer])
+        return ChunkKV([torch.cat(k, dim=1).cpu() for k in keys], [torch.cat(v, dim=1).cpu() for v in values])
+
+    def _document_source(self, planned: PromptLayout, ratio: float, tenant: str | None) -> tuple[LayerSource, int]:
+        """A layer reader over the prompt's documents, and how many of them were already stored."""
+        if ratio >= 1.0:
+            return (lambda layer: None), 0
+        entries: list[tuple[str, ChunkKV | None, int]] = []
+        for index in range(len(planned.document_spans)):
+            ids = planned.document_ids(index)
+            key = self.document_key(ids, tenant)
+            computed = None if self.store.contains(key) else self.compute_document(ids)
+            if computed is not None:
+                self.writeback.submit(key, computed.keys, computed.values)
+            entries.append((key, computed, len(ids)))
+
+        def read_layer(layer: int) -> LayerKV | None:
+            keys, values, nbytes = [], [], 0
+            for key, computed, length in entries:
+                if computed is not None:
+                    keys.append(computed.keys[layer])
+                    values.append(computed.values[layer])
+                    continue
+                got = self.store.get_layer(key, layer)
+                if got is None or got[0].shape[1] != length:
+                    return None
+                keys.append(got[0])
+                values.append(got[1])
+                nbytes += got[0].nbytes + got[1].nbytes
+            return LayerKV(torch.cat(keys, dim=1), torch.cat(values, dim=1), nbytes)
+
+        return read_layer, sum(1 for _, computed, _ in entries if computed is None)
 
     def _decode(self, state: Prefill, sampler: Sampler, budget: int, metrics: RequestMetrics, started: float) -> Iterator[Step]:
         logits = state.last_logits
@@ -216,3 +354,23 @@ class Engine:
             logits = out.logits[-1]
             position += 1
         metrics.decode_s = time.perf_counter() - decode_started
+
+
+def parse_reuse(text: str) -> Strategy | str:
+    """A prefix strategy, or `blend`; a bad value is the request's fault."""
+    if text == BLEND:
+        return BLEND
+    try:
+        return Strategy.parse(text)
+    except ValueError as error:
+        raise RequestError(f"{error} (or {BLEND})") from None
+
+
+def parse_check_layers(text: str, num_layers: int) -> list[int]:
+    try:
+        layers = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"blend_check_layers must be comma-separated layer numbers, got {text!r}") from None
+    if not layers or sorted(set(layers)) != layers or layers[0] < 0 or layers[-1] >= num_layers:
+        raise ConfigError(f"blend_check_layers must be increasing layers in [0, {num_layers}), got {text!r}")
+    return layers

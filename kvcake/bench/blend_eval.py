@@ -1,0 +1,290 @@
+"""`kvcake eval blend`: answer quality of blended document reuse on multi-document QA (quoref).
+
+Each question's gold passage and distractor passages from the same pool are shuffled
+into one prompt, one document per passage, until the prompt reaches about
+`--prompt-tokens`. The pool's passages are warmed once (stored in isolation), then
+every question is answered by the full prefill (blend at r = 1, which equals it
+exactly), naive reuse (r = 0) and blend at each ratio, greedily. Metrics: token F1 and
+substring match against the gold answers, agreement with the full prefill's answer,
+KL divergence of the first-token distribution from the full prefill's, and TTFT.
+Per-question records are saved after every question, so `--resume` continues a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import string
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from kvcake.bench.report import machine_description, markdown_rows
+from kvcake.config import KvcakeConfig, config_from_args
+from kvcake.data import QuorefQuestion, quoref_questions
+from kvcake.engine import Engine, GenerateRequest
+from kvcake.model import SamplingParams
+from kvcake.segments import document_token_ids
+
+SYSTEM = "Answer the question using the documents. Reply with only the answer: a short span copied from the documents."
+BOOTSTRAP_SAMPLES = 2000
+POOL_PROMPTS = 3
+"""The passage pool holds at least this many prompts' worth of tokens, so distractors vary."""
+
+
+@dataclass(frozen=True)
+class Item:
+    index: int
+    question: str
+    answers: tuple[str, ...]
+    documents: tuple[str, ...]
+    gold_document: int
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--questions", type=int, default=200, help="Number of questions.")
+    parser.add_argument("--prompt-tokens", type=int, default=4000, help="Target prompt length: passages are added up to it.")
+    parser.add_argument("--ratios", default="0.05,0.15,0.30", help="Blend ratios to evaluate besides full (1) and naive (0).")
+    parser.add_argument("--per-passage", type=int, default=2, help="At most this many questions per passage.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--answer-tokens", type=int, default=16, help="Tokens generated per answer (greedy).")
+    parser.add_argument("--out-dir", type=Path, default=Path("docs/benchmarks"))
+    parser.add_argument("--name", default=None, help="File stem of the results (default blend-eval-MODEL-TOKENS).")
+    parser.add_argument("--resume", action="store_true", help="Continue the run saved under --name.")
+    parser.add_argument("--report-only", action="store_true", help="Rewrite the report and plots from the saved JSON.")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    if not config.store_url:
+        config = config.replace(store_url="memory://?max_gb=8")
+    stem = args.name or f"blend-eval-{Path(config.model).name.removesuffix('.gguf')}-{args.prompt_tokens // 1000}k"
+    results_path = args.out_dir / f"{stem}.json"
+    methods = _methods(args.ratios)
+    if args.report_only:
+        _report(json.loads(results_path.read_text()), methods, args.out_dir, stem)
+        return 0
+    engine = Engine(config)
+    try:
+        items, pool = build_items(engine, quoref_questions(config.cache_path()), args)
+        saved = json.loads(results_path.read_text()) if args.resume and results_path.is_file() else None
+        results = saved or {"settings": _settings(args, config, engine, pool), "records": []}
+        done = {record["index"] for record in results["records"]}
+        for passage in tqdm(pool, desc="warming passages", unit="doc"):
+            engine.warm([passage])
+        for item in tqdm([i for i in items if i.index not in done], desc=f"{stem} questions", unit="q"):
+            results["records"].append(_answer(engine, item, methods, args.answer_tokens))
+            _save(results_path, results)
+    finally:
+        engine.close()
+    _report(results, methods, args.out_dir, stem)
+    return 0
+
+
+def _methods(ratios: str) -> dict[str, float]:
+    methods = {"full": 1.0, "naive": 0.0}
+    methods.update({f"blend r={float(r):.2f}": float(r) for r in ratios.split(",") if r.strip()})
+    return methods
+
+
+def build_items(engine: Engine, questions: list[QuorefQuestion], args: argparse.Namespace) -> tuple[list[Item], list[str]]:
+    """Questions (at most `per_passage` per passage, passages in a seeded order) and the passage pool they use.
+
+    The pool is the questions' passages, plus further passages while it is smaller than
+    a few prompts, so small runs get varied distractors too.
+    """
+    rng = random.Random(args.seed)
+    by_passage: dict[str, list[QuorefQuestion]] = {}
+    for question in questions:
+        by_passage.setdefault(question.passage, []).append(question)
+    passages = list(by_passage)
+    rng.shuffle(passages)
+    chosen: list[QuorefQuestion] = []
+    pool: list[str] = []
+    for passage in passages:
+        if len(chosen) >= args.questions:
+            break
+        pool.append(passage)
+        chosen.extend(by_passage[passage][: min(args.per_passage, args.questions - len(chosen))])
+    lengths = {passage: len(document_token_ids(engine.tokenizer, passage)) for passage in pool}
+    for passage in passages[len(pool) :]:
+        if sum(lengths.values()) >= POOL_PROMPTS * args.prompt_tokens:
+            break
+        pool.append(passage)
+        lengths[passage] = len(document_token_ids(engine.tokenizer, passage))
+    budget = args.prompt_tokens - len(engine.tokenizer.encode(SYSTEM)) - 80
+    items = []
+    for index, question in enumerate(chosen):
+        documents = [question.passage]
+        total = lengths[question.passage] + len(engine.tokenizer.encode(question.question))
+        for passage in rng.sample(pool, len(pool)):
+            if passage != question.passage and total + lengths[passage] <= budget:
+                documents.append(passage)
+                total += lengths[passage]
+        rng.shuffle(documents)
+        items.append(Item(index, question.question, question.answers, tuple(documents), documents.index(question.passage)))
+    return items, pool
+
+
+def _settings(args: argparse.Namespace, config: KvcakeConfig, engine: Engine, pool: list[str]) -> dict:
+    return {
+        "model": config.model,
+        "dtype": str(engine.model.dtype),
+        "check_layers": engine.check_layers,
+        "questions": args.questions,
+        "prompt_tokens": args.prompt_tokens,
+        "per_passage": args.per_passage,
+        "pool_passages": len(pool),
+        "seed": args.seed,
+        "answer_tokens": args.answer_tokens,
+        "machine": machine_description(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _answer(engine: Engine, item: Item, methods: dict[str, float], answer_tokens: int) -> dict:
+    record: dict = {"index": item.index, "question": item.question, "answers": list(item.answers), "gold_document": item.gold_document}
+    full_logits = None
+    full_text = ""
+    for name, ratio in methods.items():
+        request = GenerateRequest(
+            query=f"Question: {item.question}",
+            documents=list(item.documents),
+            system=SYSTEM,
+            reuse="blend",
+            ratio=ratio,
+            sampling=SamplingParams(max_tokens=answer_tokens, temperature=0.0),
+        )
+        result = engine.generate(request)
+        if full_logits is None:
+            full_logits, full_text = result.first_token_logits, result.text
+        blend = result.metrics.blend
+        record[name] = {
+            "answer": result.text,
+            "f1": max(token_f1(result.text, gold) for gold in item.answers),
+            "match": any(normalize(gold) in normalize(result.text) for gold in item.answers),
+            "agrees_with_full": normalize(result.text) == normalize(full_text),
+            "first_token_kl": first_token_kl(full_logits, result.first_token_logits),
+            "ttft_s": result.metrics.ttft_s,
+            "prompt_tokens": result.metrics.prompt_tokens,
+            "tokens_recomputed": blend.tokens_recomputed if blend else None,
+            "fallback": blend.fallback if blend else "",
+        }
+    return record
+
+
+def normalize(text: str) -> str:
+    """SQuAD-style: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    predicted, expected = normalize(prediction).split(), normalize(gold).split()
+    common = sum((Counter(predicted) & Counter(expected)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+def first_token_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """KL(reference || this) of the next-token distributions, in nats."""
+    reference = F.log_softmax(reference_logits.float(), dim=-1)
+    other = F.log_softmax(logits.float(), dim=-1)
+    return float((reference.exp() * (reference - other)).sum())
+
+
+def _save(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(results, indent=1))
+    partial.replace(path)
+
+
+def mean_with_ci(values: list[float], seed: int = 0) -> tuple[float, float, float]:
+    """Mean and a 95% bootstrap confidence interval."""
+    data = torch.tensor(values, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, len(values), (BOOTSTRAP_SAMPLES, len(values)), generator=generator)
+    means = data[picks].mean(dim=1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return float(data.mean()), low, high
+
+
+def summarize(records: list[dict], methods: dict[str, float]) -> list[dict]:
+    rows = []
+    full_f1 = [r["full"]["f1"] for r in records]
+    for name, ratio in methods.items():
+        f1 = [r[name]["f1"] for r in records]
+        mean, low, high = mean_with_ci(f1)
+        gap, gap_low, gap_high = mean_with_ci([a - b for a, b in zip(f1, full_f1)])
+        rows.append({
+            "method": name,
+            "ratio": ratio,
+            "F1": mean,
+            "F1 95% CI": f"[{low:.3f}, {high:.3f}]",
+            "F1 - full": gap,
+            "gap 95% CI": f"[{gap_low:.3f}, {gap_high:.3f}]",
+            "match": sum(r[name]["match"] for r in records) / len(records),
+            "agrees with full": sum(r[name]["agrees_with_full"] for r in records) / len(records),
+            "first-token KL": sum(r[name]["first_token_kl"] for r in records) / len(records),
+            "TTFT s": sum(r[name]["ttft_s"] for r in records) / len(records),
+        })
+    return rows
+
+
+def _report(results: dict, methods: dict[str, float], out_dir: Path, stem: str) -> None:
+    records = results["records"]
+    if not records:
+        print("no questions answered yet")
+        return
+    settings = results["settings"]
+    rows = summarize(records, methods)
+    mean_tokens = sum(r["full"]["prompt_tokens"] for r in records) / len(records)
+    fallbacks = sum(1 for r in records for name in methods if r[name]["fallback"])
+    header = [
+        f"Model `{settings['model']}` ({settings['dtype']}), check layer(s) {settings['check_layers']}, "
+        f"{len(records)} questions, prompts of {mean_tokens:.0f} tokens on average "
+        f"(gold passage + distractors from a pool of {settings['pool_passages']} quoref passages, one document each), "
+        f"greedy answers of at most {settings['answer_tokens']} tokens, seed {settings['seed']}.",
+        f"Machine: {settings['machine']}, {settings['threads']} threads. Stored documents in memory; fallbacks: {fallbacks}.",
+        "",
+        "`full` is the full prefill (blend at r = 1 computes every token; tests check it equals the full prefill).",
+        "CIs are 95% bootstrap intervals over questions; `F1 - full` is paired per question.",
+    ]
+    text = "\n".join([f"# Blend quality: {stem}", "", *header, "", *markdown_rows(rows), ""])
+    (out_dir / f"{stem}.md").write_text(text)
+    _plot(rows, out_dir / f"{stem}.png", stem)
+    print(text)
+
+
+def _plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratios = [row["ratio"] for row in rows]
+    order = sorted(range(len(rows)), key=lambda i: ratios[i])
+    figure, (quality, ttft) = plt.subplots(1, 2, figsize=(10, 4))
+    quality.plot([ratios[i] for i in order], [rows[i]["F1"] for i in order], "o-", label="token F1")
+    quality.plot([ratios[i] for i in order], [rows[i]["match"] for i in order], "s--", label="substring match")
+    quality.plot([ratios[i] for i in order], [rows[i]["agrees with full"] for i in order], "^:", label="agrees with full")
+    quality.set_xlabel("recompute ratio r (0 = naive reuse, 1 = full prefill)")
+    quality.set_title("quality vs r")
+    quality.legend()
+    ttft.plot([ratios[i] for i in order], [rows[i]["TTFT s"] for i in order], "o-")
+    ttft.set_xlabel("recompute ratio r")
+    ttft.set_ylabel("mean TTFT (s)")
+    ttft.set_title("TTFT vs r (documents stored in memory)")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

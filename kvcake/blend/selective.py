@@ -1,0 +1,202 @@
+"""Blended prefill (CacheBlend): reuse documents' stored KV anywhere in a prompt, recomputing a few tokens.
+
+A document's KV was computed in isolation, so it lacks the attention to the text
+before it. The layers before the first check layer are computed in full. At a check
+layer every still-active token's K/V is recomputed and compared with the stored K/V;
+the document tokens that deviate most (a fraction `ratio` of them), plus every token
+that is not in a document (the query), stay active. Later layers compute only the
+active tokens (Q/K/V, attention over the whole cache, MLP), scatter their fresh K/V
+into the cache, and use the stored K/V (rotated at this prompt's positions) for the
+rest. With several check layers the active set shrinks gradually.
+
+ratio = 1 recomputes everything and loads nothing: exactly the full prefill.
+ratio = 0 loads every layer of every document and computes only the query: the
+stored caches concatenated, with no check pass.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from kvcake.blend.prefetch import LayerKV, LayerPrefetcher, LayerSource
+from kvcake.model import KVCache, Transformer
+from kvcake.model.transformer import Mask, attend_with_mask, causal_mask
+
+
+class BlendFallback(RuntimeError):
+    """Stored KV could not be read mid-blend; the caller computes the tokens instead."""
+
+
+@dataclass
+class BlendReport:
+    """What a blended prefill did; rides on the request's metrics."""
+
+    ratio: float = 0.0
+    check_layers: list[int] = field(default_factory=list)
+    documents: int = 0
+    documents_stored: int = 0
+    documents_computed: int = 0
+    document_tokens: int = 0
+    tokens_recomputed: int = 0
+    tokens_reused: int = 0
+    kept_per_check: list[int] = field(default_factory=list)
+    bytes_loaded: int = 0
+    load_s: float = 0.0
+    load_wait_s: float = 0.0
+    compute_s: float = 0.0
+    fallback: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def kept_fractions(ratio: float, num_checks: int) -> list[float]:
+    """Fraction of document tokens kept at each check layer: from near 1 down to `ratio` (gradual filtering)."""
+    return [ratio + (1.0 - ratio) * (num_checks - 1 - j) / num_checks for j in range(num_checks)]
+
+
+def token_deviation(fresh_keys: torch.Tensor, fresh_values: torch.Tensor, stored: LayerKV, doc_rows: torch.Tensor) -> torch.Tensor:
+    """Squared distance per token between recomputed and stored V (K before RoPE is used as a tie-breaker).
+
+    V carries no position, so its deviation is purely the missing cross-attention;
+    that is the signal CacheBlend ranks by.
+    """
+    value_gap = (fresh_values.float() - stored.values[:, doc_rows].float()).pow(2).sum(dim=(0, 2))
+    key_gap = (fresh_keys.float() - stored.keys[:, doc_rows].float()).pow(2).sum(dim=(0, 2))
+    return value_gap + 1e-6 * key_gap
+
+
+class BlendPrefill:
+    """Runs the tokens after an exact prefix through every layer, blending stored document KV."""
+
+    def __init__(self, model: Transformer, ratio: float, check_layers: list[int]):
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"blend ratio must lie in [0, 1], got {ratio}")
+        if not check_layers or sorted(set(check_layers)) != list(check_layers):
+            raise ValueError(f"check layers must be increasing and distinct, got {check_layers}")
+        if check_layers[0] < 0 or check_layers[-1] >= model.config.num_layers:
+            raise ValueError(f"check layers must lie in [0, {model.config.num_layers}), got {check_layers}")
+        self.model = model
+        self.ratio = ratio
+        self.check_layers = check_layers
+
+    def run(
+        self,
+        cache: KVCache,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        is_document: torch.Tensor,
+        source: LayerSource,
+    ) -> tuple[torch.Tensor, BlendReport]:
+        """Append `token_ids` (at `positions`) to `cache`; returns the last token's logits.
+
+        `is_document` marks the tokens whose stored KV `source` yields (in order). The
+        last token must not be a document token. Raises `BlendFallback` when a layer
+        cannot be loaded; the cache is then left as it was (nothing committed).
+        """
+        if bool(is_document[-1]):
+            raise ValueError("the last token must belong to the query, not to a document")
+        device = self.model.device
+        doc_tokens = is_document.nonzero().squeeze(1).to(device)
+        doc_row = torch.full((len(token_ids),), -1, dtype=torch.long, device=device)
+        doc_row[doc_tokens] = torch.arange(len(doc_tokens), device=device)
+        report = BlendReport(ratio=self.ratio, check_layers=list(self.check_layers), document_tokens=len(doc_tokens))
+        checks = self._checks(len(doc_tokens))
+        first_loaded = min(checks, default=self.model.config.num_layers) if self.ratio > 0 else 0
+        prefetcher = LayerPrefetcher(source, range(first_loaded, self.model.config.num_layers))
+        started = time.perf_counter()
+        try:
+            active, last_hidden = self._layers(cache, token_ids, positions, doc_tokens, doc_row, checks, first_loaded, prefetcher, report)
+        finally:
+            prefetcher.close()
+        report.compute_s = time.perf_counter() - started - prefetcher.wait_s
+        report.load_s, report.load_wait_s, report.bytes_loaded = prefetcher.load_s, prefetcher.wait_s, prefetcher.bytes_loaded
+        report.tokens_recomputed = int((doc_row[active] >= 0).sum())
+        report.tokens_reused = len(doc_tokens) - report.tokens_recomputed
+        return self.model.logits(last_hidden)[-1], report
+
+    def _checks(self, num_doc_tokens: int) -> dict[int, int]:
+        """Check layer -> number of document tokens kept there (none when nothing is dropped)."""
+        if self.ratio in (0.0, 1.0) or num_doc_tokens == 0:
+            return {}
+        fractions = kept_fractions(self.ratio, len(self.check_layers))
+        return {layer: math.ceil(f * num_doc_tokens) for layer, f in zip(self.check_layers, fractions)}
+
+    def _layers(
+        self,
+        cache: KVCache,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        doc_tokens: torch.Tensor,
+        doc_row: torch.Tensor,
+        checks: dict[int, int],
+        first_loaded: int,
+        prefetcher: LayerPrefetcher,
+        report: BlendReport,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.model
+        device = model.device
+        positions = positions.to(device)
+        slot = cache.reserve(positions)
+        cos, sin = model.rope_tables(positions)
+        active = torch.arange(len(token_ids), device=device) if self.ratio > 0 else (doc_row < 0).nonzero().squeeze(1)
+        hidden = model.embed(token_ids.to(device)[active])
+        mask = self._mask(cache, slot, positions, active)
+        for layer in range(model.config.num_layers):
+            q, k, v = model.qkv(layer, hidden)
+            fresh_written = False
+            if layer >= first_loaded:
+                stored = prefetcher.get(layer)
+                if stored is None:
+                    raise BlendFallback(f"layer {layer} of the stored documents could not be read")
+                self._write(cache, layer, slot, doc_tokens, stored.keys.to(device), stored.values.to(device), cos, sin)
+                if layer in checks:
+                    stored_on_device = LayerKV(stored.keys.to(device), stored.values.to(device), stored.nbytes)
+                    keep = self._select(active, k, v, stored_on_device, doc_row, checks[layer])
+                    report.kept_per_check.append(int((doc_row[active[keep]] >= 0).sum()))
+                    self._write(cache, layer, slot, active, k, v, cos, sin)
+                    fresh_written = True
+                    active, q, hidden = active[keep], q[:, keep], hidden[keep]
+                    mask = self._mask(cache, slot, positions, active)
+            if not fresh_written:
+                self._write(cache, layer, slot, active, k, v, cos, sin)
+            cached_k, cached_v = cache.layer(layer, slot.stop)
+            attended = attend_with_mask(model.apply_rope(q, cos[active], sin[active]), cached_k, cached_v, mask)
+            hidden = hidden + model.attention_output(layer, attended)
+            hidden = hidden + model.mlp(layer, hidden)
+        cache.commit(slot)
+        return active, hidden
+
+    @staticmethod
+    def _mask(cache: KVCache, slot: slice, positions: torch.Tensor, active: torch.Tensor) -> Mask:
+        return causal_mask(positions[active], cache.positions[: slot.stop])
+
+    def _write(
+        self,
+        cache: KVCache,
+        layer: int,
+        slot: slice,
+        rows: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> None:
+        """Rotate `keys` at the positions of `rows` (indices into this slot) and write K/V there."""
+        dtype = cache.keys[layer].dtype
+        rotated = self.model.apply_rope(keys.to(dtype), cos[rows], sin[rows])
+        cache.keys[layer].index_copy_(1, rows + slot.start, rotated)
+        cache.values[layer].index_copy_(1, rows + slot.start, values.to(dtype))
+
+    @staticmethod
+    def _select(active: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, stored: LayerKV, doc_row: torch.Tensor, num_keep: int) -> torch.Tensor:
+        """Indices into `active` of the tokens that stay: non-document tokens and the top deviating document tokens."""
+        rows = doc_row[active]
+        in_doc = (rows >= 0).nonzero().squeeze(1)
+        deviation = token_deviation(keys[:, in_doc], values[:, in_doc], stored, rows[in_doc])
+        top = in_doc[deviation.topk(min(num_keep, len(in_doc))).indices]
+        return torch.cat([(rows < 0).nonzero().squeeze(1), top]).sort().values

@@ -1,0 +1,181 @@
+"""Blended document reuse: r = 1 is the full prefill, r = 0 is the stored caches concatenated, one entry serves any position."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import FAMILY_CONFIGS
+
+from kvcake.blend import LayerKV, LayerPrefetcher
+from kvcake.cli import main
+from kvcake.config import ConfigError, KvcakeConfig
+from kvcake.engine import Engine, GenerateRequest, GenerateResult, RequestError
+from kvcake.model import SamplingParams
+from kvcake.segments import document_token_ids
+
+SYSTEM = "You answer questions about the documents."
+DOCUMENTS = [
+    "The lighthouse keeper counted ships every evening and wrote their names in a blue book. " * 3,
+    "A river runs past the old mill; in spring the water rises and covers the lowest steps. " * 4,
+    "Bread was baked before dawn, and the smell reached the harbour by the time the boats left. " * 2,
+]
+QUERY = "Which book did the keeper write in?"
+
+
+def tiny_engine(folder: Path, tmp_path: Path, **settings: object) -> Engine:
+    config = KvcakeConfig(model=str(folder), device="cpu", dtype="float32", chunk_size=32, store_url="memory://", cache_dir=str(tmp_path))
+    return Engine(config.replace(**settings))
+
+
+def ask(engine: Engine, documents: list[str], reuse: str, ratio: float | None = None, system: str = SYSTEM) -> GenerateResult:
+    request = GenerateRequest(query=QUERY, documents=documents, system=system, reuse=reuse, ratio=ratio, sampling=SamplingParams(max_tokens=6))
+    result = engine.generate(request)
+    engine.writeback.flush()
+    return result
+
+
+@pytest.fixture(params=sorted(FAMILY_CONFIGS))
+def engine(request: pytest.FixtureRequest, tiny_folders: dict[str, Path], tmp_path: Path) -> Engine:
+    engine = tiny_engine(tiny_folders[request.param], tmp_path)
+    yield engine
+    engine.close()
+
+
+def test_ratio_one_equals_full_prefill(engine: Engine) -> None:
+    full = ask(engine, DOCUMENTS, "compute")
+    blended = ask(engine, DOCUMENTS, "blend", 1.0)
+    assert blended.token_ids == full.token_ids
+    assert (blended.first_token_logits - full.first_token_logits).abs().max().item() <= 1e-5
+    assert blended.metrics.blend.tokens_recomputed == blended.metrics.blend.document_tokens
+    assert blended.metrics.blend.tokens_reused == 0 and blended.metrics.blend.bytes_loaded == 0
+
+
+def test_ratio_zero_equals_concatenated_stored_caches(engine: Engine) -> None:
+    engine.warm(DOCUMENTS)
+    naive = ask(engine, DOCUMENTS, "blend", 0.0)
+    assert naive.metrics.blend.documents_stored == 3 and naive.metrics.blend.tokens_recomputed == 0
+
+    planned = engine.plan_prompt(GenerateRequest(query=QUERY, documents=DOCUMENTS, system=SYSTEM))
+    model = engine.model
+    cache = model.new_cache(len(planned.token_ids))
+    with torch.inference_mode():
+        model.prefill(planned.token_ids[: planned.prefix_length], cache, engine.config.chunk_size)
+        for index, (start, end) in enumerate(planned.document_spans):
+            stored = engine.store.get(engine.document_key(planned.document_ids(index)))
+            model.load_kv(cache, stored.keys, stored.values, torch.arange(start, end))
+        query_start = planned.document_spans[-1][1]
+        query = torch.tensor(planned.token_ids[query_start:])
+        reference = model.forward(query, torch.arange(query_start, len(planned.token_ids)), cache).logits[-1]
+    assert (naive.first_token_logits - reference).abs().max().item() <= 1e-5
+    assert naive.token_ids[0] == int(reference.argmax())
+
+
+def test_partial_ratio_recomputes_the_top_fraction(engine: Engine) -> None:
+    result = ask(engine, DOCUMENTS, "blend", 0.25)
+    blend = result.metrics.blend
+    assert blend.documents_computed == 3 and blend.documents_stored == 0
+    assert blend.tokens_recomputed == math.ceil(0.25 * blend.document_tokens) == blend.kept_per_check[0]
+    assert result.metrics.tokens_loaded == blend.tokens_reused == blend.document_tokens - blend.tokens_recomputed
+    again = ask(engine, DOCUMENTS, "blend", 0.25)
+    assert again.metrics.blend.documents_stored == 3
+    assert again.token_ids == result.token_ids
+    assert (again.first_token_logits - result.first_token_logits).abs().max().item() <= 1e-5
+
+
+def test_a_document_at_two_positions_is_read_from_one_entry(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
+    engine = tiny_engine(tiny_folders["llama"], tmp_path)
+    layers = engine.model.config.num_layers
+    [(key, tokens, present)] = engine.warm([DOCUMENTS[0]])
+    assert not present and key == engine.document_key(document_token_ids(engine.tokenizer, DOCUMENTS[0]))
+    spans, bytes_read = [], []
+    for system in ("Short.", SYSTEM + " Be precise, and quote the documents where you can."):
+        before = engine.store.stats()
+        result = ask(engine, [DOCUMENTS[0]], "blend", 0.2, system=system)
+        after = engine.store.stats()
+        spans.append(engine.plan_prompt(GenerateRequest(query=QUERY, documents=[DOCUMENTS[0]], system=system)).document_spans[0])
+        assert result.metrics.blend.documents_stored == 1
+        assert after.hits - before.hits == layers - engine.check_layers[0]
+        assert after.misses == before.misses
+        bytes_read.append(after.bytes_read - before.bytes_read)
+        assert bytes_read[-1] >= result.metrics.blend.bytes_loaded > 0
+    assert spans[0][0] != spans[1][0] and spans[0][1] - spans[0][0] == spans[1][1] - spans[1][0] == tokens
+    assert bytes_read[1] == result.metrics.blend.bytes_loaded, "the second read reuses the cached entry header"
+    engine.close()
+
+
+def test_gradual_filtering_keeps_fewer_tokens_at_each_check(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
+    engine = tiny_engine(tiny_folders["qwen2"], tmp_path, blend_check_layers="0,1,2")
+    blend = ask(engine, DOCUMENTS, "blend", 0.1).metrics.blend
+    assert blend.kept_per_check == sorted(blend.kept_per_check, reverse=True)
+    assert blend.kept_per_check[-1] == blend.tokens_recomputed == math.ceil(0.1 * blend.document_tokens)
+    engine.close()
+
+
+def test_corrupt_document_entry_falls_back_to_computing(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
+    engine = tiny_engine(tiny_folders["llama"], tmp_path, store_url=f"file://{tmp_path}/kv")
+    full = ask(engine, DOCUMENTS, "compute")
+    engine.warm(DOCUMENTS)
+    for entry in (tmp_path / "kv").rglob("*"):
+        if entry.is_file() and entry.stat().st_size > 4096:
+            data = bytearray(entry.read_bytes())
+            data[len(data) // 2 :] = bytes(len(data) - len(data) // 2)
+            entry.write_bytes(bytes(data))
+    result = ask(engine, DOCUMENTS, "blend", 0.15)
+    assert "could not be read" in result.metrics.blend.fallback
+    assert result.token_ids == full.token_ids
+    assert (result.first_token_logits - full.first_token_logits).abs().max().item() <= 1e-5
+    engine.close()
+
+
+def test_separator_cuts_a_plain_prompt_into_documents(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
+    engine = tiny_engine(tiny_folders["llama"], tmp_path, separator="<<DOC>>")
+    from_prompt = engine.plan_prompt(GenerateRequest(prompt="<<DOC>>".join([*DOCUMENTS, QUERY])))
+    from_fields = engine.plan_prompt(GenerateRequest(query=QUERY, documents=[d.strip() for d in DOCUMENTS]))
+    assert from_prompt == from_fields and len(from_prompt.document_spans) == 3
+    assert engine.tokenizer.decode(from_prompt.document_ids(1)).strip() == DOCUMENTS[1].strip()
+    engine.close()
+
+
+def test_bad_blend_requests_name_the_cause(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
+    engine = tiny_engine(tiny_folders["llama"], tmp_path)
+    with pytest.raises(RequestError, match="documents need a query"):
+        engine.generate(GenerateRequest(prompt="hi", documents=["x"]))
+    with pytest.raises(RequestError, match="ratio"):
+        engine.generate(GenerateRequest(query="q", documents=["x"], reuse="blend", ratio=1.5))
+    with pytest.raises(RequestError, match="unknown reuse strategy"):
+        engine.generate(GenerateRequest(query="q", documents=["x"], reuse="bogus"))
+    with pytest.raises(RequestError, match="query is empty"):
+        engine.generate(GenerateRequest(query="  ", documents=["x"]))
+    engine.close()
+    with pytest.raises(ConfigError, match="blend_check_layers"):
+        tiny_engine(tiny_folders["llama"], tmp_path, blend_check_layers="5")
+    with pytest.raises(ConfigError, match="blend_ratio"):
+        KvcakeConfig(blend_ratio=2.0)
+
+
+def test_prefetcher_stops_at_a_failed_layer() -> None:
+    calls: list[int] = []
+
+    def source(layer: int) -> LayerKV | None:
+        calls.append(layer)
+        return None if layer == 3 else LayerKV(torch.zeros(1, 2, 4), torch.zeros(1, 2, 4), 64)
+
+    prefetcher = LayerPrefetcher(source, range(1, 8), ahead=2)
+    assert [prefetcher.get(layer) is not None for layer in range(1, 8)] == [True, True, False, False, False, False, False]
+    prefetcher.close()
+    assert calls == [1, 2, 3] and prefetcher.bytes_loaded == 128
+
+
+def test_warm_and_generate_from_the_command_line(tiny_folders: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    document = tmp_path / "doc.txt"
+    document.write_text(DOCUMENTS[1])
+    settings = ["--model", str(tiny_folders["llama"]), "--dtype", "float32", "--cache-dir", str(tmp_path), "--store-url", f"file://{tmp_path}/kv"]
+    assert main(["warm", str(document), *settings]) == 0
+    assert main(["warm", str(document), *settings]) == 0
+    warm_lines = capsys.readouterr().out.splitlines()
+    assert warm_lines[0].endswith(" stored") and warm_lines[1].endswith("already stored")
+    assert main(["generate", "--query", QUERY, "--document", str(document), "--reuse", "blend", "--max-tokens", "3", *settings]) == 0
+    assert "documents=1 (stored 1, computed 0)" in capsys.readouterr().err
