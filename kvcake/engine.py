@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 
-from kvcake.blend import BlendFallback, BlendPrefill, BlendReport, LayerKV, LayerSource
+from kvcake.blend import BlendFallback, BlendPrefill, BlendReport, LayerKV, LayerPrefetcher, LayerSource
 from kvcake.config import ConfigError, KvcakeConfig
 from kvcake.runtime import keep_freed_memory
 from kvcake.model import KVCache, SamplingParams, Sampler, load_model, resolve_device, resolve_dtype, weights_identity
@@ -249,31 +249,38 @@ class Engine:
     def blend_prefill(self, planned: PromptLayout, capacity: int, ratio: float, tenant: str | None = None) -> tuple[Prefill, PrefixReport, BlendReport]:
         """Exact prefix (Cake), then the documents' stored KV blended at `ratio`, the query computed.
 
-        Documents missing from the store are computed in isolation first and stored. If
-        a stored layer cannot be read mid-way, the tokens after the prefix are computed
-        in full instead and the report says why.
+        Documents missing from the store are computed in isolation first and stored.
+        Loading the stored layers starts before the prefix is computed. If a stored layer
+        cannot be read mid-way, the tokens after the prefix are computed in full instead
+        and the report says why.
         """
-        prefix_ids = planned.token_ids[: planned.prefix_length]
-        if prefix_ids:
-            state, report = self.prefill(prefix_ids, capacity, Strategy("cake"), tenant)
-            cache = state.cache
-        else:
-            cache, report = self.model.new_cache(capacity), PrefixReport()
-        source, stored = self._document_source(planned, ratio, tenant)
         rest = torch.tensor(planned.token_ids[planned.prefix_length :], dtype=torch.long)
         positions = torch.arange(planned.prefix_length, len(planned.token_ids))
         is_document = torch.zeros(len(rest), dtype=torch.bool)
         for start, end in planned.document_spans:
             is_document[start - planned.prefix_length : end - planned.prefix_length] = True
+        blender = BlendPrefill(self.model, ratio, self.check_layers)
+        source, stored = self._document_source(planned, ratio, tenant)
+        prefetcher = LayerPrefetcher(source, blender.loaded_layers(int(is_document.sum())))
         try:
-            logits, blend = BlendPrefill(self.model, ratio, self.check_layers).run(cache, rest, positions, is_document, source)
-        except BlendFallback as failure:
-            logits = self.model.prefill(rest.tolist(), cache, self.config.chunk_size, planned.prefix_length)
-            blend = BlendReport(ratio=ratio, document_tokens=int(is_document.sum()), tokens_recomputed=int(is_document.sum()), fallback=str(failure))
+            cache, report = self._exact_prefix(planned.token_ids[: planned.prefix_length], capacity, tenant)
+            try:
+                logits, blend = blender.run(cache, rest, positions, is_document, prefetcher)
+            except BlendFallback as failure:
+                logits = self.model.prefill(rest.tolist(), cache, self.config.chunk_size, planned.prefix_length)
+                blend = BlendReport(ratio=ratio, document_tokens=int(is_document.sum()), tokens_recomputed=int(is_document.sum()), fallback=str(failure))
+        finally:
+            prefetcher.close()
         blend.documents = len(planned.document_spans)
         blend.documents_stored = stored
         blend.documents_computed = blend.documents - stored
         return Prefill(cache, logits, len(planned.token_ids)), report, blend
+
+    def _exact_prefix(self, prefix_ids: list[int], capacity: int, tenant: str | None) -> tuple[KVCache, PrefixReport]:
+        if not prefix_ids:
+            return self.model.new_cache(capacity), PrefixReport()
+        state, report = self.prefill(prefix_ids, capacity, Strategy("cake"), tenant)
+        return state.cache, report
 
     def document_key(self, document_ids: list[int], tenant: str | None = None) -> str:
         return document_key(self.fingerprint, self.config.tenant if tenant is None else tenant, document_ids)

@@ -179,3 +179,30 @@ def test_warm_and_generate_from_the_command_line(tiny_folders: dict[str, Path], 
     assert warm_lines[0].endswith(" stored") and warm_lines[1].endswith("already stored")
     assert main(["generate", "--query", QUERY, "--document", str(document), "--reuse", "blend", "--max-tokens", "3", *settings]) == 0
     assert "documents=1 (stored 1, computed 0)" in capsys.readouterr().err
+
+
+@pytest.mark.real_model
+def test_default_model_blend_matches_full_prefill_at_ratio_one(default_config: KvcakeConfig, tmp_path: Path) -> None:
+    from kvcake.data import quoref_questions
+
+    engine = Engine(default_config.replace(store_url=f"file://{tmp_path}/kv"))
+    passages = [q.passage for q in quoref_questions(default_config.cache_path())[:40:10]]
+    question = quoref_questions(default_config.cache_path())[0]
+
+    def answer(reuse: str, ratio: float | None = None) -> GenerateResult:
+        request = GenerateRequest(query=question.question, documents=passages, system=SYSTEM, reuse=reuse, ratio=ratio)
+        request.sampling = SamplingParams(max_tokens=8)
+        result = engine.generate(request)
+        engine.writeback.flush()
+        return result
+
+    full = answer("compute")
+    exact = answer("blend", 1.0)
+    assert exact.token_ids == full.token_ids
+    # One pass over the tokens after the prefix instead of 256-token chunks: fp32 sums differ in the last bits.
+    assert (exact.first_token_logits - full.first_token_logits).abs().max().item() <= 1e-4
+    blended = answer("blend", 0.15)
+    assert blended.metrics.blend.documents_computed == 4 and not blended.metrics.blend.fallback
+    again = answer("blend", 0.15)
+    assert again.metrics.blend.documents_stored == 4 and again.token_ids == blended.token_ids
+    engine.close()

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from kvcake.blend.prefetch import LayerKV, LayerPrefetcher, LayerSource
+from kvcake.blend.prefetch import LayerKV, LayerPrefetcher
 from kvcake.model import KVCache, Transformer
 from kvcake.model.transformer import Mask, attend_with_mask, causal_mask
 
@@ -84,18 +84,26 @@ class BlendPrefill:
         self.ratio = ratio
         self.check_layers = check_layers
 
+    def loaded_layers(self, num_doc_tokens: int) -> range:
+        """The layers whose stored KV the blend reads: from the first check layer on (all of them at r = 0, none at r = 1)."""
+        num_layers = self.model.config.num_layers
+        if self.ratio == 0.0:
+            return range(num_layers)
+        return range(min(self._checks(num_doc_tokens), default=num_layers), num_layers)
+
     def run(
         self,
         cache: KVCache,
         token_ids: torch.Tensor,
         positions: torch.Tensor,
         is_document: torch.Tensor,
-        source: LayerSource,
+        prefetcher: LayerPrefetcher,
     ) -> tuple[torch.Tensor, BlendReport]:
         """Append `token_ids` (at `positions`) to `cache`; returns the last token's logits.
 
-        `is_document` marks the tokens whose stored KV `source` yields (in order). The
-        last token must not be a document token. Raises `BlendFallback` when a layer
+        `is_document` marks the tokens whose stored KV `prefetcher` yields (in order),
+        layer by layer over `loaded_layers`; the caller starts it as early as it can.
+        The last token must not be a document token. Raises `BlendFallback` when a layer
         cannot be loaded; the cache is then left as it was (nothing committed).
         """
         if bool(is_document[-1]):
@@ -106,15 +114,13 @@ class BlendPrefill:
         doc_row[doc_tokens] = torch.arange(len(doc_tokens), device=device)
         report = BlendReport(ratio=self.ratio, check_layers=list(self.check_layers), document_tokens=len(doc_tokens))
         checks = self._checks(len(doc_tokens))
-        first_loaded = min(checks, default=self.model.config.num_layers) if self.ratio > 0 else 0
-        prefetcher = LayerPrefetcher(source, range(first_loaded, self.model.config.num_layers))
+        first_loaded = self.loaded_layers(len(doc_tokens)).start
         started = time.perf_counter()
-        try:
-            active, last_hidden = self._layers(cache, token_ids, positions, doc_tokens, doc_row, checks, first_loaded, prefetcher, report)
-        finally:
-            prefetcher.close()
-        report.compute_s = time.perf_counter() - started - prefetcher.wait_s
-        report.load_s, report.load_wait_s, report.bytes_loaded = prefetcher.load_s, prefetcher.wait_s, prefetcher.bytes_loaded
+        waited_before = prefetcher.wait_s
+        active, last_hidden = self._layers(cache, token_ids, positions, doc_tokens, doc_row, checks, first_loaded, prefetcher, report)
+        report.load_wait_s = prefetcher.wait_s - waited_before
+        report.compute_s = time.perf_counter() - started - report.load_wait_s
+        report.load_s, report.bytes_loaded = prefetcher.load_s, prefetcher.bytes_loaded
         report.tokens_recomputed = int((doc_row[active] >= 0).sum())
         report.tokens_reused = len(doc_tokens) - report.tokens_recomputed
         return self.model.logits(last_hidden)[-1], report
