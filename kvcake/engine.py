@@ -13,7 +13,7 @@ from kvcake.config import ConfigError, KvcakeConfig
 from kvcake.runtime import keep_freed_memory
 from kvcake.model import KVCache, SamplingParams, Sampler, load_model, resolve_device, resolve_dtype, weights_identity
 from kvcake.schedule import CostProfile, PrefixPrefill, PrefixReport, Strategy, WriteBack
-from kvcake.segments import PromptLayout, Segments, document_token_ids, layout, split_prompt
+from kvcake.segments import PromptLayout, Segments, document_preamble, document_token_ids, layout, split_prompt
 from kvcake.store import ChunkKV, KVStore, document_key, model_fingerprint, open_store, prefix_chunk_keys
 
 BLEND = "blend"
@@ -282,31 +282,36 @@ class Engine:
         state, report = self.prefill(prefix_ids, capacity, Strategy("cake"), tenant)
         return state.cache, report
 
-    def document_key(self, document_ids: list[int], tenant: str | None = None) -> str:
-        return document_key(self.fingerprint, self.config.tenant if tenant is None else tenant, document_ids)
+    def document_key(self, document_ids: list[int], preamble: tuple[int, ...], tenant: str | None = None) -> str:
+        """The key covers the preamble too: the stored KV depends on what it was computed after."""
+        return document_key(self.fingerprint, self.config.tenant if tenant is None else tenant, [*preamble, *document_ids])
 
-    def warm(self, documents: list[str], tenant: str | None = None) -> list[tuple[str, int, bool]]:
+    def warm(self, documents: list[str], tenant: str | None = None, chat: bool = True) -> list[tuple[str, int, bool]]:
         """Compute and store documents in isolation; (key, tokens, was already stored) for each."""
         warmed = []
+        preamble = document_preamble(self.tokenizer, chat)
         with torch.inference_mode():
             for text in documents:
                 ids = document_token_ids(self.tokenizer, text)
-                key = self.document_key(ids, tenant)
+                key = self.document_key(ids, preamble, tenant)
                 present = self.store.contains(key)
                 if not present:
-                    self.store.put(key, self.compute_document(ids))
+                    self.store.put(key, self.compute_document(ids, preamble))
                 warmed.append((key, len(ids), present))
         return warmed
 
-    def compute_document(self, document_ids: list[int]) -> ChunkKV:
-        """A document's KV computed on its own from position 0 (K before RoPE), chunk by chunk."""
-        cache = self.model.new_cache(len(document_ids))
+    def compute_document(self, document_ids: list[int], preamble: tuple[int, ...]) -> ChunkKV:
+        """A document's KV computed on its own after the preamble (K before RoPE), chunk by chunk."""
+        cache = self.model.new_cache(len(preamble) + len(document_ids))
+        if preamble:
+            self.model.forward(torch.tensor(preamble), torch.arange(len(preamble)), cache)
         ids = torch.tensor(document_ids, dtype=torch.long)
         keys: list[list[torch.Tensor]] = [[] for _ in range(self.model.config.num_layers)]
         values: list[list[torch.Tensor]] = [[] for _ in range(self.model.config.num_layers)]
         for start in range(0, len(ids), self.config.chunk_size):
             end = min(start + self.config.chunk_size, len(ids))
-            out = self.model.forward(ids[start:end], torch.arange(start, end), cache, keep_kv=True)
+            positions = torch.arange(len(preamble) + start, len(preamble) + end)
+            out = self.model.forward(ids[start:end], positions, cache, keep_kv=True)
             for layer in range(self.model.config.num_layers):
                 keys[layer].append(out.keys[layer])
                 values[layer].append(out.values[layer])
@@ -319,8 +324,8 @@ class Engine:
         entries: list[tuple[str, ChunkKV | None, int]] = []
         for index in range(len(planned.document_spans)):
             ids = planned.document_ids(index)
-            key = self.document_key(ids, tenant)
-            computed = None if self.store.contains(key) else self.compute_document(ids)
+            key = self.document_key(ids, planned.preamble, tenant)
+            computed = None if self.store.contains(key) else self.compute_document(ids, planned.preamble)
             if computed is not None:
                 self.writeback.submit(key, computed.keys, computed.values)
             entries.append((key, computed, len(ids)))

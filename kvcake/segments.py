@@ -5,6 +5,11 @@ and hence its stored KV and key, are the same wherever it appears. The prompt is
 chat template rendered around the documents: the template's head (with the system
 text) is the exact prefix, then the documents in the given order, then the query and
 the template's tail (where the assistant's reply starts).
+
+A document's KV is computed after a fixed *preamble*: the template's head without a
+system text (empty for raw prompts). Computed from position 0 with nothing before it,
+a document's first tokens would become the attention sink that every later token leans
+on; after the preamble they are ordinary tokens, as they are in a real prompt.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class PromptLayout:
     token_ids: list[int]
     prefix_length: int
     document_spans: tuple[tuple[int, int], ...] = ()
+    preamble: tuple[int, ...] = ()
 
     @classmethod
     def plain(cls, token_ids: list[int]) -> PromptLayout:
@@ -53,6 +59,12 @@ def document_token_ids(tokenizer: Tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text + DOCUMENT_END)
 
 
+def document_preamble(tokenizer: Tokenizer, chat: bool) -> tuple[int, ...]:
+    """What a stored document's KV is computed after (not stored itself)."""
+    head, _ = _head_and_tail(tokenizer, Segments(query=""), chat)
+    return tuple(tokenizer.encode(head)) if head else ()
+
+
 def layout(tokenizer: Tokenizer, segments: Segments, chat: bool) -> PromptLayout:
     head, tail = _head_and_tail(tokenizer, segments, chat)
     token_ids = tokenizer.encode(head) if head else []
@@ -63,7 +75,7 @@ def layout(tokenizer: Tokenizer, segments: Segments, chat: bool) -> PromptLayout
         spans.append((len(token_ids), len(token_ids) + len(ids)))
         token_ids += ids
     token_ids += tokenizer.encode(tail)
-    return PromptLayout(token_ids, prefix_length, tuple(spans))
+    return PromptLayout(token_ids, prefix_length, tuple(spans), document_preamble(tokenizer, chat))
 
 
 def _head_and_tail(tokenizer: Tokenizer, segments: Segments, chat: bool) -> tuple[str, str]:

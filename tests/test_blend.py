@@ -14,7 +14,7 @@ from kvcake.cli import main
 from kvcake.config import ConfigError, KvcakeConfig
 from kvcake.engine import Engine, GenerateRequest, GenerateResult, RequestError
 from kvcake.model import SamplingParams
-from kvcake.segments import document_token_ids
+from kvcake.segments import document_preamble, document_token_ids
 
 SYSTEM = "You answer questions about the documents."
 DOCUMENTS = [
@@ -64,7 +64,7 @@ def test_ratio_zero_equals_concatenated_stored_caches(engine: Engine) -> None:
     with torch.inference_mode():
         model.prefill(planned.token_ids[: planned.prefix_length], cache, engine.config.chunk_size)
         for index, (start, end) in enumerate(planned.document_spans):
-            stored = engine.store.get(engine.document_key(planned.document_ids(index)))
+            stored = engine.store.get(engine.document_key(planned.document_ids(index), planned.preamble))
             model.load_kv(cache, stored.keys, stored.values, torch.arange(start, end))
         query_start = planned.document_spans[-1][1]
         query = torch.tensor(planned.token_ids[query_start:])
@@ -89,7 +89,8 @@ def test_a_document_at_two_positions_is_read_from_one_entry(tiny_folders: dict[s
     engine = tiny_engine(tiny_folders["llama"], tmp_path)
     layers = engine.model.config.num_layers
     [(key, tokens, present)] = engine.warm([DOCUMENTS[0]])
-    assert not present and key == engine.document_key(document_token_ids(engine.tokenizer, DOCUMENTS[0]))
+    preamble = document_preamble(engine.tokenizer, chat=True)
+    assert not present and key == engine.document_key(document_token_ids(engine.tokenizer, DOCUMENTS[0]), preamble)
     spans, bytes_read = [], []
     for system in ("Short.", SYSTEM + " Be precise, and quote the documents where you can."):
         before = engine.store.stats()
