@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(warm)
     warm.set_defaults(handler=_warm)
 
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server with KV reuse (/v1/completions, /v1/chat/completions, /metrics).")
+    add_config_flags(serve)
+    serve.set_defaults(handler=_serve)
+
     config = commands.add_parser("config", help="Print the effective settings, or the settings table as markdown.")
     config.add_argument("--markdown", action="store_true", help="Print the table of all settings (as in the README).")
     add_config_flags(config)
@@ -204,6 +208,17 @@ def _demo(args: argparse.Namespace) -> int:
         for question in DEMO_QUESTIONS:
             print(f"[kvcake] question over a {len(document)}-character document: {question}\n", file=sys.stderr)
             _run_and_print(engine, GenerateRequest(prompt=f"{document}\n\n{question}", sampling=_sampling(args, config)))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from kvcake.server.app import create_app
+
+    config = config_from_args(args)
+    with _engine(config) as engine:
+        uvicorn.run(create_app(engine), host=config.host, port=config.port, log_level="info")
     return 0
 
 

@@ -47,15 +47,28 @@ class KvcakeConfig:
     blend_check_layers: str = _setting(
         "1", "With reuse=blend: layer(s) where tokens are selected by KV deviation; several (e.g. 1,4,8) filter gradually."
     )
+    host: str = _setting("127.0.0.1", "`kvcake serve`: address to listen on.")
+    port: int = _setting(8000, "`kvcake serve`: port to listen on.")
+    api_keys: str = _setting("", "`kvcake serve`: comma-separated KEY:TENANT pairs; requests need `Authorization: Bearer KEY`. Empty = no auth.")
+    shared_documents: bool = _setting(False, "Documents (blend) are keyed without the tenant salt, so all tenants share one corpus.")
+    max_queue: int = _setting(64, "`kvcake serve`: requests waiting for compute before new ones get 429.")
+    max_body_bytes: int = _setting(8_000_000, "`kvcake serve`: largest request body accepted (413 above it).")
 
     def __post_init__(self) -> None:
-        for name in ("chunk_size", "max_tokens"):
+        for name in ("chunk_size", "max_tokens", "max_queue", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"setting {name!r} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.blend_ratio <= 1.0:
             raise ConfigError(f"setting 'blend_ratio' must lie in [0, 1], got {self.blend_ratio}")
         if self.threads < 0:
             raise ConfigError(f"setting 'threads' must be >= 0, got {self.threads}")
+
+    def tenants_by_key(self) -> dict[str, str]:
+        """API key -> tenant, from `api_keys`."""
+        pairs = [item.strip() for item in self.api_keys.split(",") if item.strip()]
+        if any(":" not in pair for pair in pairs):
+            raise ConfigError("setting 'api_keys' must be comma-separated KEY:TENANT pairs")
+        return dict(pair.split(":", 1) for pair in pairs)
 
     def effective_store_url(self) -> str:
         return self.store_url or f"file://{self.cache_path() / 'kv'}?max_gb=20"

@@ -17,6 +17,8 @@ from kvcake.segments import PromptLayout, Segments, document_preamble, document_
 from kvcake.store import ChunkKV, KVStore, document_key, model_fingerprint, open_store, prefix_chunk_keys
 
 BLEND = "blend"
+SHARED_DOCUMENTS_SALT = "kvcake-shared-documents"
+"""Salt of document keys when `shared_documents` is on: one corpus for every tenant."""
 
 
 class RequestError(ValueError):
@@ -133,6 +135,13 @@ class Engine:
         if len(planned.token_ids) >= self.context_length:
             raise RequestError(f"the prompt has {len(planned.token_ids)} tokens; the model's context is {self.context_length}")
         return planned
+
+    def check(self, request: GenerateRequest) -> None:
+        """Raise `RequestError` now for what `stream` would refuse (prompt, reuse, ratio)."""
+        self.plan_prompt(request)
+        if request.reuse:
+            parse_reuse(request.reuse)
+        self._ratio(request)
 
     def _plain_ids(self, request: GenerateRequest) -> list[int]:
         if request.token_ids is not None:
@@ -284,7 +293,8 @@ class Engine:
 
     def document_key(self, document_ids: list[int], preamble: tuple[int, ...], tenant: str | None = None) -> str:
         """The key covers the preamble too: the stored KV depends on what it was computed after."""
-        return document_key(self.fingerprint, self.config.tenant if tenant is None else tenant, [*preamble, *document_ids])
+        salt = SHARED_DOCUMENTS_SALT if self.config.shared_documents else self.config.tenant if tenant is None else tenant
+        return document_key(self.fingerprint, salt, [*preamble, *document_ids])
 
     def warm(self, documents: list[str], tenant: str | None = None, chat: bool = True) -> list[tuple[str, int, bool]]:
         """Compute and store documents in isolation; (key, tokens, was already stored) for each."""

@@ -1,0 +1,1 @@
+"""The HTTP layer: an OpenAI-compatible API over one engine."""

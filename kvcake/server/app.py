@@ -1,0 +1,319 @@
+"""`kvcake serve`: an OpenAI-compatible HTTP API over the engine, with KV reuse.
+
+Routes: `/v1/completions`, `/v1/chat/completions` (both with server-sent-event
+streaming), `/v1/models`, `POST /v1/kv/documents` (warm documents), `/health`,
+`/metrics` (Prometheus). Errors use OpenAI's body, `{"error": {"message", "type",
+"param", "code"}}`, with a 4xx status naming the cause. With `api_keys` set, `/v1/*`
+needs `Authorization: Bearer KEY`, and the key's tenant salts every cache key of the
+request, so tenants never hit (or time) each other's entries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kvcake.config import KvcakeConfig
+from kvcake.engine import BLEND, Engine, GenerateRequest, RequestError, RequestMetrics
+from kvcake.model import SamplingParams
+from kvcake.server.metrics import ServerMetrics
+from kvcake.server.schemas import ChatBody, CompletionBody, SamplingFields, WarmBody
+from kvcake.server.worker import ComputeWorker, Job, QueueFull
+
+RETRY_AFTER_S = 1
+
+
+class ApiError(Exception):
+    """An error answered with OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def create_app(engine: Engine) -> FastAPI:
+    config = engine.config
+    tenants = config.tenants_by_key()
+    worker = ComputeWorker(engine, config.max_queue)
+    metrics = ServerMetrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        worker.close()
+
+    app = FastAPI(title="kvcake", version="0.1.0", lifespan=lifespan)
+    app.state.engine, app.state.worker, app.state.metrics = engine, worker, metrics
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        path = request.url.path
+        endpoint = path if path.startswith("/v1/") or path in ("/health", "/metrics") else "other"
+        try:
+            if request.method == "POST":
+                await _check_body_size(request, config.max_body_bytes)
+            if path.startswith("/v1/"):
+                request.state.tenant = _tenant(request, tenants, config)
+            response = await call_next(request)
+        except ApiError as error:
+            response = error.response({"Retry-After": str(RETRY_AFTER_S)} if error.status == 429 else None)
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, error: ApiError) -> JSONResponse:
+        return error.response({"Retry-After": str(RETRY_AFTER_S)} if error.status == 429 else None)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+        message = "the body is not valid JSON" if first.get("type") == "json_invalid" else f"{where or 'body'}: {first.get('msg')}"
+        return ApiError(400, message, param=where or None).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        return ApiError(error.status_code, str(error.detail), code="not_found" if error.status_code == 404 else None).response()
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "model": config.model}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        data = metrics.render(engine.store.stats(), worker.depth, engine.writeback.dropped)
+        return Response(data, media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": config.model, "object": "model", "created": 0, "owned_by": "kvcake"}]}
+
+    @app.post("/v1/kv/documents")
+    async def warm(body: WarmBody, request: Request) -> dict[str, Any]:
+        _check_model(body.model or config.model, config)
+        tenant = request.state.tenant
+        warmed = await asyncio.to_thread(engine.warm, body.documents, tenant)
+        return {"object": "list", "data": [{"key": key, "tokens": tokens, "already_stored": present} for key, tokens, present in warmed]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, request: Request):
+        generate = _completion_request(body, config, request.state.tenant)
+        return await _respond(worker, metrics, engine, generate, body, "text_completion", request)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody, request: Request):
+        generate = _chat_request(body, config, request.state.tenant)
+        return await _respond(worker, metrics, engine, generate, body, "chat.completion", request)
+
+    return app
+
+
+async def _check_body_size(request: Request, limit: int) -> None:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body has {declared} bytes; the limit is {limit}", code="body_too_large")
+    if len(await request.body()) > limit:
+        raise ApiError(413, f"the request body is over the limit of {limit} bytes", code="body_too_large")
+
+
+def _tenant(request: Request, tenants: dict[str, str], config: KvcakeConfig) -> str:
+    if not tenants:
+        return config.tenant
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or key.strip() not in tenants:
+        raise ApiError(401, "a valid API key is required (Authorization: Bearer KEY)", kind="authentication_error", code="invalid_api_key")
+    return tenants[key.strip()]
+
+
+def _check_model(model: str, config: KvcakeConfig) -> None:
+    if model != config.model:
+        raise ApiError(404, f"model {model!r} is not served here; this server serves {config.model!r}", code="model_not_found", param="model")
+
+
+def _sampling(body: SamplingFields, max_tokens: int | None, config: KvcakeConfig) -> SamplingParams:
+    if body.stop:
+        raise ApiError(400, "stop sequences are not supported yet; the model's own end-of-turn tokens stop generation", param="stop")
+    try:
+        return SamplingParams(max_tokens=max_tokens or config.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+    except ValueError as error:
+        raise ApiError(400, str(error)) from None
+
+
+def _completion_request(body: CompletionBody, config: KvcakeConfig, tenant: str) -> GenerateRequest:
+    _check_model(body.model, config)
+    common = {"sampling": _sampling(body, body.max_tokens, config), "tenant": tenant, "ratio": body.ratio, "chat": False}
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if len(prompt) != 1:
+            raise ApiError(400, "only one prompt per request", param="prompt")
+        prompt = prompt[0]
+    if body.kv_documents is not None:
+        if not isinstance(prompt, str):
+            raise ApiError(400, "with kv_documents the prompt must be text (the query)", param="prompt")
+        return GenerateRequest(query=prompt, documents=body.kv_documents, system=body.kv_system, reuse=body.reuse or BLEND, **common)
+    if isinstance(prompt, list):
+        return GenerateRequest(token_ids=prompt, reuse=body.reuse, **common)
+    return GenerateRequest(prompt=prompt, reuse=body.reuse, **common)
+
+
+def _chat_request(body: ChatBody, config: KvcakeConfig, tenant: str) -> GenerateRequest:
+    _check_model(body.model, config)
+    sampling = _sampling(body, body.max_completion_tokens or body.max_tokens, config)
+    common = {"sampling": sampling, "tenant": tenant, "ratio": body.ratio}
+    messages = [message.model_dump() for message in body.messages]
+    if body.kv_documents is None:
+        return GenerateRequest(messages=messages, reuse=body.reuse, **common)
+    system = [m["content"] for m in messages if m["role"] == "system"]
+    turns = [m for m in messages if m["role"] != "system"]
+    if len(turns) != 1 or turns[0]["role"] != "user" or len(system) > 1:
+        raise ApiError(400, "with kv_documents the messages must be at most one system message and one user message", param="messages")
+    return GenerateRequest(query=turns[0]["content"], documents=body.kv_documents, system=system[0] if system else None, reuse=body.reuse or BLEND, **common)
+
+
+async def _respond(worker: ComputeWorker, metrics: ServerMetrics, engine: Engine, generate: GenerateRequest, body: SamplingFields, kind: str, request: Request):
+    try:
+        await asyncio.to_thread(engine.check, generate)
+    except RequestError as error:
+        raise ApiError(400, str(error)) from None
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    job = Job(generate, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+    try:
+        worker.submit(job)
+    except QueueFull as error:
+        raise ApiError(429, str(error), kind="rate_limit_error", code="queue_full") from None
+    reply = _Reply(kind, engine, body.model)
+    if body.stream:
+        return StreamingResponse(_stream(events, job, reply, metrics, request), media_type="text/event-stream")
+    try:
+        while True:
+            name, value = await events.get()
+            if name == "token":
+                reply.add(value)
+            elif name == "error":
+                raise _as_api_error(value)
+            else:
+                metrics.record(value)
+                return reply.complete(value)
+    finally:
+        job.cancelled.set()
+
+
+async def _stream(events: asyncio.Queue, job: Job, reply: _Reply, metrics: ServerMetrics, request: Request) -> AsyncIterator[str]:
+    """SSE chunks; an error before the first token is sent as an error event. A disconnect cancels the job."""
+    try:
+        while True:
+            name, value = await events.get()
+            if name == "token":
+                chunk = reply.add(value)
+                if chunk is not None:
+                    yield _sse(chunk)
+            elif name == "error":
+                yield _sse(_as_api_error(value).body())
+                break
+            else:
+                metrics.record(value)
+                yield _sse(reply.final_chunk(value))
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancelled.set()
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def _as_api_error(error: Exception) -> ApiError:
+    if isinstance(error, (RequestError, ValueError)):
+        return ApiError(400, str(error))
+    return ApiError(500, f"internal error: {type(error).__name__}", kind="server_error")
+
+
+class _Reply:
+    """Builds the OpenAI response (or its stream chunks) from the engine's steps."""
+
+    def __init__(self, kind: str, engine: Engine, model: str):
+        self.kind = kind
+        self.tokenizer = engine.tokenizer
+        self.model = model
+        self.id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.token_ids: list[int] = []
+        self.sent = ""
+        self.finish_reason = "length"
+
+    def add(self, step) -> dict[str, Any] | None:
+        """Record a token; the chunk with the new text, if any is complete."""
+        self.token_ids.append(step.token_id)
+        self.finish_reason = step.finish_reason or self.finish_reason
+        text = self.tokenizer.decode(self.token_ids)
+        if text.endswith("\ufffd") or len(text) <= len(self.sent):
+            return None
+        delta, self.sent = text[len(self.sent) :], text
+        return self._chunk(delta, None)
+
+    def complete(self, metrics: RequestMetrics) -> dict[str, Any]:
+        text = self.tokenizer.decode(self.token_ids)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": self.finish_reason, "logprobs": None}
+        if self.kind == "chat.completion":
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model, "choices": [choice],
+                "usage": _usage(metrics), "kvcake": accounting(metrics)}
+
+    def final_chunk(self, metrics: RequestMetrics) -> dict[str, Any]:
+        chunk = self._chunk("", self.finish_reason)
+        chunk["usage"] = _usage(metrics)
+        chunk["kvcake"] = accounting(metrics)
+        return chunk
+
+    def _chunk(self, delta: str, finish_reason: str | None) -> dict[str, Any]:
+        if self.kind == "chat.completion":
+            choice = {"index": 0, "delta": {"role": "assistant", "content": delta} if delta else {}, "finish_reason": finish_reason}
+            kind = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": delta, "finish_reason": finish_reason, "logprobs": None}
+            kind = "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": [choice]}
+
+
+def _usage(metrics: RequestMetrics) -> dict[str, int]:
+    return {"prompt_tokens": metrics.prompt_tokens, "completion_tokens": metrics.generated_tokens,
+            "total_tokens": metrics.prompt_tokens + metrics.generated_tokens}
+
+
+def accounting(metrics: RequestMetrics) -> dict[str, Any]:
+    """The response's `kvcake` field: how the prompt's KV was obtained."""
+    blend = metrics.blend
+    return {
+        "ttft_s": metrics.ttft_s,
+        "prompt_tokens": metrics.prompt_tokens,
+        "tokens_computed": metrics.tokens_computed,
+        "tokens_loaded": metrics.tokens_loaded,
+        "tokens_recomputed": blend.tokens_recomputed if blend else 0,
+        "reuse": BLEND if blend else metrics.prefix.strategy,
+        "prefix_hit_chunks": metrics.prefix.hit_chunks,
+        "meet_chunk": metrics.prefix.meet_chunk,
+        "ratio": blend.ratio if blend else None,
+        "documents_stored": blend.documents_stored if blend else 0,
+        "documents_computed": blend.documents_computed if blend else 0,
+        "fallback": blend.fallback if blend else "",
+    }

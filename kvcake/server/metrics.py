@@ -1,0 +1,45 @@
+"""Prometheus metrics of one server: request outcomes, TTFT, token accounting, store and queue state."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from kvcake.engine import RequestMetrics
+from kvcake.store import StoreStats
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("kvcake_requests", "Requests by endpoint and HTTP status.", ["endpoint", "status"], registry=self.registry)
+        self.ttft = Histogram("kvcake_ttft_seconds", "Time to first token.", buckets=TTFT_BUCKETS, registry=self.registry)
+        self.tokens = Counter("kvcake_tokens", "Prompt tokens by how they were obtained, and generated tokens.", ["kind"], registry=self.registry)
+        self.prefix_lookups = Counter("kvcake_prefix_lookups", "Requests by whether a stored prefix was found.", ["outcome"], registry=self.registry)
+        self.documents = Counter("kvcake_documents", "Documents of blend requests: found stored or computed.", ["outcome"], registry=self.registry)
+        self.store = Gauge("kvcake_store", "Store counters (bytes read/written, hits, misses, errors).", ["counter"], registry=self.registry)
+        self.queue_depth = Gauge("kvcake_queue_depth", "Requests waiting for the compute thread.", registry=self.registry)
+        self.writeback_dropped = Gauge("kvcake_writeback_dropped", "Computed chunks not written back (queue full).", registry=self.registry)
+
+    def record(self, metrics: RequestMetrics) -> None:
+        self.ttft.observe(metrics.ttft_s)
+        recomputed = metrics.blend.tokens_recomputed if metrics.blend else 0
+        self.tokens.labels("computed").inc(metrics.tokens_computed)
+        self.tokens.labels("loaded").inc(metrics.tokens_loaded)
+        self.tokens.labels("recomputed").inc(recomputed)
+        self.tokens.labels("generated").inc(metrics.generated_tokens)
+        self.prefix_lookups.labels("hit" if metrics.prefix.hit_chunks else "miss").inc()
+        if metrics.blend:
+            self.documents.labels("stored").inc(metrics.blend.documents_stored)
+            self.documents.labels("computed").inc(metrics.blend.documents_computed)
+
+    def render(self, store: StoreStats, queue_depth: int, writeback_dropped: int) -> bytes:
+        errors = sum(store.errors.values())
+        for name, value in (("bytes_read", store.bytes_read), ("bytes_written", store.bytes_written), ("hits", store.hits),
+                            ("misses", store.misses), ("errors", errors), ("puts_failed", store.puts_failed)):
+            self.store.labels(name).set(value)
+        self.queue_depth.set(queue_depth)
+        self.writeback_dropped.set(writeback_dropped)
+        return generate_latest(self.registry)
+

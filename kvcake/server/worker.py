@@ -1,0 +1,71 @@
+"""One compute thread in front of the engine, fed by a bounded queue.
+
+The engine runs one request at a time (one model, one KV cache per request). Requests
+wait in a bounded queue; a full queue is refused at once (the API answers 429). Each
+job streams its events back through `emit`, which the HTTP layer makes thread-safe. A
+job whose client went away is skipped, or stopped at its next token.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvcake.engine import Engine, GenerateRequest, RequestMetrics
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """No room for another request; retry later."""
+
+
+@dataclass
+class Job:
+    """A request and where its events go: ("token", Step), then ("done", RequestMetrics) or ("error", Exception)."""
+
+    request: GenerateRequest
+    emit: Callable[[tuple[str, Any]], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    metrics: RequestMetrics = field(default_factory=RequestMetrics)
+
+
+class ComputeWorker:
+    def __init__(self, engine: Engine, max_queue: int):
+        self.engine = engine
+        self._queue: queue.Queue[Job | None] = queue.Queue(max_queue)
+        self._thread = threading.Thread(target=self._run, name="kvcake-compute", daemon=True)
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, job: Job) -> None:
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFull("the server is at capacity; retry later") from None
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            if job.cancelled.is_set():
+                continue
+            try:
+                for step in self.engine.stream(job.request, job.metrics):
+                    if job.cancelled.is_set():
+                        break
+                    job.emit(("token", step))
+                job.emit(("done", job.metrics))
+            except Exception as error:
+                if not isinstance(error, ValueError):
+                    log.exception("request failed")
+                job.emit(("error", error))

@@ -1,0 +1,163 @@
+"""The HTTP API through the official `openai` client against a live server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+import uvicorn
+
+from kvcake.config import KvcakeConfig
+from kvcake.engine import Engine
+from kvcake.server.app import create_app
+
+DOCUMENTS = ["The lighthouse keeper wrote every ship's name in a blue book. " * 3, "The mill by the river floods each spring. " * 4]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, api_key: str = "none") -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=120)
+
+
+@pytest.fixture()
+def config(tiny_folders: dict[str, Path], tmp_path: Path) -> KvcakeConfig:
+    return KvcakeConfig(model=str(tiny_folders["llama"]), device="cpu", dtype="float32", chunk_size=32, store_url="memory://", cache_dir=str(tmp_path), max_tokens=8)
+
+
+@pytest.fixture()
+def live(config: KvcakeConfig) -> Iterator[LiveServer]:
+    engine = Engine(config)
+    with LiveServer(engine) as server:
+        yield server
+    engine.close()
+
+
+def test_completion_and_chat_match_the_engine(live: LiveServer, config: KvcakeConfig) -> None:
+    client = live.client()
+    completion = client.completions.create(model=config.model, prompt="Once upon a time", max_tokens=6, temperature=0)
+    assert completion.choices[0].finish_reason in ("stop", "length") and completion.usage.completion_tokens >= 1
+    again = client.completions.create(model=config.model, prompt="Once upon a time", max_tokens=6, temperature=0)
+    assert again.choices[0].text == completion.choices[0].text
+    chat = client.chat.completions.create(model=config.model, messages=[{"role": "user", "content": "Hello there"}], max_tokens=5, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.prompt_tokens > 0
+    assert [m.id for m in client.models.list().data] == [config.model]
+
+
+def test_streaming_sends_the_same_text_and_usage_last(live: LiveServer, config: KvcakeConfig) -> None:
+    client = live.client()
+    messages = [{"role": "user", "content": "Tell me about rivers"}]
+    whole = client.chat.completions.create(model=config.model, messages=messages, max_tokens=8, temperature=0)
+    chunks = list(client.chat.completions.create(model=config.model, messages=messages, max_tokens=8, temperature=0, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    streamed = "".join(c.choices[0].text for c in client.completions.create(model=config.model, prompt="Rivers", max_tokens=6, temperature=0, stream=True))
+    assert streamed == client.completions.create(model=config.model, prompt="Rivers", max_tokens=6, temperature=0).choices[0].text
+
+
+def test_documents_through_extra_body_are_reused(live: LiveServer, config: KvcakeConfig) -> None:
+    client = live.client()
+    warmed = client.post("/kv/documents", body={"documents": DOCUMENTS}, cast_to=object)
+    assert [d["already_stored"] for d in warmed["data"]] == [False, False]
+    extra = {"kv_documents": DOCUMENTS, "reuse": "blend", "ratio": 0.2}
+    reply = client.chat.completions.create(model=config.model, messages=[{"role": "user", "content": "What colour is the book?"}], max_tokens=4, temperature=0, extra_body=extra)
+    accounting = reply.model_extra["kvcake"]
+    assert accounting["reuse"] == "blend" and accounting["documents_stored"] == 2 and accounting["tokens_loaded"] > 0
+    exact = client.chat.completions.create(
+        model=config.model, messages=[{"role": "user", "content": "What colour is the book?"}], max_tokens=4, temperature=0,
+        extra_body={"kv_documents": DOCUMENTS, "reuse": "compute"},
+    )
+    assert exact.model_extra["kvcake"]["tokens_loaded"] == 0 and exact.model_extra["kvcake"]["reuse"] == "compute"
+
+
+def test_bad_requests_raise_the_clients_exceptions(live: LiveServer, config: KvcakeConfig) -> None:
+    client = live.client()
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.completions.create(model="no-such-model", prompt="hi")
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model=config.model, prompt="hi", temperature=5)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model=config.model, prompt=[5] * 5000, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="reuse strategy"):
+        client.completions.create(model=config.model, prompt="hi", extra_body={"reuse": "sideways"})
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model=config.model, messages=[])
+    request = urllib.request.Request(live.url + "/v1/completions", data=b"{not json", headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        urllib.request.urlopen(request)
+    assert raised.value.code == 400 and "not valid JSON" in json.loads(raised.value.read())["error"]["message"]
+    assert client.completions.create(model=config.model, prompt="still fine", max_tokens=2, temperature=0).usage.completion_tokens >= 1
+
+
+def test_oversized_body_is_refused(config: KvcakeConfig) -> None:
+    engine = Engine(config.replace(max_body_bytes=2000))
+    with LiveServer(engine) as server, pytest.raises(openai.APIStatusError) as raised:
+        server.client().completions.create(model=config.model, prompt="x" * 5000)
+    assert raised.value.status_code == 413
+    engine.close()
+
+
+def test_tenants_never_share_cache_entries(config: KvcakeConfig) -> None:
+    engine = Engine(config.replace(api_keys="key-a:alice,key-b:bob"))
+    prompt = list(range(3, 3 + 96))
+    with LiveServer(engine) as server:
+        with pytest.raises(openai.AuthenticationError):
+            server.client("wrong").completions.create(model=config.model, prompt=prompt, max_tokens=1)
+        alice, bob = server.client("key-a"), server.client("key-b")
+        first = alice.completions.create(model=config.model, prompt=prompt, max_tokens=1, temperature=0)
+        engine.writeback.flush()
+        before = engine.store.stats()
+        other = bob.completions.create(model=config.model, prompt=prompt, max_tokens=1, temperature=0)
+        engine.writeback.flush()
+        after = engine.store.stats()
+        assert other.model_extra["kvcake"]["prefix_hit_chunks"] == 0 and after.hits == before.hits
+        again = alice.completions.create(model=config.model, prompt=prompt, max_tokens=1, temperature=0)
+        assert again.model_extra["kvcake"]["prefix_hit_chunks"] > 0
+        assert first.choices[0].text == other.choices[0].text == again.choices[0].text
+    engine.close()
+
+
+def test_metrics_and_health(live: LiveServer, config: KvcakeConfig) -> None:
+    live.client().completions.create(model=config.model, prompt="count me", max_tokens=2, temperature=0)
+    assert json.loads(urllib.request.urlopen(live.url + "/health").read())["status"] == "ok"
+    text = urllib.request.urlopen(live.url + "/metrics").read().decode()
+    assert "kvcake_ttft_seconds_count 1.0" in text
+    assert 'kvcake_requests_total{endpoint="/v1/completions",status="200"} 1.0' in text
+    assert "kvcake_queue_depth 0.0" in text and 'kvcake_store{counter="bytes_written"}' in text
