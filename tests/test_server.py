@@ -161,3 +161,70 @@ def test_metrics_and_health(live: LiveServer, config: KvcakeConfig) -> None:
     assert "kvcake_ttft_seconds_count 1.0" in text
     assert 'kvcake_requests_total{endpoint="/v1/completions",status="200"} 1.0' in text
     assert "kvcake_queue_depth 0.0" in text and 'kvcake_store{counter="bytes_written"}' in text
+
+
+def test_sixteen_concurrent_clients_get_the_serial_answers(config: KvcakeConfig) -> None:
+    shared_prefixes = [[7 + p] * 80 for p in range(4)]
+    prompts = [shared_prefixes[i % 4] + [20 + i, 21 + i] if i % 2 == 0 else [40 + i] * (30 + i) for i in range(40)]
+    engine = Engine(config)
+    with LiveServer(engine) as server:
+        client = server.client()
+        serial = {i: client.completions.create(model=config.model, prompt=prompts[i], max_tokens=4, temperature=0).choices[0].text for i in range(40)}
+        rss_before = _rss_bytes()
+
+        def run_client(client_index: int) -> list[tuple[int, str]]:
+            own = server.client()
+            picks = [(client_index * 10 + k) % 40 for k in range(10)]
+            return [(i, own.completions.create(model=config.model, prompt=prompts[i], max_tokens=4, temperature=0).choices[0].text) for i in picks]
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(16) as pool:
+            answers = [pair for result in pool.map(run_client, range(16)) for pair in result]
+        rss_after = _rss_bytes()
+    engine.close()
+    assert len(answers) == 160
+    assert all(text == serial[i] for i, text in answers)
+    assert rss_after - rss_before < 512 << 20
+
+
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_full_queue_answers_429_with_retry_after(config: KvcakeConfig) -> None:
+    engine = Engine(config.replace(max_queue=1))
+    with LiveServer(engine) as server:
+        slow = server.client().completions.create(model=config.model, prompt="a long answer", max_tokens=400, temperature=0, stream=True)
+        next(iter(slow))
+        queued = threading.Thread(target=lambda: server.client().completions.create(model=config.model, prompt="wait", max_tokens=1))
+        queued.start()
+        while server.engine and server_queue_depth(server) < 1:
+            time.sleep(0.01)
+        with pytest.raises(openai.RateLimitError) as raised:
+            server.client().completions.create(model=config.model, prompt="no room", max_tokens=1)
+        assert raised.value.response.headers["retry-after"] == "1"
+        slow.close()
+        queued.join()
+    engine.close()
+
+
+def server_queue_depth(server: LiveServer) -> int:
+    text = urllib.request.urlopen(server.url + "/metrics").read().decode()
+    return int(float(next(line.split()[1] for line in text.splitlines() if line.startswith("kvcake_queue_depth "))))
+
+
+def test_a_client_that_disconnects_mid_stream_frees_the_worker(live: LiveServer, config: KvcakeConfig) -> None:
+    client = live.client()
+    stream = client.completions.create(model=config.model, prompt="go on and on", max_tokens=2000, temperature=0, stream=True)
+    next(iter(stream))
+    stream.close()
+    after = client.completions.create(model=config.model, prompt="next", max_tokens=2, temperature=0)
+    assert after.usage.completion_tokens >= 1
+    text = urllib.request.urlopen(live.url + "/metrics").read().decode()
+    generated = float(next(line.split()[1] for line in text.splitlines() if line.startswith('kvcake_tokens_total{kind="generated"}')))
+    assert generated < 2000, "the abandoned stream stopped generating"
+    assert "kvcake_requests_cancelled_total 1.0" in text

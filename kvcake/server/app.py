@@ -50,8 +50,8 @@ class ApiError(Exception):
 def create_app(engine: Engine) -> FastAPI:
     config = engine.config
     tenants = config.tenants_by_key()
-    worker = ComputeWorker(engine, config.max_queue)
     metrics = ServerMetrics()
+    worker = ComputeWorker(engine, config.max_queue, metrics.record)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -114,12 +114,12 @@ def create_app(engine: Engine) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
         generate = _completion_request(body, config, request.state.tenant)
-        return await _respond(worker, metrics, engine, generate, body, "text_completion", request)
+        return await _respond(worker, engine, generate, body, "text_completion")
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request):
         generate = _chat_request(body, config, request.state.tenant)
-        return await _respond(worker, metrics, engine, generate, body, "chat.completion", request)
+        return await _respond(worker, engine, generate, body, "chat.completion")
 
     return app
 
@@ -186,7 +186,7 @@ def _chat_request(body: ChatBody, config: KvcakeConfig, tenant: str) -> Generate
     return GenerateRequest(query=turns[0]["content"], documents=body.kv_documents, system=system[0] if system else None, reuse=body.reuse or BLEND, **common)
 
 
-async def _respond(worker: ComputeWorker, metrics: ServerMetrics, engine: Engine, generate: GenerateRequest, body: SamplingFields, kind: str, request: Request):
+async def _respond(worker: ComputeWorker, engine: Engine, generate: GenerateRequest, body: SamplingFields, kind: str):
     try:
         await asyncio.to_thread(engine.check, generate)
     except RequestError as error:
@@ -200,7 +200,7 @@ async def _respond(worker: ComputeWorker, metrics: ServerMetrics, engine: Engine
         raise ApiError(429, str(error), kind="rate_limit_error", code="queue_full") from None
     reply = _Reply(kind, engine, body.model)
     if body.stream:
-        return StreamingResponse(_stream(events, job, reply, metrics, request), media_type="text/event-stream")
+        return StreamingResponse(_stream(events, job, reply), media_type="text/event-stream")
     try:
         while True:
             name, value = await events.get()
@@ -209,13 +209,12 @@ async def _respond(worker: ComputeWorker, metrics: ServerMetrics, engine: Engine
             elif name == "error":
                 raise _as_api_error(value)
             else:
-                metrics.record(value)
                 return reply.complete(value)
     finally:
         job.cancelled.set()
 
 
-async def _stream(events: asyncio.Queue, job: Job, reply: _Reply, metrics: ServerMetrics, request: Request) -> AsyncIterator[str]:
+async def _stream(events: asyncio.Queue, job: Job, reply: _Reply) -> AsyncIterator[str]:
     """SSE chunks; an error before the first token is sent as an error event. A disconnect cancels the job."""
     try:
         while True:
@@ -228,7 +227,6 @@ async def _stream(events: asyncio.Queue, job: Job, reply: _Reply, metrics: Serve
                 yield _sse(_as_api_error(value).body())
                 break
             else:
-                metrics.record(value)
                 yield _sse(reply.final_chunk(value))
                 break
         yield "data: [DONE]\n\n"

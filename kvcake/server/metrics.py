@@ -19,11 +19,16 @@ class ServerMetrics:
         self.prefix_lookups = Counter("kvcake_prefix_lookups", "Requests by whether a stored prefix was found.", ["outcome"], registry=self.registry)
         self.documents = Counter("kvcake_documents", "Documents of blend requests: found stored or computed.", ["outcome"], registry=self.registry)
         self.store = Gauge("kvcake_store", "Store counters (bytes read/written, hits, misses, errors).", ["counter"], registry=self.registry)
+        self.cancelled = Counter("kvcake_requests_cancelled", "Requests stopped because their client went away.", registry=self.registry)
         self.queue_depth = Gauge("kvcake_queue_depth", "Requests waiting for the compute thread.", registry=self.registry)
         self.writeback_dropped = Gauge("kvcake_writeback_dropped", "Computed chunks not written back (queue full).", registry=self.registry)
 
-    def record(self, metrics: RequestMetrics) -> None:
-        self.ttft.observe(metrics.ttft_s)
+    def record(self, metrics: RequestMetrics, cancelled: bool) -> None:
+        """Called by the compute thread for every request that ran, including ones whose client left."""
+        if cancelled:
+            self.cancelled.inc()
+        if metrics.generated_tokens:
+            self.ttft.observe(metrics.ttft_s)
         recomputed = metrics.blend.tokens_recomputed if metrics.blend else 0
         self.tokens.labels("computed").inc(metrics.tokens_computed)
         self.tokens.labels("loaded").inc(metrics.tokens_loaded)

@@ -35,8 +35,11 @@ class Job:
 
 
 class ComputeWorker:
-    def __init__(self, engine: Engine, max_queue: int):
+    """Runs jobs one by one; `on_finished(metrics, cancelled)` sees every job that started, abandoned ones too."""
+
+    def __init__(self, engine: Engine, max_queue: int, on_finished: Callable[[RequestMetrics, bool], None]):
         self.engine = engine
+        self._on_finished = on_finished
         self._queue: queue.Queue[Job | None] = queue.Queue(max_queue)
         self._thread = threading.Thread(target=self._run, name="kvcake-compute", daemon=True)
         self._thread.start()
@@ -64,6 +67,7 @@ class ComputeWorker:
                     if job.cancelled.is_set():
                         break
                     job.emit(("token", step))
+                self._on_finished(job.metrics, job.cancelled.is_set())
                 job.emit(("done", job.metrics))
             except Exception as error:
                 if not isinstance(error, ValueError):
