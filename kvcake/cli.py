@@ -24,11 +24,6 @@ EVALUATIONS = {
     "blend": ("kvcake.bench.blend_eval", "Answer quality of blended document reuse on multi-document QA from quoref."),
 }
 
-DEMO_QUESTIONS = (
-    "In two sentences, what is the main argument of the essay above?",
-    "Which examples does the essay above give?",
-)
-
 
 def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
@@ -58,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(generate)
     generate.set_defaults(handler=_generate)
 
-    demo = commands.add_parser("demo", help="The main job: answer a question over a built-in long document (a Paul Graham essay).")
+    demo = commands.add_parser(
+        "demo", help="The main job: start the server, ask two questions over one long document (a Paul Graham essay), show the reuse."
+    )
     demo.add_argument("--document-chars", type=int, default=6000, help="Characters of the document to use (about 4 per token).")
-    _add_sampling_flags(demo)
     add_config_flags(demo)
     demo.set_defaults(handler=_demo)
 
@@ -199,15 +195,9 @@ def _warm(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from kvcake.data import long_text
-    from kvcake.engine import GenerateRequest
+    from kvcake.server.demo import run_demo
 
-    config = config_from_args(args)
-    document = long_text(config.cache_path(), args.document_chars)
-    with _engine(config) as engine:
-        for question in DEMO_QUESTIONS:
-            print(f"[kvcake] question over a {len(document)}-character document: {question}\n", file=sys.stderr)
-            _run_and_print(engine, GenerateRequest(prompt=f"{document}\n\n{question}", sampling=_sampling(args, config)))
+    run_demo(config_from_args(args), args.document_chars)
     return 0
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 import urllib.request
@@ -12,45 +11,15 @@ from pathlib import Path
 
 import openai
 import pytest
-import uvicorn
 
 from kvcake.config import KvcakeConfig
 from kvcake.engine import Engine
-from kvcake.server.app import create_app
+from kvcake.server.background import BackgroundServer
 
 DOCUMENTS = ["The lighthouse keeper wrote every ship's name in a blue book. " * 3, "The mill by the river floods each spring. " * 4]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class LiveServer:
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
+class LiveServer(BackgroundServer):
     def client(self, api_key: str = "none") -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=120)
 
@@ -228,3 +197,14 @@ def test_a_client_that_disconnects_mid_stream_frees_the_worker(live: LiveServer,
     generated = float(next(line.split()[1] for line in text.splitlines() if line.startswith('kvcake_tokens_total{kind="generated"}')))
     assert generated < 2000, "the abandoned stream stopped generating"
     assert "kvcake_requests_cancelled_total 1.0" in text
+
+
+def test_demo_serves_and_reuses_the_document(tiny_folders: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    from kvcake.cli import main
+
+    flags = ["--model", str(tiny_folders["llama"]), "--dtype", "float32", "--store-url", "memory://", "--chunk-size", "64", "--max-tokens", "3"]
+    assert main(["demo", "--document-chars", "3000", *flags]) == 0
+    err = capsys.readouterr().err
+    first, second = [line for line in err.splitlines() if line.startswith("[kvcake] ttft=")]
+    assert "stored_chunks_hit=0 " in first and "loaded=0 " in first
+    assert "stored_chunks_hit=0 " not in second and "(computed) ->" in err
