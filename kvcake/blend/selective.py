@@ -117,13 +117,13 @@ class BlendPrefill:
         first_loaded = self.loaded_layers(len(doc_tokens)).start
         started = time.perf_counter()
         waited_before = prefetcher.wait_s
-        active, last_hidden = self._layers(cache, token_ids, positions, doc_tokens, doc_row, checks, first_loaded, prefetcher, report)
+        active, active_hidden = self._layers(cache, token_ids, positions, doc_tokens, doc_row, checks, first_loaded, prefetcher, report)
         report.load_wait_s = prefetcher.wait_s - waited_before
         report.compute_s = time.perf_counter() - started - report.load_wait_s
         report.load_s, report.bytes_loaded = prefetcher.load_s, prefetcher.bytes_loaded
         report.tokens_recomputed = int((doc_row[active] >= 0).sum())
         report.tokens_reused = len(doc_tokens) - report.tokens_recomputed
-        return self.model.logits(last_hidden)[-1], report
+        return self.model.logits(active_hidden[-1:])[-1], report
 
     def _checks(self, num_doc_tokens: int) -> dict[int, int]:
         """Check layer -> number of document tokens kept there (none when nothing is dropped)."""
