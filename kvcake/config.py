@@ -53,6 +53,8 @@ class KvcakeConfig:
     shared_documents: bool = _setting(False, "Documents (blend) are keyed without the tenant salt, so all tenants share one corpus.")
     max_queue: int = _setting(64, "`kvcake serve`: requests waiting for compute before new ones get 429.")
     max_body_bytes: int = _setting(8_000_000, "`kvcake serve`: largest request body accepted (413 above it).")
+    io_threads: int = _setting(2, "`kvcake serve`: threads loading the stored prefixes of waiting requests while another computes (0 = off).")
+    prefetch_gb: float = _setting(2.0, "`kvcake serve`: most KV that waiting requests may hold preloaded, in GB.")
 
     def __post_init__(self) -> None:
         for name in ("chunk_size", "max_tokens", "max_queue", "max_body_bytes"):
@@ -60,8 +62,9 @@ class KvcakeConfig:
                 raise ConfigError(f"setting {name!r} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.blend_ratio <= 1.0:
             raise ConfigError(f"setting 'blend_ratio' must lie in [0, 1], got {self.blend_ratio}")
-        if self.threads < 0:
-            raise ConfigError(f"setting 'threads' must be >= 0, got {self.threads}")
+        for name in ("threads", "io_threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"setting {name!r} must be >= 0, got {getattr(self, name)}")
 
     def tenants_by_key(self) -> dict[str, str]:
         """API key -> tenant, from `api_keys`."""

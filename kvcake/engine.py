@@ -12,7 +12,7 @@ from kvcake.blend import BlendFallback, BlendPrefill, BlendReport, LayerKV, Laye
 from kvcake.config import ConfigError, KvcakeConfig
 from kvcake.runtime import keep_freed_memory
 from kvcake.model import KVCache, SamplingParams, Sampler, load_model, resolve_device, resolve_dtype, weights_identity
-from kvcake.schedule import CostProfile, PrefixPrefill, PrefixReport, Strategy, WriteBack
+from kvcake.schedule import ByteBudget, CostProfile, PrefixPrefetch, PrefixPrefill, PrefixReport, Strategy, WriteBack
 from kvcake.segments import PromptLayout, Segments, document_preamble, document_token_ids, layout, split_prompt
 from kvcake.store import ChunkKV, KVStore, document_key, model_fingerprint, open_store, prefix_chunk_keys
 
@@ -107,6 +107,7 @@ class Engine:
         self.fingerprint = model_fingerprint(self.model.config.as_dict(), weights_identity(self.model_folder), str(dtype))
         self.store = store if store is not None else open_store(config.effective_store_url())
         self.writeback = WriteBack(self.store)
+        self.prefetch_budget = ByteBudget(int(config.prefetch_gb * 1e9))
         self.cost_profile = CostProfile()
         self.check_layers = parse_check_layers(config.blend_check_layers, self.model.config.num_layers)
 
@@ -155,25 +156,46 @@ class Engine:
             return self.tokenizer.encode(self.tokenizer.render_chat([{"role": "user", "content": request.prompt}]))
         return self.tokenizer.encode(request.prompt or "")
 
-    def prefill(self, prompt_ids: list[int], capacity: int, strategy: Strategy | None = None, tenant: str | None = None) -> tuple[Prefill, PrefixReport]:
+    def prefill(
+        self,
+        prompt_ids: list[int],
+        capacity: int,
+        strategy: Strategy | None = None,
+        tenant: str | None = None,
+        prefetched: PrefixPrefetch | None = None,
+    ) -> tuple[Prefill, PrefixReport]:
         """KV of the prompt: the longest stored prefix by `strategy`, then the rest computed.
 
         Only chunks that end before the last prompt token are reused, since the first
         token's logits need that token computed. Computed full chunks are written back.
+        Chunks `prefetched` while the request waited are used as loaded (Cake, load).
         """
         chunk_size = self.config.chunk_size
+        strategy = strategy or self._prefix_strategy(self.default_reuse)
         keys = prefix_chunk_keys(self.fingerprint, self.config.tenant if tenant is None else tenant, prompt_ids, chunk_size)
         reusable = keys[: (len(prompt_ids) - 1) // chunk_size]
         num_hit = self._stored_prefix_length(reusable)
         cache = self.model.new_cache(capacity)
+        ready = prefetched.take_back(num_hit) if prefetched is not None and strategy.name in ("cake", "load") else {}
         prefix = PrefixPrefill(self.model, chunk_size, prompt_ids, self._chunk_loader(reusable), self.cost_profile)
-        report = prefix.run(cache, num_hit, strategy or self._prefix_strategy(self.default_reuse))
+        report = prefix.run(cache, num_hit, strategy, ready)
         started = time.perf_counter()
         last_logits = self._compute_rest(prompt_ids, cache, num_hit, keys)
         report.compute_s += time.perf_counter() - started
         for index, (k, v) in prefix.computed_kv.items():
             self.writeback.submit(keys[index], k, v)
         return Prefill(cache, last_logits, len(prompt_ids)), report
+
+    def prefetch_prefix(self, request: GenerateRequest) -> PrefixPrefetch | None:
+        """For a request that waits its turn: a loader of its stored prefix chunks (run it on an I/O thread)."""
+        planned = self.plan_prompt(request)
+        reuse = parse_reuse(request.reuse) if request.reuse else self.default_reuse
+        exact = planned.token_ids[: planned.prefix_length] if reuse == BLEND and planned.document_spans else planned.token_ids
+        chunk_size = self.config.chunk_size
+        tenant = self.config.tenant if request.tenant is None else request.tenant
+        reusable = prefix_chunk_keys(self.fingerprint, tenant, exact, chunk_size)[: (len(exact) - 1) // chunk_size]
+        num_hit = self._stored_prefix_length(reusable)
+        return PrefixPrefetch(self._chunk_loader(reusable), num_hit, self.prefetch_budget) if num_hit else None
 
     def _stored_prefix_length(self, keys: list[str]) -> int:
         for index, key in enumerate(keys):
@@ -219,7 +241,7 @@ class Engine:
         assert first_logits is not None
         return GenerateResult(self.tokenizer.decode(token_ids), token_ids, finish_reason, first_logits, metrics)
 
-    def stream(self, request: GenerateRequest, metrics: RequestMetrics) -> Iterator[Step]:
+    def stream(self, request: GenerateRequest, metrics: RequestMetrics, prefetched: PrefixPrefetch | None = None) -> Iterator[Step]:
         """Yield generated tokens one by one; `metrics` is filled in as the request runs."""
         started = time.perf_counter()
         planned = self.plan_prompt(request)
@@ -230,9 +252,9 @@ class Engine:
         budget = min(params.max_tokens, self.context_length - prompt_length)
         with torch.inference_mode():
             if reuse == BLEND and planned.document_spans:
-                state, report, blend = self.blend_prefill(planned, prompt_length + budget, ratio, request.tenant)
+                state, report, blend = self.blend_prefill(planned, prompt_length + budget, ratio, request.tenant, prefetched)
             else:
-                state, report = self.prefill(planned.token_ids, prompt_length + budget, self._prefix_strategy(reuse), request.tenant)
+                state, report = self.prefill(planned.token_ids, prompt_length + budget, self._prefix_strategy(reuse), request.tenant, prefetched)
                 blend = None
             metrics.prompt_tokens = prompt_length
             metrics.tokens_loaded = report.tokens_loaded + (blend.tokens_reused if blend else 0)
@@ -255,7 +277,9 @@ class Engine:
 
     # ---- documents (blend) ---------------------------------------------------------
 
-    def blend_prefill(self, planned: PromptLayout, capacity: int, ratio: float, tenant: str | None = None) -> tuple[Prefill, PrefixReport, BlendReport]:
+    def blend_prefill(
+        self, planned: PromptLayout, capacity: int, ratio: float, tenant: str | None = None, prefetched: PrefixPrefetch | None = None
+    ) -> tuple[Prefill, PrefixReport, BlendReport]:
         """Exact prefix (Cake), then the documents' stored KV blended at `ratio`, the query computed.
 
         Documents missing from the store are computed in isolation first and stored.
@@ -272,7 +296,7 @@ class Engine:
         source, stored = self._document_source(planned, ratio, tenant)
         prefetcher = LayerPrefetcher(source, blender.loaded_layers(int(is_document.sum())))
         try:
-            cache, report = self._exact_prefix(planned.token_ids[: planned.prefix_length], capacity, tenant)
+            cache, report = self._exact_prefix(planned.token_ids[: planned.prefix_length], capacity, tenant, prefetched)
             try:
                 logits, blend = blender.run(cache, rest, positions, is_document, prefetcher)
             except BlendFallback as failure:
@@ -285,10 +309,12 @@ class Engine:
         blend.documents_computed = blend.documents - stored
         return Prefill(cache, logits, len(planned.token_ids)), report, blend
 
-    def _exact_prefix(self, prefix_ids: list[int], capacity: int, tenant: str | None) -> tuple[KVCache, PrefixReport]:
+    def _exact_prefix(
+        self, prefix_ids: list[int], capacity: int, tenant: str | None, prefetched: PrefixPrefetch | None
+    ) -> tuple[KVCache, PrefixReport]:
         if not prefix_ids:
             return self.model.new_cache(capacity), PrefixReport()
-        state, report = self.prefill(prefix_ids, capacity, Strategy("cake"), tenant)
+        state, report = self.prefill(prefix_ids, capacity, Strategy("cake"), tenant, prefetched)
         return state.cache, report
 
     def document_key(self, document_ids: list[int], preamble: tuple[int, ...], tenant: str | None = None) -> str:

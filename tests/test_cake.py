@@ -9,7 +9,7 @@ import torch
 
 from kvcake.config import KvcakeConfig
 from kvcake.data import long_text
-from kvcake.engine import Engine, GenerateRequest, GenerateResult
+from kvcake.engine import Engine, GenerateRequest, GenerateResult, RequestMetrics
 from kvcake.model import SamplingParams
 from kvcake.store import open_store
 
@@ -130,3 +130,42 @@ def test_store_that_is_down_never_fails_a_request(tiny_folders: dict[str, Path],
     assert second.metrics.prefix.hit_chunks == 0 and second.metrics.tokens_computed == len(prompt)
     assert sum(engine.store.stats().errors.values()) > 0
     engine.close()
+
+
+def test_prefix_prefetched_while_waiting_stays_exact(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
+    """A waiting request's stored chunks loaded ahead (from the back) are used as loaded; the budget bounds them."""
+    from kvcake.model import SamplingParams
+
+    config = KvcakeConfig(model=str(tiny_folders["llama"]), device="cpu", dtype="float32", chunk_size=32, store_url="memory://", cache_dir=str(tmp_path))
+    engine = Engine(config)
+    prompt = torch.randint(3, 512, (32 * 10 + 5,), generator=torch.Generator().manual_seed(2)).tolist()
+    reference = ask(engine, prompt, "compute")
+    request = GenerateRequest(token_ids=prompt, reuse="cake", sampling=SamplingParams(max_tokens=8))
+    prefetch = engine.prefetch_prefix(request)
+    prefetch.run()
+    assert engine.prefetch_budget.used_bytes == prefetch.held_bytes > 0
+    metrics = RequestMetrics()
+    steps = list(engine.stream(request, metrics, prefetch))
+    prefetch.release()
+    assert [s.token_id for s in steps] == reference.token_ids
+    assert (steps[0].logits - reference.first_token_logits).abs().max().item() <= 1e-5
+    assert metrics.prefix.chunks_prefetched == 10 and metrics.prefix.chunks_loaded == 10
+    assert engine.prefetch_budget.used_bytes == 0
+
+    held = engine.prefetch_budget.limit_bytes
+    engine.prefetch_budget.limit_bytes = 3 * (held and _chunk_bytes(engine, prompt))
+    small = engine.prefetch_prefix(request)
+    small.run()
+    metrics = RequestMetrics()
+    steps = list(engine.stream(request, metrics, small))
+    small.release()
+    assert [s.token_id for s in steps] == reference.token_ids
+    assert metrics.prefix.chunks_prefetched == 3
+    engine.close()
+
+
+def _chunk_bytes(engine: Engine, prompt: list[int]) -> int:
+    from kvcake.store import prefix_chunk_keys
+
+    key = prefix_chunk_keys(engine.fingerprint, "", prompt, engine.config.chunk_size)[0]
+    return engine.store.get(key).nbytes

@@ -82,6 +82,7 @@ class PrefixReport:
     tokens_loaded: int = 0
     bytes_loaded: int = 0
     meet_chunk: int | None = None
+    chunks_prefetched: int = 0
     load_failures: int = 0
     compute_s: float = 0.0
     io_wait_s: float = 0.0
@@ -272,11 +273,20 @@ class PrefixPrefill:
         self.computed_kv: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self._observed_compute: list[tuple[int, float]] = []
 
-    def run(self, cache: KVCache, num_chunks: int, strategy: Strategy) -> PrefixReport:
-        compute_limit, loader_floor = strategy.limits(num_chunks)
-        meeting = _Meeting(num_chunks, compute_limit, loader_floor, self.profile)
-        report = PrefixReport(strategy=str(strategy), hit_chunks=num_chunks)
-        loaded: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    def run(
+        self,
+        cache: KVCache,
+        num_chunks: int,
+        strategy: Strategy,
+        prefetched: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None,
+    ) -> PrefixReport:
+        """`prefetched` holds chunks num_chunks-1, num_chunks-2, ... already loaded; the strategy schedules the rest."""
+        prefetched = prefetched or {}
+        scheduled = num_chunks - len(prefetched)
+        compute_limit, loader_floor = strategy.limits(scheduled)
+        meeting = _Meeting(scheduled, compute_limit, loader_floor, self.profile)
+        report = PrefixReport(strategy=str(strategy), hit_chunks=num_chunks, chunks_prefetched=len(prefetched))
+        loaded: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = dict(prefetched)
         loader = threading.Thread(target=self._load_from_back, args=(meeting, loaded, report), name="kvcake-loader", daemon=True)
         loader.start()
         self._compute_from_front(cache, meeting, report)

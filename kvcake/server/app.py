@@ -51,7 +51,7 @@ def create_app(engine: Engine) -> FastAPI:
     config = engine.config
     tenants = config.tenants_by_key()
     metrics = ServerMetrics()
-    worker = ComputeWorker(engine, config.max_queue, metrics.record)
+    worker = ComputeWorker(engine, config.max_queue, config.io_threads, metrics.record)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

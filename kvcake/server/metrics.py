@@ -17,6 +17,7 @@ class ServerMetrics:
         self.ttft = Histogram("kvcake_ttft_seconds", "Time to first token.", buckets=TTFT_BUCKETS, registry=self.registry)
         self.tokens = Counter("kvcake_tokens", "Prompt tokens by how they were obtained, and generated tokens.", ["kind"], registry=self.registry)
         self.prefix_lookups = Counter("kvcake_prefix_lookups", "Requests by whether a stored prefix was found.", ["outcome"], registry=self.registry)
+        self.prefetched_chunks = Counter("kvcake_prefetched_chunks", "Stored prefix chunks loaded while their request waited.", registry=self.registry)
         self.documents = Counter("kvcake_documents", "Documents of blend requests: found stored or computed.", ["outcome"], registry=self.registry)
         self.store = Gauge("kvcake_store", "Store counters (bytes read/written, hits, misses, errors).", ["counter"], registry=self.registry)
         self.cancelled = Counter("kvcake_requests_cancelled", "Requests stopped because their client went away.", registry=self.registry)
@@ -35,6 +36,7 @@ class ServerMetrics:
         self.tokens.labels("recomputed").inc(recomputed)
         self.tokens.labels("generated").inc(metrics.generated_tokens)
         self.prefix_lookups.labels("hit" if metrics.prefix.hit_chunks else "miss").inc()
+        self.prefetched_chunks.inc(metrics.prefix.chunks_prefetched)
         if metrics.blend:
             self.documents.labels("stored").inc(metrics.blend.documents_stored)
             self.documents.labels("computed").inc(metrics.blend.documents_computed)

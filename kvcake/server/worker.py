@@ -1,9 +1,12 @@
-"""One compute thread in front of the engine, fed by a bounded queue.
+"""One compute thread in front of the engine, fed by a bounded queue, and an I/O pool beside it.
 
 The engine runs one request at a time (one model, one KV cache per request). Requests
-wait in a bounded queue; a full queue is refused at once (the API answers 429). Each
-job streams its events back through `emit`, which the HTTP layer makes thread-safe. A
-job whose client went away is skipped, or stopped at its next token.
+wait in a bounded queue; a full queue is refused at once (the API answers 429). While a
+request waits, an I/O thread loads its stored prefix chunks from the back
+(`Engine.prefetch_prefix`), so its Cake prefill starts with them in hand: storage reads
+overlap the compute of the request ahead. Each job streams its events back through
+`emit`, which the HTTP layer makes thread-safe. A job whose client went away is
+skipped, or stopped at its next token.
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from kvcake.engine import Engine, GenerateRequest, RequestMetrics
+from kvcake.schedule import PrefixPrefetch
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +37,18 @@ class Job:
     emit: Callable[[tuple[str, Any]], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    prefetch: PrefixPrefetch | None = None
+    started: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class ComputeWorker:
     """Runs jobs one by one; `on_finished(metrics, cancelled)` sees every job that started, abandoned ones too."""
 
-    def __init__(self, engine: Engine, max_queue: int, on_finished: Callable[[RequestMetrics, bool], None]):
+    def __init__(self, engine: Engine, max_queue: int, io_threads: int, on_finished: Callable[[RequestMetrics, bool], None]):
         self.engine = engine
         self._on_finished = on_finished
+        self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="kvcake-prefetch") if io_threads else None
         self._queue: queue.Queue[Job | None] = queue.Queue(max_queue)
         self._thread = threading.Thread(target=self._run, name="kvcake-compute", daemon=True)
         self._thread.start()
@@ -53,17 +62,35 @@ class ComputeWorker:
             self._queue.put_nowait(job)
         except queue.Full:
             raise QueueFull("the server is at capacity; retry later") from None
+        if self._io is not None:
+            self._io.submit(self._prefetch, job)
 
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join()
+        if self._io is not None:
+            self._io.shutdown(cancel_futures=True)
+
+    def _prefetch(self, job: Job) -> None:
+        """Load the waiting job's stored prefix; nothing happens once the job has started."""
+        try:
+            with job.lock:
+                if job.started or job.cancelled.is_set():
+                    return
+                job.prefetch = self.engine.prefetch_prefix(job.request)
+            if job.prefetch is not None:
+                job.prefetch.run()
+        except Exception:
+            log.exception("prefetching a waiting request's prefix failed; it will load on its own")
 
     def _run(self) -> None:
         while (job := self._queue.get()) is not None:
-            if job.cancelled.is_set():
-                continue
+            with job.lock:
+                job.started = True
             try:
-                for step in self.engine.stream(job.request, job.metrics):
+                if job.cancelled.is_set():
+                    continue
+                for step in self.engine.stream(job.request, job.metrics, job.prefetch):
                     if job.cancelled.is_set():
                         break
                     job.emit(("token", step))
@@ -73,3 +100,6 @@ class ComputeWorker:
                 if not isinstance(error, ValueError):
                     log.exception("request failed")
                 job.emit(("error", error))
+            finally:
+                if job.prefetch is not None:
+                    job.prefetch.release()
