@@ -18,6 +18,7 @@ BENCHMARKS = {
     "prefill": ("kvcake.bench.prefill", "Our full prefill vs the Hugging Face forward on the same prompt (1k/2k/4k tokens)."),
     "cake": ("kvcake.bench.cake", "TTFT of compute, load, Cake and the best static split over a storage bandwidth grid."),
     "store": ("kvcake.bench.store", "KV store read/write throughput per tier and chunk size; throttle accuracy."),
+    "serve": ("kvcake.bench.serve", "Server throughput and TTFT p50/p99 under a mixed workload: compute-only vs load-only vs Cake."),
     "blend": ("kvcake.bench.blend", "TTFT of full prefill, naive reuse and blend on a ~4k-token multi-document prompt, in memory and throttled."),
 }
 EVALUATIONS = {
