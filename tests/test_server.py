@@ -208,3 +208,23 @@ def test_demo_serves_and_reuses_the_document(tiny_folders: dict[str, Path], caps
     first, second = [line for line in err.splitlines() if line.startswith("[kvcake] ttft=")]
     assert "stored_chunks_hit=0 " in first and "loaded=0 " in first
     assert "stored_chunks_hit=0 " not in second and "(computed) ->" in err
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_documents_are_per_tenant_unless_shared(config: KvcakeConfig, shared: bool) -> None:
+    engine = Engine(config.replace(api_keys="key-a:alice,key-b:bob", shared_documents=shared))
+    with LiveServer(engine) as server:
+        server.client("key-a").post("/kv/documents", body={"documents": DOCUMENTS}, cast_to=object)
+        reply = server.client("key-b").chat.completions.create(
+            model=config.model, messages=[{"role": "user", "content": "Which book?"}], max_tokens=2, temperature=0,
+            extra_body={"kv_documents": DOCUMENTS},
+        )
+    engine.close()
+    assert reply.model_extra["kvcake"]["documents_stored"] == (2 if shared else 0)
+
+
+def test_missing_fields_name_the_field(live: LiveServer, config: KvcakeConfig) -> None:
+    with pytest.raises(openai.BadRequestError, match="prompt"):
+        live.client().post("/completions", body={"model": config.model}, cast_to=object)
+    with pytest.raises(openai.BadRequestError, match="kv_documents"):
+        live.client().post("/completions", body={"model": config.model, "prompt": "q", "kv_documents": "not a list"}, cast_to=object)

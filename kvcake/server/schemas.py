@@ -51,3 +51,4 @@ class WarmBody(BaseModel):
 
     documents: list[str] = Field(min_length=1)
     model: str | None = None
+    chat: bool = Field(default=True, description="Warm for chat requests (true) or for plain completions (false).")
