@@ -17,6 +17,8 @@ from kvcake.segments import PromptLayout, Segments, document_preamble, document_
 from kvcake.store import ChunkKV, KVStore, document_key, model_fingerprint, open_store, prefix_chunk_keys
 
 BLEND = "blend"
+PREFETCHING = ("cake", "load")
+"""Prefix strategies that use chunks loaded while the request waited (the others fix their own split)."""
 SHARED_DOCUMENTS_SALT = "kvcake-shared-documents"
 """Salt of document keys when `shared_documents` is on: one corpus for every tenant."""
 
@@ -176,7 +178,7 @@ class Engine:
         reusable = keys[: (len(prompt_ids) - 1) // chunk_size]
         num_hit = self._stored_prefix_length(reusable)
         cache = self.model.new_cache(capacity)
-        ready = prefetched.take_back(num_hit) if prefetched is not None and strategy.name in ("cake", "load") else {}
+        ready = prefetched.take_back(num_hit) if prefetched is not None and strategy.name in PREFETCHING else {}
         prefix = PrefixPrefill(self.model, chunk_size, prompt_ids, self._chunk_loader(reusable), self.cost_profile)
         report = prefix.run(cache, num_hit, strategy, ready)
         started = time.perf_counter()
@@ -190,6 +192,8 @@ class Engine:
         """For a request that waits its turn: a loader of its stored prefix chunks (run it on an I/O thread)."""
         planned = self.plan_prompt(request)
         reuse = parse_reuse(request.reuse) if request.reuse else self.default_reuse
+        if self._prefix_strategy(reuse).name not in PREFETCHING:
+            return None
         exact = planned.token_ids[: planned.prefix_length] if reuse == BLEND and planned.document_spans else planned.token_ids
         chunk_size = self.config.chunk_size
         tenant = self.config.tenant if request.tenant is None else request.tenant

@@ -4,7 +4,8 @@ The workload: `--requests` chat requests sent by `--concurrency` clients at once
 `openai` client, streaming, greedy). Half of them ask about one of `--documents` long
 documents (their prefix is stored: hits); the other half carry a long text of their
 own (misses). The store is in memory behind an emulated link whose bandwidth makes
-loading one document's prefix take as long as computing it, times `--factor`.
+loading one document's prefix take as long as computing it (balanced), times each of
+`--factors`: below 1 the link is the bottleneck of load-only serving, above 1 compute is.
 
 For each strategy (compute-only, load-only, Cake) the server starts on a fresh store,
 the documents are stored by one untimed request each, and the workload runs; the
@@ -43,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=4, help="Clients sending at once.")
     parser.add_argument("--documents", type=int, default=4, help="Distinct long documents shared by the hits.")
     parser.add_argument("--document-chars", type=int, default=6000, help="Characters per document (about 4 per token).")
-    parser.add_argument("--factor", type=float, default=1.0, help="Link bandwidth as a multiple of the balanced one.")
+    parser.add_argument("--factors", default="0.5,1", help="Link bandwidths as multiples of the balanced one.")
     parser.add_argument("--answer-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=Path("docs/benchmarks"))
@@ -56,13 +57,15 @@ def run(args: argparse.Namespace) -> None:
     rng = random.Random(args.seed)
     workload = [_messages(shared[i % len(shared)], i) if i % 2 == 0 else _messages(own[i // 2 % len(own)], i) for i in range(args.requests)]
     rng.shuffle(workload)
-    gbps, compute_s = _balanced_link(config, shared[0])
-    gbps *= args.factor
-    print(f"one document prefix computes in {compute_s:.2f}s; link {gbps:.3f} Gbps ({args.factor:g}x balanced)", flush=True)
-    results = {strategy: _run_strategy(config.replace(reuse=strategy), gbps, shared, workload, args) for strategy in STRATEGIES}
-    for strategy, result in results.items():
-        print(strategy, json.dumps({k: v for k, v in result.items() if k != "ttft_s"}), flush=True)
-    record = {"settings": _settings(config, args, gbps, compute_s), "results": results}
+    balanced_gbps, compute_s = _balanced_link(config, shared[0])
+    print(f"one document prefix computes in {compute_s:.2f}s; balanced link {balanced_gbps:.3f} Gbps", flush=True)
+    cells = []
+    for factor in (float(f) for f in args.factors.split(",")):
+        results = {s: _run_strategy(config.replace(reuse=s), balanced_gbps * factor, shared, workload, args) for s in STRATEGIES}
+        for strategy, result in results.items():
+            print(f"{factor:g}x", strategy, json.dumps({k: v for k, v in result.items() if k != "ttft_s"}), flush=True)
+        cells.append({"factor": factor, "link_gbps": balanced_gbps * factor, "results": results})
+    record = {"settings": _settings(config, args, balanced_gbps, compute_s), "cells": cells}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "serve.json").write_text(json.dumps(record, indent=2))
     _report(args.out_dir, record)
@@ -126,54 +129,57 @@ def _ask(client: openai.OpenAI, model: str, messages: list[dict], answer_tokens:
     return first if first is not None else time.perf_counter() - sent
 
 
-def _settings(config: KvcakeConfig, args: argparse.Namespace, gbps: float, compute_s: float) -> dict:
+def _settings(config: KvcakeConfig, args: argparse.Namespace, balanced_gbps: float, compute_s: float) -> dict:
     return {
         "model": config.model, "dtype": config.dtype, "requests": args.requests, "concurrency": args.concurrency,
-        "documents": args.documents, "document_chars": args.document_chars, "link_gbps": gbps, "factor": args.factor,
+        "documents": args.documents, "document_chars": args.document_chars, "balanced_gbps": balanced_gbps,
         "document_compute_s": compute_s, "io_threads": config.io_threads, "machine": machine_description(),
     }
 
 
 def _report(out_dir: Path, record: dict) -> None:
-    settings, results = record["settings"], record["results"]
-    best_baseline = max(results["compute"]["requests_per_s"], results["load"]["requests_per_s"])
-    rows = [
-        {"reuse": name, "requests/s": r["requests_per_s"], "vs best baseline": r["requests_per_s"] / best_baseline,
-         "TTFT p50 s": r["ttft_p50_s"], "TTFT p99 s": r["ttft_p99_s"], "wall s": r["seconds"]}
-        for name, r in results.items()
-    ]
+    settings = record["settings"]
+    rows = []
+    for cell in record["cells"]:
+        results = cell["results"]
+        best_baseline = max(results["compute"]["requests_per_s"], results["load"]["requests_per_s"])
+        rows += [
+            {"link": f"{cell['link_gbps']:.3f} Gbps ({cell['factor']:g}x)", "reuse": name, "requests/s": r["requests_per_s"],
+             "vs best baseline": r["requests_per_s"] / best_baseline, "TTFT p50 s": r["ttft_p50_s"], "TTFT p99 s": r["ttft_p99_s"],
+             "wall s": r["seconds"]}
+            for name, r in results.items()
+        ]
     header = [
         f"Model `{settings['model']}`, {settings['requests']} chat requests from {settings['concurrency']} concurrent clients; "
         f"half ask about one of {settings['documents']} stored documents of {settings['document_chars']} characters, half bring "
-        f"their own. Store in memory behind a {settings['link_gbps']:.3f} Gbps link ({settings['factor']:g}x the bandwidth at "
-        f"which a document loads as fast as it computes, {settings['document_compute_s']:.2f} s). I/O threads: "
-        f"{settings['io_threads']}. Machine: {settings['machine']}.",
+        f"their own. Store in memory behind an emulated link; 1x is {settings['balanced_gbps']:.3f} Gbps, the bandwidth at which "
+        f"a document loads as fast as it computes ({settings['document_compute_s']:.2f} s). I/O threads: {settings['io_threads']}. "
+        f"Machine: {settings['machine']}.",
         "",
         "TTFT is measured by the client, from sending the request to the first streamed token (queueing included).",
     ]
     write_report(out_dir / "serve.md", "Serving throughput by reuse strategy", header, rows)
-    _plot(out_dir / "serve.png", results)
+    _plot(out_dir / "serve.png", record["cells"])
 
 
-def _plot(path: Path, results: dict) -> None:
+def _plot(path: Path, cells: list[dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(results)
     figure, (throughput, latency) = plt.subplots(1, 2, figsize=(10, 4))
-    throughput.bar(names, [results[n]["requests_per_s"] for n in names])
-    throughput.set_ylabel("requests / s")
-    throughput.set_title("throughput")
-    width = 0.35
-    positions = range(len(names))
-    latency.bar([p - width / 2 for p in positions], [results[n]["ttft_p50_s"] for n in names], width, label="p50")
-    latency.bar([p + width / 2 for p in positions], [results[n]["ttft_p99_s"] for n in names], width, label="p99")
-    latency.set_xticks(list(positions), names)
-    latency.set_ylabel("TTFT (s)")
-    latency.set_title("client-side TTFT")
-    latency.legend()
+    width = 0.8 / len(STRATEGIES)
+    for offset, strategy in enumerate(STRATEGIES):
+        xs = [i + (offset - 1) * width for i in range(len(cells))]
+        throughput.bar(xs, [c["results"][strategy]["requests_per_s"] for c in cells], width, label=strategy)
+        latency.bar(xs, [c["results"][strategy]["ttft_p99_s"] for c in cells], width, label=strategy)
+    labels = [f"{c['factor']:g}x link" for c in cells]
+    for axis, title, unit in ((throughput, "throughput", "requests / s"), (latency, "client-side TTFT p99", "seconds")):
+        axis.set_xticks(range(len(cells)), labels)
+        axis.set_title(title)
+        axis.set_ylabel(unit)
+        axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
