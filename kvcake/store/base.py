@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -71,8 +72,8 @@ class KVStore(ABC):
         """(K, V) of one layer, reading only that layer's bytes."""
 
     @abstractmethod
-    def get_tokens(self, key: str, start: int, end: int) -> ChunkKV | None:
-        """Tokens [start, end) of every layer, reading only the pages that cover them."""
+    def get_tokens(self, key: str, start: int, end: int, layers: Sequence[int] | None = None) -> ChunkKV | None:
+        """Tokens [start, end) of every layer (or of `layers`, in that order), reading only the pages that cover them."""
 
     @abstractmethod
     def put(self, key: str, chunk: ChunkKV) -> bool:

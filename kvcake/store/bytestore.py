@@ -7,7 +7,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
@@ -79,18 +79,22 @@ class ByteStore(KVStore):
 
         return self._count(self._guarded(key, lambda: self._read_partial(key, ranges, decode), None))
 
-    def get_tokens(self, key: str, start: int, end: int) -> ChunkKV | None:
+    def get_tokens(self, key: str, start: int, end: int, layers: Sequence[int] | None = None) -> ChunkKV | None:
         _check_key(key)
         if not 0 <= start < end:
             raise ValueError(f"token range must satisfy 0 <= start < end, got [{start}, {end})")
+        if layers is not None and (not layers or min(layers) < 0):
+            raise ValueError(f"layers must be a non-empty list of layer numbers >= 0, got {list(layers)}")
 
         def ranges(h: Header) -> list[Range]:
             if end > h.num_tokens:
                 raise _BadRequest(f"tokens [{start}, {end}) of an entry with {h.num_tokens} tokens")
-            return codec.token_ranges(h, start, end)
+            if layers is not None and max(layers) >= h.num_layers:
+                raise _BadRequest(f"layers {list(layers)} of an entry with {h.num_layers} layers")
+            return codec.token_ranges(h, start, end, layers)
 
         def decode(h: Header, parts: list[Buffer]) -> ChunkKV:
-            return codec.decode_tokens(h, start, end, parts)
+            return codec.decode_tokens(h, start, end, parts, layers)
 
         return self._count(self._guarded(key, lambda: self._read_partial(key, ranges, decode), None))
 

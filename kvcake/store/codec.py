@@ -402,11 +402,11 @@ def decode_layer(h: Header, layer: int, buf: bytes | memoryview) -> tuple[torch.
     return out[0], out[1]
 
 
-def token_ranges(h: Header, start: int, end: int) -> list[tuple[int, int]]:
-    """Byte ranges a token-range read fetches: per block [scales,] pages covering [start, end)."""
+def token_ranges(h: Header, start: int, end: int, layers: Sequence[int] | None = None) -> list[tuple[int, int]]:
+    """Byte ranges a token-range read fetches: per block of `layers` (default all) [scales,] pages covering [start, end)."""
     p0, p1 = h.page_span(start, end)
     ranges = []
-    for block in range(2 * h.num_layers):
+    for block in _blocks(h, layers):
         if h.is_int8:
             off = h.block_offset(block)
             ranges.append((off, off + h.scale_bytes))
@@ -414,13 +414,19 @@ def token_ranges(h: Header, start: int, end: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def decode_tokens(h: Header, start: int, end: int, parts: Sequence[bytes | memoryview]) -> ChunkKV:
-    """ChunkKV of tokens [start, end) from the parts fetched for ``token_ranges``."""
+def decode_tokens(h: Header, start: int, end: int, parts: Sequence[bytes | memoryview], layers: Sequence[int] | None = None) -> ChunkKV:
+    """ChunkKV of tokens [start, end) of `layers` (default all) from the parts fetched for ``token_ranges``."""
     p0 = h.page_span(start, end)[0]
     step = 2 if h.is_int8 else 1
     tensors = []
-    for block in range(2 * h.num_layers):
-        scales = memoryview(parts[step * block]) if h.is_int8 else None
-        pages = memoryview(parts[step * block + step - 1])
+    for index, block in enumerate(_blocks(h, layers)):
+        scales = memoryview(parts[step * index]) if h.is_int8 else None
+        pages = memoryview(parts[step * index + step - 1])
         tensors.append(_decode_block(h, block, scales, pages, p0, start, end, True))
     return ChunkKV(keys=tensors[0::2], values=tensors[1::2])
+
+
+def _blocks(h: Header, layers: Sequence[int] | None) -> list[int]:
+    """K and V block numbers of `layers`, in order."""
+    chosen = range(h.num_layers) if layers is None else layers
+    return [block for layer in chosen for block in (2 * layer, 2 * layer + 1)]

@@ -73,8 +73,8 @@ class TieredStore(KVStore):
     def get_layer(self, key: str, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         return self._first(lambda tier: tier.get_layer(key, layer))
 
-    def get_tokens(self, key: str, start: int, end: int) -> ChunkKV | None:
-        return self._first(lambda tier: tier.get_tokens(key, start, end))
+    def get_tokens(self, key: str, start: int, end: int, layers: Sequence[int] | None = None) -> ChunkKV | None:
+        return self._first(lambda tier: tier.get_tokens(key, start, end, layers))
 
     def contains(self, key: str) -> bool:
         return any(tier.contains(key) for tier in self.tiers)

@@ -85,6 +85,20 @@ def test_layer_and_token_range_reads_match_full_decode(make_chunk, same, tokens_
         assert same(codec.decode_tokens(h, a, b, parts), tokens_of(full, a, b))
 
 
+@pytest.mark.parametrize("name", ["keep", "int8"])
+def test_token_range_of_some_layers(make_chunk, same, tokens_of, name) -> None:
+    chunk = make_chunk(layers=4, tokens=40)
+    data = codec.encode(chunk, name, 16)
+    full = codec.decode(data)
+    h, mv = _split(data)
+    for layers in ([2], [0, 3], [3, 1]):
+        ranges = codec.token_ranges(h, 9, 33, layers)
+        assert len(ranges) == 2 * len(layers) * (2 if name == "int8" else 1)
+        got = codec.decode_tokens(h, 9, 33, [mv[s:e] for s, e in ranges], layers)
+        want = tokens_of(full, 9, 33)
+        assert same(got, ChunkKV([want.keys[i] for i in layers], [want.values[i] for i in layers]))
+
+
 def test_token_range_reads_only_the_pages_it_needs(make_chunk) -> None:
     chunk = make_chunk(layers=2, heads=2, tokens=64, dim=8)
     h = codec.parse_header(codec.encode(chunk, page_tokens=16))

@@ -12,9 +12,11 @@ def test_round_trip_and_partial_reads(make_chunk, same, tokens_of) -> None:
     k, v = store.get_layer("a", 1)
     assert k.equal(chunk.keys[1]) and v.equal(chunk.values[1])
     assert same(store.get_tokens("a", 3, 19), tokens_of(chunk, 3, 19))
+    one_layer = store.get_tokens("a", 3, 19, layers=[1])
+    assert one_layer.num_layers == 1 and one_layer.keys[0].equal(tokens_of(chunk, 3, 19).keys[1])
     assert store.get("b") is None and store.get_layer("b", 0) is None and store.get_tokens("b", 0, 1) is None
     stats = store.stats()
-    assert (stats.hits, stats.misses, stats.puts) == (3, 3, 1)
+    assert (stats.hits, stats.misses, stats.puts) == (4, 3, 1)
     assert stats.bytes_written == len(codec.encode(chunk)) and stats.bytes_read > 0
     store.delete("a")
     assert store.get("a") is None

@@ -59,6 +59,9 @@ def test_partial_reads_fetch_only_their_bytes(redis_server, make_chunk) -> None:
     before = store.stats().bytes_read
     store.get_tokens("k", 20, 30)  # one 16-token page per layer and tensor
     assert store.stats().bytes_read - before == 2 * 4 * 16 * h.token_bytes
+    before = store.stats().bytes_read
+    store.get_tokens("k", 32, 64, layers=[1])  # two pages of one layer's K and V
+    assert store.stats().bytes_read - before == 2 * 2 * 16 * h.token_bytes
 
 
 def test_entry_whose_header_exceeds_the_first_read(redis_server, make_chunk, same, tokens_of) -> None:
