@@ -40,13 +40,17 @@ class KvcakeConfig:
     store_url: str = _setting(
         "", "KV store URL (memory://, file:///dir, redis://, redis+cluster://, tiered://; see docs/store.md); empty = file store in cache_dir/kv."
     )
-    reuse: str = _setting("cake", "Reuse strategy: compute, load, cake or split:M for the prefix; blend also reuses documents.")
+    reuse: str = _setting("cake", "Reuse strategy: compute, load, cake or split:M for the prefix; blend or tune also reuse documents.")
     tenant: str = _setting("", "Tenant salt mixed into every cache key (requests of other tenants never hit these entries).")
     separator: str = _setting("", "Cuts a plain prompt into documents and a query (the last part); empty = never cut.")
     blend_ratio: float = _setting(0.15, "With reuse=blend: fraction of document tokens recomputed (0 = naive reuse, 1 = full prefill).")
     blend_check_layers: str = _setting(
         "1", "With reuse=blend: layer(s) where tokens are selected by KV deviation; several (e.g. 1,4,8) filter gradually."
     )
+    tune_ratio: str = _setting("auto", "With reuse=tune: recompute ratio, or auto = max(tune_min_ratio, C_io / (C_io + C_comp)) from measured costs.")
+    tune_min_ratio: float = _setting(0.15, "With reuse=tune: the smallest ratio auto may pick (quality floor).")
+    tune_scoring: str = _setting("highpass", "With reuse=tune: offline token score (highpass, lowpass, norm; see docs/tune.md).")
+    load_streams: int = _setting(2, "Threads reading stored document layers at once (blend, tune).")
     host: str = _setting("127.0.0.1", "`kvcake serve`: address to listen on.")
     port: int = _setting(8000, "`kvcake serve`: port to listen on.")
     api_keys: str = _setting("", "`kvcake serve`: comma-separated KEY:TENANT pairs; requests need `Authorization: Bearer KEY`. Empty = no auth.")
@@ -60,8 +64,13 @@ class KvcakeConfig:
         for name in ("chunk_size", "max_tokens", "max_queue", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"setting {name!r} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.blend_ratio <= 1.0:
-            raise ConfigError(f"setting 'blend_ratio' must lie in [0, 1], got {self.blend_ratio}")
+        for name in ("blend_ratio", "tune_min_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"setting {name!r} must lie in [0, 1], got {getattr(self, name)}")
+        if self.tune_ratio != "auto" and not _is_ratio(self.tune_ratio):
+            raise ConfigError(f"setting 'tune_ratio' must be auto or a number in [0, 1], got {self.tune_ratio!r}")
+        if self.load_streams < 1:
+            raise ConfigError(f"setting 'load_streams' must be >= 1, got {self.load_streams}")
         for name in ("threads", "io_threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"setting {name!r} must be >= 0, got {getattr(self, name)}")
@@ -83,6 +92,13 @@ class KvcakeConfig:
 
     def replace(self, **changes: Any) -> KvcakeConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _is_ratio(text: str) -> bool:
+    try:
+        return 0.0 <= float(text) <= 1.0
+    except ValueError:
+        return False
 
 
 def _coerce(name: str, kind: type, raw: Any) -> Any:

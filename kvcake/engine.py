@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 import torch
 
-from kvcake.blend import BlendFallback, BlendPrefill, BlendReport, LayerKV, LayerPrefetcher, LayerSource
+from kvcake.blend import (
+    RULES,
+    BlendFallback,
+    BlendPrefill,
+    BlendReport,
+    LayerKV,
+    LayerPrefetcher,
+    LayerSource,
+    TuneProfile,
+    order_entry,
+    order_from_entry,
+    token_scores,
+)
 from kvcake.config import ConfigError, KvcakeConfig
 from kvcake.runtime import keep_freed_memory
 from kvcake.model import KVCache, SamplingParams, Sampler, load_model, resolve_device, resolve_dtype, weights_identity
@@ -17,6 +30,8 @@ from kvcake.segments import PromptLayout, Segments, document_preamble, document_
 from kvcake.store import ChunkKV, KVStore, document_key, model_fingerprint, open_store, prefix_chunk_keys
 
 BLEND = "blend"
+TUNE = "tune"
+DOCUMENT_MODES = (BLEND, TUNE)
 PREFETCHING = ("cake", "load")
 """Prefix strategies that use chunks loaded while the request waited (the others fix their own split)."""
 SHARED_DOCUMENTS_SALT = "kvcake-shared-documents"
@@ -86,6 +101,16 @@ class Step:
     finish_reason: str | None
 
 
+@dataclass(frozen=True)
+class ScoredDocument:
+    """A document in CacheTune's layout: `order[i]` is the original index of stored row i (highest score first)."""
+
+    key: str
+    order: torch.Tensor
+    length: int
+    computed: ChunkKV | None
+
+
 @dataclass
 class Prefill:
     """The state after the prompt: its KV cache and the logits of the last prompt token."""
@@ -112,6 +137,9 @@ class Engine:
         self.prefetch_budget = ByteBudget(int(config.prefetch_gb * 1e9))
         self.cost_profile = CostProfile()
         self.check_layers = parse_check_layers(config.blend_check_layers, self.model.config.num_layers)
+        if config.tune_scoring not in RULES:
+            raise ConfigError(f"tune_scoring must be one of {', '.join(RULES)}, got {config.tune_scoring!r}")
+        self.tune_profile = TuneProfile()
 
     def close(self) -> None:
         self.writeback.close()
@@ -194,7 +222,7 @@ class Engine:
         reuse = parse_reuse(request.reuse) if request.reuse else self.default_reuse
         if self._prefix_strategy(reuse).name not in PREFETCHING:
             return None
-        exact = planned.token_ids[: planned.prefix_length] if reuse == BLEND and planned.document_spans else planned.token_ids
+        exact = planned.token_ids[: planned.prefix_length] if reuse in DOCUMENT_MODES and planned.document_spans else planned.token_ids
         chunk_size = self.config.chunk_size
         tenant = self.config.tenant if request.tenant is None else request.tenant
         reusable = prefix_chunk_keys(self.fingerprint, tenant, exact, chunk_size)[: (len(exact) - 1) // chunk_size]
@@ -255,7 +283,9 @@ class Engine:
         prompt_length = len(planned.token_ids)
         budget = min(params.max_tokens, self.context_length - prompt_length)
         with torch.inference_mode():
-            if reuse == BLEND and planned.document_spans:
+            if reuse == TUNE and planned.document_spans:
+                state, report, blend = self.tune_prefill(planned, prompt_length + budget, request.ratio, request.tenant, prefetched)
+            elif reuse == BLEND and planned.document_spans:
                 state, report, blend = self.blend_prefill(planned, prompt_length + budget, ratio, request.tenant, prefetched)
             else:
                 state, report = self.prefill(planned.token_ids, prompt_length + budget, self._prefix_strategy(reuse), request.tenant, prefetched)
@@ -276,8 +306,8 @@ class Engine:
 
     @staticmethod
     def _prefix_strategy(reuse: Strategy | str) -> Strategy:
-        """Blend requests take their exact prefix with Cake."""
-        return Strategy("cake") if reuse == BLEND else reuse
+        """Blend and tune requests take their exact prefix with Cake."""
+        return Strategy("cake") if reuse in DOCUMENT_MODES else reuse
 
     # ---- documents (blend) ---------------------------------------------------------
 
@@ -291,27 +321,123 @@ class Engine:
         cannot be read mid-way, the tokens after the prefix are computed in full instead
         and the report says why.
         """
-        rest = torch.tensor(planned.token_ids[planned.prefix_length :], dtype=torch.long)
-        positions = torch.arange(planned.prefix_length, len(planned.token_ids))
-        is_document = torch.zeros(len(rest), dtype=torch.bool)
+        is_document = torch.zeros(len(planned.token_ids) - planned.prefix_length, dtype=torch.bool)
         for start, end in planned.document_spans:
             is_document[start - planned.prefix_length : end - planned.prefix_length] = True
-        blender = BlendPrefill(self.model, ratio, self.check_layers)
         source, stored = self._document_source(planned, ratio, tenant)
-        prefetcher = LayerPrefetcher(source, blender.loaded_layers(int(is_document.sum())))
-        try:
-            cache, report = self._exact_prefix(planned.token_ids[: planned.prefix_length], capacity, tenant, prefetched)
-            try:
-                logits, blend = blender.run(cache, rest, positions, is_document, prefetcher)
-            except BlendFallback as failure:
-                logits = self.model.prefill(rest.tolist(), cache, self.config.chunk_size, planned.prefix_length)
-                blend = BlendReport(ratio=ratio, document_tokens=int(is_document.sum()), tokens_recomputed=int(is_document.sum()), fallback=str(failure))
-        finally:
-            prefetcher.close()
+        blender = BlendPrefill(self.model, ratio, self.check_layers)
+        loaded_layers = blender.loaded_layers(int(is_document.sum()))
+        state, report, blend = self._run_blend(planned, capacity, tenant, prefetched, blender, source, loaded_layers, is_document.nonzero().squeeze(1))
         blend.documents = len(planned.document_spans)
         blend.documents_stored = stored
         blend.documents_computed = blend.documents - stored
+        return state, report, blend
+
+    def _run_blend(
+        self,
+        planned: PromptLayout,
+        capacity: int,
+        tenant: str | None,
+        prefetched: PrefixPrefetch | None,
+        blender: BlendPrefill,
+        source: LayerSource,
+        loaded_layers: range,
+        stored_tokens: torch.Tensor,
+    ) -> tuple[Prefill, PrefixReport, BlendReport]:
+        """Start loading, fill the exact prefix, then blend; a failed layer read computes the rest instead."""
+        rest = torch.tensor(planned.token_ids[planned.prefix_length :], dtype=torch.long)
+        positions = torch.arange(planned.prefix_length, len(planned.token_ids))
+        prefetcher = LayerPrefetcher(source, loaded_layers, streams=self.config.load_streams)
+        try:
+            cache, report = self._exact_prefix(planned.token_ids[: planned.prefix_length], capacity, tenant, prefetched)
+            try:
+                logits, blend = blender.run(cache, rest, positions, stored_tokens, prefetcher)
+            except BlendFallback as failure:
+                logits = self.model.prefill(rest.tolist(), cache, self.config.chunk_size, planned.prefix_length)
+                document_tokens = sum(end - start for start, end in planned.document_spans)
+                blend = BlendReport(ratio=blender.ratio, document_tokens=document_tokens, tokens_recomputed=document_tokens, fallback=str(failure))
+        finally:
+            prefetcher.close()
         return Prefill(cache, logits, len(planned.token_ids)), report, blend
+
+    def tune_prefill(
+        self, planned: PromptLayout, capacity: int, ratio: float | None, tenant: str | None = None, prefetched: PrefixPrefetch | None = None
+    ) -> tuple[Prefill, PrefixReport, BlendReport]:
+        """CacheTune: recompute each document's top-scored tokens in every layer; load only the others' KV.
+
+        The ratio is the request's, else `tune_ratio`, where `auto` follows this engine's
+        measured costs. No check pass: the stored order says which rows to recompute, so
+        the loader reads one contiguous range per document and layer, on `load_streams`
+        threads, and never the bytes of recomputed tokens.
+        """
+        ratio = self.tune_ratio() if ratio is None else ratio
+        documents = [self._scored_document(planned.document_ids(i), planned.preamble, tenant) for i in range(len(planned.document_spans))]
+        stored_rows = []
+        reads: list[tuple[ScoredDocument, int]] = []
+        for (start, _), document in zip(planned.document_spans, documents):
+            recomputed = math.ceil(ratio * document.length)
+            stored_rows.append(document.order[recomputed:] + start - planned.prefix_length)
+            reads.append((document, recomputed))
+        stored_tokens = torch.cat(stored_rows) if stored_rows else torch.empty(0, dtype=torch.long)
+        blender = BlendPrefill(self.model, 0.0, self.check_layers)
+        state, report, blend = self._run_blend(
+            planned, capacity, tenant, prefetched, blender, self._scored_source(reads), range(self.model.config.num_layers), stored_tokens
+        )
+        document_tokens = sum(d.length for d in documents)
+        if not blend.fallback:
+            blend.tokens_recomputed = document_tokens - len(stored_tokens)
+            blend.tokens_reused = len(stored_tokens)
+            self.tune_profile.record(blend.compute_s, len(planned.token_ids) - planned.prefix_length - len(stored_tokens), blend.load_s, len(stored_tokens))
+        blend.ratio, blend.mode, blend.document_tokens = ratio, TUNE, document_tokens
+        blend.documents = len(documents)
+        blend.documents_stored = sum(1 for d in documents if d.computed is None)
+        blend.documents_computed = blend.documents - blend.documents_stored
+        return state, report, blend
+
+    def tune_ratio(self) -> float:
+        """The ratio a tune request gets when it names none."""
+        if self.config.tune_ratio != "auto":
+            return float(self.config.tune_ratio)
+        return self.tune_profile.ratio(self.config.tune_min_ratio)
+
+    def _scored_document(self, document_ids: list[int], preamble: tuple[int, ...], tenant: str | None) -> ScoredDocument:
+        """A document's scored entry: its stored row order, or (on a miss) computed, scored, sorted and written back."""
+        key = self.document_key(document_ids, preamble, tenant, layout="scored")
+        order_key = self.document_key(document_ids, preamble, tenant, layout="scored-order")
+        if self.store.contains(key) and (entry := self.store.get(order_key)) is not None and entry.num_tokens == len(document_ids):
+            return ScoredDocument(key, order_from_entry(entry), len(document_ids), None)
+        plain = self.compute_document(document_ids, preamble)
+        scores = token_scores(plain.keys, plain.values, self.config.tune_scoring)
+        order = torch.argsort(scores, descending=True, stable=True)
+        sorted_kv = ChunkKV([k[:, order] for k in plain.keys], [v[:, order] for v in plain.values])
+        self.writeback.submit(key, sorted_kv.keys, sorted_kv.values)
+        stored_order = order_entry(order, scores[order])
+        self.writeback.submit(order_key, stored_order.keys, stored_order.values)
+        return ScoredDocument(key, order, len(document_ids), sorted_kv)
+
+    def _scored_source(self, reads: list[tuple[ScoredDocument, int]]) -> LayerSource:
+        """Per layer, rows [recomputed, length) of every scored document: only the KV that is reused."""
+        heads, head_dim = self.model.config.num_kv_heads, self.model.config.head_dim
+
+        def read_layer(layer: int) -> LayerKV | None:
+            keys, values, nbytes = [torch.empty(heads, 0, head_dim)], [torch.empty(heads, 0, head_dim)], 0
+            for document, recomputed in reads:
+                if recomputed >= document.length:
+                    continue
+                if document.computed is not None:
+                    keys.append(document.computed.keys[layer][:, recomputed:])
+                    values.append(document.computed.values[layer][:, recomputed:])
+                    continue
+                got = self.store.get_tokens(document.key, recomputed, document.length, layers=[layer])
+                if got is None:
+                    return None
+                keys.append(got.keys[0])
+                values.append(got.values[0])
+                nbytes += got.nbytes
+            dtype = keys[-1].dtype
+            return LayerKV(torch.cat([k.to(dtype) for k in keys], dim=1), torch.cat([v.to(dtype) for v in values], dim=1), nbytes)
+
+        return read_layer
 
     def _exact_prefix(
         self, prefix_ids: list[int], capacity: int, tenant: str | None, prefetched: PrefixPrefetch | None
@@ -321,23 +447,30 @@ class Engine:
         state, report = self.prefill(prefix_ids, capacity, Strategy("cake"), tenant, prefetched)
         return state.cache, report
 
-    def document_key(self, document_ids: list[int], preamble: tuple[int, ...], tenant: str | None = None) -> str:
+    def document_key(self, document_ids: list[int], preamble: tuple[int, ...], tenant: str | None = None, layout: str = "plain") -> str:
         """The key covers the preamble too: the stored KV depends on what it was computed after."""
         salt = SHARED_DOCUMENTS_SALT if self.config.shared_documents else self.config.tenant if tenant is None else tenant
-        return document_key(self.fingerprint, salt, [*preamble, *document_ids])
+        return document_key(self.fingerprint, salt, [*preamble, *document_ids], layout)
 
     def warm(self, documents: list[str], tenant: str | None = None, chat: bool = True) -> list[tuple[str, int, bool]]:
-        """Compute and store documents in isolation; (key, tokens, was already stored) for each."""
+        """Compute and store documents in isolation; (key, tokens, was already stored) for each.
+
+        With `reuse` = tune the scored layout (and its order) is stored, else the plain one.
+        """
         warmed = []
         preamble = document_preamble(self.tokenizer, chat)
+        scored = self.config.reuse == TUNE
         with torch.inference_mode():
             for text in documents:
                 ids = document_token_ids(self.tokenizer, text)
-                key = self.document_key(ids, preamble, tenant)
+                key = self.document_key(ids, preamble, tenant, layout="scored" if scored else "plain")
                 present = self.store.contains(key)
-                if not present:
+                if scored:
+                    self._scored_document(ids, preamble, tenant)
+                elif not present:
                     self.store.put(key, self.compute_document(ids, preamble))
                 warmed.append((key, len(ids), present))
+        self.writeback.flush()
         return warmed
 
     def compute_document(self, document_ids: list[int], preamble: tuple[int, ...]) -> ChunkKV:
@@ -409,13 +542,13 @@ class Engine:
 
 
 def parse_reuse(text: str) -> Strategy | str:
-    """A prefix strategy, or `blend`; a bad value is the request's fault."""
-    if text == BLEND:
-        return BLEND
+    """A prefix strategy, `blend` or `tune`; a bad value is the request's fault."""
+    if text in DOCUMENT_MODES:
+        return text
     try:
         return Strategy.parse(text)
     except ValueError as error:
-        raise RequestError(f"{error} (or {BLEND})") from None
+        raise RequestError(f"{error} (or {BLEND}, {TUNE})") from None
 
 
 def parse_check_layers(text: str, num_layers: int) -> list[int]:

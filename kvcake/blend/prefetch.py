@@ -38,20 +38,29 @@ class LayerSource(Protocol):
 
 
 class LayerPrefetcher:
-    """Loads `layers` in order on one thread, at most `ahead` layers (default: all) before the consumer."""
+    """Loads `layers` in order on `streams` threads, at most `ahead` layers (default: all) before the consumer.
 
-    def __init__(self, source: LayerSource, layers: range, ahead: int | None = None):
+    Each thread claims the next unclaimed layer, so with several streams the reads of
+    consecutive layers overlap (useful when one read cannot fill the link). `load_s` is
+    the wall time from the start until the last layer arrived.
+    """
+
+    def __init__(self, source: LayerSource, layers: range, ahead: int | None = None, streams: int = 1):
         self._source = source
         self._layers = layers
+        self._next = iter(layers)
         self._loaded: dict[int, LayerKV | None] = {}
         self._room = threading.Semaphore(max(1, len(layers)) if ahead is None else ahead)
         self._ready = threading.Condition()
         self._stopped = False
+        self._failed = False
+        self._started = time.perf_counter()
         self.load_s = 0.0
         self.wait_s = 0.0
         self.bytes_loaded = 0
-        self._thread = threading.Thread(target=self._run, name="kvcake-layer-loader", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"kvcake-layer-loader-{i}", daemon=True) for i in range(streams)]
+        for thread in self._threads:
+            thread.start()
 
     def get(self, layer: int) -> LayerKV | None:
         """The layer's KV (blocking until loaded), or None if loading it failed."""
@@ -64,30 +73,36 @@ class LayerPrefetcher:
         return loaded
 
     def close(self) -> None:
-        """Stop loading (the thread finishes the layer it is reading) and wait for it."""
+        """Stop loading (each thread finishes the layer it is reading) and wait for the threads."""
         self._stopped = True
-        self._room.release()
-        self._thread.join()
+        for _ in self._threads:
+            self._room.release()
+        for thread in self._threads:
+            thread.join()
+
+    def _claim(self) -> int | None:
+        with self._ready:
+            if self._failed:
+                return None
+            return next(self._next, None)
 
     def _run(self) -> None:
-        for layer in self._layers:
+        while True:
             self._room.acquire()
-            if self._stopped:
+            layer = None if self._stopped else self._claim()
+            if layer is None:
                 return
-            started = time.perf_counter()
             try:
                 loaded = self._source(layer)
             except Exception:
                 log.exception("loading layer %d of the stored documents failed", layer)
                 loaded = None
-            self.load_s += time.perf_counter() - started
-            if loaded is not None:
-                self.bytes_loaded += loaded.nbytes
             with self._ready:
                 if loaded is None:
+                    self._failed = True
                     self._loaded.update({rest: None for rest in self._layers if rest >= layer})
                 else:
-                    self._loaded[layer] = loaded
+                    self.bytes_loaded += loaded.nbytes
+                    self._loaded.setdefault(layer, loaded)
+                self.load_s = time.perf_counter() - self._started
                 self._ready.notify_all()
-            if loaded is None:
-                return

@@ -36,6 +36,7 @@ class BlendReport:
     """What a blended prefill did; rides on the request's metrics."""
 
     ratio: float = 0.0
+    mode: str = "blend"
     check_layers: list[int] = field(default_factory=list)
     documents: int = 0
     documents_stored: int = 0
@@ -96,20 +97,21 @@ class BlendPrefill:
         cache: KVCache,
         token_ids: torch.Tensor,
         positions: torch.Tensor,
-        is_document: torch.Tensor,
+        stored_tokens: torch.Tensor,
         prefetcher: LayerPrefetcher,
     ) -> tuple[torch.Tensor, BlendReport]:
         """Append `token_ids` (at `positions`) to `cache`; returns the last token's logits.
 
-        `is_document` marks the tokens whose stored KV `prefetcher` yields (in order),
-        layer by layer over `loaded_layers`; the caller starts it as early as it can.
-        The last token must not be a document token. Raises `BlendFallback` when a layer
-        cannot be loaded; the cache is then left as it was (nothing committed).
+        `stored_tokens` are the indices of the tokens whose stored KV `prefetcher` yields,
+        in the order of its rows, layer by layer over `loaded_layers`; the caller starts
+        it as early as it can. Every other token is computed. The last token must not be
+        stored. Raises `BlendFallback` when a layer cannot be loaded; the cache is then
+        left as it was (nothing committed).
         """
-        if bool(is_document[-1]):
+        if bool((stored_tokens == len(token_ids) - 1).any()):
             raise ValueError("the last token must belong to the query, not to a document")
         device = self.model.device
-        doc_tokens = is_document.nonzero().squeeze(1).to(device)
+        doc_tokens = stored_tokens.to(device)
         doc_row = torch.full((len(token_ids),), -1, dtype=torch.long, device=device)
         doc_row[doc_tokens] = torch.arange(len(doc_tokens), device=device)
         report = BlendReport(ratio=self.ratio, check_layers=list(self.check_layers), document_tokens=len(doc_tokens))

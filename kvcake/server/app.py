@@ -307,7 +307,7 @@ def accounting(metrics: RequestMetrics) -> dict[str, Any]:
         "tokens_computed": metrics.tokens_computed,
         "tokens_loaded": metrics.tokens_loaded,
         "tokens_recomputed": blend.tokens_recomputed if blend else 0,
-        "reuse": BLEND if blend else metrics.prefix.strategy,
+        "reuse": blend.mode if blend else metrics.prefix.strategy,
         "prefix_hit_chunks": metrics.prefix.hit_chunks,
         "meet_chunk": metrics.prefix.meet_chunk,
         "ratio": blend.ratio if blend else None,

@@ -1,0 +1,102 @@
+"""CacheTune: offline scores, the stored order, sparse loads of the reused rows, and the ratio from measured costs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvcake.blend import TuneProfile, token_scores
+from kvcake.config import KvcakeConfig
+from kvcake.engine import Engine, GenerateRequest, GenerateResult
+from kvcake.model import SamplingParams
+
+DOCUMENTS = [
+    "The lighthouse keeper counted ships every evening and wrote their names in a blue book. " * 3,
+    "A river runs past the old mill; in spring the water rises and covers the lowest steps. " * 4,
+]
+QUERY = "Which book did the keeper write in?"
+
+
+def ask(engine: Engine, reuse: str, ratio: float | None = None) -> GenerateResult:
+    request = GenerateRequest(query=QUERY, documents=DOCUMENTS, system="Answer briefly.", reuse=reuse, ratio=ratio, sampling=SamplingParams(max_tokens=5))
+    result = engine.generate(request)
+    engine.writeback.flush()
+    return result
+
+
+@pytest.fixture()
+def engine(tiny_folders: dict[str, Path], tmp_path: Path) -> Engine:
+    config = KvcakeConfig(model=str(tiny_folders["qwen2"]), device="cpu", dtype="float32", chunk_size=32, store_url="memory://", cache_dir=str(tmp_path))
+    engine = Engine(config)
+    yield engine
+    engine.close()
+
+
+def test_highpass_scores_rank_a_token_that_stands_out_first() -> None:
+    keys = [torch.ones(2, 64, 4) + 0.01 * torch.randn(2, 64, 4, generator=torch.Generator().manual_seed(0))]
+    values = [torch.ones(2, 64, 4)]
+    keys[0][:, 37] += 5.0
+    assert int(token_scores(keys, values, "highpass").argmax()) == 37
+    assert token_scores(keys, values, "norm").shape == (64,)
+    with pytest.raises(ValueError, match="unknown scoring rule"):
+        token_scores(keys, values, "loud")
+
+
+def test_ratio_one_recomputes_everything_and_equals_the_full_prefill(engine: Engine) -> None:
+    full = ask(engine, "compute")
+    tuned = ask(engine, "tune", 1.0)
+    assert tuned.token_ids == full.token_ids
+    assert (tuned.first_token_logits - full.first_token_logits).abs().max().item() <= 1e-5
+    assert tuned.metrics.blend.mode == "tune" and tuned.metrics.blend.tokens_reused == 0
+
+
+def test_only_the_reused_rows_are_read(engine: Engine) -> None:
+    first = ask(engine, "tune", 0.25)
+    assert first.metrics.blend.documents_computed == 2
+    before = engine.store.stats()
+    again = ask(engine, "tune", 0.25)
+    read = engine.store.stats().bytes_read - before.bytes_read
+    blend = again.metrics.blend
+    assert blend.documents_stored == 2 and again.token_ids == first.token_ids
+    lengths = [end - start for start, end in engine.plan_prompt(GenerateRequest(query=QUERY, documents=DOCUMENTS)).document_spans]
+    config = engine.model.config
+    row_bytes = config.num_layers * 2 * config.num_kv_heads * config.head_dim * 4
+    reused_rows = sum(n - math.ceil(0.25 * n) for n in lengths)
+    assert blend.tokens_reused == reused_rows and blend.tokens_recomputed == sum(lengths) - reused_rows
+    assert blend.bytes_loaded == reused_rows * row_bytes
+    assert read >= blend.bytes_loaded and read < blend.bytes_loaded + sum(lengths) * row_bytes * 0.75
+
+
+def test_auto_ratio_follows_the_measured_costs() -> None:
+    profile = TuneProfile()
+    assert profile.ratio(0.15) == 0.15
+    profile.record(compute_s=1.0, computed_tokens=1000, io_s=0.1, loaded_tokens=1000)
+    assert profile.ratio(0.15) == 0.15
+    slow_store = TuneProfile()
+    slow_store.record(compute_s=1.0, computed_tokens=1000, io_s=3.0, loaded_tokens=1000)
+    assert slow_store.ratio(0.15) == pytest.approx(0.75)
+    busy = TuneProfile()
+    busy.record(compute_s=9.0, computed_tokens=1000, io_s=3.0, loaded_tokens=1000)
+    assert busy.ratio(0.15) == pytest.approx(0.25)
+    assert busy.ratio(0.15) < slow_store.ratio(0.15)
+
+
+def test_auto_ratio_is_reported_per_request(engine: Engine) -> None:
+    first = ask(engine, "tune")
+    assert first.metrics.blend.ratio == engine.config.tune_min_ratio
+    assert engine.tune_profile.compute_s_per_token is not None and engine.tune_profile.io_s_per_token is not None
+    expected = engine.tune_ratio()
+    assert ask(engine, "tune").metrics.blend.ratio == expected >= engine.config.tune_min_ratio
+
+
+def test_warm_stores_the_scored_layout_for_tune(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
+    config = KvcakeConfig(model=str(tiny_folders["llama"]), device="cpu", dtype="float32", store_url="memory://", cache_dir=str(tmp_path), reuse="tune")
+    engine = Engine(config)
+    assert [present for _, _, present in engine.warm(DOCUMENTS)] == [False, False]
+    assert [present for _, _, present in engine.warm(DOCUMENTS)] == [True, True]
+    result = ask(engine, "tune", 0.5)
+    assert result.metrics.blend.documents_stored == 2 and result.metrics.blend.tokens_reused > 0
+    engine.close()
