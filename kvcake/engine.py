@@ -402,8 +402,9 @@ class Engine:
 
     def _scored_document(self, document_ids: list[int], preamble: tuple[int, ...], tenant: str | None) -> ScoredDocument:
         """A document's scored entry: its stored row order, or (on a miss) computed, scored, sorted and written back."""
-        key = self.document_key(document_ids, preamble, tenant, layout="scored")
-        order_key = self.document_key(document_ids, preamble, tenant, layout="scored-order")
+        layout = f"scored-{self.config.tune_scoring}"
+        key = self.document_key(document_ids, preamble, tenant, layout)
+        order_key = self.document_key(document_ids, preamble, tenant, f"{layout}-order")
         if self.store.contains(key) and (entry := self.store.get(order_key)) is not None and entry.num_tokens == len(document_ids):
             return ScoredDocument(key, order_from_entry(entry), len(document_ids), None)
         plain = self.compute_document(document_ids, preamble)
@@ -452,18 +453,19 @@ class Engine:
         salt = SHARED_DOCUMENTS_SALT if self.config.shared_documents else self.config.tenant if tenant is None else tenant
         return document_key(self.fingerprint, salt, [*preamble, *document_ids], layout)
 
-    def warm(self, documents: list[str], tenant: str | None = None, chat: bool = True) -> list[tuple[str, int, bool]]:
+    def warm(self, documents: list[str], tenant: str | None = None, chat: bool = True, scored: bool | None = None) -> list[tuple[str, int, bool]]:
         """Compute and store documents in isolation; (key, tokens, was already stored) for each.
 
-        With `reuse` = tune the scored layout (and its order) is stored, else the plain one.
+        `scored` stores CacheTune's layout (by `tune_scoring`, with its order) instead of
+        the plain one; by default it does when `reuse` is tune.
         """
         warmed = []
         preamble = document_preamble(self.tokenizer, chat)
-        scored = self.config.reuse == TUNE
+        scored = self.config.reuse == TUNE if scored is None else scored
         with torch.inference_mode():
             for text in documents:
                 ids = document_token_ids(self.tokenizer, text)
-                key = self.document_key(ids, preamble, tenant, layout="scored" if scored else "plain")
+                key = self.document_key(ids, preamble, tenant, f"scored-{self.config.tune_scoring}" if scored else "plain")
                 present = self.store.contains(key)
                 if scored:
                     self._scored_document(ids, preamble, tenant)

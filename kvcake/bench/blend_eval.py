@@ -51,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--questions", type=int, default=200, help="Number of questions.")
     parser.add_argument("--prompt-tokens", type=int, default=4000, help="Target prompt length: passages are added up to it.")
     parser.add_argument("--ratios", default="0.05,0.15,0.30", help="Blend ratios to evaluate besides full (1) and naive (0).")
+    parser.add_argument("--tune-ratios", default="", help="CacheTune ratios to evaluate (empty: none).")
+    parser.add_argument("--scorings", default="highpass", help="CacheTune scoring rules to compare, e.g. highpass,lowpass,norm.")
     parser.add_argument("--per-passage", type=int, default=2, help="At most this many questions per passage.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--answer-tokens", type=int, default=16, help="Tokens generated per answer (greedy).")
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         config = config.replace(store_url="memory://?max_gb=8")
     stem = args.name or f"blend-eval-{Path(config.model).name.removesuffix('.gguf')}-{args.prompt_tokens // 1000}k"
     results_path = args.out_dir / f"{stem}.json"
-    methods = _methods(args.ratios)
+    methods = _methods(args.ratios, args.tune_ratios, args.scorings)
     if args.report_only:
         _report(json.loads(results_path.read_text()), methods, args.out_dir, stem)
         return 0
@@ -77,7 +79,11 @@ def run(args: argparse.Namespace) -> int:
         results = saved or {"settings": _settings(args, config, engine, pool), "records": []}
         done = {record["index"] for record in results["records"]}
         for passage in tqdm(pool, desc="warming passages", unit="doc"):
-            engine.warm([passage])
+            engine.warm([passage], scored=False)
+        for scoring in sorted({m.scoring for m in methods.values() if m.scoring}):
+            engine.config = engine.config.replace(tune_scoring=scoring)
+            for passage in tqdm(pool, desc=f"warming passages, scored by {scoring}", unit="doc"):
+                engine.warm([passage], scored=True)
         for item in tqdm([i for i in items if i.index not in done], desc=f"{stem} questions", unit="q"):
             results["records"].append(_answer(engine, item, methods, args.answer_tokens))
             _save(results_path, results)
@@ -87,9 +93,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _methods(ratios: str) -> dict[str, float]:
-    methods = {"full": 1.0, "naive": 0.0}
-    methods.update({f"blend r={float(r):.2f}": float(r) for r in ratios.split(",") if r.strip()})
+@dataclass(frozen=True)
+class Method:
+    reuse: str
+    ratio: float
+    scoring: str | None = None
+
+
+def _methods(ratios: str, tune_ratios: str = "", scorings: str = "highpass") -> dict[str, Method]:
+    """Full prefill (blend at r = 1), naive reuse (r = 0), blend at each ratio, tune at each ratio and scoring rule."""
+    methods = {"full": Method("blend", 1.0), "naive": Method("blend", 0.0)}
+    methods.update({f"blend r={float(r):.2f}": Method("blend", float(r)) for r in ratios.split(",") if r.strip()})
+    for scoring in (rule.strip() for rule in scorings.split(",") if rule.strip()):
+        methods.update({f"tune r={float(r):.2f} {scoring}": Method("tune", float(r), scoring) for r in tune_ratios.split(",") if r.strip()})
     return methods
 
 
@@ -148,17 +164,19 @@ def _settings(args: argparse.Namespace, config: KvcakeConfig, engine: Engine, po
     }
 
 
-def _answer(engine: Engine, item: Item, methods: dict[str, float], answer_tokens: int) -> dict:
+def _answer(engine: Engine, item: Item, methods: dict[str, Method], answer_tokens: int) -> dict:
     record: dict = {"index": item.index, "question": item.question, "answers": list(item.answers), "gold_document": item.gold_document}
     full_logits = None
     full_text = ""
-    for name, ratio in methods.items():
+    for name, method in methods.items():
+        if method.scoring:
+            engine.config = engine.config.replace(tune_scoring=method.scoring)
         request = GenerateRequest(
             query=f"Question: {item.question}",
             documents=list(item.documents),
             system=SYSTEM,
-            reuse="blend",
-            ratio=ratio,
+            reuse=method.reuse,
+            ratio=method.ratio,
             sampling=SamplingParams(max_tokens=answer_tokens, temperature=0.0),
         )
         result = engine.generate(request)
@@ -218,16 +236,16 @@ def mean_with_ci(values: list[float], seed: int = 0) -> tuple[float, float, floa
     return float(data.mean()), low, high
 
 
-def summarize(records: list[dict], methods: dict[str, float]) -> list[dict]:
+def summarize(records: list[dict], methods: dict[str, Method]) -> list[dict]:
     rows = []
     full_f1 = [r["full"]["f1"] for r in records]
-    for name, ratio in methods.items():
+    for name, method in methods.items():
         f1 = [r[name]["f1"] for r in records]
         mean, low, high = mean_with_ci(f1)
         gap, gap_low, gap_high = mean_with_ci([a - b for a, b in zip(f1, full_f1)])
         rows.append({
             "method": name,
-            "ratio": ratio,
+            "ratio": method.ratio,
             "F1": mean,
             "F1 95% CI": f"[{low:.3f}, {high:.3f}]",
             "F1 - full": gap,
@@ -240,7 +258,7 @@ def summarize(records: list[dict], methods: dict[str, float]) -> list[dict]:
     return rows
 
 
-def _report(results: dict, methods: dict[str, float], out_dir: Path, stem: str) -> None:
+def _report(results: dict, methods: dict[str, Method], out_dir: Path, stem: str) -> None:
     records = results["records"]
     if not records:
         print("no questions answered yet")
@@ -266,24 +284,31 @@ def _report(results: dict, methods: dict[str, float], out_dir: Path, stem: str) 
 
 
 def _plot(rows: list[dict], path: Path, title: str) -> None:
+    """Quality and TTFT against r, one line per family: blend (with full and naive at its ends) and tune per rule."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ratios = [row["ratio"] for row in rows]
-    order = sorted(range(len(rows)), key=lambda i: ratios[i])
-    figure, (quality, ttft) = plt.subplots(1, 2, figsize=(10, 4))
-    quality.plot([ratios[i] for i in order], [rows[i]["F1"] for i in order], "o-", label="token F1")
-    quality.plot([ratios[i] for i in order], [rows[i]["match"] for i in order], "s--", label="substring match")
-    quality.plot([ratios[i] for i in order], [rows[i]["agrees with full"] for i in order], "^:", label="agrees with full")
-    quality.set_xlabel("recompute ratio r (0 = naive reuse, 1 = full prefill)")
+    families: dict[str, list[dict]] = {}
+    for row in rows:
+        family = "blend" if not row["method"].startswith("tune") else row["method"].split(" ", 2)[2].join(("tune (", ")"))
+        families.setdefault(family, []).append(row)
+    figure, (quality, agreement, ttft) = plt.subplots(1, 3, figsize=(14, 4))
+    for family, members in families.items():
+        members = sorted(members, key=lambda row: row["ratio"])
+        ratios = [row["ratio"] for row in members]
+        quality.plot(ratios, [row["F1"] for row in members], "o-", label=f"{family}: token F1")
+        quality.plot(ratios, [row["match"] for row in members], "s--", label=f"{family}: substring match")
+        agreement.plot(ratios, [row["agrees with full"] for row in members], "o-", label=family)
+        ttft.plot(ratios, [row["TTFT s"] for row in members], "o-", label=family)
     quality.set_title("quality vs r")
-    quality.legend()
-    ttft.plot([ratios[i] for i in order], [rows[i]["TTFT s"] for i in order], "o-")
-    ttft.set_xlabel("recompute ratio r")
+    agreement.set_title("answer equal to the full prefill's")
+    ttft.set_title("TTFT vs r (documents in memory)")
     ttft.set_ylabel("mean TTFT (s)")
-    ttft.set_title("TTFT vs r (documents stored in memory)")
+    for axis in (quality, agreement, ttft):
+        axis.set_xlabel("recompute ratio r (0 = naive reuse, 1 = full prefill)")
+        axis.legend(fontsize="small")
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
