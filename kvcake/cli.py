@@ -19,6 +19,7 @@ BENCHMARKS = {
     "cake": ("kvcake.bench.cake", "TTFT of compute, load, Cake and the best static split over a storage bandwidth grid."),
     "store": ("kvcake.bench.store", "KV store read/write throughput per tier and chunk size; throttle accuracy."),
     "serve": ("kvcake.bench.serve", "Server throughput and TTFT p50/p99 under a mixed workload: compute-only vs load-only vs Cake."),
+    "tune": ("kvcake.bench.tune", "TTFT of full prefill, blend and CacheTune at ~4k tokens with the store in memory, on disk, and behind 10 and 1 Gbps links."),
     "blend": ("kvcake.bench.blend", "TTFT of full prefill, naive reuse and blend on a ~4k-token multi-document prompt, in memory and throttled."),
 }
 EVALUATIONS = {
