@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvcake.config import KvcakeConfig
-from kvcake.engine import BLEND, Engine, GenerateRequest, RequestError, RequestMetrics
+from kvcake.engine import BLEND, DOCUMENT_MODES, Engine, GenerateRequest, RequestError, RequestMetrics
 from kvcake.model import SamplingParams
 from kvcake.server.metrics import ServerMetrics
 from kvcake.server.schemas import ChatBody, CompletionBody, SamplingFields, WarmBody
@@ -166,10 +166,15 @@ def _completion_request(body: CompletionBody, config: KvcakeConfig, tenant: str)
     if body.kv_documents is not None:
         if not isinstance(prompt, str):
             raise ApiError(400, "with kv_documents the prompt must be text (the query)", param="prompt")
-        return GenerateRequest(query=prompt, documents=body.kv_documents, system=body.kv_system, reuse=body.reuse or BLEND, **common)
+        return GenerateRequest(query=prompt, documents=body.kv_documents, system=body.kv_system, reuse=body.reuse or _document_reuse(config), **common)
     if isinstance(prompt, list):
         return GenerateRequest(token_ids=prompt, reuse=body.reuse, **common)
     return GenerateRequest(prompt=prompt, reuse=body.reuse, **common)
+
+
+def _document_reuse(config: KvcakeConfig) -> str:
+    """Requests with documents reuse them: by the configured mode if it is one (blend, tune), else blend."""
+    return config.reuse if config.reuse in DOCUMENT_MODES else BLEND
 
 
 def _chat_request(body: ChatBody, config: KvcakeConfig, tenant: str) -> GenerateRequest:
@@ -183,7 +188,7 @@ def _chat_request(body: ChatBody, config: KvcakeConfig, tenant: str) -> Generate
     turns = [m for m in messages if m["role"] != "system"]
     if len(turns) != 1 or turns[0]["role"] != "user" or len(system) > 1:
         raise ApiError(400, "with kv_documents the messages must be at most one system message and one user message", param="messages")
-    return GenerateRequest(query=turns[0]["content"], documents=body.kv_documents, system=system[0] if system else None, reuse=body.reuse or BLEND, **common)
+    return GenerateRequest(query=turns[0]["content"], documents=body.kv_documents, system=system[0] if system else None, reuse=body.reuse or _document_reuse(config), **common)
 
 
 async def _respond(worker: ComputeWorker, engine: Engine, generate: GenerateRequest, body: SamplingFields, kind: str):
