@@ -100,3 +100,42 @@ def test_warm_stores_the_scored_layout_for_tune(tiny_folders: dict[str, Path], t
     result = ask(engine, "tune", 0.5)
     assert result.metrics.blend.documents_stored == 2 and result.metrics.blend.tokens_reused > 0
     engine.close()
+
+
+@pytest.mark.real_model
+def test_auto_ratio_rises_with_a_slower_store_and_falls_with_busier_compute(default_config: KvcakeConfig) -> None:
+    """Ratios compared within one run on the default model: first a throttle that makes loading a row cost about what
+    computing one does, then the same store while another process competes for the cores."""
+    import subprocess
+    import sys
+
+    from kvcake.data import quoref_questions
+
+    passages = [q.passage for q in quoref_questions(default_config.cache_path())[:30:10]]
+    base = default_config.replace(reuse="tune")
+
+    def settle(engine: Engine, requests: int = 4) -> float:
+        engine.warm(passages)
+        for _ in range(requests):
+            request = GenerateRequest(query=QUERY, documents=passages, reuse="tune", sampling=SamplingParams(max_tokens=1))
+            engine.generate(request)
+        return engine.tune_ratio()
+
+    fast = Engine(base.replace(store_url="memory://"))
+    fast_ratio = settle(fast)
+    compute_per_token = fast.tune_profile.compute_s_per_token
+    config = fast.model.config
+    row_bytes = config.num_layers * 2 * config.num_kv_heads * config.head_dim * 4
+    fast.close()
+    slow = Engine(base.replace(store_url=f"memory://?throttle_gbps={row_bytes * 8 / compute_per_token / 1e9:.6f}"))
+    slow_ratio = settle(slow)
+    busy_loop = "import torch\na = torch.randn(768, 768)\nwhile True:\n    a = torch.tanh(a @ a)"
+    competitor = subprocess.Popen([sys.executable, "-c", busy_loop])
+    try:
+        busy_ratio = settle(slow)
+    finally:
+        competitor.kill()
+        competitor.wait()
+    slow.close()
+    assert fast_ratio == base.tune_min_ratio < slow_ratio
+    assert busy_ratio < slow_ratio
