@@ -128,7 +128,7 @@ def _report(out_dir: Path, results: dict, recompute_s: float) -> None:
         f"median of {settings['repeats']} interleaved runs. Machine: {settings['machine']}.",
         "",
         f"Recompute time (blend's TTFT with the documents in memory): {recompute_s:.3f} s. On the emulated links the loader",
-        "reads layer l+1 while layer l computes; `load s` is the loader's busy time, and `TTFT / max(load, recompute)`",
+        "reads layer l+1 while layer l computes; `load s` is the wall time until the last layer arrived, and `TTFT / max(load, recompute)`",
         "close to 1 means the load hides behind the recompute (a serial load-then-compute would approach 2 at 1x).",
     ]
     write_report(out_dir / "blend-ttft.md", "Blend TTFT", header, rows)
