@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     warm = commands.add_parser("warm", help="Compute and store documents' KV in isolation, for reuse at any position (--reuse blend).")
     warm.add_argument("documents", nargs="+", type=Path, help="Files, one document each (or several, cut by --separator).")
     warm.add_argument("--raw", action="store_true", help="For prompts sent with --raw (no chat template).")
+    warm.add_argument("--system", default=None, help="The system text of the requests these documents will serve.")
     add_config_flags(warm)
     warm.set_defaults(handler=_warm)
 
@@ -191,7 +192,7 @@ def _warm(args: argparse.Namespace) -> int:
         text = path.read_text()
         documents += [part.strip() for part in text.split(config.separator)] if config.separator else [text]
     with _engine(config) as engine:
-        for key, tokens, present in engine.warm([d for d in documents if d], chat=not args.raw):
+        for key, tokens, present in engine.warm([d for d in documents if d], chat=not args.raw, system=args.system):
             print(f"{key}  {tokens:6d} tokens  {'already stored' if present else 'stored'}")
     return 0
 

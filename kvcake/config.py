@@ -43,6 +43,9 @@ class KvcakeConfig:
     reuse: str = _setting("cake", "Reuse strategy: compute, load, cake or split:M for the prefix; blend or tune also reuse documents.")
     tenant: str = _setting("", "Tenant salt mixed into every cache key (requests of other tenants never hit these entries).")
     separator: str = _setting("", "Cuts a plain prompt into documents and a query (the last part); empty = never cut.")
+    document_gap: int = _setting(
+        2048, "Positions left empty between the preamble and a document whose KV is computed in isolation, so it sits as far from the instructions as in a long prompt (0 = right after)."
+    )
     blend_ratio: float = _setting(0.15, "With reuse=blend: fraction of document tokens recomputed (0 = naive reuse, 1 = full prefill).")
     blend_check_layers: str = _setting(
         "1", "With reuse=blend: layer(s) where tokens are selected by KV deviation; several (e.g. 1,4,8) filter gradually."
@@ -71,7 +74,7 @@ class KvcakeConfig:
             raise ConfigError(f"setting 'tune_ratio' must be auto or a number in [0, 1], got {self.tune_ratio!r}")
         if self.load_streams < 1:
             raise ConfigError(f"setting 'load_streams' must be >= 1, got {self.load_streams}")
-        for name in ("threads", "io_threads"):
+        for name in ("threads", "io_threads", "document_gap"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"setting {name!r} must be >= 0, got {getattr(self, name)}")
 

@@ -375,7 +375,7 @@ class Engine:
         stored_rows = []
         reads: list[tuple[ScoredDocument, int]] = []
         for (start, _), document in zip(planned.document_spans, documents):
-            recomputed = math.ceil(ratio * document.length)
+            recomputed = self._recomputed_rows(ratio, document.length)
             stored_rows.append(document.order[recomputed:] + start - planned.prefix_length)
             reads.append((document, recomputed))
         stored_tokens = torch.cat(stored_rows) if stored_rows else torch.empty(0, dtype=torch.long)
@@ -393,6 +393,15 @@ class Engine:
         blend.documents_stored = sum(1 for d in documents if d.computed is None)
         blend.documents_computed = blend.documents - blend.documents_stored
         return state, report, blend
+
+    def _recomputed_rows(self, ratio: float, length: int) -> int:
+        """ceil(ratio * length), rounded up to the store's page: the reused rows then start on a page
+        boundary, so the store reads exactly their bytes (at most a page of tokens more is recomputed)."""
+        wanted = math.ceil(ratio * length)
+        if wanted == 0:
+            return 0
+        page = self.store.page_tokens
+        return min(length, -(-wanted // page) * page)
 
     def tune_ratio(self) -> float:
         """The ratio a tune request gets when it names none."""
@@ -449,18 +458,21 @@ class Engine:
         return state.cache, report
 
     def document_key(self, document_ids: list[int], preamble: tuple[int, ...], tenant: str | None = None, layout: str = "plain") -> str:
-        """The key covers the preamble too: the stored KV depends on what it was computed after."""
+        """The key covers the preamble and the gap too: the stored KV depends on what it was computed after, and how far."""
         salt = SHARED_DOCUMENTS_SALT if self.config.shared_documents else self.config.tenant if tenant is None else tenant
-        return document_key(self.fingerprint, salt, [*preamble, *document_ids], layout)
+        return document_key(self.fingerprint, salt, [*preamble, *document_ids], f"{layout}@{self.config.document_gap}")
 
-    def warm(self, documents: list[str], tenant: str | None = None, chat: bool = True, scored: bool | None = None) -> list[tuple[str, int, bool]]:
+    def warm(
+        self, documents: list[str], tenant: str | None = None, chat: bool = True, scored: bool | None = None, system: str | None = None
+    ) -> list[tuple[str, int, bool]]:
         """Compute and store documents in isolation; (key, tokens, was already stored) for each.
 
-        `scored` stores CacheTune's layout (by `tune_scoring`, with its order) instead of
-        the plain one; by default it does when `reuse` is tune.
+        They serve requests with the same `system` text (the preamble they are computed
+        after). `scored` stores CacheTune's layout (by `tune_scoring`, with its order)
+        instead of the plain one; by default it does when `reuse` is tune.
         """
         warmed = []
-        preamble = document_preamble(self.tokenizer, chat)
+        preamble = document_preamble(self.tokenizer, chat, system)
         scored = self.config.reuse == TUNE if scored is None else scored
         with torch.inference_mode():
             for text in documents:
@@ -476,16 +488,23 @@ class Engine:
         return warmed
 
     def compute_document(self, document_ids: list[int], preamble: tuple[int, ...]) -> ChunkKV:
-        """A document's KV computed on its own after the preamble (K before RoPE), chunk by chunk."""
+        """A document's KV computed on its own after the preamble (K before RoPE), chunk by chunk.
+
+        The document starts `document_gap` positions after the preamble (less where the
+        context would not hold it): in a real prompt other documents usually lie between
+        the instructions and this one. K is stored before RoPE, so only this distance,
+        not the absolute position, shapes the stored KV.
+        """
         cache = self.model.new_cache(len(preamble) + len(document_ids))
         if preamble:
             self.model.forward(torch.tensor(preamble), torch.arange(len(preamble)), cache)
         ids = torch.tensor(document_ids, dtype=torch.long)
+        first_position = len(preamble) + max(0, min(self.config.document_gap, self.context_length - len(preamble) - len(ids)))
         keys: list[list[torch.Tensor]] = [[] for _ in range(self.model.config.num_layers)]
         values: list[list[torch.Tensor]] = [[] for _ in range(self.model.config.num_layers)]
         for start in range(0, len(ids), self.config.chunk_size):
             end = min(start + self.config.chunk_size, len(ids))
-            positions = torch.arange(len(preamble) + start, len(preamble) + end)
+            positions = torch.arange(first_position + start, first_position + end)
             out = self.model.forward(ids[start:end], positions, cache, keep_kv=True)
             for layer in range(self.model.config.num_layers):
                 keys[layer].append(out.keys[layer])

@@ -6,10 +6,13 @@ chat template rendered around the documents: the template's head (with the syste
 text) is the exact prefix, then the documents in the given order, then the query and
 the template's tail (where the assistant's reply starts).
 
-A document's KV is computed after a fixed *preamble*: the template's head without a
-system text (empty for raw prompts). Computed from position 0 with nothing before it,
-a document's first tokens would become the attention sink that every later token leans
-on; after the preamble they are ordinary tokens, as they are in a real prompt.
+A document's KV is computed after a *preamble*: the prompt's exact prefix, i.e. the
+template's head with the system text (for raw prompts, the system text or nothing).
+Computed from position 0 with nothing before it, a document's first tokens would
+become the attention sink that every later token leans on; after the preamble they
+are ordinary tokens that have read the instructions, as they are in a real prompt.
+A stored document therefore serves every prompt with the same system text, at any
+position; its key covers the preamble.
 """
 
 from __future__ import annotations
@@ -59,9 +62,9 @@ def document_token_ids(tokenizer: Tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text + DOCUMENT_END)
 
 
-def document_preamble(tokenizer: Tokenizer, chat: bool) -> tuple[int, ...]:
-    """What a stored document's KV is computed after (not stored itself)."""
-    head, _ = _head_and_tail(tokenizer, Segments(query=""), chat)
+def document_preamble(tokenizer: Tokenizer, chat: bool, system: str | None = None) -> tuple[int, ...]:
+    """What a stored document's KV is computed after (not stored itself): the exact prefix of prompts with this system text."""
+    head, _ = _head_and_tail(tokenizer, Segments(query="", system=system), chat)
     return tuple(tokenizer.encode(head)) if head else ()
 
 
@@ -75,7 +78,7 @@ def layout(tokenizer: Tokenizer, segments: Segments, chat: bool) -> PromptLayout
         spans.append((len(token_ids), len(token_ids) + len(ids)))
         token_ids += ids
     token_ids += tokenizer.encode(tail)
-    return PromptLayout(token_ids, prefix_length, tuple(spans), document_preamble(tokenizer, chat))
+    return PromptLayout(token_ids, prefix_length, tuple(spans), tuple(token_ids[:prefix_length]))
 
 
 def _head_and_tail(tokenizer: Tokenizer, segments: Segments, chat: bool) -> tuple[str, str]:

@@ -54,7 +54,7 @@ def test_ratio_one_equals_full_prefill(engine: Engine) -> None:
 
 
 def test_ratio_zero_equals_concatenated_stored_caches(engine: Engine) -> None:
-    engine.warm(DOCUMENTS)
+    engine.warm(DOCUMENTS, system=SYSTEM)
     naive = ask(engine, DOCUMENTS, "blend", 0.0)
     assert naive.metrics.blend.documents_stored == 3 and naive.metrics.blend.tokens_recomputed == 0
 
@@ -86,25 +86,31 @@ def test_partial_ratio_recomputes_the_top_fraction(engine: Engine) -> None:
 
 
 def test_a_document_at_two_positions_is_read_from_one_entry(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
-    engine = tiny_engine(tiny_folders["llama"], tmp_path)
-    layers = engine.model.config.num_layers
-    [(key, tokens, present)] = engine.warm([DOCUMENTS[0]])
-    preamble = document_preamble(engine.tokenizer, chat=True)
+    engine = tiny_engine(tiny_folders["llama"], tmp_path, chunk_size=128)  # the prefix is no full chunk: no prefix reads
+    loaded_layers = engine.model.config.num_layers - engine.check_layers[0]
+    [(key, tokens, present), _] = engine.warm([DOCUMENTS[0], DOCUMENTS[1]], system=SYSTEM)
+    preamble = document_preamble(engine.tokenizer, chat=True, system=SYSTEM)
     assert not present and key == engine.document_key(document_token_ids(engine.tokenizer, DOCUMENTS[0]), preamble)
     spans, bytes_read = [], []
-    for system in ("Short.", SYSTEM + " Be precise, and quote the documents where you can."):
+    for documents in ([DOCUMENTS[1], DOCUMENTS[0]], [DOCUMENTS[0]]):
         before = engine.store.stats()
-        result = ask(engine, [DOCUMENTS[0]], "blend", 0.2, system=system)
+        result = ask(engine, documents, "blend", 0.2)
         after = engine.store.stats()
-        spans.append(engine.plan_prompt(GenerateRequest(query=QUERY, documents=[DOCUMENTS[0]], system=system)).document_spans[0])
-        assert result.metrics.blend.documents_stored == 1
-        assert after.hits - before.hits == layers - engine.check_layers[0]
+        spans.append(engine.plan_prompt(GenerateRequest(query=QUERY, documents=documents, system=SYSTEM)).document_spans[-1])
+        assert result.metrics.blend.documents_stored == len(documents)
+        assert after.hits - before.hits == len(documents) * loaded_layers
         assert after.misses == before.misses
         bytes_read.append(after.bytes_read - before.bytes_read)
         assert bytes_read[-1] >= result.metrics.blend.bytes_loaded > 0
     assert spans[0][0] != spans[1][0] and spans[0][1] - spans[0][0] == spans[1][1] - spans[1][0] == tokens
     assert bytes_read[1] == result.metrics.blend.bytes_loaded, "the second read reuses the cached entry header"
     engine.close()
+
+
+def test_documents_are_stored_per_system_text(engine: Engine) -> None:
+    engine.warm(DOCUMENTS, system=SYSTEM)
+    assert ask(engine, DOCUMENTS, "blend", 0.0).metrics.blend.documents_stored == 3
+    assert ask(engine, DOCUMENTS, "blend", 0.0, system="Other instructions.").metrics.blend.documents_stored == 0
 
 
 def test_gradual_filtering_keeps_fewer_tokens_at_each_check(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
@@ -118,7 +124,7 @@ def test_gradual_filtering_keeps_fewer_tokens_at_each_check(tiny_folders: dict[s
 def test_corrupt_document_entry_falls_back_to_computing(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
     engine = tiny_engine(tiny_folders["llama"], tmp_path, store_url=f"file://{tmp_path}/kv")
     full = ask(engine, DOCUMENTS, "compute")
-    engine.warm(DOCUMENTS)
+    engine.warm(DOCUMENTS, system=SYSTEM)
     for entry in (tmp_path / "kv").rglob("*"):
         if entry.is_file() and entry.stat().st_size > 4096:
             data = bytearray(entry.read_bytes())

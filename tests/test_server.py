@@ -63,10 +63,11 @@ def test_streaming_sends_the_same_text_and_usage_last(live: LiveServer, config: 
 
 def test_documents_through_extra_body_are_reused(live: LiveServer, config: KvcakeConfig) -> None:
     client = live.client()
-    warmed = client.post("/kv/documents", body={"documents": DOCUMENTS}, cast_to=object)
+    warmed = client.post("/kv/documents", body={"documents": DOCUMENTS, "system": "Be brief."}, cast_to=object)
     assert [d["already_stored"] for d in warmed["data"]] == [False, False]
     extra = {"kv_documents": DOCUMENTS, "reuse": "blend", "ratio": 0.2}
-    reply = client.chat.completions.create(model=config.model, messages=[{"role": "user", "content": "What colour is the book?"}], max_tokens=4, temperature=0, extra_body=extra)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What colour is the book?"}]
+    reply = client.chat.completions.create(model=config.model, messages=messages, max_tokens=4, temperature=0, extra_body=extra)
     accounting = reply.model_extra["kvcake"]
     assert accounting["reuse"] == "blend" and accounting["documents_stored"] == 2 and accounting["tokens_loaded"] > 0
     exact = client.chat.completions.create(

@@ -17,11 +17,12 @@ DOCUMENTS = [
     "The lighthouse keeper counted ships every evening and wrote their names in a blue book. " * 3,
     "A river runs past the old mill; in spring the water rises and covers the lowest steps. " * 4,
 ]
+SYSTEM = "Answer briefly."
 QUERY = "Which book did the keeper write in?"
 
 
 def ask(engine: Engine, reuse: str, ratio: float | None = None) -> GenerateResult:
-    request = GenerateRequest(query=QUERY, documents=DOCUMENTS, system="Answer briefly.", reuse=reuse, ratio=ratio, sampling=SamplingParams(max_tokens=5))
+    request = GenerateRequest(query=QUERY, documents=DOCUMENTS, system=SYSTEM, reuse=reuse, ratio=ratio, sampling=SamplingParams(max_tokens=5))
     result = engine.generate(request)
     engine.writeback.flush()
     return result
@@ -54,20 +55,28 @@ def test_ratio_one_recomputes_everything_and_equals_the_full_prefill(engine: Eng
 
 
 def test_only_the_reused_rows_are_read(engine: Engine) -> None:
+    """Per request the store reads the reused rows' bytes and the small order entries, nothing else (headers are cached)."""
     first = ask(engine, "tune", 0.25)
     assert first.metrics.blend.documents_computed == 2
+    assert ask(engine, "tune", 0.25).token_ids == first.token_ids
+    planned = engine.plan_prompt(GenerateRequest(query=QUERY, documents=DOCUMENTS, system=SYSTEM))
+    order_keys = [engine.document_key(planned.document_ids(i), planned.preamble, layout="scored-highpass-order") for i in range(2)]
+    order_bytes = sum(len(engine.store.get_encoded(key)) for key in order_keys)
     before = engine.store.stats()
     again = ask(engine, "tune", 0.25)
     read = engine.store.stats().bytes_read - before.bytes_read
     blend = again.metrics.blend
     assert blend.documents_stored == 2 and again.token_ids == first.token_ids
-    lengths = [end - start for start, end in engine.plan_prompt(GenerateRequest(query=QUERY, documents=DOCUMENTS)).document_spans]
+    lengths = [end - start for start, end in planned.document_spans]
+    page = engine.store.page_tokens
+    recomputed = [min(n, math.ceil(math.ceil(0.25 * n) / page) * page) for n in lengths]
+    assert all(0.25 * n <= r < 0.25 * n + page for n, r in zip(lengths, recomputed))
     config = engine.model.config
     row_bytes = config.num_layers * 2 * config.num_kv_heads * config.head_dim * 4
-    reused_rows = sum(n - math.ceil(0.25 * n) for n in lengths)
-    assert blend.tokens_reused == reused_rows and blend.tokens_recomputed == sum(lengths) - reused_rows
+    reused_rows = sum(n - r for n, r in zip(lengths, recomputed))
+    assert blend.tokens_reused == reused_rows and blend.tokens_recomputed == sum(recomputed)
     assert blend.bytes_loaded == reused_rows * row_bytes
-    assert read >= blend.bytes_loaded and read < blend.bytes_loaded + sum(lengths) * row_bytes * 0.75
+    assert read == blend.bytes_loaded + order_bytes
 
 
 def test_auto_ratio_follows_the_measured_costs() -> None:
@@ -95,8 +104,8 @@ def test_auto_ratio_is_reported_per_request(engine: Engine) -> None:
 def test_warm_stores_the_scored_layout_for_tune(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
     config = KvcakeConfig(model=str(tiny_folders["llama"]), device="cpu", dtype="float32", store_url="memory://", cache_dir=str(tmp_path), reuse="tune")
     engine = Engine(config)
-    assert [present for _, _, present in engine.warm(DOCUMENTS)] == [False, False]
-    assert [present for _, _, present in engine.warm(DOCUMENTS)] == [True, True]
+    assert [present for _, _, present in engine.warm(DOCUMENTS, system=SYSTEM)] == [False, False]
+    assert [present for _, _, present in engine.warm(DOCUMENTS, system=SYSTEM)] == [True, True]
     result = ask(engine, "tune", 0.5)
     assert result.metrics.blend.documents_stored == 2 and result.metrics.blend.tokens_reused > 0
     engine.close()

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> None:
     item_args = argparse.Namespace(questions=1, prompt_tokens=args.prompt_tokens, per_passage=1, seed=args.seed)
     [item], _ = build_items(engine, quoref_questions(config.cache_path()), item_args)
     request = GenerateRequest(query=f"Question: {item.question}", documents=list(item.documents), system=SYSTEM, reuse="blend")
-    engine.warm(list(item.documents))
+    engine.warm(list(item.documents), system=SYSTEM)
     methods = {"full": 1.0, "naive": 0.0, f"blend r={args.ratio:.2f}": args.ratio}
     in_memory = _measure(engine, request, methods, args.repeats)
     engine.close()

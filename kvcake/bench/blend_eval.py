@@ -79,11 +79,11 @@ def run(args: argparse.Namespace) -> int:
         results = saved or {"settings": _settings(args, config, engine, pool), "records": []}
         done = {record["index"] for record in results["records"]}
         for passage in tqdm(pool, desc="warming passages", unit="doc"):
-            engine.warm([passage], scored=False)
+            engine.warm([passage], scored=False, system=SYSTEM)
         for scoring in sorted({m.scoring for m in methods.values() if m.scoring}):
             engine.config = engine.config.replace(tune_scoring=scoring)
             for passage in tqdm(pool, desc=f"warming passages, scored by {scoring}", unit="doc"):
-                engine.warm([passage], scored=True)
+                engine.warm([passage], scored=True, system=SYSTEM)
         for item in tqdm([i for i in items if i.index not in done], desc=f"{stem} questions", unit="q"):
             results["records"].append(_answer(engine, item, methods, args.answer_tokens))
             _save(results_path, results)

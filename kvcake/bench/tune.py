@@ -53,8 +53,8 @@ def _bench_store(config, name: str, url: str, args: argparse.Namespace) -> dict:
     engine = Engine(config, store=open_store(url))
     item_args = argparse.Namespace(questions=1, prompt_tokens=args.prompt_tokens, per_passage=1, seed=args.seed)
     [item], _ = build_items(engine, quoref_questions(config.cache_path()), item_args)
-    engine.warm(list(item.documents), scored=False)
-    engine.warm(list(item.documents), scored=True)
+    engine.warm(list(item.documents), scored=False, system=SYSTEM)
+    engine.warm(list(item.documents), scored=True, system=SYSTEM)
     methods = {"full": ("blend", 1.0), f"blend r={args.ratio:.2f}": ("blend", args.ratio), "tune auto": ("tune", None)}
     for reuse, ratio in methods.values():
         _ttft(engine, item, reuse, ratio)

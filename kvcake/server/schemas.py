@@ -52,3 +52,4 @@ class WarmBody(BaseModel):
     documents: list[str] = Field(min_length=1)
     model: str | None = None
     chat: bool = Field(default=True, description="Warm for chat requests (true) or for plain completions (false).")
+    system: str | None = Field(default=None, description="The system text of the requests these documents will serve.")

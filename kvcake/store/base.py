@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from kvcake.store.codec import ChunkKV
+from kvcake.store.codec import DEFAULT_PAGE_TOKENS, ChunkKV
 
 
 @dataclass
@@ -62,6 +62,10 @@ class KVStore(ABC):
 
     Keys are strings from ``kvcake.store.keys`` (letters, digits, ``-``, ``_``).
     """
+
+    page_tokens: int = DEFAULT_PAGE_TOKENS
+    """Entries are written and verified in pages of this many tokens: a token range that
+    starts on a page boundary reads no byte of the tokens before it."""
 
     @abstractmethod
     def get(self, key: str) -> ChunkKV | None:

@@ -45,7 +45,7 @@ class ByteStore(KVStore):
                  page_tokens: int = codec.DEFAULT_PAGE_TOKENS) -> None:
         self.backend = backend
         self._dtype = dtype
-        self._page_tokens = page_tokens
+        self.page_tokens = page_tokens
         self._stats = StatsCounter()
         self._lock = threading.Lock()
         self._down_until: dict[str, float] = {}
@@ -105,7 +105,7 @@ class ByteStore(KVStore):
     # -- writes --------------------------------------------------------------------------
     def put(self, key: str, chunk: ChunkKV) -> bool:
         _check_key(key)
-        return self.put_encoded(key, codec.encode(chunk, self._dtype, self._page_tokens))
+        return self.put_encoded(key, codec.encode(chunk, self._dtype, self.page_tokens))
 
     def put_encoded(self, key: str, data: bytes) -> bool:
         _check_key(key)

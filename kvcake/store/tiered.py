@@ -44,7 +44,7 @@ class TieredStore(KVStore):
         self.write_back = write_back
         self._queue_size = queue_size
         self._dtype = dtype
-        self._page_tokens = page_tokens
+        self.page_tokens = page_tokens
         self._stats = StatsCounter()
         self._pending: OrderedDict[str, tuple[bytes, tuple[int, ...]]] = OrderedDict()
         self._cond = threading.Condition()
@@ -81,7 +81,7 @@ class TieredStore(KVStore):
 
     # -- writes --------------------------------------------------------------------------
     def put(self, key: str, chunk: ChunkKV) -> bool:
-        return self.put_encoded(key, codec.encode(chunk, self._dtype, self._page_tokens))
+        return self.put_encoded(key, codec.encode(chunk, self._dtype, self.page_tokens))
 
     def put_encoded(self, key: str, data: bytes) -> bool:
         """True when the first tier stored it, or (write-through) any tier did, or it was queued."""
