@@ -250,11 +250,10 @@ class Engine:
     def _compute_rest(self, prompt_ids: list[int], cache: KVCache, first_chunk: int, keys: list[str]) -> torch.Tensor:
         """Compute chunks from `first_chunk` on, queueing each full one for write-back."""
         chunk_size = self.config.chunk_size
-        ids = torch.tensor(prompt_ids, dtype=torch.long)
+        first = first_chunk * chunk_size
         logits = None
-        for index in range(first_chunk, -(-len(prompt_ids) // chunk_size)):
-            start, end = index * chunk_size, min((index + 1) * chunk_size, len(prompt_ids))
-            out = self.model.forward(ids[start:end], torch.arange(start, end), cache, keep_kv=index < len(keys))
+        for start, out in self.model.forward_chunks(prompt_ids[first:], cache, chunk_size, first, keep_kv=True):
+            index = (first + start) // chunk_size
             if index < len(keys):
                 self.writeback.submit(keys[index], out.keys, out.values)
             logits = out.logits
@@ -498,14 +497,10 @@ class Engine:
         cache = self.model.new_cache(len(preamble) + len(document_ids))
         if preamble:
             self.model.forward(torch.tensor(preamble), torch.arange(len(preamble)), cache)
-        ids = torch.tensor(document_ids, dtype=torch.long)
-        first_position = len(preamble) + max(0, min(self.config.document_gap, self.context_length - len(preamble) - len(ids)))
+        first_position = len(preamble) + max(0, min(self.config.document_gap, self.context_length - len(preamble) - len(document_ids)))
         keys: list[list[torch.Tensor]] = [[] for _ in range(self.model.config.num_layers)]
         values: list[list[torch.Tensor]] = [[] for _ in range(self.model.config.num_layers)]
-        for start in range(0, len(ids), self.config.chunk_size):
-            end = min(start + self.config.chunk_size, len(ids))
-            positions = torch.arange(first_position + start, first_position + end)
-            out = self.model.forward(ids[start:end], positions, cache, keep_kv=True)
+        for _, out in self.model.forward_chunks(document_ids, cache, self.config.chunk_size, first_position, keep_kv=True):
             for layer in range(self.model.config.num_layers):
                 keys[layer].append(out.keys[layer])
                 values[layer].append(out.values[layer])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny import FAMILY_CONFIGS
 
-from kvcake.blend import LayerKV, LayerPrefetcher
+from kvcake.blend import LayerKV, LayerPrefetcher, selective
 from kvcake.cli import main
 from kvcake.config import ConfigError, KvcakeConfig
 from kvcake.engine import Engine, GenerateRequest, GenerateResult, RequestError
@@ -51,6 +51,17 @@ def test_ratio_one_equals_full_prefill(engine: Engine) -> None:
     assert (blended.first_token_logits - full.first_token_logits).abs().max().item() <= 1e-5
     assert blended.metrics.blend.tokens_recomputed == blended.metrics.blend.document_tokens
     assert blended.metrics.blend.tokens_reused == 0 and blended.metrics.blend.bytes_loaded == 0
+
+
+def test_attention_in_row_blocks_gives_the_same_result(tiny_folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = tiny_engine(tiny_folders["qwen2"], tmp_path)
+    full, partial = ask(engine, DOCUMENTS, "blend", 1.0), ask(engine, DOCUMENTS, "blend", 0.25)
+    monkeypatch.setattr(selective, "ATTENTION_BLOCK", 7)
+    for reference, ratio in ((full, 1.0), (partial, 0.25)):
+        blocked = ask(engine, DOCUMENTS, "blend", ratio)
+        assert blocked.token_ids == reference.token_ids
+        assert (blocked.first_token_logits - reference.first_token_logits).abs().max().item() <= 1e-5
+    engine.close()
 
 
 def test_ratio_zero_equals_concatenated_stored_caches(engine: Engine) -> None:
@@ -206,14 +217,15 @@ def test_default_model_blend_matches_full_prefill_at_ratio_one(default_config: K
     full = answer("compute")
     exact = answer("blend", 1.0)
     assert exact.token_ids == full.token_ids
-    # The engine's full prefill runs 256-token chunks, the blend one pass after the prefix: fp32 sums differ in the last bits.
+    # The engine's full prefill runs 256-token chunks, the blend 512-row attention blocks: fp32 sums differ in the last bits.
     assert (exact.first_token_logits - full.first_token_logits).abs().max().item() <= 1e-4
     planned = engine.plan_prompt(GenerateRequest(query=question.question, documents=passages, system=SYSTEM))
     with torch.inference_mode():
         cache = engine.model.new_cache(len(planned.token_ids))
         engine.model.prefill(planned.token_ids[: planned.prefix_length], cache, engine.config.chunk_size)
         one_pass = engine.model.prefill(planned.token_ids[planned.prefix_length :], cache, len(planned.token_ids), planned.prefix_length)
-    assert (exact.first_token_logits - one_pass).abs().max().item() <= 1e-5, "the same partition as a full prefill"
+    # Blend's attention runs in 512-row blocks, its matmuls over all rows at once: only fp32 rounding differs (logits are ~10).
+    assert (exact.first_token_logits - one_pass).abs().max().item() <= 5e-5, "the same partition as a full prefill"
     blended = answer("blend", 0.15)
     assert blended.metrics.blend.documents_computed == 4 and not blended.metrics.blend.fallback
     again = answer("blend", 0.15)

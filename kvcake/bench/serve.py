@@ -48,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--answer-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=Path("docs/benchmarks"))
+    parser.add_argument("--name", default="serve", help="File stem of the report (e.g. serve-io0 for a run with --io-threads 0).")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -67,8 +68,8 @@ def run(args: argparse.Namespace) -> None:
         cells.append({"factor": factor, "link_gbps": balanced_gbps * factor, "results": results})
     record = {"settings": _settings(config, args, balanced_gbps, compute_s), "cells": cells}
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "serve.json").write_text(json.dumps(record, indent=2))
-    _report(args.out_dir, record)
+    (args.out_dir / f"{args.name}.json").write_text(json.dumps(record, indent=2))
+    _report(args.out_dir / args.name, record)
 
 
 def _texts(config: KvcakeConfig, args: argparse.Namespace) -> list[str]:
@@ -137,7 +138,7 @@ def _settings(config: KvcakeConfig, args: argparse.Namespace, balanced_gbps: flo
     }
 
 
-def _report(out_dir: Path, record: dict) -> None:
+def _report(stem: Path, record: dict) -> None:
     settings = record["settings"]
     rows = []
     for cell in record["cells"]:
@@ -153,13 +154,14 @@ def _report(out_dir: Path, record: dict) -> None:
         f"Model `{settings['model']}`, {settings['requests']} chat requests from {settings['concurrency']} concurrent clients; "
         f"half ask about one of {settings['documents']} stored documents of {settings['document_chars']} characters, half bring "
         f"their own. Store in memory behind an emulated link; 1x is {settings['balanced_gbps']:.3f} Gbps, the bandwidth at which "
-        f"a document loads as fast as it computes ({settings['document_compute_s']:.2f} s). I/O threads: {settings['io_threads']}. "
+        f"a document loads as fast as it computes ({settings['document_compute_s']:.2f} s). I/O threads: {settings['io_threads']} "
+        f"({'waiting requests preload their stored prefix' if settings['io_threads'] else 'each request loads its own prefix when it runs, as in the papers'}). "
         f"Machine: {settings['machine']}.",
         "",
         "TTFT is measured by the client, from sending the request to the first streamed token (queueing included).",
     ]
-    write_report(out_dir / "serve.md", "Serving throughput by reuse strategy", header, rows)
-    _plot(out_dir / "serve.png", record["cells"])
+    write_report(stem.with_suffix(".md"), "Serving throughput by reuse strategy", header, rows)
+    _plot(stem.with_suffix(".png"), record["cells"])
 
 
 def _plot(path: Path, cells: list[dict]) -> None:

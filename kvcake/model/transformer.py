@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -246,14 +246,22 @@ class Transformer:
         last = hidden if all_logits else hidden[-1:]
         return ForwardOutput(self.logits(last), keys, values)
 
-    def prefill(self, token_ids: Sequence[int], cache: KVCache, chunk_size: int, first_position: int = 0) -> torch.Tensor:
-        """Append tokens chunk by chunk, each chunk attending to everything before it; last logits."""
+    def forward_chunks(
+        self, token_ids: Sequence[int], cache: KVCache, chunk_size: int, first_position: int = 0, *, keep_kv: bool = False
+    ) -> Iterator[tuple[int, ForwardOutput]]:
+        """Append tokens chunk by chunk at positions from `first_position`, each chunk attending to
+        everything before it; yields (index of the chunk's first token, its output)."""
         ids = torch.tensor(list(token_ids), dtype=torch.long)
-        logits = None
         for start in range(0, len(ids), chunk_size):
             end = min(start + chunk_size, len(ids))
             positions = torch.arange(first_position + start, first_position + end)
-            logits = self.forward(ids[start:end], positions, cache).logits
+            yield start, self.forward(ids[start:end], positions, cache, keep_kv=keep_kv)
+
+    def prefill(self, token_ids: Sequence[int], cache: KVCache, chunk_size: int, first_position: int = 0) -> torch.Tensor:
+        """Append tokens chunk by chunk; the last token's logits."""
+        logits = None
+        for _, out in self.forward_chunks(token_ids, cache, chunk_size, first_position):
+            logits = out.logits
         if logits is None:
             raise ValueError("prefill needs at least one token")
         return logits[-1]
