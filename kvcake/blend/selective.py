@@ -28,8 +28,9 @@ from kvcake.model.transformer import Mask, attend_with_mask, causal_mask
 
 
 ATTENTION_BLOCK = 512
-"""Active tokens attend in blocks of this many rows, so one block's mask and scores (rows x
-cache) exist at a time, as in a chunked prefill; all rows at once would be 2x slower at 4k."""
+"""Active tokens attend in blocks of this many rows, as in a chunked prefill: a block only
+reads the cache up to its last position (about half the attention work of all rows at
+once over the whole cache), and one block's mask and scores exist at a time."""
 
 
 class BlendFallback(RuntimeError):
@@ -179,18 +180,24 @@ class BlendPrefill:
                 self._write(cache, layer, slot, active, k, v, cos, sin)
             cached_k, cached_v = cache.layer(layer, slot.stop)
             rotated = model.apply_rope(q, cos[active], sin[active])
-            attended = torch.cat([attend_with_mask(rotated[:, rows], cached_k, cached_v, block_mask) for rows, block_mask in mask])
+            attended = torch.cat([attend_with_mask(rotated[:, rows], cached_k[:, :end], cached_v[:, :end], block_mask) for rows, end, block_mask in mask])
             hidden = hidden + model.attention_output(layer, attended)
             hidden = hidden + model.mlp(layer, hidden)
         cache.commit(slot)
         return active, hidden
 
     @staticmethod
-    def _mask(cache: KVCache, slot: slice, positions: torch.Tensor, active: torch.Tensor) -> list[tuple[slice, Mask]]:
-        """The causal mask of the active rows over the cache, per block of `ATTENTION_BLOCK` rows."""
+    def _mask(cache: KVCache, slot: slice, positions: torch.Tensor, active: torch.Tensor) -> list[tuple[slice, int, Mask]]:
+        """Per block of `ATTENTION_BLOCK` active rows: the rows, how much of the cache they can see
+        (up to the last entry at or before their last position; all later ones are masked anyway),
+        and the causal mask over that part."""
         query_positions, kv_positions = positions[active], cache.positions[: slot.stop]
-        blocks = [slice(start, start + ATTENTION_BLOCK) for start in range(0, len(active), ATTENTION_BLOCK)]
-        return [(rows, causal_mask(query_positions[rows], kv_positions)) for rows in blocks]
+        blocks = []
+        for start in range(0, len(active), ATTENTION_BLOCK):
+            rows = slice(start, start + ATTENTION_BLOCK)
+            end = int((kv_positions <= query_positions[rows].max()).nonzero().max()) + 1
+            blocks.append((rows, end, causal_mask(query_positions[rows], kv_positions[:end])))
+        return blocks
 
     def _write(
         self,
