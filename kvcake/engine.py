@@ -370,7 +370,8 @@ class Engine:
         threads, and never the bytes of recomputed tokens.
         """
         ratio = self.tune_ratio() if ratio is None else ratio
-        documents = [self._scored_document(planned.document_ids(i), planned.preamble, tenant) for i in range(len(planned.document_spans))]
+        preamble = planned.preamble
+        documents = [self._scored_document(planned.document_ids(i), preamble, tenant) for i in range(len(planned.document_spans))]
         stored_rows = []
         reads: list[tuple[ScoredDocument, int]] = []
         for (start, _), document in zip(planned.document_spans, documents):
@@ -511,10 +512,11 @@ class Engine:
         if ratio >= 1.0:
             return (lambda layer: None), 0
         entries: list[tuple[str, ChunkKV | None, int]] = []
+        preamble = planned.preamble
         for index in range(len(planned.document_spans)):
             ids = planned.document_ids(index)
-            key = self.document_key(ids, planned.preamble, tenant)
-            computed = None if self.store.contains(key) else self.compute_document(ids, planned.preamble)
+            key = self.document_key(ids, preamble, tenant)
+            computed = None if self.store.contains(key) else self.compute_document(ids, preamble)
             if computed is not None:
                 self.writeback.submit(key, computed.keys, computed.values)
             entries.append((key, computed, len(ids)))

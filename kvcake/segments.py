@@ -39,7 +39,11 @@ class PromptLayout:
     token_ids: list[int]
     prefix_length: int
     document_spans: tuple[tuple[int, int], ...] = ()
-    preamble: tuple[int, ...] = ()
+
+    @property
+    def preamble(self) -> tuple[int, ...]:
+        """What this prompt's documents are computed after when stored: its exact prefix."""
+        return tuple(self.token_ids[: self.prefix_length])
 
     @classmethod
     def plain(cls, token_ids: list[int]) -> PromptLayout:
@@ -78,7 +82,7 @@ def layout(tokenizer: Tokenizer, segments: Segments, chat: bool) -> PromptLayout
         spans.append((len(token_ids), len(token_ids) + len(ids)))
         token_ids += ids
     token_ids += tokenizer.encode(tail)
-    return PromptLayout(token_ids, prefix_length, tuple(spans), tuple(token_ids[:prefix_length]))
+    return PromptLayout(token_ids, prefix_length, tuple(spans))
 
 
 def _head_and_tail(tokenizer: Tokenizer, segments: Segments, chat: bool) -> tuple[str, str]:

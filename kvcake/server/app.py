@@ -108,7 +108,7 @@ def create_app(engine: Engine) -> FastAPI:
     async def warm(body: WarmBody, request: Request) -> dict[str, Any]:
         _check_model(body.model or config.model, config)
         tenant = request.state.tenant
-        warmed = await asyncio.to_thread(engine.warm, body.documents, tenant, body.chat, None, body.system)
+        warmed = await asyncio.to_thread(engine.warm, body.documents, tenant, body.chat, system=body.system)
         return {"object": "list", "data": [{"key": key, "tokens": tokens, "already_stored": present} for key, tokens, present in warmed]}
 
     @app.post("/v1/completions")
