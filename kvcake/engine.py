@@ -167,12 +167,13 @@ class Engine:
             raise RequestError(f"the prompt has {len(planned.token_ids)} tokens; the model's context is {self.context_length}")
         return planned
 
-    def check(self, request: GenerateRequest) -> None:
-        """Raise `RequestError` now for what `stream` would refuse (prompt, reuse, ratio)."""
-        self.plan_prompt(request)
+    def check(self, request: GenerateRequest) -> PromptLayout:
+        """Raise `RequestError` now for what `stream` would refuse (prompt, reuse, ratio); else the planned prompt."""
+        planned = self.plan_prompt(request)
         if request.reuse:
             parse_reuse(request.reuse)
         self._ratio(request)
+        return planned
 
     def _plain_ids(self, request: GenerateRequest) -> list[int]:
         if request.token_ids is not None:
@@ -216,9 +217,12 @@ class Engine:
             self.writeback.submit(keys[index], k, v)
         return Prefill(cache, last_logits, len(prompt_ids)), report
 
-    def prefetch_prefix(self, request: GenerateRequest) -> PrefixPrefetch | None:
-        """For a request that waits its turn: a loader of its stored prefix chunks (run it on an I/O thread)."""
-        planned = self.plan_prompt(request)
+    def prefetch_prefix(self, request: GenerateRequest, planned: PromptLayout | None = None) -> PrefixPrefetch | None:
+        """For a request that waits its turn: a loader of its stored prefix chunks (run it on an I/O thread).
+
+        `planned` is the request's prompt as `check` planned it (planned again if None).
+        """
+        planned = planned or self.plan_prompt(request)
         reuse = parse_reuse(request.reuse) if request.reuse else self.default_reuse
         if self._prefix_strategy(reuse).name not in PREFETCHING:
             return None
@@ -248,14 +252,18 @@ class Engine:
         return load
 
     def _compute_rest(self, prompt_ids: list[int], cache: KVCache, first_chunk: int, keys: list[str]) -> torch.Tensor:
-        """Compute chunks from `first_chunk` on, queueing each full one for write-back."""
+        """Compute chunks from `first_chunk` on, queueing each full one for write-back.
+
+        The trailing partial chunk is never stored, so its K/V copies are not kept.
+        """
         chunk_size = self.config.chunk_size
         first = first_chunk * chunk_size
+        full_end = len(keys) * chunk_size
         logits = None
-        for start, out in self.model.forward_chunks(prompt_ids[first:], cache, chunk_size, first, keep_kv=True):
-            index = (first + start) // chunk_size
-            if index < len(keys):
-                self.writeback.submit(keys[index], out.keys, out.values)
+        for start, out in self.model.forward_chunks(prompt_ids[first:full_end], cache, chunk_size, first, keep_kv=True):
+            self.writeback.submit(keys[(first + start) // chunk_size], out.keys, out.values)
+            logits = out.logits
+        for _, out in self.model.forward_chunks(prompt_ids[full_end:], cache, chunk_size, full_end):
             logits = out.logits
         assert logits is not None
         return logits[-1]
@@ -272,10 +280,19 @@ class Engine:
         assert first_logits is not None
         return GenerateResult(self.tokenizer.decode(token_ids), token_ids, finish_reason, first_logits, metrics)
 
-    def stream(self, request: GenerateRequest, metrics: RequestMetrics, prefetched: PrefixPrefetch | None = None) -> Iterator[Step]:
-        """Yield generated tokens one by one; `metrics` is filled in as the request runs."""
+    def stream(
+        self,
+        request: GenerateRequest,
+        metrics: RequestMetrics,
+        prefetched: PrefixPrefetch | None = None,
+        planned: PromptLayout | None = None,
+    ) -> Iterator[Step]:
+        """Yield generated tokens one by one; `metrics` is filled in as the request runs.
+
+        `planned` is the request's prompt as `check` planned it (planned again if None).
+        """
         started = time.perf_counter()
-        planned = self.plan_prompt(request)
+        planned = planned or self.plan_prompt(request)
         reuse = parse_reuse(request.reuse) if request.reuse else self.default_reuse
         ratio = self._ratio(request)
         params = request.sampling

@@ -193,12 +193,12 @@ def _chat_request(body: ChatBody, config: KvcakeConfig, tenant: str) -> Generate
 
 async def _respond(worker: ComputeWorker, engine: Engine, generate: GenerateRequest, body: SamplingFields, kind: str):
     try:
-        await asyncio.to_thread(engine.check, generate)
+        planned = await asyncio.to_thread(engine.check, generate)
     except RequestError as error:
         raise ApiError(400, str(error)) from None
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-    job = Job(generate, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+    job = Job(generate, planned, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
     try:
         worker.submit(job)
     except QueueFull as error:

@@ -21,6 +21,7 @@ from typing import Any
 
 from kvcake.engine import Engine, GenerateRequest, RequestMetrics
 from kvcake.schedule import PrefixPrefetch
+from kvcake.segments import PromptLayout
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class Job:
     """A request and where its events go: ("token", Step), then ("done", RequestMetrics) or ("error", Exception)."""
 
     request: GenerateRequest
+    planned: PromptLayout
     emit: Callable[[tuple[str, Any]], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
@@ -77,7 +79,7 @@ class ComputeWorker:
             with job.lock:
                 if job.started or job.cancelled.is_set():
                     return
-                job.prefetch = self.engine.prefetch_prefix(job.request)
+                job.prefetch = self.engine.prefetch_prefix(job.request, job.planned)
             if job.prefetch is not None:
                 job.prefetch.run()
         except Exception:
@@ -90,7 +92,7 @@ class ComputeWorker:
             try:
                 if job.cancelled.is_set():
                     continue
-                for step in self.engine.stream(job.request, job.metrics, job.prefetch):
+                for step in self.engine.stream(job.request, job.metrics, job.prefetch, job.planned):
                     if job.cancelled.is_set():
                         break
                     job.emit(("token", step))
