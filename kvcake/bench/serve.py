@@ -2,15 +2,17 @@
 
 The workload: `--requests` chat requests sent by `--concurrency` clients at once (the
 `openai` client, streaming, greedy). Half of them ask about one of `--documents` long
-documents (their prefix is stored: hits); the other half carry a long text of their
-own (misses). The store is in memory behind an emulated link whose bandwidth makes
+documents (their prefix is stored: hits); the other half carry a text of their own,
+as long (misses). The store is in memory behind an emulated link whose bandwidth makes
 loading one document's prefix take as long as computing it (balanced), times each of
 `--factors`: below 1 the link is the bottleneck of load-only serving, above 1 compute is.
 
-For each strategy (compute-only, load-only, Cake) the server starts on a fresh store,
-the documents are stored by one untimed request each, and the workload runs; the
-reports give requests per second and client-side TTFT (request sent to first streamed
-token, queueing included) at p50 and p99.
+Each strategy (compute-only, load-only, Cake) gets its own server and store, and the
+documents are stored by one untimed request each. The workload is then cut into rounds
+of `--round-requests`, and the strategies take turns round by round (in a rotating
+order), so that a drift of the machine's speed during the run weighs on all of them
+alike. The reports give requests per second over all rounds and client-side TTFT
+(request sent to first streamed token, queueing included) at p50 and p99.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ import random
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import openai
+from tqdm import tqdm
 
 from kvcake.bench.report import machine_description, write_report
 from kvcake.config import KvcakeConfig, config_from_args
-from kvcake.data import paul_graham_essays
+from kvcake.data import long_text
 from kvcake.engine import Engine, GenerateRequest
 from kvcake.model import SamplingParams
 from kvcake.server.background import BackgroundServer
@@ -43,8 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=32, help="Requests per strategy.")
     parser.add_argument("--concurrency", type=int, default=4, help="Clients sending at once.")
     parser.add_argument("--documents", type=int, default=4, help="Distinct long documents shared by the hits.")
-    parser.add_argument("--document-chars", type=int, default=6000, help="Characters per document (about 4 per token).")
+    parser.add_argument("--document-chars", type=int, default=12000, help="Characters per document and per miss's own text (about 4 per token).")
     parser.add_argument("--factors", default="0.5,1", help="Link bandwidths as multiples of the balanced one.")
+    parser.add_argument("--round-requests", type=int, default=8, help="Requests per round; the strategies take turns round by round.")
     parser.add_argument("--answer-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=Path("docs/benchmarks"))
@@ -62,7 +67,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"one document prefix computes in {compute_s:.2f}s; balanced link {balanced_gbps:.3f} Gbps", flush=True)
     cells = []
     for factor in (float(f) for f in args.factors.split(",")):
-        results = {s: _run_strategy(config.replace(reuse=s), balanced_gbps * factor, shared, workload, args) for s in STRATEGIES}
+        results = _run_cell(config, balanced_gbps * factor, shared, workload, args)
         for strategy, result in results.items():
             print(f"{factor:g}x", strategy, json.dumps({k: v for k, v in result.items() if k != "ttft_s"}), flush=True)
         cells.append({"factor": factor, "link_gbps": balanced_gbps * factor, "results": results})
@@ -73,12 +78,16 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _texts(config: KvcakeConfig, args: argparse.Namespace) -> list[str]:
-    essays = paul_graham_essays(config.cache_path())
-    names = sorted(essays)
+    """Distinct texts of exactly `--document-chars` each, cut one after another from the joined essays.
+
+    Hits and misses then carry prompts of the same length, so the three strategies face
+    the same amount of work per request.
+    """
     needed = args.documents + args.requests // 2
-    if needed > len(names):
-        raise ValueError(f"the workload needs {needed} distinct texts; there are {len(names)} essays")
-    return [essays[name][: args.document_chars] for name in names[:needed]]
+    corpus = long_text(config.cache_path(), needed * args.document_chars)
+    if len(corpus) < needed * args.document_chars:
+        raise ValueError(f"the workload needs {needed} texts of {args.document_chars} characters; the essays hold {len(corpus)}")
+    return [corpus[i * args.document_chars : (i + 1) * args.document_chars] for i in range(needed)]
 
 
 def _messages(text: str, index: int) -> list[dict[str, str]]:
@@ -98,27 +107,62 @@ def _balanced_link(config: KvcakeConfig, document: str) -> tuple[float, float]:
     return stored_bytes * 8 / compute_s / 1e9, compute_s
 
 
-def _run_strategy(config: KvcakeConfig, gbps: float, shared: list[str], workload: list[list[dict]], args: argparse.Namespace) -> dict:
-    engine = Engine(config, store=ByteStore(ThrottledBackend(MemoryBackend(8 << 30), gbps, LATENCY_S)))
-    with BackgroundServer(engine) as server:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="bench", max_retries=0, timeout=3600)
-        for index, document in enumerate(shared):
-            _ask(client, config.model, _messages(document, -1 - index), args.answer_tokens)
-        engine.writeback.flush()
+class _StrategyServer:
+    """One strategy's engine, store and live server, with the shared documents stored."""
+
+    def __init__(self, config: KvcakeConfig, gbps: float, shared: list[str], answer_tokens: int):
+        self.engine = Engine(config, store=ByteStore(ThrottledBackend(MemoryBackend(8 << 30), gbps, LATENCY_S)))
+        self.server = BackgroundServer(self.engine)
+        self.answer_tokens = answer_tokens
+        self.shared = shared
+        self.seconds = 0.0
+        self.ttfts: list[float] = []
+
+    def __enter__(self) -> _StrategyServer:
+        self.server.__enter__()
+        self.client = openai.OpenAI(base_url=self.server.url + "/v1", api_key="bench", max_retries=0, timeout=3600)
+        for index, document in enumerate(self.shared):
+            self.ask(_messages(document, -1 - index))
+        self.engine.writeback.flush()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.__exit__(*exc)
+        self.engine.close()
+
+    def ask(self, messages: list[dict]) -> float:
+        return _ask(self.client, self.engine.config.model, messages, self.answer_tokens)
+
+    def run_round(self, batch: list[list[dict]], concurrency: int) -> None:
+        """Send `batch` from `concurrency` clients; wait until its write-backs are done, untimed."""
         started = time.perf_counter()
-        with ThreadPoolExecutor(args.concurrency) as pool:
-            ttfts = list(pool.map(lambda messages: _ask(client, config.model, messages, args.answer_tokens), workload))
-        elapsed = time.perf_counter() - started
-    engine.close()
-    ordered = sorted(ttfts)
-    return {
-        "requests": len(workload),
-        "seconds": elapsed,
-        "requests_per_s": len(workload) / elapsed,
-        "ttft_p50_s": statistics.median(ordered),
-        "ttft_p99_s": ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))],
-        "ttft_s": ttfts,
-    }
+        with ThreadPoolExecutor(concurrency) as pool:
+            self.ttfts += pool.map(self.ask, batch)
+        self.seconds += time.perf_counter() - started
+        self.engine.writeback.flush()
+
+    def result(self) -> dict:
+        ordered = sorted(self.ttfts)
+        return {
+            "requests": len(self.ttfts),
+            "seconds": self.seconds,
+            "requests_per_s": len(self.ttfts) / self.seconds,
+            "ttft_p50_s": statistics.median(ordered),
+            "ttft_p99_s": ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))],
+            "ttft_s": self.ttfts,
+        }
+
+
+def _run_cell(config: KvcakeConfig, gbps: float, shared: list[str], workload: list[list[dict]], args: argparse.Namespace) -> dict[str, dict]:
+    """Every strategy on the same rounds of the workload, taking turns in a rotating order."""
+    rounds = [workload[start : start + args.round_requests] for start in range(0, len(workload), args.round_requests)]
+    with ExitStack() as stack:
+        servers = {s: stack.enter_context(_StrategyServer(config.replace(reuse=s), gbps, shared, args.answer_tokens)) for s in STRATEGIES}
+        for index, batch in enumerate(tqdm(rounds, desc=f"rounds at {gbps:.3f} Gbps", unit="round")):
+            shift = index % len(STRATEGIES)
+            for strategy in STRATEGIES[shift:] + STRATEGIES[:shift]:
+                servers[strategy].run_round(batch, args.concurrency)
+        return {strategy: server.result() for strategy, server in servers.items()}
 
 
 def _ask(client: openai.OpenAI, model: str, messages: list[dict], answer_tokens: int) -> float:
@@ -133,7 +177,8 @@ def _ask(client: openai.OpenAI, model: str, messages: list[dict], answer_tokens:
 def _settings(config: KvcakeConfig, args: argparse.Namespace, balanced_gbps: float, compute_s: float) -> dict:
     return {
         "model": config.model, "dtype": config.dtype, "requests": args.requests, "concurrency": args.concurrency,
-        "documents": args.documents, "document_chars": args.document_chars, "balanced_gbps": balanced_gbps,
+        "documents": args.documents, "document_chars": args.document_chars, "round_requests": args.round_requests,
+        "balanced_gbps": balanced_gbps,
         "document_compute_s": compute_s, "io_threads": config.io_threads, "machine": machine_description(),
     }
 
@@ -151,12 +196,15 @@ def _report(stem: Path, record: dict) -> None:
             for name, r in results.items()
         ]
     header = [
-        f"Model `{settings['model']}`, {settings['requests']} chat requests from {settings['concurrency']} concurrent clients; "
+        (f"Model `{settings['model']}`, {settings['requests']} chat requests from {settings['concurrency']} concurrent clients; "
         f"half ask about one of {settings['documents']} stored documents of {settings['document_chars']} characters, half bring "
-        f"their own. Store in memory behind an emulated link; 1x is {settings['balanced_gbps']:.3f} Gbps, the bandwidth at which "
+        f"their own of the same length. Store in memory behind an emulated link; 1x is {settings['balanced_gbps']:.3f} Gbps, the bandwidth at which "
         f"a document loads as fast as it computes ({settings['document_compute_s']:.2f} s). I/O threads: {settings['io_threads']} "
         f"({'waiting requests preload their stored prefix' if settings['io_threads'] else 'each request loads its own prefix when it runs, as in the papers'}). "
-        f"Machine: {settings['machine']}.",
+        f"Machine: {settings['machine']}."),
+        "",
+        (f"The strategies take turns in rounds of {settings['round_requests']} requests (rotating order), so drift of the machine's speed "
+        "weighs on all alike; requests/s is over all of a strategy's rounds."),
         "",
         "TTFT is measured by the client, from sending the request to the first streamed token (queueing included).",
     ]
