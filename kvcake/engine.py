@@ -222,7 +222,7 @@ class Engine:
 
         `planned` is the request's prompt as `check` planned it (planned again if None).
         """
-        planned = planned or self.plan_prompt(request)
+        planned = self.plan_prompt(request) if planned is None else planned
         reuse = parse_reuse(request.reuse) if request.reuse else self.default_reuse
         if self._prefix_strategy(reuse).name not in PREFETCHING:
             return None
@@ -292,7 +292,7 @@ class Engine:
         `planned` is the request's prompt as `check` planned it (planned again if None).
         """
         started = time.perf_counter()
-        planned = planned or self.plan_prompt(request)
+        planned = self.plan_prompt(request) if planned is None else planned
         reuse = parse_reuse(request.reuse) if request.reuse else self.default_reuse
         ratio = self._ratio(request)
         params = request.sampling
