@@ -363,7 +363,7 @@ class Engine:
         """Start loading, fill the exact prefix, then blend; a failed layer read computes the rest instead."""
         rest = torch.tensor(planned.token_ids[planned.prefix_length :], dtype=torch.long)
         positions = torch.arange(planned.prefix_length, len(planned.token_ids))
-        prefetcher = LayerPrefetcher(source, loaded_layers, streams=self.config.load_streams)
+        prefetcher = LayerPrefetcher(source, loaded_layers, streams=self.config.load_streams, device=self.model.device)
         try:
             cache, report = self._exact_prefix(planned.token_ids[: planned.prefix_length], capacity, tenant, prefetched)
             try:

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -9,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import FAMILY_CONFIGS, save_tiny_model  # noqa: E402
+from tiny import FAMILY_CONFIGS, TEST_DEVICE, save_tiny_model  # noqa: E402
 
 from kvcake.config import KvcakeConfig, load_config  # noqa: E402
 from kvcake.model import DEFAULT_MODEL, ModelConfig, Tokenizer, Transformer, resolve_model  # noqa: E402
@@ -17,8 +16,8 @@ from kvcake.model import DEFAULT_MODEL, ModelConfig, Tokenizer, Transformer, res
 
 @pytest.fixture(scope="session")
 def test_device() -> torch.device:
-    """CPU unless KVCAKE_TEST_DEVICE says otherwise (the GPU check runs the runner tests on cuda)."""
-    return torch.device(os.environ.get("KVCAKE_TEST_DEVICE", "cpu"))
+    """CPU unless KVCAKE_TEST_DEVICE says otherwise (the GPU check runs the tiny-model tests on cuda)."""
+    return torch.device(TEST_DEVICE)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import FAMILY_CONFIGS
+from tiny import FAMILY_CONFIGS, TEST_DEVICE
 
 from kvcake.blend import LayerKV, LayerPrefetcher, selective
 from kvcake.cli import main
@@ -26,7 +26,7 @@ QUERY = "Which book did the keeper write in?"
 
 
 def tiny_engine(folder: Path, tmp_path: Path, **settings: object) -> Engine:
-    config = KvcakeConfig(model=str(folder), device="cpu", dtype="float32", chunk_size=32, store_url="memory://", cache_dir=str(tmp_path))
+    config = KvcakeConfig(model=str(folder), device=TEST_DEVICE, dtype="float32", chunk_size=32, store_url="memory://", cache_dir=str(tmp_path))
     return Engine(config.replace(**settings))
 
 

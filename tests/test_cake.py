@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TEST_DEVICE
 
 from kvcake.config import KvcakeConfig
 from kvcake.data import long_text
@@ -98,7 +99,7 @@ def test_corrupt_or_missing_chunk_in_the_middle_stays_exact(engine: Engine, prom
 def test_every_strategy_stays_exact_with_a_slow_store(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
     """Loads throttled to roughly the compute speed, so Cake splits the prefix between its two sides."""
     store = open_store("memory://?max_gb=1&throttle_gbps=0.02&latency_ms=5")
-    config = KvcakeConfig(model=str(tiny_folders["llama"]), device="cpu", dtype="float32", chunk_size=32, cache_dir=str(tmp_path))
+    config = KvcakeConfig(model=str(tiny_folders["llama"]), device=TEST_DEVICE, dtype="float32", chunk_size=32, cache_dir=str(tmp_path))
     engine = Engine(config, store=store)
     prompt = torch.randint(3, 512, (32 * 24 + 7,), generator=torch.Generator().manual_seed(0)).tolist()
     reference = ask(engine, prompt, "compute")
@@ -112,7 +113,7 @@ def test_every_strategy_stays_exact_with_a_slow_store(tiny_folders: dict[str, Pa
 
 
 def test_unknown_strategy_is_a_clear_error(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
-    config = KvcakeConfig(model=str(tiny_folders["llama"]), device="cpu", dtype="float32", store_url="memory://", cache_dir=str(tmp_path))
+    config = KvcakeConfig(model=str(tiny_folders["llama"]), device=TEST_DEVICE, dtype="float32", store_url="memory://", cache_dir=str(tmp_path))
     engine = Engine(config)
     with pytest.raises(ValueError, match="unknown reuse strategy 'fast'"):
         engine.generate(GenerateRequest(token_ids=[5, 6], reuse="fast"))
@@ -122,7 +123,7 @@ def test_unknown_strategy_is_a_clear_error(tiny_folders: dict[str, Path], tmp_pa
 def test_store_that_is_down_never_fails_a_request(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
     """Nothing listens on port 1: every store call fails; the request computes and the stats say so."""
     url = "redis://127.0.0.1:1/0?timeout_s=0.2&connect_timeout_s=0.2"
-    config = KvcakeConfig(model=str(tiny_folders["llama"]), device="cpu", dtype="float32", chunk_size=32, store_url=url, cache_dir=str(tmp_path))
+    config = KvcakeConfig(model=str(tiny_folders["llama"]), device=TEST_DEVICE, dtype="float32", chunk_size=32, store_url=url, cache_dir=str(tmp_path))
     engine = Engine(config)
     prompt = torch.randint(3, 512, (100,), generator=torch.Generator().manual_seed(1)).tolist()
     first, second = ask(engine, prompt, "cake"), ask(engine, prompt, "cake")
@@ -136,7 +137,7 @@ def test_prefix_prefetched_while_waiting_stays_exact(tiny_folders: dict[str, Pat
     """A waiting request's stored chunks loaded ahead (from the back) are used as loaded; the budget bounds them."""
     from kvcake.model import SamplingParams
 
-    config = KvcakeConfig(model=str(tiny_folders["llama"]), device="cpu", dtype="float32", chunk_size=32, store_url="memory://", cache_dir=str(tmp_path))
+    config = KvcakeConfig(model=str(tiny_folders["llama"]), device=TEST_DEVICE, dtype="float32", chunk_size=32, store_url="memory://", cache_dir=str(tmp_path))
     engine = Engine(config)
     prompt = torch.randint(3, 512, (32 * 10 + 5,), generator=torch.Generator().manual_seed(2)).tolist()
     reference = ask(engine, prompt, "compute")

@@ -10,6 +10,7 @@ from tiny import FAMILY_CONFIGS
 from transformers import AutoModelForCausalLM
 
 from kvcake.model import Transformer
+from kvcake.model.transformer import TailCausal, attend_with_mask, causal_mask
 
 TOLERANCE = 1e-4
 
@@ -81,6 +82,29 @@ def test_attention_over_any_subset_uses_positions(tiny_folders: dict[str, Path],
     order = torch.randperm(length, generator=generator).to(test_device)
     subset = model.attend(q[:, chosen], chosen, k[:, order], v[:, order], order)
     assert (subset - full[chosen]).abs().max().item() <= 1e-5
+
+
+def test_tail_chunk_mask_gives_the_position_mask_result(test_device: torch.device) -> None:
+    """A chunk at the tail of a contiguous cache gets the lower-right causal form (CUDA's flash
+    kernel in half precision) with the same result as the boolean mask; a gap keeps the mask."""
+    dtype = torch.bfloat16 if test_device.type == "cuda" else torch.float32
+    generator = torch.Generator().manual_seed(6)
+    q = torch.randn(4, 5, 16, generator=generator).to(test_device, dtype)
+    k, v = (torch.randn(2, 12, 16, generator=generator).to(test_device, dtype) for _ in range(2))
+    kv_positions = torch.arange(30, 42, device=test_device)
+    mask = causal_mask(kv_positions[-5:], kv_positions)
+    assert isinstance(mask, TailCausal)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(attend_with_mask(q, k, v, mask), attend_with_mask(q, k, v, mask.dense), atol=tolerance, rtol=tolerance)
+    assert isinstance(causal_mask(kv_positions[-5:], torch.cat([kv_positions[:3], kv_positions[4:]])), torch.Tensor)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_half_precision_chunks_match_one_shot(tiny_folders: dict[str, Path], test_device: torch.device, family: str) -> None:
+    """bf16 chunked prefill (tail-chunk attention) against the one-shot pass, within bf16 rounding."""
+    model = Transformer.from_folder(tiny_folders[family], test_device, dtype=torch.bfloat16)
+    ids = torch.randint(3, 512, (70,), generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(chunked_logits(model, ids, 16), full_logits(model, ids), atol=3e-2, rtol=3e-2)
 
 
 def test_rope_at_shifted_positions_is_a_relative_rotation(tiny_folders: dict[str, Path], test_device: torch.device) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from tiny import TEST_DEVICE
 
 from kvcake.config import KvcakeConfig
 from kvcake.engine import Engine
@@ -26,7 +27,7 @@ class LiveServer(BackgroundServer):
 
 @pytest.fixture()
 def config(tiny_folders: dict[str, Path], tmp_path: Path) -> KvcakeConfig:
-    return KvcakeConfig(model=str(tiny_folders["llama"]), device="cpu", dtype="float32", chunk_size=32, store_url="memory://", cache_dir=str(tmp_path), max_tokens=8)
+    return KvcakeConfig(model=str(tiny_folders["llama"]), device=TEST_DEVICE, dtype="float32", chunk_size=32, store_url="memory://", cache_dir=str(tmp_path), max_tokens=8)
 
 
 @pytest.fixture()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TEST_DEVICE
 
 from kvcake.blend import TuneProfile, token_scores
 from kvcake.config import KvcakeConfig
@@ -30,7 +31,7 @@ def ask(engine: Engine, reuse: str, ratio: float | None = None) -> GenerateResul
 
 @pytest.fixture()
 def engine(tiny_folders: dict[str, Path], tmp_path: Path) -> Engine:
-    config = KvcakeConfig(model=str(tiny_folders["qwen2"]), device="cpu", dtype="float32", chunk_size=32, store_url="memory://", cache_dir=str(tmp_path))
+    config = KvcakeConfig(model=str(tiny_folders["qwen2"]), device=TEST_DEVICE, dtype="float32", chunk_size=32, store_url="memory://", cache_dir=str(tmp_path))
     engine = Engine(config)
     yield engine
     engine.close()
@@ -102,7 +103,7 @@ def test_auto_ratio_is_reported_per_request(engine: Engine) -> None:
 
 
 def test_warm_stores_the_scored_layout_for_tune(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
-    config = KvcakeConfig(model=str(tiny_folders["llama"]), device="cpu", dtype="float32", store_url="memory://", cache_dir=str(tmp_path), reuse="tune")
+    config = KvcakeConfig(model=str(tiny_folders["llama"]), device=TEST_DEVICE, dtype="float32", store_url="memory://", cache_dir=str(tmp_path), reuse="tune")
     engine = Engine(config)
     assert [present for _, _, present in engine.warm(DOCUMENTS, system=SYSTEM)] == [False, False]
     assert [present for _, _, present in engine.warm(DOCUMENTS, system=SYSTEM)] == [True, True]

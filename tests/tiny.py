@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -17,6 +18,9 @@ TRAINING_TEXT = [
     "Paris is the capital of France; Berlin is the capital of Germany. " * 4,
     "KV caches make the first token arrive sooner when documents repeat. " * 4,
 ]
+
+TEST_DEVICE = os.environ.get("KVCAKE_TEST_DEVICE", "cpu")
+"""Where the tiny-model tests run: cpu unless KVCAKE_TEST_DEVICE names another (the GPU check sets cuda)."""
 
 COMMON = dict(
     vocab_size=512,

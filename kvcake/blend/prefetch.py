@@ -6,7 +6,9 @@ the recompute instead of adding to it. By default the loader never waits for the
 compute: the first layers (computed in full, up to the check layer) cost far more than
 the later ones, and a loader held back to a fixed lead would sit idle through them.
 The loaded layers are the documents' share of the KV cache, so running ahead costs at
-most that much memory again.
+most that much memory again. On a GPU each loader thread also copies its layers to the
+device, through pinned memory on its own CUDA stream, so the copies overlap the compute
+instead of running on the compute thread.
 """
 
 from __future__ import annotations
@@ -41,12 +43,14 @@ class LayerPrefetcher:
     """Loads `layers` in order on `streams` threads, at most `ahead` layers (default: all) before the consumer.
 
     Each thread claims the next unclaimed layer, so with several streams the reads of
-    consecutive layers overlap (useful when one read cannot fill the link). `load_s` is
-    the wall time from the start until the last layer arrived.
+    consecutive layers overlap (useful when one read cannot fill the link). With a CUDA
+    `device` the layers are handed over on that device. `load_s` is the wall time from
+    the start until the last layer arrived.
     """
 
-    def __init__(self, source: LayerSource, layers: range, ahead: int | None = None, streams: int = 1):
+    def __init__(self, source: LayerSource, layers: range, ahead: int | None = None, streams: int = 1, device: torch.device | None = None):
         self._source = source
+        self._device = device if device is not None and device.type == "cuda" else None
         self._layers = layers
         self._next = iter(layers)
         self._loaded: dict[int, LayerKV | None] = {}
@@ -69,6 +73,10 @@ class LayerPrefetcher:
             self._ready.wait_for(lambda: layer in self._loaded)
             loaded = self._loaded.pop(layer)
         self._room.release()
+        if loaded is not None and self._device is not None:
+            consumer = torch.cuda.current_stream(self._device)
+            loaded.keys.record_stream(consumer)
+            loaded.values.record_stream(consumer)
         self.wait_s += time.perf_counter() - started
         return loaded
 
@@ -87,6 +95,7 @@ class LayerPrefetcher:
             return next(self._next, None)
 
     def _run(self) -> None:
+        copy_stream = torch.cuda.Stream(self._device) if self._device is not None else None
         while True:
             self._room.acquire()
             layer = None if self._stopped else self._claim()
@@ -94,6 +103,8 @@ class LayerPrefetcher:
                 return
             try:
                 loaded = self._source(layer)
+                if loaded is not None and copy_stream is not None:
+                    loaded = self._to_device(loaded, copy_stream)
             except Exception:
                 log.exception("loading layer %d of the stored documents failed", layer)
                 loaded = None
@@ -106,3 +117,15 @@ class LayerPrefetcher:
                     self._loaded.setdefault(layer, loaded)
                 self.load_s = time.perf_counter() - self._started
                 self._ready.notify_all()
+
+    def _to_device(self, loaded: LayerKV, copy_stream: torch.cuda.Stream) -> LayerKV:
+        """The layer on the GPU, copied on this thread's stream; returns once the copy is done.
+
+        `get` marks the tensors as used by the consumer's stream, so the allocator does not
+        hand their memory to a later copy while the compute still reads them.
+        """
+        with torch.cuda.stream(copy_stream):
+            keys = loaded.keys.pin_memory().to(self._device, non_blocking=True)
+            values = loaded.values.pin_memory().to(self._device, non_blocking=True)
+        copy_stream.synchronize()
+        return LayerKV(keys, values, loaded.nbytes)

@@ -164,13 +164,13 @@ class BlendPrefill:
             q, k, v = model.qkv(layer, hidden)
             fresh_written = False
             if layer >= first_loaded:
-                stored = prefetcher.get(layer)
-                if stored is None:
+                loaded = prefetcher.get(layer)
+                if loaded is None:
                     raise BlendFallback(f"layer {layer} of the stored documents could not be read")
-                self._write(cache, layer, slot, doc_tokens, stored.keys.to(device), stored.values.to(device), cos, sin)
+                stored = LayerKV(loaded.keys.to(device), loaded.values.to(device), loaded.nbytes)
+                self._write(cache, layer, slot, doc_tokens, stored.keys, stored.values, cos, sin)
                 if layer in checks:
-                    stored_on_device = LayerKV(stored.keys.to(device), stored.values.to(device), stored.nbytes)
-                    keep = self._select(active, k, v, stored_on_device, doc_row, checks[layer])
+                    keep = self._select(active, k, v, stored, doc_row, checks[layer])
                     report.kept_per_check.append(int((doc_row[active[keep]] >= 0).sum()))
                     self._write(cache, layer, slot, active, k, v, cos, sin)
                     fresh_written = True

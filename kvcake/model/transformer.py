@@ -19,6 +19,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch.nn.attention.bias import causal_lower_right
 
 from kvcake.model.config import ModelConfig, RopeConfig
 from kvcake.model.kv import KVCache
@@ -281,8 +282,20 @@ class Transformer:
         return KVCache(config.num_layers, config.num_kv_heads, config.head_dim, capacity, self.device, self.dtype)
 
 
-Mask = torch.Tensor | bool | None
-"""What SDPA needs for a causal mask by positions: True = its built-in causal mask, None = none, or a bool tensor."""
+@dataclass(frozen=True)
+class TailCausal:
+    """Causal mask of a chunk that is the tail of a contiguous cache: query i sees keys 0 .. i + (Tk - Tq).
+
+    CUDA's flash kernel runs this form (lower-right causal) without a mask tensor; elsewhere
+    the equivalent boolean mask `dense` is used.
+    """
+
+    dense: torch.Tensor
+
+
+Mask = torch.Tensor | bool | TailCausal | None
+"""What SDPA needs for a causal mask by positions: True = its built-in causal mask, None = none,
+a `TailCausal` chunk, or a bool tensor."""
 
 
 def causal_mask(q_positions: torch.Tensor, kv_positions: torch.Tensor) -> Mask:
@@ -291,16 +304,30 @@ def causal_mask(q_positions: torch.Tensor, kv_positions: torch.Tensor) -> Mask:
         return True
     if int(kv_positions.max()) <= int(q_positions.min()):
         return None
-    return kv_positions[None, :] <= q_positions[:, None]
+    dense = kv_positions[None, :] <= q_positions[:, None]
+    if q_positions.numel() < kv_positions.numel() and torch.equal(kv_positions[-q_positions.numel() :], q_positions) and _is_increasing_run(kv_positions):
+        return TailCausal(dense)
+    return dense
 
 
 def attend_with_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask) -> torch.Tensor:
     """q: (H, Tq, d); k, v: (Hkv, Tk, d) with H a multiple of Hkv (GQA). Returns (Tq, H * d)."""
+    q, k, v = q[None], k[None], v[None]
     if mask is True:
-        out = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    elif isinstance(mask, TailCausal):
+        out = _attend_tail(q, k, v, mask)
     else:
-        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=True)
-    return out[0].transpose(0, 1).reshape(q.shape[1], -1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    return out[0].transpose(0, 1).reshape(q.shape[2], -1)
+
+
+def _attend_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: TailCausal) -> torch.Tensor:
+    """Lower-right causal attention: the flash kernel where it applies (CUDA, half precision), else the bool mask."""
+    if q.is_cuda and torch.backends.cuda.can_use_flash_attention(torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, True)):
+        bias = causal_lower_right(q.shape[2], k.shape[2])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=True)
 
 
 def _is_increasing_run(positions: torch.Tensor) -> bool:
