@@ -319,9 +319,11 @@ def _decode_block(
         first_crc = base + (1 if h.is_int8 else 0)
         if scales is not None:
             _check(scales[: h.scale_bytes], h.crcs[base], f"scales of block {block}")
-        for i, page in enumerate(range(p0, p1)):
-            _check(pages[i * page_bytes : min((i + 1) * page_bytes, expected_len)],
-                   h.crcs[first_crc + page], f"page {page} of block {block}")
+        actual = _page_crcs(pages[:expected_len], page_bytes)
+        expected = h.crcs[first_crc + p0 : first_crc + p1]
+        if actual != list(expected):
+            page = p0 + next(i for i, (a, e) in enumerate(zip(actual, expected)) if a != e)
+            raise CodecError("checksum", f"checksum mismatch in page {page} of block {block}")
     n = end - start
     arr = np.frombuffer(
         pages, dtype=_DTYPES[h.store_code][3], count=n * h.n_heads * h.head_dim,
