@@ -119,16 +119,19 @@ class _StrategyServer:
         self.ttfts: list[float] = []
 
     def __enter__(self) -> _StrategyServer:
-        self.server.__enter__()
-        self.client = openai.OpenAI(base_url=self.server.url + "/v1", api_key="bench", max_retries=0, timeout=3600)
-        for index, document in enumerate(self.shared):
-            self.ask(_messages(document, -1 - index))
-        self.engine.writeback.flush()
+        """Start the server and store the documents; on any failure the server and engine are closed."""
+        with ExitStack() as opened:
+            opened.callback(self.engine.close)
+            opened.enter_context(self.server)
+            self.client = openai.OpenAI(base_url=self.server.url + "/v1", api_key="bench", max_retries=0, timeout=3600)
+            for index, document in enumerate(self.shared):
+                self.ask(_messages(document, -1 - index))
+            self.engine.writeback.flush()
+            self._opened = opened.pop_all()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.server.__exit__(*exc)
-        self.engine.close()
+        self._opened.close()
 
     def ask(self, messages: list[dict]) -> float:
         return _ask(self.client, self.engine.config.model, messages, self.answer_tokens)

@@ -299,6 +299,18 @@ def parse_header(buf: bytes | memoryview) -> Header:
     return Header(layers, tokens, heads, head_dim, page_tokens, code, orig, tuple(int(c) for c in crcs))
 
 
+def _check_pages(pages: memoryview, page_bytes: int, expected: Sequence[int], first_page: int, block: int) -> None:
+    """Compare the CRCs of consecutive pages (numbered from `first_page`) with the stored ones.
+
+    One list of CRCs and one comparison: the error text is built only on a mismatch, so
+    the per-page work holding the GIL stays small and loader threads can overlap.
+    """
+    actual = _page_crcs(pages, page_bytes)
+    if actual != list(expected):
+        page = first_page + next(i for i, (a, e) in enumerate(zip(actual, expected)) if a != e)
+        raise CodecError("checksum", f"checksum mismatch in page {page} of block {block}")
+
+
 def _check(buf: memoryview, expected: int, what: str) -> None:
     if zlib.crc32(buf) != expected:
         raise CodecError("checksum", f"checksum mismatch in {what}")
@@ -319,11 +331,7 @@ def _decode_block(
         first_crc = base + (1 if h.is_int8 else 0)
         if scales is not None:
             _check(scales[: h.scale_bytes], h.crcs[base], f"scales of block {block}")
-        actual = _page_crcs(pages[:expected_len], page_bytes)
-        expected = h.crcs[first_crc + p0 : first_crc + p1]
-        if actual != list(expected):
-            page = p0 + next(i for i, (a, e) in enumerate(zip(actual, expected)) if a != e)
-            raise CodecError("checksum", f"checksum mismatch in page {page} of block {block}")
+        _check_pages(pages[:expected_len], page_bytes, h.crcs[first_crc + p0 : first_crc + p1], p0, block)
     n = end - start
     arr = np.frombuffer(
         pages, dtype=_DTYPES[h.store_code][3], count=n * h.n_heads * h.head_dim,
@@ -356,9 +364,7 @@ def verify(buf: bytes | memoryview) -> Header:
         if scales is not None:
             _check(scales, h.crcs[base], f"scales of block {block}")
             base += 1
-        for page, crc in enumerate(_page_crcs(pages, page_bytes)):
-            if crc != h.crcs[base + page]:
-                raise CodecError("checksum", f"checksum mismatch in page {page} of block {block}")
+        _check_pages(pages, page_bytes, h.crcs[base : base + h.n_pages], 0, block)
     return h
 
 
