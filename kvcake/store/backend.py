@@ -79,6 +79,9 @@ class Backend(ABC):
     def remove(self, key: str) -> None:
         """Delete the key if present."""
 
+    def touch(self, keys: Sequence[str]) -> None:  # noqa: B027 - a backend that evicts by itself may ignore it
+        """Mark present entries as used in this order (the last most recently); absent ones are skipped."""
+
     def route(self, key: str) -> str:
         """Which server/device serves the key: outages are tracked per route."""
         return self.name

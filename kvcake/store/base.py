@@ -96,6 +96,10 @@ class KVStore(ABC):
         """Whether the entry exists (not verified; False when the backend is down)."""
 
     @abstractmethod
+    def touch(self, keys: Sequence[str]) -> None:
+        """Mark entries as used, in this order (the last one most recently), where the tier evicts by recency."""
+
+    @abstractmethod
     def delete(self, key: str) -> None:
         """Remove the entry if present."""
 

@@ -32,6 +32,8 @@ class ByteStore(KVStore):
     """Encodes chunks, reads whole entries or byte ranges, and never lets a failure escape.
 
     * corrupt/truncated entry -> miss, entry deleted, ``errors[checksum|truncated|bad_header]``;
+    * an entry written under another key (bytes copied or renamed) -> miss, entry deleted,
+      ``errors[foreign_key]``; one of an older format -> miss, ``errors[other_version]``;
     * backend down or timing out -> miss, one warning per outage of a route, and for
       ``backend.retry_s`` seconds that route is skipped (a miss without a network wait);
     * write refused (disk full, entry too large, Redis OOM) -> ``put`` returns False.
@@ -58,11 +60,11 @@ class ByteStore(KVStore):
     # -- reads ---------------------------------------------------------------------------
     def get(self, key: str) -> ChunkKV | None:
         _check_key(key)
-        return self._count(self._guarded(key, lambda: self._read_whole(key, codec.decode), None))
+        return self._count(self._guarded(key, lambda: self._read_whole(key, lambda data: codec.decode(data, key=key)), None))
 
     def get_encoded(self, key: str) -> bytes | None:
         _check_key(key)
-        return self._count(self._guarded(key, lambda: self._read_whole(key, _verified), None))
+        return self._count(self._guarded(key, lambda: self._read_whole(key, lambda data: _verified(data, key)), None))
 
     def get_layer(self, key: str, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         _check_key(key)
@@ -105,11 +107,19 @@ class ByteStore(KVStore):
     # -- writes --------------------------------------------------------------------------
     def put(self, key: str, chunk: ChunkKV) -> bool:
         _check_key(key)
-        return self.put_encoded(key, codec.encode(chunk, self._dtype, self.page_tokens))
+        return self.put_encoded(key, codec.encode(chunk, self._dtype, self.page_tokens, key))
 
     def put_encoded(self, key: str, data: bytes) -> bool:
+        """Store an encoded entry; one bound to another key is refused (``errors[foreign_key]``)."""
         _check_key(key)
         self._forget_header(key)
+        try:
+            codec.parse_header(data, key)
+        except CodecError as exc:
+            self._stats.error(exc.kind)
+            self._stats.add(puts_failed=1)
+            self._note(exc.kind, f"{self.backend.name}: refused to store {key}: {exc}")
+            return False
 
         def write() -> bool:
             self.backend.write(key, data)
@@ -121,6 +131,12 @@ class ByteStore(KVStore):
         else:
             self._stats.add(puts_failed=1)
         return ok
+
+    def touch(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            _check_key(key)
+        if keys:
+            self._guarded(keys[-1], lambda: self.backend.touch(keys), None)
 
     def delete(self, key: str) -> None:
         _check_key(key)
@@ -153,7 +169,7 @@ class ByteStore(KVStore):
             retry = header is not None
             while True:
                 if header is None:
-                    header, header_bytes = _read_header(reader)
+                    header, header_bytes = _read_header(reader, key)
                     nbytes += header_bytes
                     if header is None:
                         return None
@@ -180,7 +196,10 @@ class ByteStore(KVStore):
         return value
 
     def _guarded(self, key: str, op: Callable[[], T], default: T) -> T:
-        """Run a backend operation; any failure becomes ``default`` and a counted error."""
+        """Run a backend operation; a backend or codec failure becomes ``default`` and a counted error.
+
+        Other exceptions (programming errors) propagate: a silent miss would hide them.
+        """
         route = self.backend.name
         try:
             route = self.backend.route(key)
@@ -195,7 +214,9 @@ class ByteStore(KVStore):
             self._stats.error("out_of_range")
             self._note("out_of_range", f"{self.backend.name}: {exc}")
             return default
-        except Exception as exc:  # a cache must never fail its caller
+        except Exception as exc:
+            if self.backend.classify(exc) is None:
+                raise  # not a backend failure but a bug: let it surface
             self._failed(route, exc)
             return default
         self._recovered(route)
@@ -260,8 +281,8 @@ class ByteStore(KVStore):
             self._headers.pop(key, None)
 
 
-def _read_header(reader: Reader) -> tuple[Header | None, int]:
-    """Header of the entry behind a reader (None if the entry is absent) and bytes read."""
+def _read_header(reader: Reader, key: str) -> tuple[Header | None, int]:
+    """Header of the entry behind a reader for `key` (None if the entry is absent) and bytes read."""
     probe = reader.read([(0, codec.HEADER_PROBE_BYTES)])[0]
     if len(probe) == 0:
         if reader.entry_known:
@@ -270,11 +291,11 @@ def _read_header(reader: Reader) -> tuple[Header | None, int]:
     length = codec.header_length(probe)
     if length > len(probe) == codec.HEADER_PROBE_BYTES:
         probe = bytes(probe) + bytes(reader.read([(len(probe), length)])[0])
-    return codec.parse_header(probe), len(probe)
+    return codec.parse_header(probe, key), len(probe)
 
 
-def _verified(data: Buffer) -> bytes:
-    codec.verify(data)
+def _verified(data: Buffer, key: str) -> bytes:
+    codec.verify(data, key)
     return bytes(data)
 
 

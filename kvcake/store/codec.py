@@ -3,7 +3,7 @@
 Layout (all integers little-endian)::
 
     fixed header   magic "KVCK", codec version, flags, header length, L, T, H, D,
-                   page_tokens, storage dtype, original dtype
+                   page_tokens, storage dtype, original dtype, key digest (16 bytes)
     crc table      uint32 per (block, page); int8 entries add one crc per block for scales
     header crc     uint32 crc32 of everything above
     blocks         for layer 0..L-1: K block, then V block
@@ -15,10 +15,15 @@ the K and V blocks of a layer are adjacent, so a layer is one range as well. Eve
 is checksummed per page of ``page_tokens`` tokens: a layer read or a token-range read
 fetches the header plus the pages it overlaps and verifies exactly those pages, never
 the whole entry.
+
+An entry is bound to the key it was written under: the header holds a digest of that
+key (covered by the header checksum), and every read names the key it expects, so valid
+bytes copied under another key are refused (``foreign_key``), not served.
 """
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import zlib
 from collections.abc import Sequence
@@ -27,14 +32,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-CODEC_VERSION = 1
+CODEC_VERSION = 2
 MAGIC = b"KVCK"
 DEFAULT_PAGE_TOKENS = 16
 #: bytes a reader fetches first: the whole header when layers x pages <= ~1000 (e.g. 30 layers
 #: x 512 tokens at 16-token pages); a larger header costs a second read
 HEADER_PROBE_BYTES = 8192
 
-_FIXED = struct.Struct("<4sHHIIIIIIBBH")
+_FIXED = struct.Struct("<4sHHIIIIIIBBH16s")
+_KEY_DIGEST_BYTES = 16
 _CRC = struct.Struct("<I")
 
 # code -> (name, torch dtype, element size, numpy dtype of the stored bits; bf16 bits as uint16)
@@ -82,6 +88,11 @@ class CodecError(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
+
+
+def key_digest(key: str) -> bytes:
+    """What the header stores of the key an entry was written under."""
+    return hashlib.blake2b(key.encode(), digest_size=_KEY_DIGEST_BYTES, person=b"kvcake.entry").digest()
 
 
 @dataclass(frozen=True)
@@ -237,8 +248,8 @@ def _page_crcs(data: memoryview, page_bytes: int) -> list[int]:
     return [zlib.crc32(data[i : i + page_bytes]) for i in range(0, len(data), page_bytes)]
 
 
-def encode(chunk: ChunkKV, dtype: str | None = None, page_tokens: int = DEFAULT_PAGE_TOKENS) -> bytes:
-    """Serialize a chunk. ``dtype``: keep (default), fp32, fp16, bf16 or int8."""
+def encode(chunk: ChunkKV, dtype: str | None = None, page_tokens: int = DEFAULT_PAGE_TOKENS, key: str = "") -> bytes:
+    """Serialize a chunk bound to `key`. ``dtype``: keep (default), fp32, fp16, bf16 or int8."""
     if page_tokens <= 0:
         raise ValueError("page_tokens must be positive")
     n_heads, num_tokens, head_dim = _validate(chunk)
@@ -258,7 +269,7 @@ def encode(chunk: ChunkKV, dtype: str | None = None, page_tokens: int = DEFAULT_
     fixed = _FIXED.pack(
         MAGIC, CODEC_VERSION, 0,
         _header_len(chunk.num_layers, len(crcs) // (2 * chunk.num_layers)),
-        chunk.num_layers, num_tokens, n_heads, head_dim, page_tokens, code, orig, 0,
+        chunk.num_layers, num_tokens, n_heads, head_dim, page_tokens, code, orig, 0, key_digest(key),
     )
     head = fixed + np.asarray(crcs, dtype="<u4").tobytes()
     return b"".join([head, _CRC.pack(zlib.crc32(head)), *body])
@@ -272,12 +283,12 @@ def header_length(prefix: bytes | memoryview) -> int:
     if magic != MAGIC:
         raise CodecError("bad_header", "not a kvcake entry (bad magic)")
     if version != CODEC_VERSION:
-        raise CodecError("bad_header", f"codec version {version}, this reader is {CODEC_VERSION}")
+        raise CodecError("other_version", f"codec version {version}, this reader is {CODEC_VERSION}")
     return int(header_len)
 
 
-def parse_header(buf: bytes | memoryview) -> Header:
-    """Parse and verify a header; ``buf`` must hold at least ``header_length(buf)`` bytes."""
+def parse_header(buf: bytes | memoryview, key: str = "") -> Header:
+    """Parse and verify the header of an entry read under `key`; ``buf`` must hold at least ``header_length(buf)`` bytes."""
     header_len = header_length(buf)
     if len(buf) < header_len:
         raise CodecError("truncated", "entry shorter than its header")
@@ -295,6 +306,8 @@ def parse_header(buf: bytes | memoryview) -> Header:
     per_block = n_pages + (1 if code == _INT8 else 0)
     if header_len != _header_len(layers, per_block):
         raise CodecError("bad_header", "header length does not match its fields")
+    if fields[12] != key_digest(key):
+        raise CodecError("foreign_key", "the entry was written under another key")
     crcs = np.frombuffer(buf, dtype="<u4", count=2 * layers * per_block, offset=_FIXED.size)
     return Header(layers, tokens, heads, head_dim, page_tokens, code, orig, tuple(int(c) for c in crcs))
 
@@ -352,10 +365,10 @@ def _split_block(h: Header, buf: memoryview, block: int) -> tuple[memoryview | N
     return scales, buf[off + h.scale_bytes : off + h.block_bytes]
 
 
-def verify(buf: bytes | memoryview) -> Header:
-    """Check a whole encoded entry (header and every page) without building tensors."""
+def verify(buf: bytes | memoryview, key: str = "") -> Header:
+    """Check a whole encoded entry read under `key` (header and every page) without building tensors."""
     mv = memoryview(buf)
-    h = parse_header(mv)
+    h = parse_header(mv, key)
     _check_length(h, mv)
     page_bytes = h.page_tokens * h.token_bytes
     for block in range(2 * h.num_layers):
@@ -375,15 +388,15 @@ def _check_length(h: Header, mv: memoryview) -> None:
         raise CodecError("bad_header", f"entry is {len(mv)} bytes, header says {h.total_bytes}")
 
 
-def decode(buf: bytes | memoryview, check: bool = True) -> ChunkKV:
-    """Whole entry -> ChunkKV; ``check=False`` only for bytes already passed to ``verify``.
+def decode(buf: bytes | memoryview, check: bool = True, key: str = "") -> ChunkKV:
+    """Whole entry read under `key` -> ChunkKV; ``check=False`` only for bytes already passed to ``verify``.
 
     Tensors come back in the storage dtype chosen at encode time (the original dtype when
     it was ``keep``); int8 entries are dequantized to the original dtype. fp32 kept as
     fp32 round-trips bit-exactly.
     """
     mv = memoryview(buf)
-    h = parse_header(mv)
+    h = parse_header(mv, key)
     _check_length(h, mv)
     tensors = []
     for block in range(2 * h.num_layers):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from kvcake.store.backend import Backend, BackendError, BufferReader
@@ -58,6 +58,12 @@ class MemoryBackend(Backend):
     def exists(self, key: str) -> bool:
         with self._lock:
             return key in self._entries
+
+    def touch(self, keys: Sequence[str]) -> None:
+        with self._lock:
+            for key in keys:
+                if key in self._entries:
+                    self._entries.move_to_end(key)
 
     def remove(self, key: str) -> None:
         with self._lock:

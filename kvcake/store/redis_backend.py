@@ -104,6 +104,13 @@ class RedisBackend(Backend):
     def remove(self, key: str) -> None:
         self._client().delete(self._k(key))
 
+    def touch(self, keys: Sequence[str]) -> None:
+        """TOUCH in order (Redis's own LRU clock is coarse, so order within a second is approximate)."""
+        pipe = self._client().pipeline(transaction=False)
+        for key in keys:
+            pipe.touch(self._k(key))
+        pipe.execute()
+
     def route(self, key: str) -> str:
         if not self._cluster:
             return self.name

@@ -126,6 +126,11 @@ class ThrottledBackend(Backend):
         self.inner.remove(key)
         self.write_link.transfer(0, started)
 
+    def touch(self, keys: Sequence[str]) -> None:
+        started = time.perf_counter()
+        self.inner.touch(keys)
+        self.write_link.transfer(0, started)
+
     def route(self, key: str) -> str:
         return self.inner.route(key)
 

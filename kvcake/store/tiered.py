@@ -58,7 +58,7 @@ class TieredStore(KVStore):
     # -- reads ---------------------------------------------------------------------------
     def get(self, key: str) -> ChunkKV | None:
         data = self.get_encoded(key)
-        return None if data is None else codec.decode(data, check=False)  # the tier verified it
+        return None if data is None else codec.decode(data, check=False, key=key)  # the tier verified it
 
     def get_encoded(self, key: str) -> bytes | None:
         for i, tier in enumerate(self.tiers):
@@ -81,7 +81,7 @@ class TieredStore(KVStore):
 
     # -- writes --------------------------------------------------------------------------
     def put(self, key: str, chunk: ChunkKV) -> bool:
-        return self.put_encoded(key, codec.encode(chunk, self._dtype, self.page_tokens))
+        return self.put_encoded(key, codec.encode(chunk, self._dtype, self.page_tokens, key))
 
     def put_encoded(self, key: str, data: bytes) -> bool:
         """True when the first tier stored it, or (write-through) any tier did, or it was queued."""
@@ -92,6 +92,10 @@ class TieredStore(KVStore):
             return True
         self._stats.add(puts_failed=1)
         return False
+
+    def touch(self, keys: Sequence[str]) -> None:
+        for tier in self.tiers:
+            tier.touch(keys)
 
     def delete(self, key: str) -> None:
         with self._cond:

@@ -36,7 +36,10 @@ def check(tensors: list[torch.Tensor], tokens: int) -> bool:
 def main(root: str, writer: int, iterations: int, go_file: str) -> None:
     store = open_store(f"file://{root}?max_gb={6 * 70_000 / 1e9}")
     rng = random.Random(writer)
+    deadline = time.monotonic() + 120
     while not Path(go_file).exists():
+        if time.monotonic() > deadline:
+            raise SystemExit("the start signal never came")
         time.sleep(0.001)
     hits = misses = torn = 0
     for i in range(iterations):

@@ -153,7 +153,7 @@ def test_truncated_and_foreign_entries(make_chunk) -> None:
     struct.pack_into("<H", newer, 4, codec.CODEC_VERSION + 1)
     with pytest.raises(CodecError) as err:
         codec.decode(bytes(newer))
-    assert err.value.kind == "bad_header"
+    assert err.value.kind == "other_version"
     with pytest.raises(CodecError):
         codec.decode(data + b"\0")
 
