@@ -30,7 +30,7 @@ def _setting(default: Any, help: str) -> Any:
 
 @dataclass(frozen=True)
 class KvcakeConfig:
-    model: str = _setting("smollm2-135m", "Registry name (smollm2-135m, qwen2.5-0.5b), a .gguf file or a HF safetensors folder.")
+    model: str = _setting("smollm2-135m", "Registry name (smollm2-135m, qwen2.5-0.5b, qwen2.5-1.5b), a .gguf file or a HF safetensors folder.")
     device: str = _setting("auto", "torch device: auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...")
     dtype: str = _setting("auto", "Compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16.")
     threads: int = _setting(0, "CPU threads for torch; 0 keeps torch's default (all cores).")
@@ -54,17 +54,20 @@ class KvcakeConfig:
     tune_min_ratio: float = _setting(0.15, "With reuse=tune: the smallest ratio auto may pick (quality floor).")
     tune_scoring: str = _setting("highpass", "With reuse=tune: offline token score (highpass, lowpass, norm; see docs/tune.md).")
     load_streams: int = _setting(2, "Threads reading stored document layers at once (blend, tune).")
+    load_timeout_s: float = _setting(30.0, "Longest wait for one stored layer (blend, tune); past it the request computes instead (counted as a fallback).")
+    max_documents: int = _setting(64, "Most documents one request (or one warm call) may carry; more get a 400.")
     host: str = _setting("127.0.0.1", "`kvcake serve`: address to listen on.")
     port: int = _setting(8000, "`kvcake serve`: port to listen on.")
     api_keys: str = _setting("", "`kvcake serve`: comma-separated KEY:TENANT pairs; requests need `Authorization: Bearer KEY`. Empty = no auth.")
     shared_documents: bool = _setting(False, "Documents (blend) are keyed without the tenant salt, so all tenants share one corpus.")
-    max_queue: int = _setting(64, "`kvcake serve`: requests waiting for compute before new ones get 429.")
+    metrics_api_key: str = _setting("", "`kvcake serve`: if set, `/metrics` needs `Authorization: Bearer KEY` (its counters span every tenant). Empty = open.")
+    max_queue: int = _setting(64, "`kvcake serve`: requests (and warm calls) waiting for compute before new ones get 429.")
     max_body_bytes: int = _setting(8_000_000, "`kvcake serve`: largest request body accepted (413 above it).")
     io_threads: int = _setting(2, "`kvcake serve`: threads loading the stored prefixes of waiting requests while another computes (0 = off).")
     prefetch_gb: float = _setting(2.0, "`kvcake serve`: most KV that waiting requests may hold preloaded, in GB.")
 
     def __post_init__(self) -> None:
-        for name in ("chunk_size", "max_tokens", "max_queue", "max_body_bytes"):
+        for name in ("chunk_size", "max_tokens", "max_queue", "max_body_bytes", "max_documents"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"setting {name!r} must be >= 1, got {getattr(self, name)}")
         for name in ("blend_ratio", "tune_min_ratio"):
@@ -72,6 +75,8 @@ class KvcakeConfig:
                 raise ConfigError(f"setting {name!r} must lie in [0, 1], got {getattr(self, name)}")
         if self.tune_ratio != "auto" and not _is_ratio(self.tune_ratio):
             raise ConfigError(f"setting 'tune_ratio' must be auto or a number in [0, 1], got {self.tune_ratio!r}")
+        if self.load_timeout_s <= 0:
+            raise ConfigError(f"setting 'load_timeout_s' must be > 0, got {self.load_timeout_s}")
         if self.load_streams < 1:
             raise ConfigError(f"setting 'load_streams' must be >= 1, got {self.load_streams}")
         for name in ("threads", "io_threads", "document_gap"):
@@ -104,13 +109,18 @@ def _is_ratio(text: str) -> bool:
         return False
 
 
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 def _coerce(name: str, kind: type, raw: Any) -> Any:
     if isinstance(raw, kind) and not (kind is int and isinstance(raw, bool)):
         return raw
     try:
         if kind is bool:
-            return str(raw).strip().lower() in ("1", "true", "yes", "on")
+            return _BOOLEANS[str(raw).strip().lower()]
         return kind(raw)
+    except KeyError:
+        raise ConfigError(f"setting {name!r}: cannot read {raw!r} as a boolean (use true/false, yes/no, on/off or 1/0)") from None
     except (TypeError, ValueError) as error:
         raise ConfigError(f"setting {name!r}: cannot read {raw!r} as {kind.__name__}") from error
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
@@ -62,7 +63,18 @@ class GenerateRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     reuse: str | None = None
     ratio: float | None = None
+    guard: float | None = None
     tenant: str | None = None
+
+
+@dataclass
+class WarmRequest:
+    """Documents to compute and store for later requests with this `system` text (see `Engine.warm`)."""
+
+    documents: list[str]
+    tenant: str | None = None
+    chat: bool = True
+    system: str | None = None
 
 
 @dataclass
@@ -109,6 +121,7 @@ class ScoredDocument:
     order: torch.Tensor
     length: int
     computed: ChunkKV | None
+    writes: tuple[threading.Event, ...] = ()
 
 
 @dataclass
@@ -155,10 +168,16 @@ class Engine:
         segments = Segments(request.query, tuple(request.documents), request.system) if request.query is not None else None
         if request.prompt is not None and (split := split_prompt(request.prompt, self.config.separator)) is not None:
             segments = Segments(split.query, split.documents, request.system)
+        self._check_length_bound(request, segments)
         if segments is not None:
+            if len(segments.documents) > self.config.max_documents:
+                raise RequestError(f"{len(segments.documents)} documents; the limit is max_documents = {self.config.max_documents}")
             if not segments.query.strip():
                 raise RequestError("the query is empty")
-            planned = layout(self.tokenizer, segments, request.chat)
+            try:
+                planned = layout(self.tokenizer, segments, request.chat)
+            except ValueError as error:
+                raise RequestError(str(error)) from None
         else:
             planned = PromptLayout.plain(self._plain_ids(request))
         if not planned.token_ids:
@@ -166,6 +185,18 @@ class Engine:
         if len(planned.token_ids) >= self.context_length:
             raise RequestError(f"the prompt has {len(planned.token_ids)} tokens; the model's context is {self.context_length}")
         return planned
+
+    def _check_length_bound(self, request: GenerateRequest, segments: Segments | None) -> None:
+        """Refuse text that cannot fit the context before tokenizing it: no token covers more than
+        `max_token_chars` characters, so more than context x that many characters is too long."""
+        texts = [request.prompt, request.query, request.system, *request.documents, *(m.get("content", "") for m in request.messages or ())]
+        characters = sum(len(text) for text in texts if text)
+        limit = self.context_length * self.tokenizer.max_token_chars
+        if characters > limit:
+            raise RequestError(
+                f"the prompt has {characters} characters, more than the model's context of {self.context_length} tokens can hold "
+                f"(at most {self.tokenizer.max_token_chars} characters per token)"
+            )
 
     def check(self, request: GenerateRequest) -> PromptLayout:
         """Raise `RequestError` now for what `stream` would refuse (prompt, reuse, ratio); else the planned prompt."""
@@ -211,10 +242,10 @@ class Engine:
         prefix = PrefixPrefill(self.model, chunk_size, prompt_ids, self._chunk_loader(reusable), self.cost_profile)
         report = prefix.run(cache, num_hit, strategy, ready)
         started = time.perf_counter()
-        last_logits = self._compute_rest(prompt_ids, cache, num_hit, keys)
+        last_logits, computed = self._compute_rest(prompt_ids, cache, num_hit, keys)
         report.compute_s += time.perf_counter() - started
-        for index, (k, v) in prefix.computed_kv.items():
-            self.writeback.submit(keys[index], k, v)
+        computed.update({keys[index]: kv for index, kv in prefix.computed_kv.items()})
+        self.writeback.submit_chain(keys, computed)
         return Prefill(cache, last_logits, len(prompt_ids)), report
 
     def prefetch_prefix(self, request: GenerateRequest, planned: PromptLayout | None = None) -> PrefixPrefetch | None:
@@ -251,8 +282,10 @@ class Engine:
 
         return load
 
-    def _compute_rest(self, prompt_ids: list[int], cache: KVCache, first_chunk: int, keys: list[str]) -> torch.Tensor:
-        """Compute chunks from `first_chunk` on, queueing each full one for write-back.
+    def _compute_rest(
+        self, prompt_ids: list[int], cache: KVCache, first_chunk: int, keys: list[str]
+    ) -> tuple[torch.Tensor, dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]]:
+        """Compute chunks from `first_chunk` on: the last token's logits, and the full chunks' K/V by key (to store).
 
         The trailing partial chunk is never stored, so its K/V copies are not kept.
         """
@@ -260,13 +293,14 @@ class Engine:
         first = first_chunk * chunk_size
         full_end = len(keys) * chunk_size
         logits = None
+        computed = {}
         for start, out in self.model.forward_chunks(prompt_ids[first:full_end], cache, chunk_size, first, keep_kv=True):
-            self.writeback.submit(keys[(first + start) // chunk_size], out.keys, out.values)
+            computed[keys[(first + start) // chunk_size]] = (out.keys, out.values)
             logits = out.logits
         for _, out in self.model.forward_chunks(prompt_ids[full_end:], cache, chunk_size, full_end):
             logits = out.logits
         assert logits is not None
-        return logits[-1]
+        return logits[-1], computed
 
     def generate(self, request: GenerateRequest) -> GenerateResult:
         token_ids: list[int] = []
@@ -302,12 +336,12 @@ class Engine:
             if reuse == TUNE and planned.document_spans:
                 state, report, blend = self.tune_prefill(planned, prompt_length + budget, request.ratio, request.tenant, prefetched)
             elif reuse == BLEND and planned.document_spans:
-                state, report, blend = self.blend_prefill(planned, prompt_length + budget, ratio, request.tenant, prefetched)
+                state, report, blend = self.blend_prefill(planned, prompt_length + budget, ratio, request.tenant, prefetched, request.guard)
             else:
                 state, report = self.prefill(planned.token_ids, prompt_length + budget, self._prefix_strategy(reuse), request.tenant, prefetched)
                 blend = None
             metrics.prompt_tokens = prompt_length
-            metrics.tokens_loaded = report.tokens_loaded + (blend.tokens_reused if blend else 0)
+            metrics.tokens_loaded = report.tokens_loaded + (blend.tokens_loaded if blend else 0)
             metrics.tokens_computed = prompt_length - metrics.tokens_loaded
             metrics.prefix = report
             metrics.blend = blend
@@ -318,6 +352,8 @@ class Engine:
         ratio = self.config.blend_ratio if request.ratio is None else request.ratio
         if not 0.0 <= ratio <= 1.0:
             raise RequestError(f"ratio must lie in [0, 1], got {ratio}")
+        if request.guard is not None and not (0.0 < request.guard <= 1.0 and 0.0 < ratio < 1.0):
+            raise RequestError(f"guard must lie in (0, 1] with a ratio (its floor) in (0, 1), got guard {request.guard}, ratio {ratio}")
         return ratio
 
     @staticmethod
@@ -328,9 +364,15 @@ class Engine:
     # ---- documents (blend) ---------------------------------------------------------
 
     def blend_prefill(
-        self, planned: PromptLayout, capacity: int, ratio: float, tenant: str | None = None, prefetched: PrefixPrefetch | None = None
+        self,
+        planned: PromptLayout,
+        capacity: int,
+        ratio: float,
+        tenant: str | None = None,
+        prefetched: PrefixPrefetch | None = None,
+        guard: float | None = None,
     ) -> tuple[Prefill, PrefixReport, BlendReport]:
-        """Exact prefix (Cake), then the documents' stored KV blended at `ratio`, the query computed.
+        """Exact prefix (Cake), then the documents' stored KV blended at `ratio` (a floor with a `guard` share), the query computed.
 
         Documents missing from the store are computed in isolation first and stored.
         Loading the stored layers starts before the prefix is computed. If a stored layer
@@ -341,12 +383,15 @@ class Engine:
         for start, end in planned.document_spans:
             is_document[start - planned.prefix_length : end - planned.prefix_length] = True
         source, stored = self._document_source(planned, ratio, tenant)
-        blender = BlendPrefill(self.model, ratio, self.check_layers)
+        from_store = torch.cat([torch.full((end - start,), present) for (start, end), present in zip(planned.document_spans, stored)])
+        blender = BlendPrefill(self.model, ratio, self.check_layers, guard)
         loaded_layers = blender.loaded_layers(int(is_document.sum()))
-        state, report, blend = self._run_blend(planned, capacity, tenant, prefetched, blender, source, loaded_layers, is_document.nonzero().squeeze(1))
+        state, report, blend = self._run_blend(
+            planned, capacity, tenant, prefetched, blender, source, loaded_layers, is_document.nonzero().squeeze(1), from_store
+        )
         blend.documents = len(planned.document_spans)
-        blend.documents_stored = stored
-        blend.documents_computed = blend.documents - stored
+        blend.documents_stored = sum(stored)
+        blend.documents_computed = blend.documents - blend.documents_stored
         return state, report, blend
 
     def _run_blend(
@@ -359,15 +404,21 @@ class Engine:
         source: LayerSource,
         loaded_layers: range,
         stored_tokens: torch.Tensor,
+        from_store: torch.Tensor,
     ) -> tuple[Prefill, PrefixReport, BlendReport]:
-        """Start loading, fill the exact prefix, then blend; a failed layer read computes the rest instead."""
+        """Start loading, fill the exact prefix, then blend; a failed layer read computes the rest instead.
+
+        `from_store[i]` says whether row i of `stored_tokens` comes from the store (else it
+        was computed in this request), for the accounting."""
         rest = torch.tensor(planned.token_ids[planned.prefix_length :], dtype=torch.long)
         positions = torch.arange(planned.prefix_length, len(planned.token_ids))
-        prefetcher = LayerPrefetcher(source, loaded_layers, streams=self.config.load_streams, device=self.model.device)
+        prefetcher = LayerPrefetcher(
+            source, loaded_layers, streams=self.config.load_streams, device=self.model.device, timeout_s=self.config.load_timeout_s
+        )
         try:
             cache, report = self._exact_prefix(planned.token_ids[: planned.prefix_length], capacity, tenant, prefetched)
             try:
-                logits, blend = blender.run(cache, rest, positions, stored_tokens, prefetcher)
+                logits, blend = blender.run(cache, rest, positions, stored_tokens, prefetcher, from_store)
             except BlendFallback as failure:
                 logits = self.model.prefill(rest.tolist(), cache, self.config.chunk_size, planned.prefix_length)
                 document_tokens = sum(end - start for start, end in planned.document_spans)
@@ -388,17 +439,19 @@ class Engine:
         """
         ratio = self.tune_ratio() if ratio is None else ratio
         preamble = planned.preamble
-        documents = [self._scored_document(planned.document_ids(i), preamble, tenant) for i in range(len(planned.document_spans))]
-        stored_rows = []
+        documents = self._scored_documents([planned.document_ids(i) for i in range(len(planned.document_spans))], preamble, tenant)
+        stored_rows, row_from_store = [], []
         reads: list[tuple[ScoredDocument, int]] = []
         for (start, _), document in zip(planned.document_spans, documents):
             recomputed = self._recomputed_rows(ratio, document.length)
             stored_rows.append(document.order[recomputed:] + start - planned.prefix_length)
+            row_from_store.append(torch.full((document.length - recomputed,), document.computed is None))
             reads.append((document, recomputed))
         stored_tokens = torch.cat(stored_rows) if stored_rows else torch.empty(0, dtype=torch.long)
+        from_store = torch.cat(row_from_store) if row_from_store else torch.empty(0, dtype=torch.bool)
         blender = BlendPrefill(self.model, 0.0, self.check_layers)
         state, report, blend = self._run_blend(
-            planned, capacity, tenant, prefetched, blender, self._scored_source(reads), range(self.model.config.num_layers), stored_tokens
+            planned, capacity, tenant, prefetched, blender, self._scored_source(reads), range(self.model.config.num_layers), stored_tokens, from_store
         )
         document_tokens = sum(d.length for d in documents)
         if not blend.fallback:
@@ -426,21 +479,32 @@ class Engine:
             return float(self.config.tune_ratio)
         return self.tune_profile.ratio(self.config.tune_min_ratio)
 
-    def _scored_document(self, document_ids: list[int], preamble: tuple[int, ...], tenant: str | None) -> ScoredDocument:
-        """A document's scored entry: its stored row order, or (on a miss) computed, scored, sorted and written back."""
+    def _scored_documents(
+        self, documents: list[list[int]], preamble: tuple[int, ...], tenant: str | None, stop: threading.Event | None = None
+    ) -> list[ScoredDocument]:
+        """Documents' scored entries: the stored row order, or (on a miss) computed together, scored, sorted and
+        queued for write-back (`writes` are set once both entries are written)."""
         layout = f"scored-{self.config.tune_scoring}"
-        key = self.document_key(document_ids, preamble, tenant, layout)
-        order_key = self.document_key(document_ids, preamble, tenant, f"{layout}-order")
-        if self.store.contains(key) and (entry := self.store.get(order_key)) is not None and entry.num_tokens == len(document_ids):
-            return ScoredDocument(key, order_from_entry(entry), len(document_ids), None)
-        plain = self.compute_document(document_ids, preamble)
-        scores = token_scores(plain.keys, plain.values, self.config.tune_scoring)
-        order = torch.argsort(scores, descending=True, stable=True)
-        sorted_kv = ChunkKV([k[:, order] for k in plain.keys], [v[:, order] for v in plain.values])
-        self.writeback.submit(key, sorted_kv.keys, sorted_kv.values)
-        stored_order = order_entry(order, scores[order])
-        self.writeback.submit(order_key, stored_order.keys, stored_order.values)
-        return ScoredDocument(key, order, len(document_ids), sorted_kv)
+        found: dict[int, ScoredDocument] = {}
+        for index, ids in enumerate(documents):
+            key = self.document_key(ids, preamble, tenant, layout)
+            entry = self.store.get(self.document_key(ids, preamble, tenant, f"{layout}-order")) if self.store.contains(key) else None
+            if entry is not None and entry.num_tokens == len(ids):
+                found[index] = ScoredDocument(key, order_from_entry(entry), len(ids), None)
+        missing = [i for i in range(len(documents)) if i not in found]
+        for index, plain in zip(missing, self.compute_documents([documents[i] for i in missing], preamble, stop)):
+            ids = documents[index]
+            scores = token_scores(plain.keys, plain.values, self.config.tune_scoring)
+            order = torch.argsort(scores, descending=True, stable=True)
+            sorted_kv = ChunkKV([k[:, order] for k in plain.keys], [v[:, order] for v in plain.values])
+            key = self.document_key(ids, preamble, tenant, layout)
+            stored_order = order_entry(order, scores[order])
+            writes = (
+                self.writeback.submit(key, sorted_kv.keys, sorted_kv.values),
+                self.writeback.submit(self.document_key(ids, preamble, tenant, f"{layout}-order"), stored_order.keys, stored_order.values),
+            )
+            found[index] = ScoredDocument(key, order, len(ids), sorted_kv, writes)
+        return [found[i] for i in sorted(found)]
 
     def _scored_source(self, reads: list[tuple[ScoredDocument, int]]) -> LayerSource:
         """Per layer, rows [recomputed, length) of every scored document: only the KV that is reused."""
@@ -480,80 +544,118 @@ class Engine:
         return document_key(self.fingerprint, salt, [*preamble, *document_ids], f"{layout}@{self.config.document_gap}")
 
     def warm(
-        self, documents: list[str], tenant: str | None = None, chat: bool = True, scored: bool | None = None, system: str | None = None
+        self,
+        documents: list[str],
+        tenant: str | None = None,
+        chat: bool = True,
+        scored: bool | None = None,
+        system: str | None = None,
+        stop: threading.Event | None = None,
     ) -> list[tuple[str, int, bool]]:
         """Compute and store documents in isolation; (key, tokens, was already stored) for each.
 
         They serve requests with the same `system` text (the preamble they are computed
         after). `scored` stores CacheTune's layout (by `tune_scoring`, with its order)
-        instead of the plain one; by default it does when `reuse` is tune.
+        instead of the plain one; by default it does when `reuse` is tune. Missing
+        documents are computed together (the preamble once). Returns once this call's own
+        entries are written; `stop` set (the client left) ends it before the next batch.
         """
-        warmed = []
+        if len(documents) > self.config.max_documents:
+            raise RequestError(f"{len(documents)} documents; the limit is max_documents = {self.config.max_documents}")
         preamble = document_preamble(self.tokenizer, chat, system)
         scored = self.config.reuse == TUNE if scored is None else scored
+        layout = f"scored-{self.config.tune_scoring}" if scored else "plain"
+        ids = [document_token_ids(self.tokenizer, text) for text in documents]
+        keys = [self.document_key(doc, preamble, tenant, layout) for doc in ids]
+        present = [self.store.contains(key) for key in keys]
         with torch.inference_mode():
-            for text in documents:
-                ids = document_token_ids(self.tokenizer, text)
-                key = self.document_key(ids, preamble, tenant, f"scored-{self.config.tune_scoring}" if scored else "plain")
-                present = self.store.contains(key)
-                if scored:
-                    self._scored_document(ids, preamble, tenant)
-                elif not present:
-                    self.store.put(key, self.compute_document(ids, preamble))
-                warmed.append((key, len(ids), present))
-        self.writeback.flush()
-        return warmed
+            if scored:
+                written = [done for d in self._scored_documents(ids, preamble, tenant, stop) for done in d.writes]
+            else:
+                missing = [i for i, stored in enumerate(present) if not stored]
+                written = []
+                for index, chunk in zip(missing, self.compute_documents([ids[i] for i in missing], preamble, stop)):
+                    written.append(self.writeback.submit(keys[index], chunk.keys, chunk.values))
+        for done in written:
+            done.wait()
+        return [(key, len(doc), stored) for key, doc, stored in zip(keys, ids, present)]
 
-    def compute_document(self, document_ids: list[int], preamble: tuple[int, ...]) -> ChunkKV:
-        """A document's KV computed on its own after the preamble (K before RoPE), chunk by chunk.
+    def compute_documents(self, documents: list[list[int]], preamble: tuple[int, ...], stop: threading.Event | None = None) -> list[ChunkKV]:
+        """Documents' KV, each computed on its own after the preamble (K before RoPE).
 
-        The document starts `document_gap` positions after the preamble (less where the
+        Each document starts `document_gap` positions after the preamble (less where the
         context would not hold it): in a real prompt other documents usually lie between
         the instructions and this one. K is stored before RoPE, so only this distance,
-        not the absolute position, shapes the stored KV.
+        not the absolute position, shapes the stored KV. The preamble is computed once;
+        documents shorter than a chunk are packed into passes of about `chunk_size`
+        tokens, each attending only to the preamble and itself. `stop` set ends early
+        (fewer results).
         """
-        cache = self.model.new_cache(len(preamble) + len(document_ids))
-        if preamble:
+        chunk_size = self.config.chunk_size
+        longest = max((len(d) for d in documents), default=0)
+        cache = self.model.new_cache(len(preamble) + max(longest, chunk_size))
+        if preamble and documents:
             self.model.forward(torch.tensor(preamble), torch.arange(len(preamble)), cache)
-        first_position = len(preamble) + max(0, min(self.config.document_gap, self.context_length - len(preamble) - len(document_ids)))
-        keys: list[list[torch.Tensor]] = [[] for _ in range(self.model.config.num_layers)]
-        values: list[list[torch.Tensor]] = [[] for _ in range(self.model.config.num_layers)]
+        results: list[ChunkKV] = []
+        for batch in _packs([len(d) for d in documents], chunk_size):
+            if stop is not None and stop.is_set():
+                break
+            firsts = [self._document_start(len(preamble), len(documents[i])) for i in batch]
+            if len(batch) == 1 and len(documents[batch[0]]) > chunk_size:
+                outputs = [self._long_document(documents[batch[0]], firsts[0], cache)]
+            else:
+                outputs = self.model.forward_isolated([documents[i] for i in batch], firsts, cache)
+            results.extend(ChunkKV([k.cpu() for k in keys], [v.cpu() for v in values]) for keys, values in outputs)
+        return results
+
+    def _document_start(self, preamble_length: int, document_length: int) -> int:
+        return preamble_length + max(0, min(self.config.document_gap, self.context_length - preamble_length - document_length))
+
+    def _long_document(self, document_ids: list[int], first_position: int, cache: KVCache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """A document longer than a chunk, chunk by chunk after the preamble in `cache` (left as it was)."""
+        preamble_length = cache.length
+        layers = self.model.config.num_layers
+        keys: list[list[torch.Tensor]] = [[] for _ in range(layers)]
+        values: list[list[torch.Tensor]] = [[] for _ in range(layers)]
         for _, out in self.model.forward_chunks(document_ids, cache, self.config.chunk_size, first_position, keep_kv=True):
-            for layer in range(self.model.config.num_layers):
+            for layer in range(layers):
                 keys[layer].append(out.keys[layer])
                 values[layer].append(out.values[layer])
-        return ChunkKV([torch.cat(k, dim=1).cpu() for k in keys], [torch.cat(v, dim=1).cpu() for v in values])
+        cache.truncate(preamble_length)
+        return [torch.cat(k, dim=1) for k in keys], [torch.cat(v, dim=1) for v in values]
 
-    def _document_source(self, planned: PromptLayout, ratio: float, tenant: str | None) -> tuple[LayerSource, int]:
-        """A layer reader over the prompt's documents, and how many of them were already stored."""
+    def _document_source(self, planned: PromptLayout, ratio: float, tenant: str | None) -> tuple[LayerSource, list[bool]]:
+        """A layer reader over the prompt's documents, and for each document whether it was already stored.
+
+        Missing documents are computed together, then queued for write-back."""
         if ratio >= 1.0:
-            return (lambda layer: None), 0
-        entries: list[tuple[str, ChunkKV | None, int]] = []
+            return (lambda layer: None), [False] * len(planned.document_spans)
         preamble = planned.preamble
-        for index in range(len(planned.document_spans)):
-            ids = planned.document_ids(index)
-            key = self.document_key(ids, preamble, tenant)
-            computed = None if self.store.contains(key) else self.compute_document(ids, preamble)
-            if computed is not None:
-                self.writeback.submit(key, computed.keys, computed.values)
-            entries.append((key, computed, len(ids)))
+        ids = [planned.document_ids(index) for index in range(len(planned.document_spans))]
+        keys = [self.document_key(doc, preamble, tenant) for doc in ids]
+        stored = [self.store.contains(key) for key in keys]
+        missing = [i for i, present in enumerate(stored) if not present]
+        computed: dict[int, ChunkKV] = dict(zip(missing, self.compute_documents([ids[i] for i in missing], preamble)))
+        for index, chunk in computed.items():
+            self.writeback.submit(keys[index], chunk.keys, chunk.values)
+        entries = [(key, computed.get(index), len(doc)) for index, (key, doc) in enumerate(zip(keys, ids))]
 
         def read_layer(layer: int) -> LayerKV | None:
-            keys, values, nbytes = [], [], 0
-            for key, computed, length in entries:
-                if computed is not None:
-                    keys.append(computed.keys[layer])
-                    values.append(computed.values[layer])
+            layer_keys, layer_values, nbytes = [], [], 0
+            for key, chunk, length in entries:
+                if chunk is not None:
+                    layer_keys.append(chunk.keys[layer])
+                    layer_values.append(chunk.values[layer])
                     continue
                 got = self.store.get_layer(key, layer)
                 if got is None or got[0].shape[1] != length:
                     return None
-                keys.append(got[0])
-                values.append(got[1])
+                layer_keys.append(got[0])
+                layer_values.append(got[1])
                 nbytes += got[0].nbytes + got[1].nbytes
-            return LayerKV(torch.cat(keys, dim=1), torch.cat(values, dim=1), nbytes)
+            return LayerKV(torch.cat(layer_keys, dim=1), torch.cat(layer_values, dim=1), nbytes)
 
-        return read_layer, sum(1 for _, computed, _ in entries if computed is None)
+        return read_layer, stored
 
     def _decode(self, state: Prefill, sampler: Sampler, budget: int, metrics: RequestMetrics, started: float) -> Iterator[Step]:
         logits = state.last_logits
@@ -574,6 +676,20 @@ class Engine:
             logits = out.logits[-1]
             position += 1
         metrics.decode_s = time.perf_counter() - decode_started
+
+
+def _packs(lengths: list[int], budget: int) -> Iterator[list[int]]:
+    """Consecutive indices grouped so each group's lengths sum to at most `budget` (a longer item alone)."""
+    group: list[int] = []
+    total = 0
+    for index, length in enumerate(lengths):
+        if group and total + length > budget:
+            yield group
+            group, total = [], 0
+        group.append(index)
+        total += length
+    if group:
+        yield group
 
 
 def parse_reuse(text: str) -> Strategy | str:

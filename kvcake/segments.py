@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from kvcake.model import Tokenizer
 
 DOCUMENT_END = "\n\n"
-_PLACEHOLDER = "\ue000kvcake-documents\ue000"
+_PROBES = ("A", "B")
+"""Two user texts that differ in their first character: rendering both finds where the template puts the user text."""
 
 
 @dataclass(frozen=True)
@@ -86,9 +87,26 @@ def layout(tokenizer: Tokenizer, segments: Segments, chat: bool) -> PromptLayout
 
 
 def _head_and_tail(tokenizer: Tokenizer, segments: Segments, chat: bool) -> tuple[str, str]:
+    """The prompt text before the documents (template head with the system text) and after the query (template tail).
+
+    The head and tail are what two renderings with different user texts share, so no
+    marker string (which a user could type) is needed.
+    """
     if not (chat and tokenizer.has_chat_template):
         return (segments.system + DOCUMENT_END if segments.system else ""), segments.query
-    messages = [{"role": "system", "content": segments.system}] if segments.system else []
-    messages.append({"role": "user", "content": _PLACEHOLDER + segments.query})
-    head, tail = tokenizer.render_chat(messages).split(_PLACEHOLDER)
-    return head, tail
+    system = [{"role": "system", "content": segments.system}] if segments.system else []
+    first, second = (tokenizer.render_chat([*system, {"role": "user", "content": probe}]) for probe in _PROBES)
+    head = first[: _common_prefix(first, second)]
+    tail = first[len(first) - _common_prefix(first[::-1], second[::-1]) :]
+    if first != head + _PROBES[0] + tail:
+        raise ValueError("the chat template does not place the user text verbatim; send documents in a plain prompt instead")
+    return head, segments.query + tail
+
+
+def _common_prefix(a: str, b: str) -> int:
+    length = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        length += 1
+    return length

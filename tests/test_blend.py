@@ -89,9 +89,11 @@ def test_partial_ratio_recomputes_the_top_fraction(engine: Engine) -> None:
     blend = result.metrics.blend
     assert blend.documents_computed == 3 and blend.documents_stored == 0
     assert blend.tokens_recomputed == math.ceil(0.25 * blend.document_tokens) == blend.kept_per_check[0]
-    assert result.metrics.tokens_loaded == blend.tokens_reused == blend.document_tokens - blend.tokens_recomputed
+    assert blend.tokens_reused == blend.document_tokens - blend.tokens_recomputed
+    assert result.metrics.tokens_loaded == 0, "documents computed in this request are not loaded"
     again = ask(engine, DOCUMENTS, "blend", 0.25)
     assert again.metrics.blend.documents_stored == 3
+    assert again.metrics.tokens_loaded - again.metrics.prefix.tokens_loaded == again.metrics.blend.tokens_reused == blend.tokens_reused
     assert again.token_ids == result.token_ids
     assert (again.first_token_logits - result.first_token_logits).abs().max().item() <= 1e-5
 

@@ -48,8 +48,17 @@ class LayerPrefetcher:
     the start until the last layer arrived.
     """
 
-    def __init__(self, source: LayerSource, layers: range, ahead: int | None = None, streams: int = 1, device: torch.device | None = None):
+    def __init__(
+        self,
+        source: LayerSource,
+        layers: range,
+        ahead: int | None = None,
+        streams: int = 1,
+        device: torch.device | None = None,
+        timeout_s: float | None = None,
+    ):
         self._source = source
+        self._timeout_s = timeout_s
         self._device = device if device is not None and device.type == "cuda" else None
         self._layers = layers
         self._next = iter(layers)
@@ -58,6 +67,7 @@ class LayerPrefetcher:
         self._ready = threading.Condition()
         self._stopped = False
         self._failed = False
+        self.timed_out = False
         self._started = time.perf_counter()
         self.load_s = 0.0
         self.wait_s = 0.0
@@ -67,10 +77,14 @@ class LayerPrefetcher:
             thread.start()
 
     def get(self, layer: int) -> LayerKV | None:
-        """The layer's KV (blocking until loaded), or None if loading it failed."""
+        """The layer's KV (blocking until loaded), or None if loading it failed or took over `timeout_s`."""
         started = time.perf_counter()
         with self._ready:
-            self._ready.wait_for(lambda: layer in self._loaded)
+            if not self._ready.wait_for(lambda: layer in self._loaded, timeout=self._timeout_s):
+                self.timed_out = True
+                self._failed = True
+                log.warning("layer %d of the stored documents did not arrive within %s s; computing instead", layer, self._timeout_s)
+                return None
             loaded = self._loaded.pop(layer)
         self._room.release()
         if loaded is not None and self._device is not None:
@@ -81,12 +95,13 @@ class LayerPrefetcher:
         return loaded
 
     def close(self) -> None:
-        """Stop loading (each thread finishes the layer it is reading) and wait for the threads."""
+        """Stop loading (each thread finishes the layer it is reading) and wait for the threads, at most
+        `timeout_s` each: a read that hangs is left to its daemon thread, whose result is dropped."""
         self._stopped = True
         for _ in self._threads:
             self._room.release()
         for thread in self._threads:
-            thread.join()
+            thread.join(self._timeout_s)
 
     def _claim(self) -> int | None:
         with self._ready:

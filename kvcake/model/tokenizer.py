@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Sequence
 
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers.decoders import DecodeStream
 from transformers import AutoTokenizer
 
 from kvcake.model.config import ModelConfig
@@ -20,6 +23,15 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(self._hf.chat_template)
 
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """No token stands for more characters than this (the longest vocabulary entry), so a text of
+        n characters has at least n / max_token_chars tokens: a cheap bound before tokenizing."""
+        return max(1, *(len(token) for token in self._hf.get_vocab()))
+
+    def stream_decoder(self) -> TextStream:
+        return TextStream(self._hf.backend_tokenizer)
+
     def encode(self, text: str) -> list[int]:
         return list(self._hf.encode(text, add_special_tokens=False))
 
@@ -31,6 +43,18 @@ class Tokenizer:
         if not self.has_chat_template:
             raise ValueError("this model has no chat template; send a plain prompt instead")
         return self._hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+class TextStream:
+    """Incremental detokenization: each token's new text in O(1), holding back incomplete characters."""
+
+    def __init__(self, backend: BackendTokenizer):
+        self._backend = backend
+        self._stream = DecodeStream(skip_special_tokens=True)
+
+    def add(self, token_id: int) -> str:
+        """The text this token completes ("" while a character is still incomplete)."""
+        return self._stream.step(self._backend, token_id) or ""
 
 
 def _stop_ids(folder: Path, config: ModelConfig, tokenizer_eos: int | None) -> set[int]:

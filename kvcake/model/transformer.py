@@ -247,6 +247,32 @@ class Transformer:
         last = hidden if all_logits else hidden[-1:]
         return ForwardOutput(self.logits(last), keys, values)
 
+    def forward_isolated(
+        self, segments: Sequence[Sequence[int]], first_positions: Sequence[int], cache: KVCache
+    ) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """Several segments in one pass, each attending only to the cache (a shared preamble) and to itself.
+
+        Segment i sits at positions first_positions[i], ...; returns its per-layer K (before
+        RoPE) and V. The cache is left as it was: the segments are not appended to it.
+        """
+        lengths = [len(segment) for segment in segments]
+        ids = torch.tensor([t for segment in segments for t in segment], dtype=torch.long)
+        positions = torch.cat([torch.arange(first, first + n) for first, n in zip(first_positions, lengths)])
+        owner = torch.repeat_interleave(torch.arange(len(segments)), torch.tensor(lengths)).to(self.device)
+        slot = cache.reserve(positions.to(self.device))
+        query_positions = cache.positions[slot]
+        own = (owner[:, None] == owner[None, :]) & (query_positions[None, :] <= query_positions[:, None])
+        mask = torch.cat([torch.ones(len(ids), slot.start, dtype=torch.bool, device=self.device), own], dim=1)
+        rope = self.rope_tables(positions)
+        hidden = self.embed(ids)
+        keys: list[list[torch.Tensor]] = []
+        values: list[list[torch.Tensor]] = []
+        for layer in range(self.config.num_layers):
+            hidden, k, v = self.layer_forward(layer, hidden, rope, cache, slot, mask)
+            keys.append(list(k.split(lengths, dim=1)))
+            values.append(list(v.split(lengths, dim=1)))
+        return [([k[i].contiguous() for k in keys], [v[i].contiguous() for v in values]) for i in range(len(segments))]
+
     def forward_chunks(
         self, token_ids: Sequence[int], cache: KVCache, chunk_size: int, first_position: int = 0, *, keep_kv: bool = False
     ) -> Iterator[tuple[int, ForwardOutput]]:

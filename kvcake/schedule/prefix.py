@@ -72,9 +72,14 @@ class Strategy:
 
 @dataclass
 class PrefixReport:
-    """What a prefix prefill did: the accounting every response carries."""
+    """What a prefix prefill did: the accounting every response carries.
+
+    `stored_chunks` were found by the lookup; `hit_chunks` of them were usable: all of
+    them, unless a load failed, when only the chunks actually loaded count.
+    """
 
     strategy: str = "compute"
+    stored_chunks: int = 0
     hit_chunks: int = 0
     chunks_computed: int = 0
     chunks_loaded: int = 0
@@ -285,7 +290,7 @@ class PrefixPrefill:
         scheduled = num_chunks - len(prefetched)
         compute_limit, loader_floor = strategy.limits(scheduled)
         meeting = _Meeting(scheduled, compute_limit, loader_floor, self.profile)
-        report = PrefixReport(strategy=str(strategy), hit_chunks=num_chunks, chunks_prefetched=len(prefetched))
+        report = PrefixReport(strategy=str(strategy), stored_chunks=num_chunks, chunks_prefetched=len(prefetched))
         loaded: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = dict(prefetched)
         loader = threading.Thread(target=self._load_from_back, args=(meeting, loaded, report), name="kvcake-loader", daemon=True)
         loader.start()
@@ -300,6 +305,7 @@ class PrefixPrefill:
         report.tokens_loaded = report.chunks_loaded * self.chunk_size
         report.chunks_computed = meeting.front
         report.tokens_computed = meeting.front * self.chunk_size
+        report.hit_chunks = report.chunks_loaded if report.load_failures else num_chunks
         return report
 
     def _update_profile(self, meeting: _Meeting) -> None:

@@ -1,4 +1,10 @@
-"""Asynchronous write-back of computed chunks, off the time-to-first-token path."""
+"""Asynchronous write-back of computed chunks, off the time-to-first-token path.
+
+A prefix chunk is useless without the chunks before it, so a store that evicts by
+recency must lose a chain's tail first: a prefix's new chunks are written tail first,
+and then the whole chain is touched from the tail to the head, so its head is always its
+most recently used entry.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,8 @@ import torch
 from kvcake.store import ChunkKV, KVStore
 
 log = logging.getLogger(__name__)
+ChunkPair = tuple[list[torch.Tensor], list[torch.Tensor]]
+"""Per-layer K (before RoPE) and V of one chunk."""
 
 
 class WriteBack:
@@ -19,15 +27,27 @@ class WriteBack:
     def __init__(self, store: KVStore, max_pending: int = 256):
         self.store = store
         self.dropped = 0
-        self._queue: queue.Queue[tuple[str, list[torch.Tensor], list[torch.Tensor]] | None] = queue.Queue(max_pending)
+        self._queue: queue.Queue[tuple[list[str], dict[str, ChunkPair], threading.Event] | None] = queue.Queue(max_pending)
         self._thread = threading.Thread(target=self._run, name="kvcake-writeback", daemon=True)
         self._thread.start()
 
-    def submit(self, key: str, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    def submit(self, key: str, keys: list[torch.Tensor], values: list[torch.Tensor]) -> threading.Event:
+        """Queue a chunk; the event is set once it is written, skipped or dropped (so a caller can wait for its own writes)."""
+        return self._put([], {key: (keys, values)})
+
+    def submit_chain(self, chain: list[str], computed: dict[str, ChunkPair]) -> threading.Event:
+        """Queue a prefix's chunks that were computed (by key; `chain` lists the prefix's keys head first):
+        written tail first, then the chain is touched tail to head."""
+        return self._put(chain, computed)
+
+    def _put(self, chain: list[str], computed: dict[str, ChunkPair]) -> threading.Event:
+        done = threading.Event()
         try:
-            self._queue.put_nowait((key, keys, values))
+            self._queue.put_nowait((chain, computed, done))
         except queue.Full:
-            self.dropped += 1
+            self.dropped += len(computed)
+            done.set()
+        return done
 
     def flush(self) -> None:
         """Wait until every submitted chunk has been written (or skipped)."""
@@ -39,12 +59,19 @@ class WriteBack:
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            key, keys, values = item
+            chain, computed, done = item
+            in_chain = set(chain)
+            order = [key for key in reversed(chain) if key in computed] + [key for key in computed if key not in in_chain]
             try:
-                if not self.store.contains(key):
-                    self.store.put(key, ChunkKV([k.cpu() for k in keys], [v.cpu() for v in values]))
+                for key in order:
+                    keys, values = computed[key]
+                    if not self.store.contains(key):
+                        self.store.put(key, ChunkKV([k.cpu() for k in keys], [v.cpu() for v in values]))
+                if chain:
+                    self.store.touch(list(reversed(chain)))
             except Exception:
-                log.exception("write-back of chunk %s failed", key)
+                log.exception("write-back of %d chunk(s) failed", len(computed))
             finally:
+                done.set()
                 self._queue.task_done()
         self._queue.task_done()
