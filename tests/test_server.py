@@ -173,7 +173,9 @@ def test_full_queue_answers_429_with_retry_after(config: KvcakeConfig) -> None:
         next(iter(slow))
         queued = threading.Thread(target=lambda: server.client().completions.create(model=config.model, prompt="wait", max_tokens=1))
         queued.start()
-        while server.engine and server_queue_depth(server) < 1:
+        deadline = time.monotonic() + 60
+        while server_queue_depth(server) < 1:
+            assert time.monotonic() < deadline, "the second request never reached the queue"
             time.sleep(0.01)
         with pytest.raises(openai.RateLimitError) as raised:
             server.client().completions.create(model=config.model, prompt="no room", max_tokens=1)

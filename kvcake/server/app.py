@@ -24,32 +24,20 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvcake.config import KvcakeConfig
-from kvcake.engine import BLEND, DOCUMENT_MODES, Engine, GenerateRequest, RequestError, RequestMetrics
+from kvcake.engine import BLEND, DOCUMENT_MODES, Engine, GenerateRequest, RequestError, RequestMetrics, WarmRequest
 from kvcake.model import SamplingParams
+from kvcake.segments import PromptLayout
+from kvcake.server.guard import ApiError, Guard
 from kvcake.server.metrics import ServerMetrics
 from kvcake.server.schemas import ChatBody, CompletionBody, SamplingFields, WarmBody
-from kvcake.server.worker import ComputeWorker, Job, QueueFull
+from kvcake.server.worker import ComputeWorker, Job, QueueFull, TokenEvent
 
-RETRY_AFTER_S = 1
-
-
-class ApiError(Exception):
-    """An error answered with OpenAI's error body."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None, param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+DISCONNECT_POLL_S = 0.25
+"""How often a non-streamed request checks whether its client is still there."""
 
 
 def create_app(engine: Engine) -> FastAPI:
     config = engine.config
-    tenants = config.tenants_by_key()
     metrics = ServerMetrics()
     worker = ComputeWorker(engine, config.max_queue, config.io_threads, metrics.record)
 
@@ -61,24 +49,11 @@ def create_app(engine: Engine) -> FastAPI:
     app = FastAPI(title="kvcake", version="0.1.0", lifespan=lifespan)
     app.state.engine, app.state.worker, app.state.metrics = engine, worker, metrics
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        path = request.url.path
-        endpoint = path if path.startswith("/v1/") or path in ("/health", "/metrics") else "other"
-        try:
-            if request.method == "POST":
-                await _check_body_size(request, config.max_body_bytes)
-            if path.startswith("/v1/"):
-                request.state.tenant = _tenant(request, tenants, config)
-            response = await call_next(request)
-        except ApiError as error:
-            response = error.response({"Retry-After": str(RETRY_AFTER_S)} if error.status == 429 else None)
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        return response
+    app.add_middleware(Guard, config=config, metrics=metrics, routes=lambda: app.router.routes)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, error: ApiError) -> JSONResponse:
-        return error.response({"Retry-After": str(RETRY_AFTER_S)} if error.status == 429 else None)
+        return error.response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_: Request, error: RequestValidationError) -> JSONResponse:
@@ -107,38 +82,26 @@ def create_app(engine: Engine) -> FastAPI:
     @app.post("/v1/kv/documents")
     async def warm(body: WarmBody, request: Request) -> dict[str, Any]:
         _check_model(body.model or config.model, config)
-        tenant = request.state.tenant
-        warmed = await asyncio.to_thread(engine.warm, body.documents, tenant, body.chat, system=body.system)
-        return {"object": "list", "data": [{"key": key, "tokens": tokens, "already_stored": present} for key, tokens, present in warmed]}
+        if len(body.documents) > config.max_documents:
+            raise ApiError(400, f"{len(body.documents)} documents; the limit is max_documents = {config.max_documents}", param="documents")
+        job, events = _submit(worker, WarmRequest(body.documents, request.state.tenant, body.chat, body.system), None)
+        async with _cancelled_on_disconnect(request, job):
+            name, value = await events.get()
+        if name == "error":
+            raise _as_api_error(value)
+        return {"object": "list", "data": [{"key": key, "tokens": tokens, "already_stored": present} for key, tokens, present in value]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
         generate = _completion_request(body, config, request.state.tenant)
-        return await _respond(worker, engine, generate, body, "text_completion")
+        return await _respond(worker, engine, generate, body, "text_completion", request)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request):
         generate = _chat_request(body, config, request.state.tenant)
-        return await _respond(worker, engine, generate, body, "chat.completion")
+        return await _respond(worker, engine, generate, body, "chat.completion", request)
 
     return app
-
-
-async def _check_body_size(request: Request, limit: int) -> None:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"the request body has {declared} bytes; the limit is {limit}", code="body_too_large")
-    if len(await request.body()) > limit:
-        raise ApiError(413, f"the request body is over the limit of {limit} bytes", code="body_too_large")
-
-
-def _tenant(request: Request, tenants: dict[str, str], config: KvcakeConfig) -> str:
-    if not tenants:
-        return config.tenant
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or key.strip() not in tenants:
-        raise ApiError(401, "a valid API key is required (Authorization: Bearer KEY)", kind="authentication_error", code="invalid_api_key")
-    return tenants[key.strip()]
 
 
 def _check_model(model: str, config: KvcakeConfig) -> None:
@@ -191,22 +154,45 @@ def _chat_request(body: ChatBody, config: KvcakeConfig, tenant: str) -> Generate
     return GenerateRequest(query=turns[0]["content"], documents=body.kv_documents, system=system[0] if system else None, reuse=body.reuse or _document_reuse(config), **common)
 
 
-async def _respond(worker: ComputeWorker, engine: Engine, generate: GenerateRequest, body: SamplingFields, kind: str):
-    try:
-        planned = await asyncio.to_thread(engine.check, generate)
-    except RequestError as error:
-        raise ApiError(400, str(error)) from None
+def _submit(worker: ComputeWorker, request: GenerateRequest | WarmRequest, planned: PromptLayout | None) -> tuple[Job, asyncio.Queue]:
+    """Queue a job whose events arrive on the returned asyncio queue; 429 when the compute queue is full."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-    job = Job(generate, planned, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+    job = Job(request, planned, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
     try:
         worker.submit(job)
     except QueueFull as error:
         raise ApiError(429, str(error), kind="rate_limit_error", code="queue_full") from None
-    reply = _Reply(kind, engine, body.model)
+    return job, events
+
+
+@contextlib.asynccontextmanager
+async def _cancelled_on_disconnect(request: Request, job: Job) -> AsyncIterator[None]:
+    """While the block runs, a watcher cancels `job` as soon as the client disconnects."""
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+        job.cancelled.set()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        watcher.cancel()
+        job.cancelled.set()
+
+
+async def _respond(worker: ComputeWorker, engine: Engine, generate: GenerateRequest, body: SamplingFields, kind: str, request: Request):
+    try:
+        planned = await asyncio.to_thread(engine.check, generate)
+    except RequestError as error:
+        raise ApiError(400, str(error)) from None
+    job, events = _submit(worker, generate, planned)
+    reply = _Reply(kind, body.model)
     if body.stream:
         return StreamingResponse(_stream(events, job, reply), media_type="text/event-stream")
-    try:
+    async with _cancelled_on_disconnect(request, job):
         while True:
             name, value = await events.get()
             if name == "token":
@@ -215,8 +201,6 @@ async def _respond(worker: ComputeWorker, engine: Engine, generate: GenerateRequ
                 raise _as_api_error(value)
             else:
                 return reply.complete(value)
-    finally:
-        job.cancelled.set()
 
 
 async def _stream(events: asyncio.Queue, job: Job, reply: _Reply) -> AsyncIterator[str]:
@@ -250,30 +234,26 @@ def _as_api_error(error: Exception) -> ApiError:
 
 
 class _Reply:
-    """Builds the OpenAI response (or its stream chunks) from the engine's steps."""
+    """Builds the OpenAI response (or its stream chunks) from the worker's token events."""
 
-    def __init__(self, kind: str, engine: Engine, model: str):
+    def __init__(self, kind: str, model: str):
         self.kind = kind
-        self.tokenizer = engine.tokenizer
         self.model = model
         self.id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
-        self.token_ids: list[int] = []
-        self.sent = ""
+        self.parts: list[str] = []
         self.finish_reason = "length"
 
-    def add(self, step) -> dict[str, Any] | None:
-        """Record a token; the chunk with the new text, if any is complete."""
-        self.token_ids.append(step.token_id)
-        self.finish_reason = step.finish_reason or self.finish_reason
-        text = self.tokenizer.decode(self.token_ids)
-        if text.endswith("\ufffd") or len(text) <= len(self.sent):
+    def add(self, event: TokenEvent) -> dict[str, Any] | None:
+        """Record a token; the chunk with its new text, if it completes any."""
+        self.finish_reason = event.step.finish_reason or self.finish_reason
+        if not event.text:
             return None
-        delta, self.sent = text[len(self.sent) :], text
-        return self._chunk(delta, None)
+        self.parts.append(event.text)
+        return self._chunk(event.text, None)
 
     def complete(self, metrics: RequestMetrics) -> dict[str, Any]:
-        text = self.tokenizer.decode(self.token_ids)
+        text = "".join(self.parts)
         choice: dict[str, Any] = {"index": 0, "finish_reason": self.finish_reason, "logprobs": None}
         if self.kind == "chat.completion":
             choice["message"] = {"role": "assistant", "content": text}

@@ -13,13 +13,18 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60
 class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("kvcake_requests", "Requests by endpoint and HTTP status.", ["endpoint", "status"], registry=self.registry)
+        self.requests = Counter(
+            "kvcake_requests", "Requests by route template (`unknown` for any other path) and HTTP status.", ["endpoint", "status"], registry=self.registry
+        )
         self.ttft = Histogram("kvcake_ttft_seconds", "Time to first token.", buckets=TTFT_BUCKETS, registry=self.registry)
         self.tokens = Counter("kvcake_tokens", "Prompt tokens by how they were obtained, and generated tokens.", ["kind"], registry=self.registry)
         self.prefix_lookups = Counter("kvcake_prefix_lookups", "Requests by whether a stored prefix was found.", ["outcome"], registry=self.registry)
         self.prefetched_chunks = Counter("kvcake_prefetched_chunks", "Stored prefix chunks loaded while their request waited.", registry=self.registry)
         self.documents = Counter("kvcake_documents", "Documents of blend requests: found stored or computed.", ["outcome"], registry=self.registry)
         self.store = Gauge("kvcake_store", "Store counters (bytes read/written, hits, misses, errors).", ["counter"], registry=self.registry)
+        self.store_errors = Gauge(
+            "kvcake_store_errors", "Store errors by kind (checksum, foreign_key, other_version, unavailable, timeout, ...).", ["kind"], registry=self.registry
+        )
         self.cancelled = Counter("kvcake_requests_cancelled", "Requests stopped because their client went away.", registry=self.registry)
         self.queue_depth = Gauge("kvcake_queue_depth", "Requests waiting for the compute thread.", registry=self.registry)
         self.writeback_dropped = Gauge("kvcake_writeback_dropped", "Computed chunks not written back (queue full).", registry=self.registry)
@@ -43,6 +48,12 @@ class ServerMetrics:
 
     def render(self, store: StoreStats, queue_depth: int, writeback_dropped: int) -> bytes:
         errors = sum(store.errors.values())
+        by_kind: dict[str, int] = dict(store.errors)
+        for tier in store.tiers.values():
+            for kind, count in tier.errors.items():
+                by_kind[kind] = by_kind.get(kind, 0) + count
+        for kind, count in by_kind.items():
+            self.store_errors.labels(kind).set(count)
         for name, value in (("bytes_read", store.bytes_read), ("bytes_written", store.bytes_written), ("hits", store.hits),
                             ("misses", store.misses), ("errors", errors), ("puts_failed", store.puts_failed)):
             self.store.labels(name).set(value)

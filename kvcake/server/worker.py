@@ -1,12 +1,13 @@
 """One compute thread in front of the engine, fed by a bounded queue, and an I/O pool beside it.
 
-The engine runs one request at a time (one model, one KV cache per request). Requests
-wait in a bounded queue; a full queue is refused at once (the API answers 429). While a
-request waits, an I/O thread loads its stored prefix chunks from the back
-(`Engine.prefetch_prefix`), so its Cake prefill starts with them in hand: storage reads
-overlap the compute of the request ahead. Each job streams its events back through
-`emit`, which the HTTP layer makes thread-safe. A job whose client went away is
-skipped, or stopped at its next token.
+The engine runs one request at a time (one model, one KV cache per request). Requests,
+and warm calls that store documents, wait in one bounded queue; a full queue is refused
+at once (the API answers 429). While a request waits, an I/O thread loads its stored
+prefix chunks from the back (`Engine.prefetch_prefix`), so its Cake prefill starts with
+them in hand: storage reads overlap the compute of the request ahead. Each job streams
+its events back through `emit`, which the HTTP layer makes thread-safe; generated
+tokens are detokenized here, incrementally, never on the event loop. A job whose client
+went away is skipped, or stopped at its next token (a warm call, before its next batch).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvcake.engine import Engine, GenerateRequest, RequestMetrics
+from kvcake.engine import Engine, GenerateRequest, RequestMetrics, Step, WarmRequest
 from kvcake.schedule import PrefixPrefetch
 from kvcake.segments import PromptLayout
 
@@ -31,11 +32,22 @@ class QueueFull(RuntimeError):
 
 
 @dataclass
-class Job:
-    """A request and where its events go: ("token", Step), then ("done", RequestMetrics) or ("error", Exception)."""
+class TokenEvent:
+    """A generated token and the text it completes."""
 
-    request: GenerateRequest
-    planned: PromptLayout
+    step: Step
+    text: str
+
+
+@dataclass
+class Job:
+    """A request and where its events go: ("token", TokenEvent) ..., then ("done", RequestMetrics) or ("error", Exception).
+
+    A warm job's only event is ("done", what `Engine.warm` returned) or ("error", ...).
+    """
+
+    request: GenerateRequest | WarmRequest
+    planned: PromptLayout | None
     emit: Callable[[tuple[str, Any]], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
@@ -45,7 +57,7 @@ class Job:
 
 
 class ComputeWorker:
-    """Runs jobs one by one; `on_finished(metrics, cancelled)` sees every job that started, abandoned ones too."""
+    """Runs jobs one by one; `on_finished(metrics, cancelled)` sees every generation that started, abandoned ones too."""
 
     def __init__(self, engine: Engine, max_queue: int, io_threads: int, on_finished: Callable[[RequestMetrics, bool], None]):
         self.engine = engine
@@ -64,7 +76,7 @@ class ComputeWorker:
             self._queue.put_nowait(job)
         except queue.Full:
             raise QueueFull("the server is at capacity; retry later") from None
-        if self._io is not None:
+        if self._io is not None and isinstance(job.request, GenerateRequest):
             self._io.submit(self._prefetch, job)
 
     def close(self) -> None:
@@ -75,6 +87,7 @@ class ComputeWorker:
 
     def _prefetch(self, job: Job) -> None:
         """Load the waiting job's stored prefix; nothing happens once the job has started."""
+        assert isinstance(job.request, GenerateRequest)
         try:
             with job.lock:
                 if job.started or job.cancelled.is_set():
@@ -92,12 +105,10 @@ class ComputeWorker:
             try:
                 if job.cancelled.is_set():
                     continue
-                for step in self.engine.stream(job.request, job.metrics, job.prefetch, job.planned):
-                    if job.cancelled.is_set():
-                        break
-                    job.emit(("token", step))
-                self._on_finished(job.metrics, job.cancelled.is_set())
-                job.emit(("done", job.metrics))
+                if isinstance(job.request, WarmRequest):
+                    self._warm(job, job.request)
+                else:
+                    self._generate(job, job.request)
             except Exception as error:
                 if not isinstance(error, ValueError):
                     log.exception("request failed")
@@ -105,3 +116,16 @@ class ComputeWorker:
             finally:
                 if job.prefetch is not None:
                     job.prefetch.release()
+
+    def _generate(self, job: Job, request: GenerateRequest) -> None:
+        decoder = self.engine.tokenizer.stream_decoder()
+        for step in self.engine.stream(request, job.metrics, job.prefetch, job.planned):
+            if job.cancelled.is_set():
+                break
+            job.emit(("token", TokenEvent(step, decoder.add(step.token_id))))
+        self._on_finished(job.metrics, job.cancelled.is_set())
+        job.emit(("done", job.metrics))
+
+    def _warm(self, job: Job, request: WarmRequest) -> None:
+        warmed = self.engine.warm(request.documents, request.tenant, request.chat, system=request.system, stop=job.cancelled)
+        job.emit(("done", warmed))
