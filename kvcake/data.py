@@ -60,3 +60,27 @@ def quoref_questions(cache_root: Path) -> list[QuorefQuestion]:
         passage, question = example["input"].removeprefix("Passage: ").split("\nQuestion:", 1)
         questions.append(QuorefQuestion(passage.strip(), question.strip(), tuple(example["target"])))
     return questions
+
+
+def jsonl_questions(path: Path) -> list[QuorefQuestion]:
+    """Extractive-QA questions from JSON lines `{"context": ..., "question": ..., "answers": [...]}`, one context per line."""
+    questions = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: expected an object with context, question and answers")
+            context, question, answers = row.get("context"), row.get("question"), row.get("answers")
+            if not isinstance(context, str) or not context.strip() or not isinstance(question, str) or not question.strip():
+                raise ValueError(f"{path}:{number}: context and question must be non-empty strings")
+            if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+                raise ValueError(f"{path}:{number}: answers must be a non-empty list of strings")
+            questions.append(QuorefQuestion(context.strip(), question.strip(), tuple(answers)))
+    if not questions:
+        raise ValueError(f"{path}: no questions")
+    return questions

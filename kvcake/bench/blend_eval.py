@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from kvcake.bench.report import machine_description, markdown_rows
 from kvcake.config import KvcakeConfig, config_from_args
-from kvcake.data import QuorefQuestion, quoref_questions
+from kvcake.data import QuorefQuestion, jsonl_questions, quoref_questions
 from kvcake.engine import Engine, GenerateRequest
 from kvcake.model import SamplingParams
 from kvcake.segments import document_token_ids
@@ -49,10 +49,17 @@ class Item:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--questions", type=int, default=200, help="Number of questions.")
+    parser.add_argument(
+        "--data", type=Path, default=None,
+        help='Extractive QA as JSON lines {"context", "question", "answers"} (default: quoref); distractors are other lines\' contexts.',
+    )
     parser.add_argument("--prompt-tokens", type=int, default=4000, help="Target prompt length: passages are added up to it.")
     parser.add_argument("--ratios", default="0.05,0.15,0.30", help="Blend ratios to evaluate besides full (1) and naive (0).")
     parser.add_argument("--tune-ratios", default="", help="CacheTune ratios to evaluate (empty: none).")
     parser.add_argument("--scorings", default="highpass", help="CacheTune scoring rules to compare, e.g. highpass,lowpass,norm.")
+    parser.add_argument(
+        "--guards", default="", help="Quality-guarding blend: SHARE@FLOOR pairs, e.g. 0.5@0.05 (recompute the tokens holding SHARE of the deviation, at least FLOOR)."
+    )
     parser.add_argument("--per-passage", type=int, default=2, help="At most this many questions per passage.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--answer-tokens", type=int, default=16, help="Tokens generated per answer (greedy).")
@@ -66,17 +73,19 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if not config.store_url:
         config = config.replace(store_url="memory://?max_gb=8")
-    stem = args.name or f"blend-eval-{Path(config.model).name.removesuffix('.gguf')}-{args.prompt_tokens // 1000}k"
+    source = "quoref" if args.data is None else args.data.stem
+    stem = args.name or f"blend-eval-{Path(config.model).name.removesuffix('.gguf')}-{args.prompt_tokens // 1000}k" + (f"-{source}" if args.data else "")
     results_path = args.out_dir / f"{stem}.json"
-    methods = _methods(args.ratios, args.tune_ratios, args.scorings)
+    methods = _methods(args.ratios, args.tune_ratios, args.scorings, args.guards)
     if args.report_only:
         _report(json.loads(results_path.read_text()), methods, args.out_dir, stem)
         return 0
     engine = Engine(config)
     try:
-        items, pool = build_items(engine, quoref_questions(config.cache_path()), args)
+        questions = quoref_questions(config.cache_path()) if args.data is None else jsonl_questions(args.data)
+        items, pool = build_items(engine, questions, args)
         saved = json.loads(results_path.read_text()) if args.resume and results_path.is_file() else None
-        results = saved or {"settings": _settings(args, config, engine, pool), "records": []}
+        results = saved or {"settings": {**_settings(args, config, engine, pool), "data": source}, "records": []}
         done = {record["index"] for record in results["records"]}
         for passage in tqdm(pool, desc="warming passages", unit="doc"):
             engine.warm([passage], scored=False, system=SYSTEM)
@@ -98,14 +107,19 @@ class Method:
     reuse: str
     ratio: float
     scoring: str | None = None
+    guard: float | None = None
 
 
-def _methods(ratios: str, tune_ratios: str = "", scorings: str = "highpass") -> dict[str, Method]:
-    """Full prefill (blend at r = 1), naive reuse (r = 0), blend at each ratio, tune at each ratio and scoring rule."""
+def _methods(ratios: str, tune_ratios: str = "", scorings: str = "highpass", guards: str = "") -> dict[str, Method]:
+    """Full prefill (blend at r = 1), naive reuse (r = 0), blend at each ratio, tune at each ratio and scoring rule,
+    and the quality-guarding blend at each SHARE@FLOOR."""
     methods = {"full": Method("blend", 1.0), "naive": Method("blend", 0.0)}
     methods.update({f"blend r={float(r):.2f}": Method("blend", float(r)) for r in ratios.split(",") if r.strip()})
     for scoring in (rule.strip() for rule in scorings.split(",") if rule.strip()):
         methods.update({f"tune r={float(r):.2f} {scoring}": Method("tune", float(r), scoring) for r in tune_ratios.split(",") if r.strip()})
+    for pair in (item.strip() for item in guards.split(",") if item.strip()):
+        share, _, floor = pair.partition("@")
+        methods[f"guard {float(share):.2f}@{float(floor):.2f}"] = Method("blend", float(floor), guard=float(share))
     return methods
 
 
@@ -177,6 +191,7 @@ def _answer(engine: Engine, item: Item, methods: dict[str, Method], answer_token
             system=SYSTEM,
             reuse=method.reuse,
             ratio=method.ratio,
+            guard=method.guard,
             sampling=SamplingParams(max_tokens=answer_tokens, temperature=0.0),
         )
         result = engine.generate(request)
@@ -270,7 +285,7 @@ def _report(results: dict, methods: dict[str, Method], out_dir: Path, stem: str)
     header = [
         f"Model `{settings['model']}` ({settings['dtype']}), check layer(s) {settings['check_layers']}, "
         f"{len(records)} questions, prompts of {mean_tokens:.0f} tokens on average "
-        f"(gold passage + distractors from a pool of {settings['pool_passages']} quoref passages, one document each), "
+        f"(gold context + distractors from a pool of {settings['pool_passages']} {settings.get('data', 'quoref')} passages, one document each), "
         f"greedy answers of at most {settings['answer_tokens']} tokens, seed {settings['seed']}.",
         f"Machine: {settings['machine']}, {settings['threads']} threads. Stored documents in memory; fallbacks: {fallbacks}.",
         "",
