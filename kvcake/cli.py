@@ -141,7 +141,7 @@ def _run_and_print(engine, request) -> None:
     print(
         f"\n[kvcake] model={engine.config.model} prompt_tokens={metrics.prompt_tokens} ttft={metrics.ttft_s:.3f}s "
         f"generated={metrics.generated_tokens} decode={metrics.decode_s:.3f}s finish={result.finish_reason}\n"
-        f"[kvcake] reuse={prefix.strategy} hit_chunks={prefix.hit_chunks} computed={metrics.tokens_computed} "
+        f"[kvcake] reuse={prefix.strategy} stored_chunks={prefix.stored_chunks} hit_chunks={prefix.hit_chunks} computed={metrics.tokens_computed} "
         f"loaded={metrics.tokens_loaded} ({prefix.bytes_loaded / 1e6:.1f} MB) meet_chunk={prefix.meet_chunk} "
         f"compute={prefix.compute_s:.3f}s io_wait={prefix.io_wait_s:.3f}s",
         file=sys.stderr,

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -8,9 +9,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from live import LiveServer  # noqa: E402
 from tiny import FAMILY_CONFIGS, TEST_DEVICE, save_tiny_model  # noqa: E402
 
 from kvcake.config import KvcakeConfig, load_config  # noqa: E402
+from kvcake.engine import Engine  # noqa: E402
 from kvcake.model import DEFAULT_MODEL, ModelConfig, Tokenizer, Transformer, resolve_model  # noqa: E402
 
 
@@ -52,3 +55,17 @@ def hf_default_model(default_folder: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(default_folder, dtype=torch.float32).eval()
+
+
+@pytest.fixture()
+def config(tiny_folders: dict[str, Path], tmp_path: Path) -> KvcakeConfig:
+    """The tiny llama with 32-token chunks and an in-memory store: what the server tests serve."""
+    return KvcakeConfig(model=str(tiny_folders["llama"]), device=TEST_DEVICE, dtype="float32", chunk_size=32, store_url="memory://", cache_dir=str(tmp_path), max_tokens=8)
+
+
+@pytest.fixture()
+def live(config: KvcakeConfig) -> Iterator[LiveServer]:
+    engine = Engine(config)
+    with LiveServer(engine) as server:
+        yield server
+    engine.close()

@@ -11,14 +11,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import openai
 import pytest
 import torch
-from test_server import LiveServer
-from tiny import TEST_DEVICE
+from live import LiveServer
 
 from kvcake.blend import LayerKV, LayerPrefetcher
 from kvcake.config import ConfigError, KvcakeConfig, load_config
@@ -32,21 +31,6 @@ from kvcake.store.memory import MemoryBackend
 
 CHUNK = 32
 DOCUMENTS = ["The lighthouse keeper wrote every ship's name in a blue book. " * 3, "The mill by the river floods each spring. " * 4]
-
-
-@pytest.fixture()
-def config(tiny_folders: dict[str, Path], tmp_path: Path) -> KvcakeConfig:
-    return KvcakeConfig(
-        model=str(tiny_folders["llama"]), device=TEST_DEVICE, dtype="float32", chunk_size=CHUNK, store_url="memory://", cache_dir=str(tmp_path), max_tokens=4
-    )
-
-
-@pytest.fixture()
-def live(config: KvcakeConfig) -> Iterator[LiveServer]:
-    engine = Engine(config)
-    with LiveServer(engine) as server:
-        yield server
-    engine.close()
 
 
 def _prompt(seed: int, length: int) -> list[int]:

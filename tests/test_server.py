@@ -6,36 +6,16 @@ import json
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
-from tiny import TEST_DEVICE
+from live import LiveServer
 
 from kvcake.config import KvcakeConfig
 from kvcake.engine import Engine
-from kvcake.server.background import BackgroundServer
 
 DOCUMENTS = ["The lighthouse keeper wrote every ship's name in a blue book. " * 3, "The mill by the river floods each spring. " * 4]
-
-
-class LiveServer(BackgroundServer):
-    def client(self, api_key: str = "none") -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=120)
-
-
-@pytest.fixture()
-def config(tiny_folders: dict[str, Path], tmp_path: Path) -> KvcakeConfig:
-    return KvcakeConfig(model=str(tiny_folders["llama"]), device=TEST_DEVICE, dtype="float32", chunk_size=32, store_url="memory://", cache_dir=str(tmp_path), max_tokens=8)
-
-
-@pytest.fixture()
-def live(config: KvcakeConfig) -> Iterator[LiveServer]:
-    engine = Engine(config)
-    with LiveServer(engine) as server:
-        yield server
-    engine.close()
 
 
 def test_completion_and_chat_match_the_engine(live: LiveServer, config: KvcakeConfig) -> None:
