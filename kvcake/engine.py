@@ -115,13 +115,16 @@ class Step:
 
 @dataclass(frozen=True)
 class ScoredDocument:
-    """A document in CacheTune's layout: `order[i]` is the original index of stored row i (highest score first)."""
+    """A document in CacheTune's layout: `order[i]` is the original index of stored row i (highest score first).
+
+    One computed in this request carries its sorted KV (`computed`) and its order entry, both still to be stored."""
 
     key: str
     order: torch.Tensor
     length: int
     computed: ChunkKV | None
-    writes: tuple[threading.Event, ...] = ()
+    order_key: str = ""
+    stored_order: ChunkKV | None = None
 
 
 @dataclass
@@ -440,6 +443,10 @@ class Engine:
         ratio = self.tune_ratio() if ratio is None else ratio
         preamble = planned.preamble
         documents = self._scored_documents([planned.document_ids(i) for i in range(len(planned.document_spans))], preamble, tenant)
+        for document in documents:
+            if document.computed is not None and document.stored_order is not None:
+                self.writeback.submit(document.key, document.computed.keys, document.computed.values)
+                self.writeback.submit(document.order_key, document.stored_order.keys, document.stored_order.values)
         stored_rows, row_from_store = [], []
         reads: list[tuple[ScoredDocument, int]] = []
         for (start, _), document in zip(planned.document_spans, documents):
@@ -482,8 +489,8 @@ class Engine:
     def _scored_documents(
         self, documents: list[list[int]], preamble: tuple[int, ...], tenant: str | None, stop: threading.Event | None = None
     ) -> list[ScoredDocument]:
-        """Documents' scored entries: the stored row order, or (on a miss) computed together, scored, sorted and
-        queued for write-back (`writes` are set once both entries are written)."""
+        """Documents' scored entries: the stored row order, or (on a miss) computed together, scored and sorted
+        (the caller stores `computed` under `key` and `stored_order` under `order_key`)."""
         layout = f"scored-{self.config.tune_scoring}"
         found: dict[int, ScoredDocument] = {}
         for index, ids in enumerate(documents):
@@ -498,12 +505,8 @@ class Engine:
             order = torch.argsort(scores, descending=True, stable=True)
             sorted_kv = ChunkKV([k[:, order] for k in plain.keys], [v[:, order] for v in plain.values])
             key = self.document_key(ids, preamble, tenant, layout)
-            stored_order = order_entry(order, scores[order])
-            writes = (
-                self.writeback.submit(key, sorted_kv.keys, sorted_kv.values),
-                self.writeback.submit(self.document_key(ids, preamble, tenant, f"{layout}-order"), stored_order.keys, stored_order.values),
-            )
-            found[index] = ScoredDocument(key, order, len(ids), sorted_kv, writes)
+            order_key = self.document_key(ids, preamble, tenant, f"{layout}-order")
+            found[index] = ScoredDocument(key, order, len(ids), sorted_kv, order_key, order_entry(order, scores[order]))
         return [found[i] for i in sorted(found)]
 
     def _scored_source(self, reads: list[tuple[ScoredDocument, int]]) -> LayerSource:
@@ -557,27 +560,32 @@ class Engine:
         They serve requests with the same `system` text (the preamble they are computed
         after). `scored` stores CacheTune's layout (by `tune_scoring`, with its order)
         instead of the plain one; by default it does when `reuse` is tune. Missing
-        documents are computed together (the preamble once). Returns once this call's own
-        entries are written; `stop` set (the client left) ends it before the next batch.
+        documents are computed together (the preamble once) and written here, synchronously,
+        so the call returns once its own entries are stored (a write-back queue could drop
+        them); `stop` set (the client left) ends it before the next batch.
         """
         if len(documents) > self.config.max_documents:
             raise RequestError(f"{len(documents)} documents; the limit is max_documents = {self.config.max_documents}")
+        self._check_length_bound(GenerateRequest(documents=documents, system=system), None)
         preamble = document_preamble(self.tokenizer, chat, system)
         scored = self.config.reuse == TUNE if scored is None else scored
         layout = f"scored-{self.config.tune_scoring}" if scored else "plain"
         ids = [document_token_ids(self.tokenizer, text) for text in documents]
+        room = self.context_length - len(preamble) - 1
+        if any(len(doc) > room for doc in ids):
+            raise RequestError(f"a document has {max(len(doc) for doc in ids)} tokens; after the preamble the context holds {room}")
         keys = [self.document_key(doc, preamble, tenant, layout) for doc in ids]
         present = [self.store.contains(key) for key in keys]
         with torch.inference_mode():
             if scored:
-                written = [done for d in self._scored_documents(ids, preamble, tenant, stop) for done in d.writes]
+                for document in self._scored_documents(ids, preamble, tenant, stop):
+                    if document.computed is not None and document.stored_order is not None:
+                        self.store.put(document.key, document.computed)
+                        self.store.put(document.order_key, document.stored_order)
             else:
                 missing = [i for i, stored in enumerate(present) if not stored]
-                written = []
                 for index, chunk in zip(missing, self.compute_documents([ids[i] for i in missing], preamble, stop)):
-                    written.append(self.writeback.submit(keys[index], chunk.keys, chunk.values))
-        for done in written:
-            done.wait()
+                    self.store.put(keys[index], chunk)
         return [(key, len(doc), stored) for key, doc, stored in zip(keys, ids, present)]
 
     def compute_documents(self, documents: list[list[int]], preamble: tuple[int, ...], stop: threading.Event | None = None) -> list[ChunkKV]:

@@ -116,6 +116,18 @@ def test_a_non_streamed_request_stops_when_its_client_leaves(live: LiveServer, c
     assert live.client().completions.create(model=config.model, prompt="next", max_tokens=2, temperature=0).usage.completion_tokens >= 1
 
 
+def test_a_request_whose_client_left_while_queued_is_answered_and_skipped(live: LiveServer, config: KvcakeConfig) -> None:
+    slow = live.client().completions.create(model=config.model, prompt="a long answer", max_tokens=3000, temperature=0, stream=True)
+    next(iter(slow))
+    impatient = openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0, timeout=0.5)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.completions.create(model=config.model, prompt="queued", max_tokens=5, temperature=0)
+    time.sleep(1.0)  # let the queued request's watcher see its client leave (it polls every 0.25 s)
+    slow.close()
+    gone = 'kvcake_requests_total{endpoint="/v1/completions",status="499"}'
+    _wait_for(lambda: _metric(_metrics(live.url), gone) == 1.0, "the skipped request's route to return")
+
+
 # ---- 3. warming goes through the compute queue -----------------------------------------------
 
 

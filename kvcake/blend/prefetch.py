@@ -100,6 +100,8 @@ class LayerPrefetcher:
         self._stopped = True
         for _ in self._threads:
             self._room.release()
+        if self.timed_out:
+            return  # a read already overran its bound: do not wait for it again
         for thread in self._threads:
             thread.join(self._timeout_s)
 

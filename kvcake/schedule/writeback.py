@@ -27,27 +27,25 @@ class WriteBack:
     def __init__(self, store: KVStore, max_pending: int = 256):
         self.store = store
         self.dropped = 0
-        self._queue: queue.Queue[tuple[list[str], dict[str, ChunkPair], threading.Event] | None] = queue.Queue(max_pending)
+        self._queue: queue.Queue[tuple[list[str], dict[str, ChunkPair]] | None] = queue.Queue(max_pending)
         self._thread = threading.Thread(target=self._run, name="kvcake-writeback", daemon=True)
         self._thread.start()
 
-    def submit(self, key: str, keys: list[torch.Tensor], values: list[torch.Tensor]) -> threading.Event:
-        """Queue a chunk; the event is set once it is written, skipped or dropped (so a caller can wait for its own writes)."""
-        return self._put([], {key: (keys, values)})
+    def submit(self, key: str, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Queue one chunk."""
+        self._put([], {key: (keys, values)})
 
-    def submit_chain(self, chain: list[str], computed: dict[str, ChunkPair]) -> threading.Event:
+    def submit_chain(self, chain: list[str], computed: dict[str, ChunkPair]) -> None:
         """Queue a prefix's chunks that were computed (by key; `chain` lists the prefix's keys head first):
         written tail first, then the chain is touched tail to head."""
-        return self._put(chain, computed)
+        if chain:
+            self._put(chain, computed)
 
-    def _put(self, chain: list[str], computed: dict[str, ChunkPair]) -> threading.Event:
-        done = threading.Event()
+    def _put(self, chain: list[str], computed: dict[str, ChunkPair]) -> None:
         try:
-            self._queue.put_nowait((chain, computed, done))
+            self._queue.put_nowait((chain, computed))
         except queue.Full:
             self.dropped += len(computed)
-            done.set()
-        return done
 
     def flush(self) -> None:
         """Wait until every submitted chunk has been written (or skipped)."""
@@ -59,7 +57,7 @@ class WriteBack:
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            chain, computed, done = item
+            chain, computed = item
             in_chain = set(chain)
             order = [key for key in reversed(chain) if key in computed] + [key for key in computed if key not in in_chain]
             try:
@@ -72,6 +70,5 @@ class WriteBack:
             except Exception:
                 log.exception("write-back of %d chunk(s) failed", len(computed))
             finally:
-                done.set()
                 self._queue.task_done()
         self._queue.task_done()

@@ -27,7 +27,7 @@ from kvcake.config import KvcakeConfig
 from kvcake.engine import BLEND, DOCUMENT_MODES, Engine, GenerateRequest, RequestError, RequestMetrics, WarmRequest
 from kvcake.model import SamplingParams
 from kvcake.segments import PromptLayout
-from kvcake.server.guard import ApiError, Guard
+from kvcake.server.guard import CLIENT_GONE, ApiError, Guard
 from kvcake.server.metrics import ServerMetrics
 from kvcake.server.schemas import ChatBody, CompletionBody, SamplingFields, WarmBody
 from kvcake.server.worker import ComputeWorker, Job, QueueFull, TokenEvent
@@ -79,8 +79,8 @@ def create_app(engine: Engine) -> FastAPI:
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": config.model, "object": "model", "created": 0, "owned_by": "kvcake"}]}
 
-    @app.post("/v1/kv/documents")
-    async def warm(body: WarmBody, request: Request) -> dict[str, Any]:
+    @app.post("/v1/kv/documents", response_model=None)
+    async def warm(body: WarmBody, request: Request) -> dict[str, Any] | Response:
         _check_model(body.model or config.model, config)
         if len(body.documents) > config.max_documents:
             raise ApiError(400, f"{len(body.documents)} documents; the limit is max_documents = {config.max_documents}", param="documents")
@@ -89,6 +89,8 @@ def create_app(engine: Engine) -> FastAPI:
             name, value = await events.get()
         if name == "error":
             raise _as_api_error(value)
+        if name == "cancelled":
+            return Response(status_code=CLIENT_GONE)
         return {"object": "list", "data": [{"key": key, "tokens": tokens, "already_stored": present} for key, tokens, present in value]}
 
     @app.post("/v1/completions")
@@ -199,6 +201,8 @@ async def _respond(worker: ComputeWorker, engine: Engine, generate: GenerateRequ
                 reply.add(value)
             elif name == "error":
                 raise _as_api_error(value)
+            elif name == "cancelled":
+                return Response(status_code=CLIENT_GONE)
             else:
                 return reply.complete(value)
 
@@ -215,6 +219,8 @@ async def _stream(events: asyncio.Queue, job: Job, reply: _Reply) -> AsyncIterat
             elif name == "error":
                 yield _sse(_as_api_error(value).body())
                 break
+            elif name == "cancelled":
+                return
             else:
                 yield _sse(reply.final_chunk(value))
                 break

@@ -18,12 +18,15 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Match
 
 from kvcake.config import KvcakeConfig
 from kvcake.server.metrics import ServerMetrics
 
 RETRY_AFTER_S = 1
+CLIENT_GONE = 499
+"""Status counted for a request whose client left before it was answered."""
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -71,6 +74,8 @@ class Guard:
         except ApiError as error:
             if not status:
                 await error.response()(scope, receive, counted_send)
+        except ClientDisconnect:
+            status.append(CLIENT_GONE)
         except Exception:
             log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
             if not status:
@@ -109,7 +114,7 @@ class Guard:
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                return receive
+                raise ClientDisconnect
             parts.append(message.get("body", b""))
             size += len(parts[-1])
             if size > limit:

@@ -43,7 +43,8 @@ class TokenEvent:
 class Job:
     """A request and where its events go: ("token", TokenEvent) ..., then ("done", RequestMetrics) or ("error", Exception).
 
-    A warm job's only event is ("done", what `Engine.warm` returned) or ("error", ...).
+    A warm job's only event is ("done", what `Engine.warm` returned) or ("error", ...). A job
+    skipped because its client had already left gets ("cancelled", None).
     """
 
     request: GenerateRequest | WarmRequest
@@ -104,6 +105,7 @@ class ComputeWorker:
                 job.started = True
             try:
                 if job.cancelled.is_set():
+                    job.emit(("cancelled", None))
                     continue
                 if isinstance(job.request, WarmRequest):
                     self._warm(job, job.request)

@@ -33,7 +33,8 @@ class ByteStore(KVStore):
 
     * corrupt/truncated entry -> miss, entry deleted, ``errors[checksum|truncated|bad_header]``;
     * an entry written under another key (bytes copied or renamed) -> miss, entry deleted,
-      ``errors[foreign_key]``; one of an older format -> miss, ``errors[other_version]``;
+      ``errors[foreign_key]``; one of another format version -> miss, kept (another release
+      may share the store), ``errors[other_version]``;
     * backend down or timing out -> miss, one warning per outage of a route, and for
       ``backend.retry_s`` seconds that route is skipped (a miss without a network wait);
     * write refused (disk full, entry too large, Redis OOM) -> ``put`` returns False.
@@ -133,10 +134,16 @@ class ByteStore(KVStore):
         return ok
 
     def touch(self, keys: Sequence[str]) -> None:
+        """Best effort: a failure is counted, never marks a route as down (a cluster's keys span nodes)."""
         for key in keys:
             _check_key(key)
-        if keys:
-            self._guarded(keys[-1], lambda: self.backend.touch(keys), None)
+        try:
+            self.backend.touch(keys)
+        except Exception as exc:
+            classified = self.backend.classify(exc)
+            if classified is None:
+                raise
+            self._stats.error(classified[0])
 
     def delete(self, key: str) -> None:
         _check_key(key)
@@ -208,6 +215,10 @@ class ByteStore(KVStore):
                 return default
             result = op()
         except CodecError as exc:
+            if exc.kind == "other_version":
+                self._stats.error(exc.kind)  # another release's entry: not ours to delete
+                self._note(exc.kind, f"{self.backend.name}: {key}: {exc}")
+                return default
             self._drop_corrupt(key, exc)
             return default
         except _BadRequest as exc:

@@ -116,7 +116,7 @@ class FileBackend(Backend):
         """Set mtimes in increasing order, so the last key is the most recently used."""
         now = time.time_ns()
         for offset, key in enumerate(keys):
-            with suppress(FileNotFoundError):
+            with suppress(FileNotFoundError, PermissionError):
                 os.utime(self._path(key), ns=(now + offset, now + offset))
 
     def classify(self, exc: Exception) -> tuple[str, bool] | None:
