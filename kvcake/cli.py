@@ -23,7 +23,8 @@ BENCHMARKS = {
     "blend": ("kvcake.bench.blend", "TTFT of full prefill, naive reuse and blend on a ~4k-token multi-document prompt, in memory and throttled."),
 }
 EVALUATIONS = {
-    "blend": ("kvcake.bench.blend_eval", "Answer quality of blended document reuse on multi-document QA from quoref."),
+    "blend": ("kvcake.bench.blend_eval", "Answer quality of blended document reuse on multi-document QA (quoref, or --data FILE)."),
+    "scale": ("kvcake.bench.scale", "Quality gaps of naive reuse, blend and tune by model size, from saved eval runs."),
 }
 
 

@@ -251,6 +251,12 @@ def mean_with_ci(values: list[float], seed: int = 0) -> tuple[float, float, floa
     return float(data.mean()), low, high
 
 
+def recompute_share(record: dict, name: str) -> float:
+    """The fraction of document tokens `name` recomputed on this question (the full prefill recomputes all of them)."""
+    everything = record["full"]["tokens_recomputed"] or 0
+    return (record[name]["tokens_recomputed"] or 0) / everything if everything else 0.0
+
+
 def summarize(records: list[dict], methods: dict[str, Method]) -> list[dict]:
     rows = []
     full_f1 = [r["full"]["f1"] for r in records]
@@ -261,6 +267,7 @@ def summarize(records: list[dict], methods: dict[str, Method]) -> list[dict]:
         rows.append({
             "method": name,
             "ratio": method.ratio,
+            "recomputed": sum(recompute_share(r, name) for r in records) / len(records),
             "F1": mean,
             "F1 95% CI": f"[{low:.3f}, {high:.3f}]",
             "F1 - full": gap,
@@ -269,6 +276,40 @@ def summarize(records: list[dict], methods: dict[str, Method]) -> list[dict]:
             "agrees with full": sum(r[name]["agrees_with_full"] for r in records) / len(records),
             "first-token KL": sum(r[name]["first_token_kl"] for r in records) / len(records),
             "TTFT s": sum(r[name]["ttft_s"] for r in records) / len(records),
+        })
+    return rows
+
+
+def paired_comparisons(records: list[dict], methods: dict[str, Method]) -> list[dict]:
+    """Paired per question: naive, tune and the guarded ratio minus the blend they are compared with.
+
+    Naive and tune are compared with blend at r = 0.15 (tune with blend at its own r when
+    that was run); a guarded ratio with the fixed ratio nearest its mean recompute share,
+    so "worse" and "better" are numbers with a 95% CI, not impressions.
+    """
+    blends = {m.ratio: name for name, m in methods.items() if m.reuse == "blend" and m.guard is None and 0 < m.ratio < 1}
+    if not blends:
+        return []
+    rows = []
+    for name, method in methods.items():
+        if name == "naive" or method.reuse == "tune":
+            reference = blends.get(method.ratio if method.reuse == "tune" else 0.15) or blends[min(blends, key=lambda r: abs(r - 0.15))]
+        elif method.guard is not None:
+            share = sum(recompute_share(r, name) for r in records) / len(records)
+            reference = blends[min(blends, key=lambda r: abs(r - share))]
+        else:
+            continue
+        f1_gap, f1_low, f1_high = mean_with_ci([r[name]["f1"] - r[reference]["f1"] for r in records])
+        kl_gap, kl_low, kl_high = mean_with_ci([r[name]["first_token_kl"] - r[reference]["first_token_kl"] for r in records])
+        rows.append({
+            "method": name,
+            "minus": reference,
+            "recomputed": sum(recompute_share(r, name) for r in records) / len(records),
+            "reference recomputed": sum(recompute_share(r, reference) for r in records) / len(records),
+            "F1 difference": f1_gap,
+            "F1 95% CI": f"[{f1_low:.3f}, {f1_high:.3f}]",
+            "KL difference": kl_gap,
+            "KL 95% CI": f"[{kl_low:.3f}, {kl_high:.3f}]",
         })
     return rows
 
@@ -290,9 +331,12 @@ def _report(results: dict, methods: dict[str, Method], out_dir: Path, stem: str)
         f"Machine: {settings['machine']}, {settings['threads']} threads. Stored documents in memory; fallbacks: {fallbacks}.",
         "",
         "`full` is the full prefill (blend at r = 1 computes every token; tests check it equals the full prefill).",
-        "CIs are 95% bootstrap intervals over questions; `F1 - full` is paired per question.",
+        "CIs are 95% bootstrap intervals over questions; `F1 - full` is paired per question. `recomputed`: the mean share",
+        "of document tokens recomputed (a guarded ratio's varies per question).",
     ]
-    text = "\n".join([f"# Blend quality: {stem}", "", *header, "", *markdown_rows(rows), ""])
+    paired = paired_comparisons(records, methods)
+    comparison = ["## Paired differences", "", "Per question, method minus the blend it is compared with (negative F1 / positive KL: worse).", "", *markdown_rows(paired), ""]
+    text = "\n".join([f"# Blend quality: {stem}", "", *header, "", *markdown_rows(rows), "", *(comparison if paired else [])])
     (out_dir / f"{stem}.md").write_text(text)
     _plot(rows, out_dir / f"{stem}.png", stem)
     print(text)

@@ -1,0 +1,55 @@
+"""`kvcake eval blend --data FILE`: the quality evaluation on a user's own JSON-lines QA set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kvcake.cli import main
+from kvcake.data import jsonl_questions
+
+FIXTURE = Path(__file__).parent / "data" / "qa.jsonl"
+
+
+def test_eval_runs_on_a_jsonl_file(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
+    flags = ["--model", str(tiny_folders["llama"]), "--dtype", "float32", "--chunk-size", "32", "--cache-dir", str(tmp_path / "cache")]
+    run = ["eval", "blend", "--data", str(FIXTURE), "--questions", "3", "--prompt-tokens", "400", "--ratios", "0.3", "--guards", "0.8@0.1"]
+    assert main([*run, "--answer-tokens", "2", "--out-dir", str(tmp_path), "--name", "mine", *flags]) == 0
+    results = json.loads((tmp_path / "mine.json").read_text())
+    assert results["settings"]["data"] == "qa" and len(results["records"]) == 3
+    record = results["records"][0]
+    assert {"full", "naive", "blend r=0.30", "guard 0.80@0.10"} <= set(record)
+    assert record["full"]["first_token_kl"] == 0.0
+    assert len(results["records"][0]["answers"]) >= 1
+    report = (tmp_path / "mine.md").read_text()
+    assert "Paired differences" in report and "qa passages" in report
+
+
+def test_malformed_lines_name_the_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(FIXTURE.read_text().splitlines()[0] + "\n" + json.dumps({"context": "c", "question": "q", "answers": []}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl:2: answers"):
+        jsonl_questions(bad)
+    bad.write_text("{not json\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1: not valid JSON"):
+        jsonl_questions(bad)
+
+
+def test_scale_report_pairs_the_questions_every_run_answered(tmp_path: Path) -> None:
+    def run(model: str, questions: list[str], naive_f1: float) -> Path:
+        scores = {"full": 1.0, "naive": naive_f1, "blend r=0.15": 0.9}
+        records = [{"question": q, **{m: {"f1": f1, "first_token_kl": 1.0 - f1} for m, f1 in scores.items()}} for q in questions]
+        path = tmp_path / f"{model}.json"
+        path.write_text(json.dumps({"settings": {"model": model}, "records": records}))
+        return path
+
+    small, large = run("qwen2.5-0.5b", ["a", "b", "c"], 0.5), run("qwen2.5-1.5b", ["b", "c", "d"], 0.8)
+    assert main(["eval", "scale", str(large), str(small), "--out-dir", str(tmp_path), "--name", "trend"]) == 0
+    rows = json.loads((tmp_path / "trend.json").read_text())
+    assert rows["questions"] == 2
+    assert [(r["model"], r["method"], round(r["F1 - full"], 3)) for r in rows["rows"]] == [
+        ("qwen2.5-0.5b", "naive", -0.5), ("qwen2.5-0.5b", "blend r=0.15", -0.1), ("qwen2.5-1.5b", "naive", -0.2), ("qwen2.5-1.5b", "blend r=0.15", -0.1)
+    ]
+    assert (tmp_path / "trend.png").stat().st_size > 0
