@@ -274,8 +274,8 @@ def test_a_boolean_setting_typo_is_an_error(monkeypatch: pytest.MonkeyPatch) -> 
 # ---- 9. honest accounting ---------------------------------------------------------------------
 
 
-def test_chunks_that_fail_to_load_are_not_hits(config: KvcakeConfig) -> None:
-    engine = Engine(config)
+def test_chunks_that_fail_to_load_are_not_hits(config: KvcakeConfig, tmp_path: Path) -> None:
+    engine = Engine(config.replace(store_url=f"file://{tmp_path}/kv"))
     prompt = _prompt(3, 6 * CHUNK + 3)
     request = GenerateRequest(token_ids=prompt, reuse="load", sampling=SamplingParams(max_tokens=2))
     reference = engine.generate(GenerateRequest(token_ids=prompt, reuse="compute", sampling=SamplingParams(max_tokens=2)))

@@ -60,15 +60,15 @@ class ByteStore(KVStore):
 
     # -- reads ---------------------------------------------------------------------------
     def get(self, key: str) -> ChunkKV | None:
-        _check_key(key)
+        check_key(key)
         return self._count(self._guarded(key, lambda: self._read_whole(key, lambda data: codec.decode(data, key=key)), None))
 
     def get_encoded(self, key: str) -> bytes | None:
-        _check_key(key)
+        check_key(key)
         return self._count(self._guarded(key, lambda: self._read_whole(key, lambda data: _verified(data, key)), None))
 
     def get_layer(self, key: str, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        _check_key(key)
+        check_key(key)
         if layer < 0:
             raise ValueError(f"layer must be >= 0, got {layer}")
 
@@ -83,7 +83,7 @@ class ByteStore(KVStore):
         return self._count(self._guarded(key, lambda: self._read_partial(key, ranges, decode), None))
 
     def get_tokens(self, key: str, start: int, end: int, layers: Sequence[int] | None = None) -> ChunkKV | None:
-        _check_key(key)
+        check_key(key)
         if not 0 <= start < end:
             raise ValueError(f"token range must satisfy 0 <= start < end, got [{start}, {end})")
         if layers is not None and (not layers or min(layers) < 0):
@@ -102,17 +102,17 @@ class ByteStore(KVStore):
         return self._count(self._guarded(key, lambda: self._read_partial(key, ranges, decode), None))
 
     def contains(self, key: str) -> bool:
-        _check_key(key)
+        check_key(key)
         return self._guarded(key, lambda: self.backend.exists(key), False)
 
     # -- writes --------------------------------------------------------------------------
     def put(self, key: str, chunk: ChunkKV) -> bool:
-        _check_key(key)
+        check_key(key)
         return self.put_encoded(key, codec.encode(chunk, self._dtype, self.page_tokens, key))
 
     def put_encoded(self, key: str, data: bytes) -> bool:
         """Store an encoded entry; one bound to another key is refused (``errors[foreign_key]``)."""
-        _check_key(key)
+        check_key(key)
         self._forget_header(key)
         try:
             codec.parse_header(data, key)
@@ -136,7 +136,7 @@ class ByteStore(KVStore):
     def touch(self, keys: Sequence[str]) -> None:
         """Best effort: a failure is counted, never marks a route as down (a cluster's keys span nodes)."""
         for key in keys:
-            _check_key(key)
+            check_key(key)
         try:
             self.backend.touch(keys)
         except Exception as exc:
@@ -146,7 +146,7 @@ class ByteStore(KVStore):
             self._stats.error(classified[0])
 
     def delete(self, key: str) -> None:
-        _check_key(key)
+        check_key(key)
         self._forget_header(key)
         self._guarded(key, lambda: self.backend.remove(key), None)
 
@@ -310,6 +310,6 @@ def _verified(data: Buffer, key: str) -> bytes:
     return bytes(data)
 
 
-def _check_key(key: str) -> None:
+def check_key(key: str) -> None:
     if not _KEY_RE.fullmatch(key):
         raise ValueError(f"invalid store key {key!r}: use letters, digits, '-' and '_'")

@@ -14,6 +14,7 @@ from kvcake.store.base import KVStore
 from kvcake.store.bytestore import ByteStore
 from kvcake.store.disk import FileBackend
 from kvcake.store.memory import MemoryBackend
+from kvcake.store.tensors import TensorStore
 from kvcake.store.redis_backend import RedisOptions, redis_backend, redis_cluster_backend
 from kvcake.store.throttle import ThrottledBackend
 from kvcake.store.tiered import TieredStore
@@ -59,7 +60,11 @@ class _Params:
 
 
 def open_store(url: str) -> KVStore:
-    """A store for a URL; raises ValueError on a malformed URL, never on an unreachable backend."""
+    """A store for a URL; raises ValueError on a malformed URL, never on an unreachable backend.
+
+    `memory://` is the tensor tier (`TensorStore`); with `throttle_gbps` it is a byte store
+    behind the emulated link instead, since a link moves bytes.
+    """
     parts = urlsplit(url)
     params = _Params(url, parts.query)
     dtype = params.text("dtype")
@@ -76,14 +81,17 @@ def open_store(url: str) -> KVStore:
             dtype=dtype, page_tokens=page_tokens,
         )
     else:
-        backend = _backend(parts, params, url)
         gbps = params.number("throttle_gbps")
         latency_ms = params.number("latency_ms")
-        if gbps is not None:
-            backend = ThrottledBackend(backend, gbps, (latency_ms or 0.0) / 1e3)
-        elif latency_ms is not None:
+        if latency_ms is not None and gbps is None:
             raise ValueError(f"{url}: latency_ms needs throttle_gbps")
-        store = ByteStore(backend, dtype=dtype, page_tokens=page_tokens)
+        if parts.scheme == "memory" and gbps is None:
+            store = TensorStore(_budget(params, default_gb=1.0) or int(_GB), dtype=dtype, page_tokens=page_tokens)
+        else:
+            backend = _backend(parts, params, url)
+            if gbps is not None:
+                backend = ThrottledBackend(backend, gbps, (latency_ms or 0.0) / 1e3)
+            store = ByteStore(backend, dtype=dtype, page_tokens=page_tokens)
     params.done()
     return store
 

@@ -57,8 +57,20 @@ class TieredStore(KVStore):
 
     # -- reads ---------------------------------------------------------------------------
     def get(self, key: str) -> ChunkKV | None:
-        data = self.get_encoded(key)
-        return None if data is None else codec.decode(data, check=False, key=key)  # the tier verified it
+        """From the first tier directly (a memory tier hands out its tensors); from a lower one its verified
+        bytes, promoted, then decoded."""
+        chunk = self.tiers[0].get(key)
+        if chunk is not None:
+            self._stats.add(hits=1)
+            return chunk
+        for i, tier in enumerate(self.tiers[1:], start=1):
+            data = tier.get_encoded(key)
+            if data is not None:
+                self._promote(key, data, i)
+                self._stats.add(hits=1)
+                return codec.decode(data, check=False, key=key)  # the tier verified it
+        self._stats.add(misses=1)
+        return None
 
     def get_encoded(self, key: str) -> bytes | None:
         for i, tier in enumerate(self.tiers):

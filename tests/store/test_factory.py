@@ -8,12 +8,14 @@ from kvcake.store import TieredStore, open_store, tiered_url
 from kvcake.store.bytestore import ByteStore
 from kvcake.store.disk import FileBackend
 from kvcake.store.memory import MemoryBackend
+from kvcake.store.tensors import TensorStore
 from kvcake.store.redis_backend import RedisBackend
 from kvcake.store.throttle import ThrottledBackend
 
 
 def test_schemes(tmp_path) -> None:
-    assert isinstance(open_store("memory://?max_gb=0.5").backend, MemoryBackend)
+    assert isinstance(open_store("memory://?max_gb=0.5"), TensorStore)
+    assert isinstance(open_store("memory://?throttle_gbps=1").backend.inner, MemoryBackend)
     disk = open_store(f"file://{tmp_path}/a%20b?max_gb=1")
     assert isinstance(disk.backend, FileBackend) and disk.backend.root == tmp_path / "a b"
     redis = open_store("redis://127.0.0.1:6390/2?timeout_s=1&prefix=x:")

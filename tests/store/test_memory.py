@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from kvcake.store import codec, open_store
+from kvcake.store.tensors import TensorStore
 
 
 def test_round_trip_and_partial_reads(make_chunk, same, tokens_of) -> None:
@@ -17,13 +18,13 @@ def test_round_trip_and_partial_reads(make_chunk, same, tokens_of) -> None:
     assert store.get("b") is None and store.get_layer("b", 0) is None and store.get_tokens("b", 0, 1) is None
     stats = store.stats()
     assert (stats.hits, stats.misses, stats.puts) == (4, 3, 1)
-    assert stats.bytes_written == len(codec.encode(chunk)) and stats.bytes_read > 0
+    assert stats.bytes_written == chunk.nbytes and stats.bytes_read > 0
     store.delete("a")
     assert store.get("a") is None
 
 
 def test_lru_eviction_by_byte_budget(make_chunk) -> None:
-    entry = len(codec.encode(make_chunk()))
+    entry = make_chunk().nbytes
     store = open_store(f"memory://?max_gb={3.5 * entry / 1e9}")
     for i in range(3):
         store.put(f"k{i}", make_chunk(seed=i))
@@ -46,3 +47,29 @@ def test_out_of_range_reads_miss_without_dropping_the_entry(make_chunk) -> None:
     assert store.get_layer("a", 2) is None
     assert store.get_tokens("a", 5, 11) is None
     assert store.contains("a") and store.stats().errors == {"out_of_range": 2}
+
+
+def test_memory_tier_hands_out_its_tensors_without_a_copy(make_chunk) -> None:
+    store = open_store("memory://")
+    assert isinstance(store, TensorStore)
+    store.put("a", make_chunk())
+    first, second = store.get("a"), store.get("a")
+    assert first.keys[0].data_ptr() == second.keys[0].data_ptr(), "a hit is a lookup, not a decode"
+
+
+def test_bytes_entering_the_memory_tier_are_verified_once(make_chunk, same) -> None:
+    store = open_store("memory://")
+    chunk = make_chunk()
+    data = bytearray(codec.encode(chunk, key="a"))
+    assert store.put_encoded("a", bytes(data)) and same(store.get("a"), chunk)
+    data[-3] ^= 0xFF
+    assert not store.put_encoded("a", bytes(data)) and not store.put_encoded("c", codec.encode(chunk, key="a"))
+    assert same(store.get("a"), chunk), "a refused write leaves the entry as it was"
+    assert store.stats().errors == {"foreign_key": 1, "checksum": 1}
+
+
+def test_a_storage_dtype_gives_what_a_byte_tier_would(make_chunk) -> None:
+    chunk = make_chunk()
+    memory, byte_tier = open_store("memory://?dtype=int8"), open_store("memory://?dtype=int8&throttle_gbps=100")
+    assert memory.put("a", chunk) and byte_tier.put("a", chunk)
+    assert all(x.equal(y) for x, y in zip(memory.get("a").keys, byte_tier.get("a").keys))

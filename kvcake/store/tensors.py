@@ -1,0 +1,165 @@
+"""The memory tier: chunks kept as tensors, handed out as they are (no decode, no checksum).
+
+It is the process's own memory, so nothing there needs verifying: a hit is a lookup, and
+the reader copies the tensors once, into its KV cache. Bytes that come from another
+tier (`put_encoded`: a tiered store's promotion from disk or Redis) are verified and
+decoded once, when they enter. With CUDA present the tensors live in pinned host memory,
+so a copy to the GPU runs at the link's speed. Readers must not modify what they get.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+from kvcake.store import codec
+from kvcake.store.base import KVStore, StatsCounter, StoreStats
+from kvcake.store.bytestore import check_key
+from kvcake.store.codec import ChunkKV, CodecError
+
+
+class TensorStore(KVStore):
+    """An LRU of `ChunkKV` by tensor bytes; `dtype` (fp16, bf16, int8, ...) stores what a byte tier would return."""
+
+    def __init__(self, max_bytes: int, *, dtype: str | None = None, page_tokens: int = codec.DEFAULT_PAGE_TOKENS) -> None:
+        self._max = max_bytes
+        self._dtype = dtype
+        self.page_tokens = page_tokens
+        self._pin = torch.cuda.is_available()
+        self._entries: OrderedDict[str, ChunkKV] = OrderedDict()
+        self._used = 0
+        self._evicted = 0
+        self._lock = threading.Lock()
+        self._stats = StatsCounter()
+
+    def __repr__(self) -> str:
+        return f"TensorStore(max={self._max / 1e9:g}GB)"
+
+    # -- reads ---------------------------------------------------------------------------
+    def get(self, key: str) -> ChunkKV | None:
+        entry = self._lookup(key)
+        return None if entry is None else self._hit(ChunkKV(list(entry.keys), list(entry.values)))
+
+    def get_layer(self, key: str, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if layer < 0:
+            raise ValueError(f"layer must be >= 0, got {layer}")
+        entry = self._lookup(key)
+        if entry is None:
+            return None
+        if layer >= entry.num_layers:
+            return self._out_of_range()
+        self._hit(ChunkKV([entry.keys[layer]], [entry.values[layer]]))
+        return entry.keys[layer], entry.values[layer]
+
+    def get_tokens(self, key: str, start: int, end: int, layers: Sequence[int] | None = None) -> ChunkKV | None:
+        if not 0 <= start < end:
+            raise ValueError(f"token range must satisfy 0 <= start < end, got [{start}, {end})")
+        if layers is not None and (not layers or min(layers) < 0):
+            raise ValueError(f"layers must be a non-empty list of layer numbers >= 0, got {list(layers)}")
+        entry = self._lookup(key)
+        if entry is None:
+            return None
+        chosen = range(entry.num_layers) if layers is None else layers
+        if end > entry.num_tokens or max(chosen) >= entry.num_layers:
+            return self._out_of_range()
+        return self._hit(ChunkKV([entry.keys[i][:, start:end] for i in chosen], [entry.values[i][:, start:end] for i in chosen]))
+
+    def get_encoded(self, key: str) -> bytes | None:
+        entry = self._lookup(key)
+        if entry is None:
+            return None
+        self._hit(entry)
+        return codec.encode(entry, None, self.page_tokens, key)
+
+    def contains(self, key: str) -> bool:
+        check_key(key)
+        with self._lock:
+            return key in self._entries
+
+    # -- writes --------------------------------------------------------------------------
+    def put(self, key: str, chunk: ChunkKV) -> bool:
+        check_key(key)
+        if self._dtype not in (None, "keep"):
+            chunk = codec.decode(codec.encode(chunk, self._dtype, self.page_tokens, key), key=key)
+        return self._store(key, chunk)
+
+    def put_encoded(self, key: str, data: bytes) -> bool:
+        """Verify and decode bytes from another tier once; foreign or corrupt ones are refused (counted)."""
+        check_key(key)
+        try:
+            chunk = codec.decode(data, key=key)
+        except CodecError as exc:
+            self._stats.error(exc.kind)
+            self._stats.add(puts_failed=1)
+            return False
+        return self._store(key, chunk)
+
+    def touch(self, keys: Sequence[str]) -> None:
+        with self._lock:
+            for key in keys:
+                if key in self._entries:
+                    self._entries.move_to_end(key)
+
+    def delete(self, key: str) -> None:
+        check_key(key)
+        with self._lock:
+            old = self._entries.pop(key, None)
+            self._used -= old.nbytes if old is not None else 0
+
+    def stats(self) -> StoreStats:
+        snapshot = self._stats.snapshot()
+        snapshot.evictions = self._evicted
+        return snapshot
+
+    def close(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._used = 0
+
+    # -- internals -----------------------------------------------------------------------
+    def _lookup(self, key: str) -> ChunkKV | None:
+        check_key(key)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+        if entry is None:
+            self._stats.add(misses=1)
+        return entry
+
+    def _hit(self, chunk: ChunkKV) -> ChunkKV:
+        self._stats.add(hits=1, bytes_read=chunk.nbytes)
+        return chunk
+
+    def _out_of_range(self) -> None:
+        self._stats.error("out_of_range")
+        self._stats.add(misses=1)
+        return None
+
+    def _store(self, key: str, chunk: ChunkKV) -> bool:
+        codec.validate(chunk)
+        if chunk.nbytes > self._max:
+            self._stats.error("too_large")
+            self._stats.add(puts_failed=1)
+            return False
+        tensors = [self._resident(t) for t in (*chunk.keys, *chunk.values)]
+        entry = ChunkKV(tensors[: chunk.num_layers], tensors[chunk.num_layers :])
+        with self._lock:
+            old = self._entries.pop(key, None)
+            self._used -= old.nbytes if old is not None else 0
+            self._entries[key] = entry
+            self._used += entry.nbytes
+            while self._used > self._max:
+                _, evicted = self._entries.popitem(last=False)
+                self._used -= evicted.nbytes
+                self._evicted += 1
+        self._stats.add(puts=1, bytes_written=entry.nbytes)
+        return True
+
+    def _resident(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A contiguous CPU tensor this store owns (pinned when CUDA is present)."""
+        owned = tensor.detach().to("cpu").contiguous()
+        return owned.pin_memory() if self._pin else owned
