@@ -239,7 +239,7 @@ class Engine:
         strategy = strategy or self._prefix_strategy(self.default_reuse)
         keys = prefix_chunk_keys(self.fingerprint, self.config.tenant if tenant is None else tenant, prompt_ids, chunk_size)
         reusable = keys[: (len(prompt_ids) - 1) // chunk_size]
-        num_hit = self._stored_prefix_length(reusable)
+        num_hit = self.store.stored_prefix(reusable)
         cache = self.model.new_cache(capacity)
         ready = prefetched.take_back(num_hit) if prefetched is not None and strategy.name in PREFETCHING else {}
         prefix = PrefixPrefill(self.model, chunk_size, prompt_ids, self._chunk_loader(reusable), self.cost_profile)
@@ -264,14 +264,8 @@ class Engine:
         chunk_size = self.config.chunk_size
         tenant = self.config.tenant if request.tenant is None else request.tenant
         reusable = prefix_chunk_keys(self.fingerprint, tenant, exact, chunk_size)[: (len(exact) - 1) // chunk_size]
-        num_hit = self._stored_prefix_length(reusable)
+        num_hit = self.store.stored_prefix(reusable)
         return PrefixPrefetch(self._chunk_loader(reusable), num_hit, self.prefetch_budget) if num_hit else None
-
-    def _stored_prefix_length(self, keys: list[str]) -> int:
-        for index, key in enumerate(keys):
-            if not self.store.contains(key):
-                return index
-        return len(keys)
 
     def _chunk_loader(self, keys: list[str]):
         layers = self.model.config.num_layers

@@ -75,6 +75,10 @@ class Backend(ABC):
     def exists(self, key: str) -> bool:
         """Whether the key is present."""
 
+    def exists_many(self, keys: Sequence[str]) -> list[bool]:
+        """Which keys are present; backends with round trips override it to make it one."""
+        return [self.exists(key) for key in keys]
+
     @abstractmethod
     def remove(self, key: str) -> None:
         """Delete the key if present."""

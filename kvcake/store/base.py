@@ -95,6 +95,16 @@ class KVStore(ABC):
     def contains(self, key: str) -> bool:
         """Whether the entry exists (not verified; False when the backend is down)."""
 
+    def stored_prefix(self, keys: Sequence[str]) -> int:
+        """How many of `keys`, from the first on, exist: a prefix's stored chunks in one lookup.
+
+        Tiers override it to make it one round trip; this default asks key by key.
+        """
+        for index, key in enumerate(keys):
+            if not self.contains(key):
+                return index
+        return len(keys)
+
     @abstractmethod
     def touch(self, keys: Sequence[str]) -> None:
         """Mark entries as used, in this order (the last one most recently), where the tier evicts by recency."""

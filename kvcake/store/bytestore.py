@@ -105,6 +105,15 @@ class ByteStore(KVStore):
         check_key(key)
         return self._guarded(key, lambda: self.backend.exists(key), False)
 
+    def stored_prefix(self, keys: Sequence[str]) -> int:
+        """One `exists_many` call (one Redis pipeline); a backend that is down stores nothing."""
+        if not keys:
+            return 0
+        for key in keys:
+            check_key(key)
+        present = self._guarded(keys[0], lambda: self.backend.exists_many(keys), [False])
+        return next((index for index, found in enumerate(present) if not found), len(keys))
+
     # -- writes --------------------------------------------------------------------------
     def put(self, key: str, chunk: ChunkKV) -> bool:
         check_key(key)

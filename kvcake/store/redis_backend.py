@@ -101,6 +101,13 @@ class RedisBackend(Backend):
     def exists(self, key: str) -> bool:
         return bool(self._client().exists(self._k(key)))
 
+    def exists_many(self, keys: Sequence[str]) -> list[bool]:
+        """One pipeline of EXISTS (per node on a cluster, sent together)."""
+        pipe = self._client().pipeline(transaction=False)
+        for key in keys:
+            pipe.exists(self._k(key))
+        return [bool(found) for found in pipe.execute()]
+
     def remove(self, key: str) -> None:
         self._client().delete(self._k(key))
 

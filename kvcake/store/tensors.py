@@ -79,6 +79,12 @@ class TensorStore(KVStore):
         with self._lock:
             return key in self._entries
 
+    def stored_prefix(self, keys: Sequence[str]) -> int:
+        for key in keys:
+            check_key(key)
+        with self._lock:
+            return next((index for index, key in enumerate(keys) if key not in self._entries), len(keys))
+
     # -- writes --------------------------------------------------------------------------
     def put(self, key: str, chunk: ChunkKV) -> bool:
         check_key(key)

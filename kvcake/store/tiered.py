@@ -91,6 +91,17 @@ class TieredStore(KVStore):
     def contains(self, key: str) -> bool:
         return any(tier.contains(key) for tier in self.tiers)
 
+    def stored_prefix(self, keys: Sequence[str]) -> int:
+        """The longest run of keys each stored in some tier: each tier is asked from the first key no tier has yet."""
+        found, progress = 0, True
+        while progress and found < len(keys):
+            progress = False
+            for tier in self.tiers:
+                more = tier.stored_prefix(keys[found:])
+                found += more
+                progress = progress or more > 0
+        return found
+
     # -- writes --------------------------------------------------------------------------
     def put(self, key: str, chunk: ChunkKV) -> bool:
         return self.put_encoded(key, codec.encode(chunk, self._dtype, self.page_tokens, key))

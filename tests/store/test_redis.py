@@ -175,3 +175,11 @@ def test_store_opened_while_the_server_is_down(tmp_path, make_chunk, same, caplo
         assert same(store.get("k"), make_chunk())
     finally:
         server.kill()
+
+
+def test_a_stored_prefix_is_the_leading_run_of_stored_keys(redis_server, make_chunk) -> None:
+    store = open_store(redis_server.url)
+    for key in ("p0", "p1", "p3"):
+        store.put(key, make_chunk(tokens=4))
+    assert store.stored_prefix(["p0", "p1", "p2", "p3"]) == 2
+    assert open_store("redis://127.0.0.1:1/0?connect_timeout_s=0.2").stored_prefix(["p0"]) == 0

@@ -93,3 +93,15 @@ def test_a_down_lower_tier_does_not_fail_the_store(tmp_path, make_chunk, same) -
     assert store.get("other") is None
     stats = store.stats()
     assert stats.tiers["1:ByteStore(redis(127.0.0.1:1/0))"].errors["unavailable"] >= 1
+
+
+def test_a_stored_prefix_is_found_across_tiers(tmp_path, make_chunk) -> None:
+    store = open_store(tiered_url(["memory://", f"file://{tmp_path}"]))
+    memory, disk = store.tiers
+    chunk = make_chunk(tokens=4)
+    for key in ("k1", "k2"):
+        memory.put(key, chunk)
+    for key in ("k0", "k3"):
+        disk.put(key, chunk)
+    assert store.stored_prefix(["k0", "k1", "k2", "k3", "k4", "k5"]) == 4
+    assert store.stored_prefix(["k4", "k0"]) == 0 and store.stored_prefix([]) == 0
