@@ -4,7 +4,10 @@ cost and error per storage dtype, and how exactly the throttle delivers its set 
 Entries have the KV shape of a real model (default SmolLM2-135M: 30 layers, 3 KV heads,
 head_dim 64) with random values. Throughputs count KV bytes handed to the caller; file
 reads come from the OS page cache, Redis runs on 127.0.0.1 (its own server unless
---redis-url is given), so these are upper bounds of the tiers on this machine.
+--redis-url is given), so these are upper bounds of the tiers on this machine. Each row
+also gives the rate of a single-threaded memcpy of the same bytes, measured in the same
+run, and the op's rate as a multiple of it. The memory tier hands out its stored tensors
+(no copy), so its rows measure the lookup; the reader's one copy is into its KV cache.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from kvcake.bench.report import machine_description, markdown_rows
@@ -177,11 +181,27 @@ def _measure_tier(name: str, store: KVStore, shape: Shape, tokens: int, seconds:
         ops["get cold (from redis, promoted)"] = (_cold_get(store, readable[0], seconds), chunk.nbytes)
     for key in written:
         store.delete(key)
-    return [
-        {"tier": name, "chunk tokens": tokens, "entry MB": round(chunk.nbytes / 1e6, 2), "op": op,
-         "ms/op": round(t * 1e3, 3), "GB/s": round(nbytes / t / 1e9, 3)}
-        for op, (t, nbytes) in ops.items()
-    ]
+    rows = []
+    for op, (t, nbytes) in ops.items():
+        copy_s = memcpy_seconds(nbytes, seconds)
+        rows.append({
+            "tier": name, "chunk tokens": tokens, "entry MB": round(chunk.nbytes / 1e6, 2), "op": op,
+            "ms/op": round(t * 1e3, 3), "GB/s": round(nbytes / t / 1e9, 3),
+            "memcpy GB/s": round(nbytes / copy_s / 1e9, 3), "x memcpy": round(copy_s / t, 3),
+        })
+    return rows
+
+
+MEMCPY_WORKING_SET = 256 << 20
+"""The memcpy reference cycles through this many bytes of sources, so it reads from memory, not from a warm cache."""
+
+
+def memcpy_seconds(nbytes: int, seconds: float) -> float:
+    """Median time of one single-threaded copy of `nbytes` into a preallocated buffer: the machine's own rate."""
+    sources = [np.ones(nbytes, dtype=np.uint8) for _ in range(max(2, MEMCPY_WORKING_SET // max(nbytes, 1)))]
+    target = np.empty(nbytes, dtype=np.uint8)
+    turn = iter(range(10**9))
+    return _timed(lambda: np.copyto(target, sources[next(turn) % len(sources)]) or True, seconds)
 
 
 def _all_layers(store: KVStore, key: str, layers: int) -> bool:
