@@ -21,6 +21,7 @@ BENCHMARKS = {
     "serve": ("kvcake.bench.serve", "Server throughput and TTFT p50/p99 under a mixed workload: compute-only vs load-only vs Cake."),
     "tune": ("kvcake.bench.tune", "TTFT of full prefill, blend and CacheTune at ~4k tokens with the store in memory, on disk, and behind 10 and 1 Gbps links."),
     "blend": ("kvcake.bench.blend", "TTFT of full prefill, naive reuse and blend on a ~4k-token multi-document prompt, in memory and throttled."),
+    "load": ("kvcake.bench.load", "TTFT of a load-only request whose prefix is stored, against its floor (memcpy of the bytes + one forward)."),
 }
 EVALUATIONS = {
     "blend": ("kvcake.bench.blend_eval", "Answer quality of blended document reuse on multi-document QA (quoref, or --data FILE)."),

@@ -53,3 +53,12 @@ def test_scale_report_pairs_the_questions_every_run_answered(tmp_path: Path) -> 
         ("qwen2.5-0.5b", "naive", -0.5), ("qwen2.5-0.5b", "blend r=0.15", -0.1), ("qwen2.5-1.5b", "naive", -0.2), ("qwen2.5-1.5b", "blend r=0.15", -0.1)
     ]
     assert (tmp_path / "trend.png").stat().st_size > 0
+
+
+def test_bench_load_reports_ttft_against_its_floor(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
+    flags = ["--model", str(tiny_folders["llama"]), "--dtype", "float32", "--chunk-size", "32", "--cache-dir", str(tmp_path / "cache")]
+    out = tmp_path / "load.md"
+    assert main(["bench", "load", "--chunks", "3", "--repeats", "2", "--out", str(out), *flags]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [row["store"] for row in rows] == ["memory", "file"]
+    assert all(row["floor / TTFT"] > 0 and row["loaded MB"] > 0 for row in rows)

@@ -164,7 +164,7 @@ def _measure_tier(name: str, store: KVStore, shape: Shape, tokens: int, seconds:
         return store.put(written[-1], chunk)
 
     t_put = _timed(put, seconds)
-    readable = written[:3]
+    readable = written[-3:]  # the newest: a fast tier may have evicted the first ones
 
     def cycle() -> str:
         return readable[next(counter) % len(readable)]
@@ -366,7 +366,10 @@ def _write(args: argparse.Namespace, shape: Shape, with_redis: bool, tiers: list
         "Throughput counts KV bytes returned to (or given by) the caller. `get_layer x L` loads an entry",
         "layer by layer (one call per layer); `get_tokens 1/4` reads the first quarter of the tokens of",
         "every layer. File reads are served from the OS page cache; Redis is a local server, so network",
-        "time is absent: use the throttle to emulate a link.",
+        "time is absent: use the throttle to emulate a link. `memcpy GB/s` is a single-threaded copy of",
+        "the same bytes in this run (from a 256 MB working set), `x memcpy` the op's rate over it. The",
+        "memory tier hands out its stored tensors without a copy, so its reads measure a lookup (the",
+        "reader's one copy is into its KV cache; `kvcake bench load` measures the whole path).",
         "",
         "## Tiers",
         "",
