@@ -34,7 +34,10 @@ class KvcakeConfig:
     device: str = _setting("auto", "torch device: auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...")
     dtype: str = _setting("auto", "Compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16.")
     threads: int = _setting(0, "CPU threads for torch; 0 keeps torch's default (all cores).")
-    chunk_size: int = _setting(256, "Prefill chunk size in tokens (also the unit of stored KV chunks).")
+    chunk_size: int = _setting(256, "Tokens per stored KV chunk (the unit of prefix keys and reuse).")
+    compute_chunk: int = _setting(
+        0, "Tokens per prefill pass when computing; a multiple of chunk_size, 0 = chunk_size. Larger passes fill a GPU; entries stay chunk_size."
+    )
     max_tokens: int = _setting(64, "Default number of tokens to generate.")
     cache_dir: str = _setting("~/.cache/kvcake", "Where converted models, downloaded packages and data sets are kept.")
     store_url: str = _setting(
@@ -79,9 +82,16 @@ class KvcakeConfig:
             raise ConfigError(f"setting 'load_timeout_s' must be > 0, got {self.load_timeout_s}")
         if self.load_streams < 1:
             raise ConfigError(f"setting 'load_streams' must be >= 1, got {self.load_streams}")
+        if self.compute_chunk < 0 or self.compute_chunk % self.chunk_size:
+            raise ConfigError(f"setting 'compute_chunk' must be 0 or a multiple of chunk_size ({self.chunk_size}), got {self.compute_chunk}")
         for name in ("threads", "io_threads", "document_gap"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"setting {name!r} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def prefill_chunk(self) -> int:
+        """Tokens per prefill pass: `compute_chunk`, or `chunk_size` when it is 0."""
+        return self.compute_chunk or self.chunk_size
 
     def tenants_by_key(self) -> dict[str, str]:
         """API key -> tenant, from `api_keys`."""

@@ -284,17 +284,22 @@ class Engine:
     ) -> tuple[torch.Tensor, dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]]:
         """Compute chunks from `first_chunk` on: the last token's logits, and the full chunks' K/V by key (to store).
 
-        The trailing partial chunk is never stored, so its K/V copies are not kept.
+        Passes are `prefill_chunk` tokens (several store chunks at once, when it is larger);
+        each pass's K/V is cut into store chunks. The trailing partial chunk is never
+        stored, so its K/V copies are not kept.
         """
-        chunk_size = self.config.chunk_size
+        chunk_size, step = self.config.chunk_size, self.config.prefill_chunk
         first = first_chunk * chunk_size
         full_end = len(keys) * chunk_size
         logits = None
         computed = {}
-        for start, out in self.model.forward_chunks(prompt_ids[first:full_end], cache, chunk_size, first, keep_kv=True):
-            computed[keys[(first + start) // chunk_size]] = (out.keys, out.values)
+        for start, out in self.model.forward_chunks(prompt_ids[first:full_end], cache, step, first, keep_kv=True):
+            keys_by_chunk = zip(*(k.split(chunk_size, dim=1) for k in out.keys))
+            values_by_chunk = zip(*(v.split(chunk_size, dim=1) for v in out.values))
+            for offset, (chunk_keys, chunk_values) in enumerate(zip(keys_by_chunk, values_by_chunk)):
+                computed[keys[(first + start) // chunk_size + offset]] = (list(chunk_keys), list(chunk_values))
             logits = out.logits
-        for _, out in self.model.forward_chunks(prompt_ids[full_end:], cache, chunk_size, full_end):
+        for _, out in self.model.forward_chunks(prompt_ids[full_end:], cache, step, full_end):
             logits = out.logits
         assert logits is not None
         return logits[-1], computed
@@ -417,7 +422,7 @@ class Engine:
             try:
                 logits, blend = blender.run(cache, rest, positions, stored_tokens, prefetcher, from_store)
             except BlendFallback as failure:
-                logits = self.model.prefill(rest.tolist(), cache, self.config.chunk_size, planned.prefix_length)
+                logits = self.model.prefill(rest.tolist(), cache, self.config.prefill_chunk, planned.prefix_length)
                 document_tokens = sum(end - start for start, end in planned.document_spans)
                 blend = BlendReport(ratio=blender.ratio, document_tokens=document_tokens, tokens_recomputed=document_tokens, fallback=str(failure))
         finally:
@@ -589,11 +594,11 @@ class Engine:
         context would not hold it): in a real prompt other documents usually lie between
         the instructions and this one. K is stored before RoPE, so only this distance,
         not the absolute position, shapes the stored KV. The preamble is computed once;
-        documents shorter than a chunk are packed into passes of about `chunk_size`
+        documents shorter than a pass are packed into passes of about `prefill_chunk`
         tokens, each attending only to the preamble and itself. `stop` set ends early
         (fewer results).
         """
-        chunk_size = self.config.chunk_size
+        chunk_size = self.config.prefill_chunk
         longest = max((len(d) for d in documents), default=0)
         cache = self.model.new_cache(len(preamble) + max(longest, chunk_size))
         if preamble and documents:
@@ -619,7 +624,7 @@ class Engine:
         layers = self.model.config.num_layers
         keys: list[list[torch.Tensor]] = [[] for _ in range(layers)]
         values: list[list[torch.Tensor]] = [[] for _ in range(layers)]
-        for _, out in self.model.forward_chunks(document_ids, cache, self.config.chunk_size, first_position, keep_kv=True):
+        for _, out in self.model.forward_chunks(document_ids, cache, self.config.prefill_chunk, first_position, keep_kv=True):
             for layer in range(layers):
                 keys[layer].append(out.keys[layer])
                 values[layer].append(out.values[layer])

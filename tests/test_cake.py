@@ -171,3 +171,30 @@ def _chunk_bytes(engine: Engine, prompt: list[int]) -> int:
 
     key = prefix_chunk_keys(engine.fingerprint, "", prompt, engine.config.chunk_size)[0]
     return engine.store.get(key).nbytes
+
+
+@pytest.mark.parametrize(("writer_pass", "reader_pass"), [(96, 32), (32, 96), (64, 64)])
+def test_prefill_passes_larger_than_a_chunk_keep_entries_and_exactness(tiny_folders: dict[str, Path], tmp_path: Path, writer_pass: int, reader_pass: int) -> None:
+    """Entries stay chunk_size whatever the prefill's pass: one engine writes with one pass, another reads with another."""
+    store = open_store("memory://")
+    config = KvcakeConfig(model=str(tiny_folders["qwen2"]), device=TEST_DEVICE, dtype="float32", chunk_size=32, cache_dir=str(tmp_path))
+    writer = Engine(config.replace(compute_chunk=writer_pass), store=store)
+    reader = Engine(config.replace(compute_chunk=reader_pass), store=store)
+    prompt = torch.randint(3, 512, (32 * 7 + 5,), generator=torch.Generator().manual_seed(3)).tolist()
+    reference = ask(Engine(config, store=open_store("memory://")), prompt, "compute")
+    written = ask(writer, prompt, "compute")
+    assert_same(written, reference)
+    assert store.stats().puts == 7
+    for method in ("load", "cake", "split:3", "compute"):
+        result = ask(reader, prompt, method)
+        assert_same(result, reference)
+        assert result.metrics.prefix.stored_chunks == 7
+    writer.close()
+    reader.close()
+
+
+def test_a_pass_that_is_no_multiple_of_the_chunk_is_refused(tiny_folders: dict[str, Path]) -> None:
+    from kvcake.config import ConfigError
+
+    with pytest.raises(ConfigError, match="compute_chunk"):
+        KvcakeConfig(model=str(tiny_folders["llama"]), chunk_size=32, compute_chunk=48)
