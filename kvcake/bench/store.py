@@ -231,6 +231,7 @@ def _codec_rows(shape: Shape, tokens: int = 256) -> list[dict]:
         data = codec.encode(source, name)
         t_enc = _timed(functools.partial(codec.encode, source, name), 0.2)
         t_dec = _timed(functools.partial(codec.decode, data), 0.2)
+        t_verify = _timed(functools.partial(codec.verify, data), 0.2)
         out = codec.decode(data)
         got = torch.cat([t.float().flatten() for t in out.keys + out.values])
         err = (got - ref).abs()
@@ -239,10 +240,31 @@ def _codec_rows(shape: Shape, tokens: int = 256) -> list[dict]:
             "bytes/token": len(data) // tokens,
             "encode GB/s": round(source.nbytes / t_enc / 1e9, 3),
             "decode GB/s": round(source.nbytes / t_dec / 1e9, 3),
+            "verify GB/s": round(len(data) / t_verify / 1e9, 3),
+            "decode, 2 threads / 1": round(_parallel_speedup(data), 2),
             "max |err| / max |x|": f"{(err.max() / ref.abs().max()).item():.2e}",
             "rms err / rms x": f"{(err.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item():.2e}",
         })
     return rows
+
+
+def _parallel_speedup(data: bytes, entries: int = 24) -> float:
+    """Decoding `entries` copies of an entry on two threads against one: how well loader threads scale."""
+
+    def decode_all(count: int) -> bool:
+        for _ in range(count):
+            codec.decode(data)
+        return True
+
+    def two_threads() -> bool:
+        threads = [threading.Thread(target=decode_all, args=(entries // 2,)) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return True
+
+    return _timed(lambda: decode_all(entries), 0.5) / _timed(two_threads, 0.5)
 
 
 # -- throttle ------------------------------------------------------------------------------
