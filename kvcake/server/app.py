@@ -57,9 +57,16 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-        message = "the body is not valid JSON" if first.get("type") == "json_invalid" else f"{where or 'body'}: {first.get('msg')}"
+        errors = error.errors()
+        # of a union's alternatives, the one that got past the type check says most
+        first = next((e for e in errors if not str(e.get("type", "")).endswith("_type")), errors[0])
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body" and "[" not in str(part))
+        if first.get("type") == "json_invalid":
+            message = "the body is not valid JSON"
+        elif first.get("type") == "extra_forbidden":
+            message = f"{where}: kvcake does not support this field"
+        else:
+            message = f"{where or 'body'}: {first.get('msg')}"
         return ApiError(400, message, param=where or None).response()
 
     @app.exception_handler(StarletteHTTPException)
@@ -77,7 +84,12 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": config.model, "object": "model", "created": 0, "owned_by": "kvcake"}]}
+        return {"object": "list", "data": [_model_card(config)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        _check_model(model_id, config)
+        return _model_card(config)
 
     @app.post("/v1/kv/documents", response_model=None)
     async def warm(body: WarmBody, request: Request) -> dict[str, Any] | Response:
@@ -106,14 +118,16 @@ def create_app(engine: Engine) -> FastAPI:
     return app
 
 
+def _model_card(config: KvcakeConfig) -> dict[str, Any]:
+    return {"id": config.model, "object": "model", "created": 0, "owned_by": "kvcake"}
+
+
 def _check_model(model: str, config: KvcakeConfig) -> None:
     if model != config.model:
         raise ApiError(404, f"model {model!r} is not served here; this server serves {config.model!r}", code="model_not_found", param="model")
 
 
 def _sampling(body: SamplingFields, max_tokens: int | None, config: KvcakeConfig) -> SamplingParams:
-    if body.stop:
-        raise ApiError(400, "stop sequences are not supported yet; the model's own end-of-turn tokens stop generation", param="stop")
     try:
         return SamplingParams(max_tokens=max_tokens or config.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed)
     except ValueError as error:
@@ -156,11 +170,17 @@ def _chat_request(body: ChatBody, config: KvcakeConfig, tenant: str) -> Generate
     return GenerateRequest(query=turns[0]["content"], documents=body.kv_documents, system=system[0] if system else None, reuse=body.reuse or _document_reuse(config), **common)
 
 
-def _submit(worker: ComputeWorker, request: GenerateRequest | WarmRequest, planned: PromptLayout | None) -> tuple[Job, asyncio.Queue]:
+def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
+    return () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
+
+
+def _submit(
+    worker: ComputeWorker, request: GenerateRequest | WarmRequest, planned: PromptLayout | None, stop: tuple[str, ...] = ()
+) -> tuple[Job, asyncio.Queue]:
     """Queue a job whose events arrive on the returned asyncio queue; 429 when the compute queue is full."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-    job = Job(request, planned, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+    job = Job(request, planned, lambda event: loop.call_soon_threadsafe(events.put_nowait, event), stop=stop)
     try:
         worker.submit(job)
     except QueueFull as error:
@@ -190,7 +210,7 @@ async def _respond(worker: ComputeWorker, engine: Engine, generate: GenerateRequ
         planned = await asyncio.to_thread(engine.check, generate)
     except RequestError as error:
         raise ApiError(400, str(error)) from None
-    job, events = _submit(worker, generate, planned)
+    job, events = _submit(worker, generate, planned, _stops(body.stop))
     reply = _Reply(kind, body.model)
     if body.stream:
         return StreamingResponse(_stream(events, job, reply), media_type="text/event-stream")
@@ -252,7 +272,7 @@ class _Reply:
 
     def add(self, event: TokenEvent) -> dict[str, Any] | None:
         """Record a token; the chunk with its new text, if it completes any."""
-        self.finish_reason = event.step.finish_reason or self.finish_reason
+        self.finish_reason = event.finish_reason or self.finish_reason
         if not event.text:
             return None
         self.parts.append(event.text)

@@ -1,7 +1,11 @@
 """Request bodies of the OpenAI-compatible API, with kvcake's extension fields.
 
-Unknown fields are ignored, as OpenAI-compatible servers do; known ones have strict
-types (a number sent as a string is refused, not coerced), and text with an unpaired
+A field kvcake does not act on is refused with a 400 naming it, never silently
+ignored (a client would believe it got what it asked for): unknown fields, and the
+OpenAI fields not implemented yet (penalties, logprobs, tools, response_format, echo,
+...) unless they carry their neutral value. `user`, a message's `name` and
+`stream_options` are accepted and documented as not changing anything. Types are
+strict (a number sent as a string is refused, not coerced), and text with an unpaired
 surrogate is refused (no tokenizer could encode it). The extensions (reachable
 from the `openai` client with `extra_body`): `kv_documents` (reusable documents placed
 before the prompt or the last user message), `kv_system` (system text of a completion
@@ -28,12 +32,39 @@ def _no_lone_surrogates(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_no_lone_surrogates)]
+MAX_STOP_SEQUENCES = 4
+"""As OpenAI allows."""
+
+
+def _stop_sequence(text: str) -> str:
+    if not text:
+        raise ValueError("a stop sequence must not be empty")
+    return _no_lone_surrogates(text)
+
+
+StopSequence = Annotated[str, AfterValidator(_stop_sequence)]
 
 
 class _Body(BaseModel):
-    """Strict types: "3" is not a number and "yes" is not a boolean; unknown fields are ignored."""
+    """Strict types: "3" is not a number and "yes" is not a boolean. A field kvcake does not act on is refused
+    (400 naming it), never silently ignored."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _only(neutral: object) -> AfterValidator:
+    """A field OpenAI defines that kvcake accepts only at its neutral value (so a client cannot believe it acted)."""
+
+    def check(value: object) -> object:
+        if value not in (neutral, None):
+            raise ValueError(f"kvcake does not support this field yet (only {neutral!r})")
+        return value
+
+    return AfterValidator(check)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = Field(default=True, description="kvcake always sends usage (and its accounting) in the last chunk.")
 
 
 class SamplingFields(_Body):
@@ -44,25 +75,43 @@ class SamplingFields(_Body):
     seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     n: int = Field(default=1, ge=1, le=1, description="Only one choice per request.")
     stream: bool = False
-    stop: Text | list[Text] | None = None
+    stop: StopSequence | Annotated[list[StopSequence], Field(max_length=MAX_STOP_SEQUENCES)] | None = Field(
+        default=None, description="Up to 4 non-empty stop sequences; the match is not returned."
+    )
     kv_documents: list[Text] | None = None
     reuse: Text | None = None
     ratio: float | None = Field(default=None, ge=0.0, le=1.0)
+    user: str | None = Field(default=None, description="Accepted and not used (OpenAI's end-user id for abuse monitoring).")
+    stream_options: StreamOptions | None = None
+    presence_penalty: Annotated[float | None, _only(0.0)] = None
+    frequency_penalty: Annotated[float | None, _only(0.0)] = None
+    logit_bias: Annotated[dict[str, float] | None, _only({})] = None
 
 
 class CompletionBody(SamplingFields):
     prompt: Text | list[int] | list[Text]
     kv_system: Text | None = None
+    logprobs: Annotated[int | None, _only(0)] = None
+    echo: Annotated[bool | None, _only(False)] = None
+    best_of: Annotated[int | None, _only(1)] = None
+    suffix: Annotated[str | None, _only("")] = None
 
 
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant"]
     content: Text
+    name: str | None = Field(default=None, description="Accepted and not used.")
 
 
 class ChatBody(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: Annotated[bool | None, _only(False)] = None
+    top_logprobs: Annotated[int | None, _only(0)] = None
+    response_format: Annotated[dict[str, object] | None, _only({"type": "text"})] = None
+    tools: Annotated[list[object] | None, _only([])] = None
+    tool_choice: Annotated[str | dict[str, object] | None, _only("none")] = None
+    parallel_tool_calls: Annotated[bool | None, _only(False)] = None
 
 
 class WarmBody(_Body):

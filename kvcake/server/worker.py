@@ -23,6 +23,7 @@ from typing import Any
 from kvcake.engine import Engine, GenerateRequest, RequestMetrics, Step, WarmRequest
 from kvcake.schedule import PrefixPrefetch
 from kvcake.segments import PromptLayout
+from kvcake.server.stops import StopMatcher
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,11 @@ class QueueFull(RuntimeError):
 
 @dataclass
 class TokenEvent:
-    """A generated token and the text it completes."""
+    """A generated token, the text it releases, and why generation ended (on the last one)."""
 
     step: Step
     text: str
+    finish_reason: str | None
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Job:
     request: GenerateRequest | WarmRequest
     planned: PromptLayout | None
     emit: Callable[[tuple[str, Any]], None]
+    stop: tuple[str, ...] = ()
     cancelled: threading.Event = field(default_factory=threading.Event)
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     prefetch: PrefixPrefetch | None = None
@@ -120,11 +123,19 @@ class ComputeWorker:
                     job.prefetch.release()
 
     def _generate(self, job: Job, request: GenerateRequest) -> None:
+        """Stream tokens with their text; a stop sequence (matched on the text, across tokens) ends generation."""
         decoder = self.engine.tokenizer.stream_decoder()
+        stops = StopMatcher(job.stop)
         for step in self.engine.stream(request, job.metrics, job.prefetch, job.planned):
             if job.cancelled.is_set():
                 break
-            job.emit(("token", TokenEvent(step, decoder.add(step.token_id))))
+            text, stopped = stops.feed(decoder.add(step.token_id))
+            if stopped:
+                job.emit(("token", TokenEvent(step, text, "stop")))
+                break
+            if step.finish_reason is not None:
+                text += stops.flush()
+            job.emit(("token", TokenEvent(step, text, step.finish_reason)))
         self._on_finished(job.metrics, job.cancelled.is_set())
         job.emit(("done", job.metrics))
 

@@ -1,0 +1,58 @@
+"""What OpenAI clients send is served or refused with a 400 naming the field, never silently ignored."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from live import LiveServer
+
+from kvcake.config import KvcakeConfig
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    ("field", "extra"),
+    [
+        ("tools", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}),
+        ("tool_choice", {"tool_choice": "auto"}),
+        ("response_format", {"response_format": {"type": "json_object"}}),
+        ("logprobs", {"logprobs": True, "top_logprobs": 2}),
+        ("presence_penalty", {"presence_penalty": 0.5}),
+        ("frequency_penalty", {"frequency_penalty": 0.5}),
+        ("logit_bias", {"logit_bias": {"5": 10}}),
+        ("n", {"n": 2}),
+    ],
+)
+def test_unsupported_chat_fields_are_a_400_naming_them(live: LiveServer, config: KvcakeConfig, field: str, extra: dict) -> None:
+    with pytest.raises(openai.BadRequestError, match=field):
+        live.client().chat.completions.create(model=config.model, messages=MESSAGES, max_tokens=2, **extra)
+
+
+@pytest.mark.parametrize(("field", "extra"), [("echo", {"echo": True}), ("logprobs", {"logprobs": 2}), ("best_of", {"best_of": 3})])
+def test_unsupported_completion_fields_are_a_400_naming_them(live: LiveServer, config: KvcakeConfig, field: str, extra: dict) -> None:
+    with pytest.raises(openai.BadRequestError, match=field):
+        live.client().completions.create(model=config.model, prompt="hi", max_tokens=2, **extra)
+
+
+def test_an_unknown_field_is_named(live: LiveServer, config: KvcakeConfig) -> None:
+    with pytest.raises(openai.BadRequestError, match="temprature: kvcake does not support this field"):
+        live.client().chat.completions.create(model=config.model, messages=MESSAGES, extra_body={"temprature": 0})
+
+
+def test_neutral_values_and_harmless_fields_are_served(live: LiveServer, config: KvcakeConfig) -> None:
+    reply = live.client().chat.completions.create(
+        model=config.model, messages=[{"role": "user", "content": "hi", "name": "ann"}], max_tokens=2, temperature=0,
+        presence_penalty=0, frequency_penalty=0, logprobs=False, user="ann", response_format={"type": "text"},
+    )
+    assert reply.usage.completion_tokens >= 1
+    streamed = list(live.client().chat.completions.create(
+        model=config.model, messages=MESSAGES, max_tokens=2, stream=True, stream_options={"include_usage": True}
+    ))
+    assert streamed[-1].usage.completion_tokens >= 1
+
+
+def test_a_model_can_be_retrieved_by_name(live: LiveServer, config: KvcakeConfig) -> None:
+    assert live.client().models.retrieve(config.model).id == config.model
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        live.client().models.retrieve("gpt-0")
