@@ -6,7 +6,6 @@ import logging
 import re
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -16,6 +15,7 @@ from kvcake.store import codec
 from kvcake.store.backend import Backend, Buffer, Range, Reader
 from kvcake.store.base import KVStore, StatsCounter, StoreStats
 from kvcake.store.codec import ChunkKV, CodecError, Header
+from kvcake.store.memory import SizedLru
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class ByteStore(KVStore):
         self._lock = threading.Lock()
         self._down_until: dict[str, float] = {}
         self._warned: set[str] = set()
-        self._headers: OrderedDict[str, Header] = OrderedDict()
+        self._headers: SizedLru[Header] = SizedLru(_HEADER_CACHE_ENTRIES, lambda _: 1)
 
     def __repr__(self) -> str:
         return f"ByteStore({self.backend.name})"
@@ -283,22 +283,13 @@ class ByteStore(KVStore):
         self._guarded(key, lambda: self.backend.remove(key), None)
 
     def _cached_header(self, key: str) -> Header | None:
-        with self._lock:
-            header = self._headers.get(key)
-            if header is not None:
-                self._headers.move_to_end(key)
-            return header
+        return self._headers.get(key)
 
     def _remember_header(self, key: str, header: Header) -> None:
-        with self._lock:
-            self._headers[key] = header
-            self._headers.move_to_end(key)
-            while len(self._headers) > _HEADER_CACHE_ENTRIES:
-                self._headers.popitem(last=False)
+        self._headers.put(key, header)
 
     def _forget_header(self, key: str) -> None:
-        with self._lock:
-            self._headers.pop(key, None)
+        self._headers.remove(key)
 
 
 def _read_header(reader: Reader, key: str) -> tuple[Header | None, int]:

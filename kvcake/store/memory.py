@@ -1,65 +1,58 @@
-"""In-process LRU of encoded entries with a byte budget."""
+"""In-process LRUs with a byte budget: `SizedLru` (shared by both memory tiers) and the byte backend over it."""
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Generic, TypeVar
 
 from kvcake.store.backend import Backend, BackendError, BufferReader
 
+V = TypeVar("V")
 
-class MemoryBackend(Backend):
-    """Entries are immutable ``bytes``; a reader keeps the version it opened even if replaced."""
 
-    def __init__(self, max_bytes: int) -> None:
-        self.name = f"memory(max={max_bytes / 1e9:g}GB)"
-        self._max = max_bytes
-        self._entries: OrderedDict[str, bytes] = OrderedDict()
-        self._used = 0
-        self._evicted = 0
+class SizedLru(Generic[V]):
+    """Thread-safe LRU map whose values are weighed by `size`; inserting past `max_bytes` evicts the oldest."""
+
+    def __init__(self, max_bytes: int, size: Callable[[V], int]) -> None:
+        self.max_bytes = max_bytes
+        self._size = size
+        self._entries: OrderedDict[str, V] = OrderedDict()
         self._lock = threading.Lock()
+        self.used_bytes = 0
+        self.evictions = 0
 
-    @property
-    def evictions(self) -> int:
-        return self._evicted
-
-    @property
-    def used_bytes(self) -> int:
-        return self._used
-
-    def read_all(self, key: str) -> bytes | None:
+    def get(self, key: str) -> V | None:
+        """The value, now the most recently used, or None."""
         with self._lock:
-            data = self._entries.get(key)
-            if data is not None:
+            value = self._entries.get(key)
+            if value is not None:
                 self._entries.move_to_end(key)
-            return data
+            return value
 
-    @contextmanager
-    def open_reader(self, key: str) -> Iterator[BufferReader | None]:
-        data = self.read_all(key)
-        yield None if data is None else BufferReader(data)
-
-    def write(self, key: str, data: bytes) -> None:
-        if len(data) > self._max:
-            raise BackendError("too_large", f"entry of {len(data)} bytes exceeds the budget of {self._max}")
-        data = bytes(data)
+    def put(self, key: str, value: V) -> None:
         with self._lock:
-            old = self._entries.pop(key, None)
-            self._used -= len(old) if old is not None else 0
-            self._entries[key] = data
-            self._used += len(data)
-            while self._used > self._max:
+            self._drop(key)
+            self._entries[key] = value
+            self.used_bytes += self._size(value)
+            while self.used_bytes > self.max_bytes:
                 _, evicted = self._entries.popitem(last=False)
-                self._used -= len(evicted)
-                self._evicted += 1
+                self.used_bytes -= self._size(evicted)
+                self.evictions += 1
 
-    def exists(self, key: str) -> bool:
+    def contains(self, key: str) -> bool:
         with self._lock:
             return key in self._entries
 
+    def leading(self, keys: Sequence[str]) -> int:
+        """How many of `keys`, from the first on, are present (one lock)."""
+        with self._lock:
+            return next((index for index, key in enumerate(keys) if key not in self._entries), len(keys))
+
     def touch(self, keys: Sequence[str]) -> None:
+        """Mark present keys as used in this order (the last most recently)."""
         with self._lock:
             for key in keys:
                 if key in self._entries:
@@ -67,5 +60,55 @@ class MemoryBackend(Backend):
 
     def remove(self, key: str) -> None:
         with self._lock:
-            old = self._entries.pop(key, None)
-            self._used -= len(old) if old is not None else 0
+            self._drop(key)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.used_bytes = 0
+
+    def _drop(self, key: str) -> None:
+        old = self._entries.pop(key, None)
+        self.used_bytes -= self._size(old) if old is not None else 0
+
+
+class MemoryBackend(Backend):
+    """Entries are immutable ``bytes``; a reader keeps the version it opened even if replaced."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.name = f"memory(max={max_bytes / 1e9:g}GB)"
+        self._entries: SizedLru[bytes] = SizedLru(max_bytes, len)
+
+    @property
+    def evictions(self) -> int:
+        return self._entries.evictions
+
+    @property
+    def used_bytes(self) -> int:
+        return self._entries.used_bytes
+
+    def read_all(self, key: str) -> bytes | None:
+        return self._entries.get(key)
+
+    @contextmanager
+    def open_reader(self, key: str) -> Iterator[BufferReader | None]:
+        data = self.read_all(key)
+        yield None if data is None else BufferReader(data)
+
+    def write(self, key: str, data: bytes) -> None:
+        if len(data) > self._entries.max_bytes:
+            raise BackendError("too_large", f"entry of {len(data)} bytes exceeds the budget of {self._entries.max_bytes}")
+        self._entries.put(key, bytes(data))
+
+    def exists(self, key: str) -> bool:
+        return self._entries.contains(key)
+
+    def exists_many(self, keys: Sequence[str]) -> list[bool]:
+        present = self._entries.leading(keys)
+        return [index < present or self._entries.contains(key) for index, key in enumerate(keys)]
+
+    def touch(self, keys: Sequence[str]) -> None:
+        self._entries.touch(keys)
+
+    def remove(self, key: str) -> None:
+        self._entries.remove(key)

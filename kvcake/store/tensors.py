@@ -9,8 +9,6 @@ so a copy to the GPU runs at the link's speed. Readers must not modify what they
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -19,24 +17,26 @@ from kvcake.store import codec
 from kvcake.store.base import KVStore, StatsCounter, StoreStats
 from kvcake.store.bytestore import check_key
 from kvcake.store.codec import ChunkKV, CodecError
+from kvcake.store.memory import SizedLru
 
 
 class TensorStore(KVStore):
     """An LRU of `ChunkKV` by tensor bytes; `dtype` (fp16, bf16, int8, ...) stores what a byte tier would return."""
 
     def __init__(self, max_bytes: int, *, dtype: str | None = None, page_tokens: int = codec.DEFAULT_PAGE_TOKENS) -> None:
-        self._max = max_bytes
         self._dtype = dtype
         self.page_tokens = page_tokens
         self._pin = torch.cuda.is_available()
-        self._entries: OrderedDict[str, ChunkKV] = OrderedDict()
-        self._used = 0
-        self._evicted = 0
-        self._lock = threading.Lock()
+        self._entries: SizedLru[ChunkKV] = SizedLru(max_bytes, lambda chunk: chunk.nbytes)
         self._stats = StatsCounter()
 
     def __repr__(self) -> str:
-        return f"TensorStore(max={self._max / 1e9:g}GB)"
+        return f"TensorStore(max={self._entries.max_bytes / 1e9:g}GB)"
+
+    def stats(self) -> StoreStats:
+        snapshot = self._stats.snapshot()
+        snapshot.evictions = self._entries.evictions
+        return snapshot
 
     # -- reads ---------------------------------------------------------------------------
     def get(self, key: str) -> ChunkKV | None:
@@ -76,14 +76,12 @@ class TensorStore(KVStore):
 
     def contains(self, key: str) -> bool:
         check_key(key)
-        with self._lock:
-            return key in self._entries
+        return self._entries.contains(key)
 
     def stored_prefix(self, keys: Sequence[str]) -> int:
         for key in keys:
             check_key(key)
-        with self._lock:
-            return next((index for index, key in enumerate(keys) if key not in self._entries), len(keys))
+        return self._entries.leading(keys)
 
     # -- writes --------------------------------------------------------------------------
     def put(self, key: str, chunk: ChunkKV) -> bool:
@@ -104,34 +102,19 @@ class TensorStore(KVStore):
         return self._store(key, chunk)
 
     def touch(self, keys: Sequence[str]) -> None:
-        with self._lock:
-            for key in keys:
-                if key in self._entries:
-                    self._entries.move_to_end(key)
+        self._entries.touch(keys)
 
     def delete(self, key: str) -> None:
         check_key(key)
-        with self._lock:
-            old = self._entries.pop(key, None)
-            self._used -= old.nbytes if old is not None else 0
-
-    def stats(self) -> StoreStats:
-        snapshot = self._stats.snapshot()
-        snapshot.evictions = self._evicted
-        return snapshot
+        self._entries.remove(key)
 
     def close(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._used = 0
+        self._entries.clear()
 
     # -- internals -----------------------------------------------------------------------
     def _lookup(self, key: str) -> ChunkKV | None:
         check_key(key)
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
+        entry = self._entries.get(key)
         if entry is None:
             self._stats.add(misses=1)
         return entry
@@ -147,21 +130,13 @@ class TensorStore(KVStore):
 
     def _store(self, key: str, chunk: ChunkKV) -> bool:
         codec.validate(chunk)
-        if chunk.nbytes > self._max:
+        if chunk.nbytes > self._entries.max_bytes:
             self._stats.error("too_large")
             self._stats.add(puts_failed=1)
             return False
         tensors = [self._resident(t) for t in (*chunk.keys, *chunk.values)]
         entry = ChunkKV(tensors[: chunk.num_layers], tensors[chunk.num_layers :])
-        with self._lock:
-            old = self._entries.pop(key, None)
-            self._used -= old.nbytes if old is not None else 0
-            self._entries[key] = entry
-            self._used += entry.nbytes
-            while self._used > self._max:
-                _, evicted = self._entries.popitem(last=False)
-                self._used -= evicted.nbytes
-                self._evicted += 1
+        self._entries.put(key, entry)
         self._stats.add(puts=1, bytes_written=entry.nbytes)
         return True
 
