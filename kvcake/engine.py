@@ -204,6 +204,7 @@ class Engine:
     def check(self, request: GenerateRequest) -> PromptLayout:
         """Raise `RequestError` now for what `stream` would refuse (prompt, reuse, ratio); else the planned prompt."""
         planned = self.plan_prompt(request)
+        self._check_sampling(request.sampling)
         if request.reuse:
             parse_reuse(request.reuse)
         self._ratio(request)
@@ -331,6 +332,7 @@ class Engine:
         planned = self.plan_prompt(request) if planned is None else planned
         reuse = parse_reuse(request.reuse) if request.reuse else self.default_reuse
         ratio = self._ratio(request)
+        self._check_sampling(request.sampling)
         params = request.sampling
         prompt_length = len(planned.token_ids)
         budget = min(params.max_tokens, self.context_length - prompt_length)
@@ -349,6 +351,11 @@ class Engine:
             metrics.blend = blend
             metrics.prefill_s = time.perf_counter() - started
             yield from self._decode(state, Sampler(params, self.model.device), budget, metrics, started)
+
+    def _check_sampling(self, sampling: SamplingParams) -> None:
+        vocab = self.model.config.vocab_size
+        if any(token >= vocab for token, _ in sampling.logit_bias):
+            raise RequestError(f"logit_bias: token ids must lie in [0, {vocab})")
 
     def _ratio(self, request: GenerateRequest) -> float:
         ratio = self.config.blend_ratio if request.ratio is None else request.ratio

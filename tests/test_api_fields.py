@@ -7,6 +7,8 @@ import pytest
 from live import LiveServer
 
 from kvcake.config import KvcakeConfig
+from kvcake.engine import GenerateRequest
+from kvcake.model import SamplingParams
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -18,9 +20,10 @@ MESSAGES = [{"role": "user", "content": "hi"}]
         ("tool_choice", {"tool_choice": "auto"}),
         ("response_format", {"response_format": {"type": "json_object"}}),
         ("logprobs", {"logprobs": True, "top_logprobs": 2}),
-        ("presence_penalty", {"presence_penalty": 0.5}),
-        ("frequency_penalty", {"frequency_penalty": 0.5}),
-        ("logit_bias", {"logit_bias": {"5": 10}}),
+        ("presence_penalty", {"presence_penalty": 2.5}),
+        ("logit_bias", {"logit_bias": {"5": 150}}),
+        ("logit_bias", {"logit_bias": {"99999": 1}}),
+        ("logit_bias", {"logit_bias": {"tok": 1}}),
         ("n", {"n": 2}),
     ],
 )
@@ -56,3 +59,22 @@ def test_a_model_can_be_retrieved_by_name(live: LiveServer, config: KvcakeConfig
     assert live.client().models.retrieve(config.model).id == config.model
     with pytest.raises(openai.NotFoundError, match="not served here"):
         live.client().models.retrieve("gpt-0")
+
+
+def test_logit_bias_forces_a_token(live: LiveServer, config: KvcakeConfig) -> None:
+    forced = 77
+    reply = live.client().completions.create(model=config.model, prompt="hi", max_tokens=5, temperature=0, logit_bias={str(forced): 100})
+    assert reply.choices[0].text == live.engine.tokenizer.decode([forced] * 5)
+    assert all(token == forced for token in _tokens(live, "hi", 5, logit_bias=((forced, 100.0),)))
+
+
+def test_a_frequency_penalty_stops_a_greedy_repeat(live: LiveServer) -> None:
+    plain = _tokens(live, "make make make", 12)
+    assert len(set(plain)) < len(plain), "the tiny model repeats itself greedily"
+    penalised = _tokens(live, "make make make", 12, frequency_penalty=2.0, presence_penalty=2.0)
+    assert penalised != plain and len(set(penalised)) > len(set(plain))
+
+
+def _tokens(live: LiveServer, prompt: str, count: int, **sampling: object) -> list[int]:
+    params = SamplingParams(max_tokens=count, **sampling)  # type: ignore[arg-type]
+    return live.engine.generate(GenerateRequest(prompt=prompt, chat=False, sampling=params)).token_ids

@@ -69,3 +69,16 @@ def test_packaged_artefact_is_verified_by_sha256(tmp_path: Path) -> None:
 def test_readme_settings_table_is_the_config() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert markdown_table() in readme
+
+
+def test_penalties_and_bias_adjust_the_logits_as_openai_defines() -> None:
+    logits = torch.tensor([1.0, 2.0, 3.0, 0.5])
+    sampler = Sampler(SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, logit_bias=((0, 10.0),)), torch.device("cpu"))
+    assert torch.equal(sampler.adjusted(logits), torch.tensor([11.0, 2.0, 3.0, 0.5]))
+    first = sampler(logits)
+    assert first == 0
+    second = sampler(logits)
+    assert torch.allclose(sampler.adjusted(logits), torch.tensor([11.0 - 2 * 0.25 - 0.5, 2.0, 3.0, 0.5]))
+    assert second == 0
+    with pytest.raises(ValueError, match="presence_penalty"):
+        SamplingParams(presence_penalty=3.0)

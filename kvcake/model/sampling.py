@@ -1,4 +1,9 @@
-"""Next-token choice: greedy, or temperature + top-p with a seeded generator."""
+"""Next-token choice: greedy, or temperature + top-p with a seeded generator, after OpenAI's logit adjustments.
+
+Before choosing, logits are adjusted as OpenAI defines it: `logit_bias` is added per
+token id, and each token already generated c times loses
+`c * frequency_penalty + (c > 0) * presence_penalty`.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,9 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -21,6 +29,11 @@ class SamplingParams:
             raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if any(not -100.0 <= bias <= 100.0 or token < 0 for token, bias in self.logit_bias):
+            raise ValueError("logit_bias maps token ids >= 0 to biases in [-100, 100]")
 
     @property
     def greedy(self) -> bool:
@@ -35,14 +48,35 @@ class Sampler:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
 
+        self._counts: torch.Tensor | None = None
+
+    def adjusted(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits the choice is made from: bias added, penalties for what was generated so far subtracted."""
+        params = self.params
+        if not (params.logit_bias or params.presence_penalty or params.frequency_penalty):
+            return logits
+        adjusted = logits.float().clone()
+        for token, bias in params.logit_bias:
+            adjusted[token] += bias
+        if self._counts is not None:
+            adjusted -= self._counts * params.frequency_penalty + (self._counts > 0).float() * params.presence_penalty
+        return adjusted
+
     def __call__(self, logits: torch.Tensor) -> int:
         """logits: (vocab,) of the last position."""
+        adjusted = self.adjusted(logits)
         if self.params.greedy:
-            return int(logits.argmax())
-        probs = torch.softmax(logits.float() / self.params.temperature, dim=-1)
-        if self.params.top_p < 1.0:
-            probs = _top_p_filter(probs, self.params.top_p)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+            token = int(adjusted.argmax())
+        else:
+            probs = torch.softmax(adjusted.float() / self.params.temperature, dim=-1)
+            if self.params.top_p < 1.0:
+                probs = _top_p_filter(probs, self.params.top_p)
+            token = int(torch.multinomial(probs, 1, generator=self.generator))
+        if self.params.presence_penalty or self.params.frequency_penalty:
+            if self._counts is None:
+                self._counts = torch.zeros(logits.shape[-1], device=logits.device)
+            self._counts[token] += 1
+        return token
 
 
 def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -129,9 +129,20 @@ def _check_model(model: str, config: KvcakeConfig) -> None:
 
 def _sampling(body: SamplingFields, max_tokens: int | None, config: KvcakeConfig) -> SamplingParams:
     try:
-        return SamplingParams(max_tokens=max_tokens or config.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+        return SamplingParams(
+            max_tokens=max_tokens or config.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty, logit_bias=_logit_bias(body.logit_bias),
+        )
     except ValueError as error:
         raise ApiError(400, str(error)) from None
+
+
+def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    if not bias:
+        return ()
+    if not all(token.isdigit() for token in bias):
+        raise ApiError(400, "logit_bias: keys must be token ids (decimal strings)", param="logit_bias")
+    return tuple((int(token), value) for token, value in bias.items())
 
 
 def _completion_request(body: CompletionBody, config: KvcakeConfig, tenant: str) -> GenerateRequest:

@@ -2,8 +2,8 @@
 
 A field kvcake does not act on is refused with a 400 naming it, never silently
 ignored (a client would believe it got what it asked for): unknown fields, and the
-OpenAI fields not implemented yet (penalties, logprobs, tools, response_format, echo,
-...) unless they carry their neutral value. `user`, a message's `name` and
+OpenAI fields not implemented yet (logprobs, tools, response_format, echo, ...) unless
+they carry their neutral value. `user`, a message's `name` and
 `stream_options` are accepted and documented as not changing anything. Types are
 strict (a number sent as a string is refused, not coerced), and text with an unpaired
 surrogate is refused (no tokenizer could encode it). The extensions (reachable
@@ -83,9 +83,11 @@ class SamplingFields(_Body):
     ratio: float | None = Field(default=None, ge=0.0, le=1.0)
     user: str | None = Field(default=None, description="Accepted and not used (OpenAI's end-user id for abuse monitoring).")
     stream_options: StreamOptions | None = None
-    presence_penalty: Annotated[float | None, _only(0.0)] = None
-    frequency_penalty: Annotated[float | None, _only(0.0)] = None
-    logit_bias: Annotated[dict[str, float] | None, _only({})] = None
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        default=None, description="Token id (as a string) -> bias added to its logit."
+    )
 
 
 class CompletionBody(SamplingFields):
