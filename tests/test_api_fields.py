@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import openai
 import pytest
+import torch
 from live import LiveServer
 
 from kvcake.config import KvcakeConfig
-from kvcake.engine import GenerateRequest
+from kvcake.engine import GenerateRequest, RequestMetrics
 from kvcake.model import SamplingParams
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -19,7 +20,8 @@ MESSAGES = [{"role": "user", "content": "hi"}]
         ("tools", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}),
         ("tool_choice", {"tool_choice": "auto"}),
         ("response_format", {"response_format": {"type": "json_object"}}),
-        ("logprobs", {"logprobs": True, "top_logprobs": 2}),
+        ("top_logprobs", {"top_logprobs": 2}),
+        ("top_logprobs", {"logprobs": True, "top_logprobs": 21}),
         ("presence_penalty", {"presence_penalty": 2.5}),
         ("logit_bias", {"logit_bias": {"5": 150}}),
         ("logit_bias", {"logit_bias": {"99999": 1}}),
@@ -32,7 +34,7 @@ def test_unsupported_chat_fields_are_a_400_naming_them(live: LiveServer, config:
         live.client().chat.completions.create(model=config.model, messages=MESSAGES, max_tokens=2, **extra)
 
 
-@pytest.mark.parametrize(("field", "extra"), [("echo", {"echo": True}), ("logprobs", {"logprobs": 2}), ("best_of", {"best_of": 3})])
+@pytest.mark.parametrize(("field", "extra"), [("echo", {"echo": True}), ("logprobs", {"logprobs": 6}), ("best_of", {"best_of": 3})])
 def test_unsupported_completion_fields_are_a_400_naming_them(live: LiveServer, config: KvcakeConfig, field: str, extra: dict) -> None:
     with pytest.raises(openai.BadRequestError, match=field):
         live.client().completions.create(model=config.model, prompt="hi", max_tokens=2, **extra)
@@ -78,3 +80,36 @@ def test_a_frequency_penalty_stops_a_greedy_repeat(live: LiveServer) -> None:
 def _tokens(live: LiveServer, prompt: str, count: int, **sampling: object) -> list[int]:
     params = SamplingParams(max_tokens=count, **sampling)  # type: ignore[arg-type]
     return live.engine.generate(GenerateRequest(prompt=prompt, chat=False, sampling=params)).token_ids
+
+
+def _engine_logprobs(live: LiveServer, prompt: str, count: int) -> tuple[list[int], list[torch.Tensor]]:
+    result = live.engine.stream(GenerateRequest(prompt=prompt, chat=False, sampling=SamplingParams(max_tokens=count)), RequestMetrics())
+    steps = list(result)
+    return [s.token_id for s in steps], [torch.log_softmax(s.logits.float(), dim=-1) for s in steps]
+
+
+def test_completion_logprobs_are_a_log_softmax_of_the_engine_logits(live: LiveServer, config: KvcakeConfig) -> None:
+    ids, logprobs = _engine_logprobs(live, "Rivers", 5)
+    reply = live.client().completions.create(model=config.model, prompt="Rivers", max_tokens=5, temperature=0, logprobs=2)
+    got = reply.choices[0].logprobs
+    assert len(got.token_logprobs) == len(ids) == 5
+    for token, expected, value, top in zip(ids, logprobs, got.token_logprobs, got.top_logprobs):
+        assert value == pytest.approx(float(expected[token]), abs=1e-5)
+        assert max(top.values()) == pytest.approx(float(expected.max()), abs=1e-5)  # alternatives may share a text
+    assert got.text_offset[0] == 0 and got.tokens[0] == live.engine.tokenizer.decode([ids[0]])
+    streamed = list(live.client().completions.create(model=config.model, prompt="Rivers", max_tokens=5, temperature=0, logprobs=0, stream=True))
+    values = [v for c in streamed if c.choices and c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs]
+    assert values == pytest.approx(got.token_logprobs, abs=1e-6)
+
+
+def test_chat_logprobs_come_in_openais_shape_streamed_too(live: LiveServer, config: KvcakeConfig) -> None:
+    reply = live.client().chat.completions.create(model=config.model, messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    assert all(len(entry.top_logprobs) == 3 and entry.top_logprobs[0].logprob >= entry.logprob - 1e-6 for entry in content)
+    streamed = list(live.client().chat.completions.create(
+        model=config.model, messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True, stream=True
+    ))
+    entries = [e for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.logprob for e in entries] == pytest.approx([e.logprob for e in content], abs=1e-6)
+    assert live.client().chat.completions.create(model=config.model, messages=MESSAGES, max_tokens=2).choices[0].logprobs is None

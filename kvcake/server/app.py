@@ -30,7 +30,7 @@ from kvcake.segments import PromptLayout
 from kvcake.server.guard import CLIENT_GONE, ApiError, Guard
 from kvcake.server.metrics import ServerMetrics
 from kvcake.server.schemas import ChatBody, CompletionBody, SamplingFields, WarmBody
-from kvcake.server.worker import ComputeWorker, Job, QueueFull, TokenEvent
+from kvcake.server.worker import ComputeWorker, Job, QueueFull, TokenEvent, TokenLogprob
 
 DISCONNECT_POLL_S = 0.25
 """How often a non-streamed request checks whether its client is still there."""
@@ -181,17 +181,30 @@ def _chat_request(body: ChatBody, config: KvcakeConfig, tenant: str) -> Generate
     return GenerateRequest(query=turns[0]["content"], documents=body.kv_documents, system=system[0] if system else None, reuse=body.reuse or _document_reuse(config), **common)
 
 
+def _logprobs_wanted(body: SamplingFields) -> int | None:
+    """None when no log probabilities were asked for, else how many alternatives per token."""
+    if isinstance(body, ChatBody):
+        if body.top_logprobs and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (body.top_logprobs or 0) if body.logprobs else None
+    return body.logprobs if isinstance(body, CompletionBody) else None
+
+
 def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
     return () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
 
 
 def _submit(
-    worker: ComputeWorker, request: GenerateRequest | WarmRequest, planned: PromptLayout | None, stop: tuple[str, ...] = ()
+    worker: ComputeWorker,
+    request: GenerateRequest | WarmRequest,
+    planned: PromptLayout | None,
+    stop: tuple[str, ...] = (),
+    logprobs: int | None = None,
 ) -> tuple[Job, asyncio.Queue]:
     """Queue a job whose events arrive on the returned asyncio queue; 429 when the compute queue is full."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-    job = Job(request, planned, lambda event: loop.call_soon_threadsafe(events.put_nowait, event), stop=stop)
+    job = Job(request, planned, lambda event: loop.call_soon_threadsafe(events.put_nowait, event), stop=stop, logprobs=logprobs)
     try:
         worker.submit(job)
     except QueueFull as error:
@@ -221,8 +234,9 @@ async def _respond(worker: ComputeWorker, engine: Engine, generate: GenerateRequ
         planned = await asyncio.to_thread(engine.check, generate)
     except RequestError as error:
         raise ApiError(400, str(error)) from None
-    job, events = _submit(worker, generate, planned, _stops(body.stop))
-    reply = _Reply(kind, body.model)
+    logprobs = _logprobs_wanted(body)
+    job, events = _submit(worker, generate, planned, _stops(body.stop), logprobs)
+    reply = _Reply(kind, body.model, logprobs is not None)
     if body.stream:
         return StreamingResponse(_stream(events, job, reply), media_type="text/event-stream")
     async with _cancelled_on_disconnect(request, job):
@@ -271,19 +285,29 @@ def _as_api_error(error: Exception) -> ApiError:
 
 
 class _Reply:
-    """Builds the OpenAI response (or its stream chunks) from the worker's token events."""
+    """Builds the OpenAI response (or its stream chunks) from the worker's token events.
 
-    def __init__(self, kind: str, model: str):
+    Log probabilities are per token while text is released when complete (a stop
+    sequence or an unfinished character holds it back), so a chunk carries the entries
+    of every token since the previous chunk.
+    """
+
+    def __init__(self, kind: str, model: str, logprobs: bool = False):
         self.kind = kind
         self.model = model
         self.id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.parts: list[str] = []
         self.finish_reason = "length"
+        self.logprobs = logprobs
+        self.entries: list[TokenLogprob] = []
+        self._unsent = 0
 
     def add(self, event: TokenEvent) -> dict[str, Any] | None:
         """Record a token; the chunk with its new text, if it completes any."""
         self.finish_reason = event.finish_reason or self.finish_reason
+        if event.logprob is not None:
+            self.entries.append(event.logprob)
         if not event.text:
             return None
         self.parts.append(event.text)
@@ -291,7 +315,7 @@ class _Reply:
 
     def complete(self, metrics: RequestMetrics) -> dict[str, Any]:
         text = "".join(self.parts)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": self.finish_reason, "logprobs": None}
+        choice: dict[str, Any] = {"index": 0, "finish_reason": self.finish_reason, "logprobs": self._logprobs(self.entries, text)}
         if self.kind == "chat.completion":
             choice["message"] = {"role": "assistant", "content": text}
         else:
@@ -306,13 +330,32 @@ class _Reply:
         return chunk
 
     def _chunk(self, delta: str, finish_reason: str | None) -> dict[str, Any]:
+        new, self._unsent = self.entries[self._unsent :], len(self.entries)
+        logprobs = self._logprobs(new, delta) if new else None
         if self.kind == "chat.completion":
-            choice = {"index": 0, "delta": {"role": "assistant", "content": delta} if delta else {}, "finish_reason": finish_reason}
+            choice = {"index": 0, "delta": {"role": "assistant", "content": delta} if delta else {}, "finish_reason": finish_reason, "logprobs": logprobs}
             kind = "chat.completion.chunk"
         else:
-            choice = {"index": 0, "text": delta, "finish_reason": finish_reason, "logprobs": None}
+            choice = {"index": 0, "text": delta, "finish_reason": finish_reason, "logprobs": logprobs}
             kind = "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": [choice]}
+
+    def _logprobs(self, entries: list[TokenLogprob], text: str) -> dict[str, Any] | None:
+        """OpenAI's shape: chat `{"content": [...]}`, completions `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`."""
+        if not self.logprobs:
+            return None
+        if self.kind == "chat.completion":
+            return {"content": [
+                {"token": e.token, "logprob": e.logprob, "bytes": list(e.token.encode()),
+                 "top_logprobs": [{"token": t, "logprob": p, "bytes": list(t.encode())} for t, p in e.top]}
+                for e in entries
+            ]}
+        offsets, position = [], len("".join(self.parts)) - len(text)
+        for e in entries:
+            offsets.append(position)
+            position += len(e.token)
+        return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [dict(reversed(e.top)) for e in entries], "text_offset": offsets}  # a shared text keeps its best
 
 
 def _usage(metrics: RequestMetrics) -> dict[str, int]:

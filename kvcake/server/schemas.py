@@ -2,8 +2,8 @@
 
 A field kvcake does not act on is refused with a 400 naming it, never silently
 ignored (a client would believe it got what it asked for): unknown fields, and the
-OpenAI fields not implemented yet (logprobs, tools, response_format, echo, ...) unless
-they carry their neutral value. `user`, a message's `name` and
+OpenAI fields not implemented yet (tools, response_format, echo, ...) unless they carry
+their neutral value. `user`, a message's `name` and
 `stream_options` are accepted and documented as not changing anything. Types are
 strict (a number sent as a string is refused, not coerced), and text with an unpaired
 surrogate is refused (no tokenizer could encode it). The extensions (reachable
@@ -93,7 +93,7 @@ class SamplingFields(_Body):
 class CompletionBody(SamplingFields):
     prompt: Text | list[int] | list[Text]
     kv_system: Text | None = None
-    logprobs: Annotated[int | None, _only(0)] = None
+    logprobs: int | None = Field(default=None, ge=0, le=5, description="Log probabilities of each token and of this many alternatives.")
     echo: Annotated[bool | None, _only(False)] = None
     best_of: Annotated[int | None, _only(1)] = None
     suffix: Annotated[str | None, _only("")] = None
@@ -108,8 +108,8 @@ class ChatMessage(_Body):
 class ChatBody(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: Annotated[bool | None, _only(False)] = None
-    top_logprobs: Annotated[int | None, _only(0)] = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, description="With logprobs: this many most likely alternatives per token.")
     response_format: Annotated[dict[str, object] | None, _only({"type": "text"})] = None
     tools: Annotated[list[object] | None, _only([])] = None
     tool_choice: Annotated[str | dict[str, object] | None, _only("none")] = None

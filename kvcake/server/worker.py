@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from kvcake.engine import Engine, GenerateRequest, RequestMetrics, Step, WarmRequest
 from kvcake.schedule import PrefixPrefetch
 from kvcake.segments import PromptLayout
@@ -32,13 +34,23 @@ class QueueFull(RuntimeError):
     """No room for another request; retry later."""
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's text and log probability (a log-softmax of the model's logits), with the `top` alternatives."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...]
+
+
 @dataclass
 class TokenEvent:
-    """A generated token, the text it releases, and why generation ended (on the last one)."""
+    """A generated token, the text it releases, why generation ended (on the last one), and its log probability if asked."""
 
     step: Step
     text: str
     finish_reason: str | None
+    logprob: TokenLogprob | None = None
 
 
 @dataclass
@@ -53,6 +65,8 @@ class Job:
     planned: PromptLayout | None
     emit: Callable[[tuple[str, Any]], None]
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+    """None: no log probabilities; k: the chosen token's and the k most likely ones'."""
     cancelled: threading.Event = field(default_factory=threading.Event)
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     prefetch: PrefixPrefetch | None = None
@@ -130,14 +144,22 @@ class ComputeWorker:
             if job.cancelled.is_set():
                 break
             text, stopped = stops.feed(decoder.add(step.token_id))
+            logprob = None if job.logprobs is None else self._logprob(step, job.logprobs)
             if stopped:
-                job.emit(("token", TokenEvent(step, text, "stop")))
+                job.emit(("token", TokenEvent(step, text, "stop", logprob)))
                 break
             if step.finish_reason is not None:
                 text += stops.flush()
-            job.emit(("token", TokenEvent(step, text, step.finish_reason)))
+            job.emit(("token", TokenEvent(step, text, step.finish_reason, logprob)))
         self._on_finished(job.metrics, job.cancelled.is_set())
         job.emit(("done", job.metrics))
+
+    def _logprob(self, step: Step, top: int) -> TokenLogprob:
+        logprobs = torch.log_softmax(step.logits.float(), dim=-1)
+        best = logprobs.topk(top) if top else None
+        decode = self.engine.tokenizer.decode
+        alternatives = () if best is None else tuple((decode([int(i)]), float(v)) for v, i in zip(best.values, best.indices))
+        return TokenLogprob(decode([step.token_id]), float(logprobs[step.token_id]), alternatives)
 
     def _warm(self, job: Job, request: WarmRequest) -> None:
         warmed = self.engine.warm(request.documents, request.tenant, request.chat, system=request.system, stop=job.cancelled)
