@@ -285,22 +285,25 @@ class Engine:
     ) -> tuple[torch.Tensor, dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]]:
         """Compute chunks from `first_chunk` on: the last token's logits, and the full chunks' K/V by key (to store).
 
-        Passes are `prefill_chunk` tokens (several store chunks at once, when it is larger);
-        each pass's K/V is cut into store chunks. The trailing partial chunk is never
-        stored, so its K/V copies are not kept.
+        Passes are `prefill_chunk` tokens (several store chunks at once, when it is larger),
+        cut at multiples of it from position 0 whatever was reused, so a token is always
+        computed in the same pass shape as in a full prefill; each pass's K/V is cut into
+        store chunks. The trailing partial chunk is never stored, so its K/V copies are not kept.
         """
         chunk_size, step = self.config.chunk_size, self.config.prefill_chunk
         first = first_chunk * chunk_size
         full_end = len(keys) * chunk_size
         logits = None
         computed = {}
-        for start, out in self.model.forward_chunks(prompt_ids[first:full_end], cache, step, first, keep_kv=True):
-            keys_by_chunk = zip(*(k.split(chunk_size, dim=1) for k in out.keys))
-            values_by_chunk = zip(*(v.split(chunk_size, dim=1) for v in out.values))
-            for offset, (chunk_keys, chunk_values) in enumerate(zip(keys_by_chunk, values_by_chunk)):
-                computed[keys[(first + start) // chunk_size + offset]] = (list(chunk_keys), list(chunk_values))
-            logits = out.logits
-        for _, out in self.model.forward_chunks(prompt_ids[full_end:], cache, step, full_end):
+        for start, end in _passes(first, len(prompt_ids), step):
+            ids, positions = torch.tensor(prompt_ids[start:end]), torch.arange(start, end)
+            stored_end = min(end, full_end)
+            out = self.model.forward(ids, positions, cache, keep_kv=stored_end > start)
+            if stored_end > start:
+                keys_by_chunk = zip(*(k[:, : stored_end - start].split(chunk_size, dim=1) for k in out.keys))
+                values_by_chunk = zip(*(v[:, : stored_end - start].split(chunk_size, dim=1) for v in out.values))
+                for offset, (chunk_keys, chunk_values) in enumerate(zip(keys_by_chunk, values_by_chunk)):
+                    computed[keys[start // chunk_size + offset]] = (list(chunk_keys), list(chunk_values))
             logits = out.logits
         assert logits is not None
         return logits[-1], computed
@@ -690,6 +693,15 @@ class Engine:
             logits = out.logits[-1]
             position += 1
         metrics.decode_s = time.perf_counter() - decode_started
+
+
+def _passes(first: int, end: int, step: int) -> Iterator[tuple[int, int]]:
+    """[start, end) of each prefill pass over tokens first..end, cut at multiples of `step` from position 0."""
+    start = first
+    while start < end:
+        stop = min(end, (start // step + 1) * step)
+        yield start, stop
+        start = stop
 
 
 def _packs(lengths: list[int], budget: int) -> Iterator[list[int]]:

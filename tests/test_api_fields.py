@@ -48,7 +48,7 @@ def test_an_unknown_field_is_named(live: LiveServer, config: KvcakeConfig) -> No
 def test_neutral_values_and_harmless_fields_are_served(live: LiveServer, config: KvcakeConfig) -> None:
     reply = live.client().chat.completions.create(
         model=config.model, messages=[{"role": "user", "content": "hi", "name": "ann"}], max_tokens=2, temperature=0,
-        presence_penalty=0, frequency_penalty=0, logprobs=False, user="ann", response_format={"type": "text"},
+        presence_penalty=0, frequency_penalty=None, logprobs=None, user="ann", response_format={"type": "text"},
     )
     assert reply.usage.completion_tokens >= 1
     streamed = list(live.client().chat.completions.create(
@@ -96,7 +96,8 @@ def test_completion_logprobs_are_a_log_softmax_of_the_engine_logits(live: LiveSe
     for token, expected, value, top in zip(ids, logprobs, got.token_logprobs, got.top_logprobs):
         assert value == pytest.approx(float(expected[token]), abs=1e-5)
         assert max(top.values()) == pytest.approx(float(expected.max()), abs=1e-5)  # alternatives may share a text
-    assert got.text_offset[0] == 0 and got.tokens[0] == live.engine.tokenizer.decode([ids[0]])
+    assert got.tokens[0] == live.engine.tokenizer.decode([ids[0]])
+    assert got.text_offset == [sum(len(t) for t in got.tokens[:i]) for i in range(len(got.tokens))]
     streamed = list(live.client().completions.create(model=config.model, prompt="Rivers", max_tokens=5, temperature=0, logprobs=0, stream=True))
     values = [v for c in streamed if c.choices and c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs]
     assert values == pytest.approx(got.token_logprobs, abs=1e-6)

@@ -131,7 +131,8 @@ def _sampling(body: SamplingFields, max_tokens: int | None, config: KvcakeConfig
     try:
         return SamplingParams(
             max_tokens=max_tokens or config.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty, logit_bias=_logit_bias(body.logit_bias),
+            presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+            logit_bias=_logit_bias(body.logit_bias),
         )
     except ValueError as error:
         raise ApiError(400, str(error)) from None
@@ -315,7 +316,7 @@ class _Reply:
 
     def complete(self, metrics: RequestMetrics) -> dict[str, Any]:
         text = "".join(self.parts)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": self.finish_reason, "logprobs": self._logprobs(self.entries, text)}
+        choice: dict[str, Any] = {"index": 0, "finish_reason": self.finish_reason, "logprobs": self._logprobs(0, len(self.entries))}
         if self.kind == "chat.completion":
             choice["message"] = {"role": "assistant", "content": text}
         else:
@@ -330,8 +331,8 @@ class _Reply:
         return chunk
 
     def _chunk(self, delta: str, finish_reason: str | None) -> dict[str, Any]:
-        new, self._unsent = self.entries[self._unsent :], len(self.entries)
-        logprobs = self._logprobs(new, delta) if new else None
+        first, self._unsent = self._unsent, len(self.entries)
+        logprobs = self._logprobs(first, self._unsent) if self._unsent > first else None
         if self.kind == "chat.completion":
             choice = {"index": 0, "delta": {"role": "assistant", "content": delta} if delta else {}, "finish_reason": finish_reason, "logprobs": logprobs}
             kind = "chat.completion.chunk"
@@ -340,17 +341,19 @@ class _Reply:
             kind = "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": [choice]}
 
-    def _logprobs(self, entries: list[TokenLogprob], text: str) -> dict[str, Any] | None:
-        """OpenAI's shape: chat `{"content": [...]}`, completions `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`."""
+    def _logprobs(self, first: int, last: int) -> dict[str, Any] | None:
+        """Entries [first, last) in OpenAI's shape: chat `{"content": [...]}`, completions `{"tokens",
+        "token_logprobs", "top_logprobs", "text_offset"}` (offsets count the tokens' own texts from the answer's start)."""
         if not self.logprobs:
             return None
+        entries = self.entries[first:last]
         if self.kind == "chat.completion":
             return {"content": [
                 {"token": e.token, "logprob": e.logprob, "bytes": list(e.token.encode()),
                  "top_logprobs": [{"token": t, "logprob": p, "bytes": list(t.encode())} for t, p in e.top]}
                 for e in entries
             ]}
-        offsets, position = [], len("".join(self.parts)) - len(text)
+        offsets, position = [], sum(len(e.token) for e in self.entries[:first])
         for e in entries:
             offsets.append(position)
             position += len(e.token)

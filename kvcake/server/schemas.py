@@ -83,8 +83,8 @@ class SamplingFields(_Body):
     ratio: float | None = Field(default=None, ge=0.0, le=1.0)
     user: str | None = Field(default=None, description="Accepted and not used (OpenAI's end-user id for abuse monitoring).")
     stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
         default=None, description="Token id (as a string) -> bias added to its logit."
     )
@@ -108,7 +108,7 @@ class ChatMessage(_Body):
 class ChatBody(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool = False
+    logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20, description="With logprobs: this many most likely alternatives per token.")
     response_format: Annotated[dict[str, object] | None, _only({"type": "text"})] = None
     tools: Annotated[list[object] | None, _only([])] = None

@@ -106,12 +106,19 @@ class ByteStore(KVStore):
         return self._guarded(key, lambda: self.backend.exists(key), False)
 
     def stored_prefix(self, keys: Sequence[str]) -> int:
-        """One `exists_many` call (one Redis pipeline); a backend that is down stores nothing."""
+        """One `exists_many` call (one Redis pipeline); a backend that is down stores nothing (counted)."""
         if not keys:
             return 0
         for key in keys:
             check_key(key)
-        present = self._guarded(keys[0], lambda: self.backend.exists_many(keys), [False])
+        try:
+            present = self.backend.exists_many(keys)
+        except Exception as exc:
+            classified = self.backend.classify(exc)
+            if classified is None:
+                raise
+            self._stats.error(classified[0])  # counted, but no route marked down: a cluster's keys span nodes
+            return 0
         return next((index for index, found in enumerate(present) if not found), len(keys))
 
     # -- writes --------------------------------------------------------------------------

@@ -141,6 +141,6 @@ class TensorStore(KVStore):
         return True
 
     def _resident(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A contiguous CPU tensor this store owns (pinned when CUDA is present)."""
-        owned = tensor.detach().to("cpu").contiguous()
+        """A contiguous CPU copy this store owns (pinned when CUDA is present): the caller may reuse its tensor."""
+        owned = tensor.detach().to("cpu", copy=True).contiguous()
         return owned.pin_memory() if self._pin else owned

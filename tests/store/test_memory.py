@@ -73,3 +73,11 @@ def test_a_storage_dtype_gives_what_a_byte_tier_would(make_chunk) -> None:
     memory, byte_tier = open_store("memory://?dtype=int8"), open_store("memory://?dtype=int8&throttle_gbps=100")
     assert memory.put("a", chunk) and byte_tier.put("a", chunk)
     assert all(x.equal(y) for x, y in zip(memory.get("a").keys, byte_tier.get("a").keys))
+
+
+def test_the_memory_tier_keeps_its_own_copy_of_what_is_put(make_chunk, same) -> None:
+    store = open_store("memory://")
+    chunk, original = make_chunk(), make_chunk()
+    store.put("a", chunk)
+    chunk.keys[0].fill_(7.0)
+    assert same(store.get("a"), original), "the caller may reuse its tensors after put"
