@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from typing import Generator, Iterator
 
 import torch
 
@@ -35,6 +36,8 @@ TUNE = "tune"
 DOCUMENT_MODES = (BLEND, TUNE)
 PREFETCHING = ("cake", "load")
 """Prefix strategies that use chunks loaded while the request waited (the others fix their own split)."""
+MAX_CHOICES = 16
+"""Most choices (`n`) one request may ask for: each holds its own copy of the prompt's KV."""
 SHARED_DOCUMENTS_SALT = "kvcake-shared-documents"
 """Salt of document keys when `shared_documents` is on: one corpus for every tenant."""
 
@@ -65,6 +68,8 @@ class GenerateRequest:
     ratio: float | None = None
     guard: float | None = None
     tenant: str | None = None
+    n: int = 1
+    """Choices sampled from one prefill: each decodes from its own copy of the prompt's KV."""
 
 
 @dataclass
@@ -106,11 +111,12 @@ class GenerateResult:
 
 @dataclass
 class Step:
-    """One generated token, the logits it was drawn from, and why generation ended (on the last)."""
+    """One generated token of choice `choice`, the logits it was drawn from, and why that choice ended (on its last)."""
 
     token_id: int
     logits: torch.Tensor
     finish_reason: str | None
+    choice: int = 0
 
 
 @dataclass(frozen=True)
@@ -204,7 +210,7 @@ class Engine:
     def check(self, request: GenerateRequest) -> PromptLayout:
         """Raise `RequestError` now for what `stream` would refuse (prompt, reuse, ratio); else the planned prompt."""
         planned = self.plan_prompt(request)
-        self._check_sampling(request.sampling)
+        self._check_sampling(request)
         if request.reuse:
             parse_reuse(request.reuse)
         self._ratio(request)
@@ -313,7 +319,7 @@ class Engine:
         first_logits = None
         finish_reason = "length"
         metrics = RequestMetrics()
-        for step in self.stream(request, metrics):
+        for step in self.stream(dataclasses.replace(request, n=1), metrics):
             token_ids.append(step.token_id)
             first_logits = step.logits if first_logits is None else first_logits
             finish_reason = step.finish_reason or finish_reason
@@ -326,16 +332,18 @@ class Engine:
         metrics: RequestMetrics,
         prefetched: PrefixPrefetch | None = None,
         planned: PromptLayout | None = None,
-    ) -> Iterator[Step]:
-        """Yield generated tokens one by one; `metrics` is filled in as the request runs.
+    ) -> Generator[Step, bool | None, None]:
+        """Yield generated tokens one by one, choice after choice; `metrics` is filled in as the request runs.
 
         `planned` is the request's prompt as `check` planned it (planned again if None).
+        The prompt is prefilled once for all `request.n` choices; choice i samples with
+        seed + i. Sending True after a step ends that step's choice (a stop sequence).
         """
         started = time.perf_counter()
         planned = self.plan_prompt(request) if planned is None else planned
         reuse = parse_reuse(request.reuse) if request.reuse else self.default_reuse
         ratio = self._ratio(request)
-        self._check_sampling(request.sampling)
+        self._check_sampling(request)
         params = request.sampling
         prompt_length = len(planned.token_ids)
         budget = min(params.max_tokens, self.context_length - prompt_length)
@@ -353,9 +361,16 @@ class Engine:
             metrics.prefix = report
             metrics.blend = blend
             metrics.prefill_s = time.perf_counter() - started
-            yield from self._decode(state, Sampler(params, self.model.device), budget, metrics, started)
+            for choice in range(request.n):
+                own = state if choice == request.n - 1 else Prefill(state.cache.fork(), state.last_logits, state.next_position)
+                seed = None if params.seed is None else (params.seed + choice) % (2**64)
+                sampler = Sampler(dataclasses.replace(params, seed=seed), self.model.device)
+                yield from self._decode(own, sampler, budget, metrics, started, choice)
 
-    def _check_sampling(self, sampling: SamplingParams) -> None:
+    def _check_sampling(self, request: GenerateRequest) -> None:
+        if not 1 <= request.n <= MAX_CHOICES:
+            raise RequestError(f"n must lie in [1, {MAX_CHOICES}], got {request.n}")
+        sampling = request.sampling
         vocab = self.model.config.vocab_size
         if any(token >= vocab for token, _ in sampling.logit_bias):
             raise RequestError(f"logit_bias: token ids must lie in [0, {vocab})")
@@ -674,20 +689,22 @@ class Engine:
 
         return read_layer, stored
 
-    def _decode(self, state: Prefill, sampler: Sampler, budget: int, metrics: RequestMetrics, started: float) -> Iterator[Step]:
+    def _decode(
+        self, state: Prefill, sampler: Sampler, budget: int, metrics: RequestMetrics, started: float, choice: int = 0
+    ) -> Generator[Step, bool | None, None]:
+        """Decode one choice. A consumer that `send`s True after a step ends this choice there (a stop sequence)."""
         logits = state.last_logits
         position = state.next_position
         decode_started = time.perf_counter()
         for index in range(budget):
             token = sampler(logits)
-            if index == 0:
+            if metrics.generated_tokens == 0:
                 metrics.ttft_s = time.perf_counter() - started
                 decode_started = time.perf_counter()
-            metrics.generated_tokens = index + 1
+            metrics.generated_tokens += 1
             stopped = token in self.tokenizer.stop_ids
             last = stopped or index == budget - 1
-            yield Step(token, logits, ("stop" if stopped else "length") if last else None)
-            if last:
+            if (yield Step(token, logits, ("stop" if stopped else "length") if last else None, choice)) or last:
                 break
             out = self.model.forward(torch.tensor([token]), torch.tensor([position]), state.cache)
             logits = out.logits[-1]

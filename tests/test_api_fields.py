@@ -26,7 +26,7 @@ MESSAGES = [{"role": "user", "content": "hi"}]
         ("logit_bias", {"logit_bias": {"5": 150}}),
         ("logit_bias", {"logit_bias": {"99999": 1}}),
         ("logit_bias", {"logit_bias": {"tok": 1}}),
-        ("n", {"n": 2}),
+        ("n", {"n": 17}),
     ],
 )
 def test_unsupported_chat_fields_are_a_400_naming_them(live: LiveServer, config: KvcakeConfig, field: str, extra: dict) -> None:
@@ -114,3 +114,52 @@ def test_chat_logprobs_come_in_openais_shape_streamed_too(live: LiveServer, conf
     entries = [e for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert [e.logprob for e in entries] == pytest.approx([e.logprob for e in content], abs=1e-6)
     assert live.client().chat.completions.create(model=config.model, messages=MESSAGES, max_tokens=2).choices[0].logprobs is None
+
+
+def test_n_choices_share_one_prefill_and_sample_with_derived_seeds(live: LiveServer, config: KvcakeConfig) -> None:
+    prompt = list(range(3, 3 + 2 * config.chunk_size + 5))
+    client = live.client()
+    single_replies = [client.completions.create(model=config.model, prompt=prompt, max_tokens=6, temperature=1.0, seed=40 + i) for i in range(3)]
+    singles = [r.choices[0].text for r in single_replies]
+    live.engine.writeback.flush()
+    reply = client.completions.create(model=config.model, prompt=prompt, max_tokens=6, temperature=1.0, seed=40, n=3)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert [c.text for c in reply.choices] == singles, "choice i samples with seed + i"
+    assert reply.usage.completion_tokens == sum(r.usage.completion_tokens for r in single_replies)
+    assert reply.model_extra["kvcake"]["prefix_hit_chunks"] == 2, "the stored prefix is reused, once for all choices"
+    assert reply.model_extra["kvcake"]["prompt_tokens"] == len(prompt) == reply.usage.prompt_tokens
+    streamed = list(client.completions.create(model=config.model, prompt=prompt, max_tokens=6, temperature=1.0, seed=40, n=3, stream=True))
+    texts = ["", "", ""]
+    for chunk in streamed:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == singles
+
+
+def test_n_choices_with_a_stop_sequence_stop_each_on_its_own(live: LiveServer, config: KvcakeConfig) -> None:
+    client = live.client()
+    messages = [{"role": "user", "content": "Tell me about rivers"}]
+    free = client.chat.completions.create(model=config.model, messages=messages, max_tokens=10, temperature=0).choices[0].message.content
+    stop = free[3:5]
+    reply = client.chat.completions.create(model=config.model, messages=messages, max_tokens=10, temperature=0, n=2, stop=[stop])
+    assert [c.message.content for c in reply.choices] == [free[: free.index(stop)]] * 2
+    assert [c.finish_reason for c in reply.choices] == ["stop", "stop"]
+
+
+def test_several_prompts_give_choices_in_prompt_order(live: LiveServer, config: KvcakeConfig) -> None:
+    client = live.client()
+    prompts = ["Rivers", "The quick brown"]
+    alone = [client.completions.create(model=config.model, prompt=p, max_tokens=5, temperature=0) for p in prompts]
+    together = client.completions.create(model=config.model, prompt=prompts, max_tokens=5, temperature=0, n=2)
+    assert [c.index for c in together.choices] == [0, 1, 2, 3]
+    assert [c.text for c in together.choices] == [alone[0].choices[0].text] * 2 + [alone[1].choices[0].text] * 2
+    assert together.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert [a["prompt_tokens"] for a in together.model_extra["kvcake"]] == [a.usage.prompt_tokens for a in alone]
+    streamed = list(client.completions.create(model=config.model, prompt=prompts, max_tokens=5, temperature=0, stream=True))
+    texts = ["", ""]
+    for chunk in streamed:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == [a.choices[0].text for a in alone]
+    with pytest.raises(openai.BadRequestError, match="prompts"):
+        client.completions.create(model=config.model, prompt=["x"] * 17, max_tokens=1)

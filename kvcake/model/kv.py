@@ -38,6 +38,16 @@ class KVCache:
     def commit(self, slot: slice) -> None:
         self.length = slot.stop
 
+    def fork(self) -> KVCache:
+        """An independent cache holding the same tokens (e.g. for another choice decoded from one prefill)."""
+        forked = KVCache(len(self.keys), self.keys[0].shape[0], self.keys[0].shape[2], self.capacity, self.positions.device, self.keys[0].dtype)
+        for layer, (keys, values) in enumerate(zip(self.keys, self.values)):
+            forked.keys[layer][:, : self.length] = keys[:, : self.length]
+            forked.values[layer][:, : self.length] = values[:, : self.length]
+        forked.positions[: self.length] = self.positions[: self.length]
+        forked.length = self.length
+        return forked
+
     def truncate(self, length: int) -> None:
         """Forget every token from `length` on (e.g. to reuse a shared preamble for another segment)."""
         if not 0 <= length <= self.length:

@@ -16,6 +16,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -33,6 +34,8 @@ from kvcake.server.schemas import ChatBody, CompletionBody, SamplingFields, Warm
 from kvcake.server.worker import ComputeWorker, Job, QueueFull, TokenEvent, TokenLogprob
 
 DISCONNECT_POLL_S = 0.25
+MAX_PROMPTS = 16
+"""Most prompts one completion request may carry (each is its own job in the compute queue)."""
 """How often a non-streamed request checks whether its client is still there."""
 
 
@@ -97,7 +100,7 @@ def create_app(engine: Engine) -> FastAPI:
         if len(body.documents) > config.max_documents:
             raise ApiError(400, f"{len(body.documents)} documents; the limit is max_documents = {config.max_documents}", param="documents")
         job, events = _submit(worker, WarmRequest(body.documents, request.state.tenant, body.chat, body.system), None)
-        async with _cancelled_on_disconnect(request, job):
+        async with _cancelled_on_disconnect(request, [job]):
             name, value = await events.get()
         if name == "error":
             raise _as_api_error(value)
@@ -107,13 +110,13 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
-        generate = _completion_request(body, config, request.state.tenant)
-        return await _respond(worker, engine, generate, body, "text_completion", request)
+        generates = _completion_requests(body, config, request.state.tenant)
+        return await _respond(worker, engine, generates, body, "text_completion", request)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request):
         generate = _chat_request(body, config, request.state.tenant)
-        return await _respond(worker, engine, generate, body, "chat.completion", request)
+        return await _respond(worker, engine, [generate], body, "chat.completion", request)
 
     return app
 
@@ -146,14 +149,17 @@ def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
     return tuple((int(token), value) for token, value in bias.items())
 
 
-def _completion_request(body: CompletionBody, config: KvcakeConfig, tenant: str) -> GenerateRequest:
+def _completion_requests(body: CompletionBody, config: KvcakeConfig, tenant: str) -> list[GenerateRequest]:
+    """One request per prompt (a list of texts is several prompts; a list of ints is one prompt's token ids)."""
     _check_model(body.model, config)
-    common = {"sampling": _sampling(body, body.max_tokens, config), "tenant": tenant, "ratio": body.ratio, "chat": False}
-    prompt = body.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-        if len(prompt) != 1:
-            raise ApiError(400, "only one prompt per request", param="prompt")
-        prompt = prompt[0]
+    prompts = body.prompt if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str) else [body.prompt]
+    if len(prompts) > MAX_PROMPTS:
+        raise ApiError(400, f"{len(prompts)} prompts; at most {MAX_PROMPTS} per request", param="prompt")
+    return [_completion_request(body, prompt, config, tenant) for prompt in prompts]
+
+
+def _completion_request(body: CompletionBody, prompt: str | list[int], config: KvcakeConfig, tenant: str) -> GenerateRequest:
+    common = {"sampling": _sampling(body, body.max_tokens, config), "tenant": tenant, "ratio": body.ratio, "chat": False, "n": body.n}
     if body.kv_documents is not None:
         if not isinstance(prompt, str):
             raise ApiError(400, "with kv_documents the prompt must be text (the query)", param="prompt")
@@ -171,7 +177,7 @@ def _document_reuse(config: KvcakeConfig) -> str:
 def _chat_request(body: ChatBody, config: KvcakeConfig, tenant: str) -> GenerateRequest:
     _check_model(body.model, config)
     sampling = _sampling(body, body.max_completion_tokens or body.max_tokens, config)
-    common = {"sampling": sampling, "tenant": tenant, "ratio": body.ratio}
+    common = {"sampling": sampling, "tenant": tenant, "ratio": body.ratio, "n": body.n}
     messages = [message.model_dump() for message in body.messages]
     if body.kv_documents is None:
         return GenerateRequest(messages=messages, reuse=body.reuse, **common)
@@ -214,65 +220,87 @@ def _submit(
 
 
 @contextlib.asynccontextmanager
-async def _cancelled_on_disconnect(request: Request, job: Job) -> AsyncIterator[None]:
-    """While the block runs, a watcher cancels `job` as soon as the client disconnects."""
+async def _cancelled_on_disconnect(request: Request, jobs: list[Job]) -> AsyncIterator[None]:
+    """While the block runs, a watcher cancels `jobs` as soon as the client disconnects."""
+
+    def cancel() -> None:
+        for job in jobs:
+            job.cancelled.set()
 
     async def watch() -> None:
         while not await request.is_disconnected():
             await asyncio.sleep(DISCONNECT_POLL_S)
-        job.cancelled.set()
+        cancel()
 
     watcher = asyncio.create_task(watch())
     try:
         yield
     finally:
         watcher.cancel()
-        job.cancelled.set()
+        cancel()
 
 
-async def _respond(worker: ComputeWorker, engine: Engine, generate: GenerateRequest, body: SamplingFields, kind: str, request: Request):
+async def _respond(worker: ComputeWorker, engine: Engine, generates: list[GenerateRequest], body: SamplingFields, kind: str, request: Request):
+    """Plan every prompt, queue one job per prompt (all or none: 429 when they do not fit), and answer their
+    choices in order: prompt p's choice i has index p * n + i."""
     try:
-        planned = await asyncio.to_thread(engine.check, generate)
+        planned = [await asyncio.to_thread(engine.check, generate) for generate in generates]
     except RequestError as error:
         raise ApiError(400, str(error)) from None
     logprobs = _logprobs_wanted(body)
-    job, events = _submit(worker, generate, planned, _stops(body.stop), logprobs)
-    reply = _Reply(kind, body.model, logprobs is not None)
-    if body.stream:
-        return StreamingResponse(_stream(events, job, reply), media_type="text/event-stream")
-    async with _cancelled_on_disconnect(request, job):
-        while True:
-            name, value = await events.get()
-            if name == "token":
-                reply.add(value)
-            elif name == "error":
-                raise _as_api_error(value)
-            elif name == "cancelled":
-                return Response(status_code=CLIENT_GONE)
-            else:
-                return reply.complete(value)
-
-
-async def _stream(events: asyncio.Queue, job: Job, reply: _Reply) -> AsyncIterator[str]:
-    """SSE chunks; an error before the first token is sent as an error event. A disconnect cancels the job."""
+    submitted: list[tuple[Job, asyncio.Queue]] = []
     try:
-        while True:
-            name, value = await events.get()
-            if name == "token":
-                chunk = reply.add(value)
-                if chunk is not None:
-                    yield _sse(chunk)
-            elif name == "error":
-                yield _sse(_as_api_error(value).body())
-                break
-            elif name == "cancelled":
-                return
-            else:
-                yield _sse(reply.final_chunk(value))
-                break
+        for generate, plan in zip(generates, planned):
+            submitted.append(_submit(worker, generate, plan, _stops(body.stop), logprobs))
+    except ApiError:
+        for job, _ in submitted:
+            job.cancelled.set()
+        raise
+    reply = _Reply(kind, body.model, body.n * len(generates), logprobs is not None)
+    if body.stream:
+        return StreamingResponse(_stream(submitted, reply, body.n), media_type="text/event-stream")
+    metrics: list[RequestMetrics] = []
+    async with _cancelled_on_disconnect(request, [job for job, _ in submitted]):
+        for prompt_index, (_, events) in enumerate(submitted):
+            while True:
+                name, value = await events.get()
+                if name == "token":
+                    reply.add(value, prompt_index * body.n)
+                elif name == "error":
+                    raise _as_api_error(value)
+                elif name == "cancelled":
+                    return Response(status_code=CLIENT_GONE)
+                else:
+                    metrics.append(value)
+                    break
+    return reply.complete(metrics)
+
+
+async def _stream(submitted: list[tuple[Job, asyncio.Queue]], reply: _Reply, n: int) -> AsyncIterator[str]:
+    """SSE chunks; an error before the first token is sent as an error event. A disconnect cancels the jobs."""
+    metrics: list[RequestMetrics] = []
+    try:
+        for prompt_index, (_, events) in enumerate(submitted):
+            while True:
+                name, value = await events.get()
+                if name == "token":
+                    chunk = reply.add(value, prompt_index * n)
+                    if chunk is not None:
+                        yield _sse(chunk)
+                elif name == "error":
+                    yield _sse(_as_api_error(value).body())
+                    yield "data: [DONE]\n\n"
+                    return
+                elif name == "cancelled":
+                    return
+                else:
+                    metrics.append(value)
+                    break
+        yield _sse(reply.final_chunk(metrics))
         yield "data: [DONE]\n\n"
     finally:
-        job.cancelled.set()
+        for job, _ in submitted:
+            job.cancelled.set()
 
 
 def _sse(payload: dict[str, Any]) -> str:
@@ -285,75 +313,88 @@ def _as_api_error(error: Exception) -> ApiError:
     return ApiError(500, f"internal error: {type(error).__name__}", kind="server_error")
 
 
+@dataclass
+class _Choice:
+    """One choice's answer so far: released text, why it ended, its tokens' log probabilities (`sent` of them streamed)."""
+
+    parts: list[str] = field(default_factory=list)
+    finish_reason: str = "length"
+    entries: list[TokenLogprob] = field(default_factory=list)
+    sent: int = 0
+
+
 class _Reply:
-    """Builds the OpenAI response (or its stream chunks) from the worker's token events.
+    """Builds the OpenAI response (or its stream chunks) from the worker's token events, for `n` choices.
 
     Log probabilities are per token while text is released when complete (a stop
     sequence or an unfinished character holds it back), so a chunk carries the entries
-    of every token since the previous chunk.
+    of every token of its choice since that choice's previous chunk.
     """
 
-    def __init__(self, kind: str, model: str, logprobs: bool = False):
+    def __init__(self, kind: str, model: str, n: int = 1, logprobs: bool = False):
         self.kind = kind
         self.model = model
         self.id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
-        self.parts: list[str] = []
-        self.finish_reason = "length"
+        self.choices = [_Choice() for _ in range(n)]
         self.logprobs = logprobs
-        self.entries: list[TokenLogprob] = []
-        self._unsent = 0
 
-    def add(self, event: TokenEvent) -> dict[str, Any] | None:
-        """Record a token; the chunk with its new text, if it completes any."""
-        self.finish_reason = event.finish_reason or self.finish_reason
+    def add(self, event: TokenEvent, offset: int = 0) -> dict[str, Any] | None:
+        """Record a token of choice `offset + event.step.choice`; the chunk with its new text, if it completes any."""
+        index = offset + event.step.choice
+        choice = self.choices[index]
+        choice.finish_reason = event.finish_reason or choice.finish_reason
         if event.logprob is not None:
-            self.entries.append(event.logprob)
+            choice.entries.append(event.logprob)
         if not event.text:
             return None
-        self.parts.append(event.text)
-        return self._chunk(event.text, None)
+        choice.parts.append(event.text)
+        return self._chunk([self._delta(index, event.text, None)])
 
-    def complete(self, metrics: RequestMetrics) -> dict[str, Any]:
-        text = "".join(self.parts)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": self.finish_reason, "logprobs": self._logprobs(0, len(self.entries))}
-        if self.kind == "chat.completion":
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model, "choices": [choice],
-                "usage": _usage(metrics), "kvcake": accounting(metrics)}
+    def complete(self, metrics: list[RequestMetrics]) -> dict[str, Any]:
+        choices = []
+        for index, choice in enumerate(self.choices):
+            text = "".join(choice.parts)
+            body: dict[str, Any] = {"index": index, "finish_reason": choice.finish_reason, "logprobs": self._logprobs(choice, 0, len(choice.entries))}
+            if self.kind == "chat.completion":
+                body["message"] = {"role": "assistant", "content": text}
+            else:
+                body["text"] = text
+            choices.append(body)
+        return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model, "choices": choices,
+                "usage": _usage(metrics), "kvcake": _accountings(metrics)}
 
-    def final_chunk(self, metrics: RequestMetrics) -> dict[str, Any]:
-        chunk = self._chunk("", self.finish_reason)
+    def final_chunk(self, metrics: list[RequestMetrics]) -> dict[str, Any]:
+        chunk = self._chunk([self._delta(index, "", choice.finish_reason) for index, choice in enumerate(self.choices)])
         chunk["usage"] = _usage(metrics)
-        chunk["kvcake"] = accounting(metrics)
+        chunk["kvcake"] = _accountings(metrics)
         return chunk
 
-    def _chunk(self, delta: str, finish_reason: str | None) -> dict[str, Any]:
-        first, self._unsent = self._unsent, len(self.entries)
-        logprobs = self._logprobs(first, self._unsent) if self._unsent > first else None
-        if self.kind == "chat.completion":
-            choice = {"index": 0, "delta": {"role": "assistant", "content": delta} if delta else {}, "finish_reason": finish_reason, "logprobs": logprobs}
-            kind = "chat.completion.chunk"
-        else:
-            choice = {"index": 0, "text": delta, "finish_reason": finish_reason, "logprobs": logprobs}
-            kind = "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": [choice]}
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        kind = "chat.completion.chunk" if self.kind == "chat.completion" else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
-    def _logprobs(self, first: int, last: int) -> dict[str, Any] | None:
+    def _delta(self, index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+        choice = self.choices[index]
+        first, choice.sent = choice.sent, len(choice.entries)
+        logprobs = self._logprobs(choice, first, choice.sent) if choice.sent > first else None
+        if self.kind == "chat.completion":
+            return {"index": index, "delta": {"role": "assistant", "content": text} if text else {}, "finish_reason": finish_reason, "logprobs": logprobs}
+        return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
+
+    def _logprobs(self, choice: _Choice, first: int, last: int) -> dict[str, Any] | None:
         """Entries [first, last) in OpenAI's shape: chat `{"content": [...]}`, completions `{"tokens",
         "token_logprobs", "top_logprobs", "text_offset"}` (offsets count the tokens' own texts from the answer's start)."""
         if not self.logprobs:
             return None
-        entries = self.entries[first:last]
+        entries = choice.entries[first:last]
         if self.kind == "chat.completion":
             return {"content": [
                 {"token": e.token, "logprob": e.logprob, "bytes": list(e.token.encode()),
                  "top_logprobs": [{"token": t, "logprob": p, "bytes": list(t.encode())} for t, p in e.top]}
                 for e in entries
             ]}
-        offsets, position = [], sum(len(e.token) for e in self.entries[:first])
+        offsets, position = [], sum(len(e.token) for e in choice.entries[:first])
         for e in entries:
             offsets.append(position)
             position += len(e.token)
@@ -361,9 +402,14 @@ class _Reply:
                 "top_logprobs": [dict(reversed(e.top)) for e in entries], "text_offset": offsets}  # a shared text keeps its best
 
 
-def _usage(metrics: RequestMetrics) -> dict[str, int]:
-    return {"prompt_tokens": metrics.prompt_tokens, "completion_tokens": metrics.generated_tokens,
-            "total_tokens": metrics.prompt_tokens + metrics.generated_tokens}
+def _usage(metrics: list[RequestMetrics]) -> dict[str, int]:
+    prompt, completion = sum(m.prompt_tokens for m in metrics), sum(m.generated_tokens for m in metrics)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _accountings(metrics: list[RequestMetrics]) -> dict[str, Any] | list[dict[str, Any]]:
+    """The `kvcake` field: one prompt's accounting, or a list of them (one per prompt) for several prompts."""
+    return accounting(metrics[0]) if len(metrics) == 1 else [accounting(m) for m in metrics]
 
 
 def accounting(metrics: RequestMetrics) -> dict[str, Any]:

@@ -18,6 +18,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from kvcake.engine import MAX_CHOICES
+
 SEED_RANGE = (-(2**63), 2**64 - 1)
 """What torch's generators accept as a seed."""
 
@@ -73,7 +75,7 @@ class SamplingFields(_Body):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    n: int = Field(default=1, ge=1, le=1, description="Only one choice per request.")
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES, description="Choices sampled from one prefill of the prompt.")
     stream: bool = False
     stop: StopSequence | Annotated[list[StopSequence], Field(max_length=MAX_STOP_SEQUENCES)] | None = Field(
         default=None, description="Up to 4 non-empty stop sequences; the match is not returned."

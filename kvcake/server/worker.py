@@ -137,20 +137,23 @@ class ComputeWorker:
                     job.prefetch.release()
 
     def _generate(self, job: Job, request: GenerateRequest) -> None:
-        """Stream tokens with their text; a stop sequence (matched on the text, across tokens) ends generation."""
-        decoder = self.engine.tokenizer.stream_decoder()
-        stops = StopMatcher(job.stop)
-        for step in self.engine.stream(request, job.metrics, job.prefetch, job.planned):
-            if job.cancelled.is_set():
-                break
-            text, stopped = stops.feed(decoder.add(step.token_id))
+        """Stream tokens with their text, choice after choice; a stop sequence (matched on the text, across
+        tokens) ends its choice, which the engine is told by `send`."""
+        steps = self.engine.stream(request, job.metrics, job.prefetch, job.planned)
+        decoders = [self.engine.tokenizer.stream_decoder() for _ in range(request.n)]
+        stops = [StopMatcher(job.stop) for _ in range(request.n)]
+        step = next(steps, None)
+        while step is not None and not job.cancelled.is_set():
+            text, stopped = stops[step.choice].feed(decoders[step.choice].add(step.token_id))
             logprob = None if job.logprobs is None else self._logprob(step, job.logprobs)
-            if stopped:
-                job.emit(("token", TokenEvent(step, text, "stop", logprob)))
-                break
-            if step.finish_reason is not None:
-                text += stops.flush()
-            job.emit(("token", TokenEvent(step, text, step.finish_reason, logprob)))
+            if not stopped and step.finish_reason is not None:
+                text += stops[step.choice].flush()
+            job.emit(("token", TokenEvent(step, text, "stop" if stopped else step.finish_reason, logprob)))
+            try:
+                step = steps.send(stopped)
+            except StopIteration:
+                step = None
+        steps.close()
         self._on_finished(job.metrics, job.cancelled.is_set())
         job.emit(("done", job.metrics))
 
