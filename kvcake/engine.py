@@ -27,6 +27,7 @@ from kvcake.blend import (
 from kvcake.config import ConfigError, KvcakeConfig
 from kvcake.runtime import keep_freed_memory
 from kvcake.model import KVCache, SamplingParams, Sampler, load_model, resolve_device, resolve_dtype, weights_identity
+from kvcake.model.grammar import GrammarError, JsonConstraint
 from kvcake.schedule import ByteBudget, CostProfile, PrefixPrefetch, PrefixPrefill, PrefixReport, Strategy, WriteBack
 from kvcake.segments import PromptLayout, Segments, document_preamble, document_token_ids, layout, split_prompt
 from kvcake.store import ChunkKV, KVStore, document_key, model_fingerprint, open_store, prefix_chunk_keys
@@ -70,6 +71,9 @@ class GenerateRequest:
     tenant: str | None = None
     n: int = 1
     """Choices sampled from one prefill: each decodes from its own copy of the prompt's KV."""
+    json_schema: dict | None = None
+    """With `json_output`: the JSON Schema the answer must fit (None: any JSON object)."""
+    json_output: bool = False
 
 
 @dataclass
@@ -364,12 +368,21 @@ class Engine:
             for choice in range(request.n):
                 own = state if choice == request.n - 1 else Prefill(state.cache.fork(), state.last_logits, state.next_position)
                 seed = None if params.seed is None else (params.seed + choice) % (2**64)
-                sampler = Sampler(dataclasses.replace(params, seed=seed), self.model.device)
+                sampler = Sampler(dataclasses.replace(params, seed=seed), self.model.device, self._constraint(request))
                 yield from self._decode(own, sampler, budget, metrics, started, choice)
+
+    def _constraint(self, request: GenerateRequest) -> JsonConstraint | None:
+        if not request.json_output:
+            return None
+        try:
+            return JsonConstraint(self.tokenizer.grammar_tokenizer, request.json_schema)
+        except (GrammarError, ValueError) as error:
+            raise RequestError(str(error)) from None
 
     def _check_sampling(self, request: GenerateRequest) -> None:
         if not 1 <= request.n <= MAX_CHOICES:
             raise RequestError(f"n must lie in [1, {MAX_CHOICES}], got {request.n}")
+        self._constraint(request)
         sampling = request.sampling
         vocab = self.model.config.vocab_size
         if any(token >= vocab for token, _ in sampling.logit_bias):
@@ -702,7 +715,7 @@ class Engine:
                 metrics.ttft_s = time.perf_counter() - started
                 decode_started = time.perf_counter()
             metrics.generated_tokens += 1
-            stopped = token in self.tokenizer.stop_ids
+            stopped = token in self.tokenizer.stop_ids or sampler.finished
             last = stopped or index == budget - 1
             if (yield Step(token, logits, ("stop" if stopped else "length") if last else None, choice)) or last:
                 break

@@ -19,7 +19,7 @@ MESSAGES = [{"role": "user", "content": "hi"}]
     [
         ("tools", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}),
         ("tool_choice", {"tool_choice": "auto"}),
-        ("response_format", {"response_format": {"type": "json_object"}}),
+        ("response_format", {"response_format": {"type": "xml"}}),
         ("top_logprobs", {"top_logprobs": 2}),
         ("top_logprobs", {"logprobs": True, "top_logprobs": 21}),
         ("presence_penalty", {"presence_penalty": 2.5}),
@@ -163,3 +163,44 @@ def test_several_prompts_give_choices_in_prompt_order(live: LiveServer, config: 
     assert texts == [a.choices[0].text for a in alone]
     with pytest.raises(openai.BadRequestError, match="prompts"):
         client.completions.create(model=config.model, prompt=["x"] * 17, max_tokens=1)
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"colour": {"enum": ["blue", "red"]}, "count": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "required": ["colour", "count"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_output_parses_and_fits_the_schema(live: LiveServer, config: KvcakeConfig) -> None:
+    import json
+
+    for seed in range(3):
+        reply = live.client().chat.completions.create(
+            model=config.model, messages=MESSAGES, max_tokens=60, temperature=1.0, seed=seed,
+            response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}},
+        )
+        value = json.loads(reply.choices[0].message.content)
+        assert set(value) == {"colour", "count"} and value["colour"] in ("blue", "red") and 0 <= value["count"] <= 9
+        assert reply.choices[0].finish_reason == "stop"
+
+
+def test_json_object_output_is_an_object(live: LiveServer, config: KvcakeConfig) -> None:
+    import json
+
+    reply = live.client().chat.completions.create(
+        model=config.model, messages=MESSAGES, max_tokens=200, temperature=0, response_format={"type": "json_object"},
+    )
+    if reply.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    else:
+        assert reply.choices[0].message.content.startswith("{")
+
+
+def test_a_schema_that_does_not_compile_is_a_400(live: LiveServer, config: KvcakeConfig) -> None:
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        live.client().chat.completions.create(
+            model=config.model, messages=MESSAGES, max_tokens=2,
+            response_format={"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "no-such-type"}}},
+        )

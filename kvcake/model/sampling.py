@@ -8,6 +8,7 @@ token id, and each token already generated c times loses
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -40,9 +41,21 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+class LogitsConstraint(Protocol):
+    """Which tokens may come next (e.g. a grammar): masks logits, follows the chosen tokens, says when it is done."""
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+    def advance(self, token: int) -> None: ...
+
+    @property
+    def complete(self) -> bool: ...
+
+
 class Sampler:
-    def __init__(self, params: SamplingParams, device: torch.device):
+    def __init__(self, params: SamplingParams, device: torch.device, constraint: LogitsConstraint | None = None):
         self.params = params
+        self.constraint = constraint
         self.generator: torch.Generator | None = None
         if not params.greedy:
             self.generator = torch.Generator(device=device)
@@ -65,6 +78,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> int:
         """logits: (vocab,) of the last position."""
         adjusted = self.adjusted(logits)
+        if self.constraint is not None:
+            adjusted = self.constraint.apply(adjusted)
         if self.params.greedy:
             token = int(adjusted.argmax())
         else:
@@ -76,7 +91,14 @@ class Sampler:
             if self._counts is None:
                 self._counts = torch.zeros(logits.shape[-1], device=logits.device)
             self._counts[token] += 1
+        if self.constraint is not None:
+            self.constraint.advance(token)
         return token
+
+    @property
+    def finished(self) -> bool:
+        """The constraint, if any, allows nothing more (e.g. a complete JSON value)."""
+        return self.constraint is not None and self.constraint.complete
 
 
 def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -30,7 +30,7 @@ from kvcake.model import SamplingParams
 from kvcake.segments import PromptLayout
 from kvcake.server.guard import CLIENT_GONE, ApiError, Guard
 from kvcake.server.metrics import ServerMetrics
-from kvcake.server.schemas import ChatBody, CompletionBody, SamplingFields, WarmBody
+from kvcake.server.schemas import ChatBody, CompletionBody, JsonObjectFormat, JsonSchemaFormat, SamplingFields, WarmBody
 from kvcake.server.worker import ComputeWorker, Job, QueueFull, TokenEvent, TokenLogprob
 
 DISCONNECT_POLL_S = 0.25
@@ -169,6 +169,16 @@ def _completion_request(body: CompletionBody, prompt: str | list[int], config: K
     return GenerateRequest(prompt=prompt, reuse=body.reuse, **common)
 
 
+def _json_output(body: ChatBody) -> dict[str, Any]:
+    """`response_format` as the engine's constraint: any JSON object, or JSON fitting a schema."""
+    form = body.response_format
+    if isinstance(form, JsonObjectFormat):
+        return {"json_output": True}
+    if isinstance(form, JsonSchemaFormat):
+        return {"json_output": True, "json_schema": form.json_schema.schema_}
+    return {}
+
+
 def _document_reuse(config: KvcakeConfig) -> str:
     """Requests with documents reuse them: by the configured mode if it is one (blend, tune), else blend."""
     return config.reuse if config.reuse in DOCUMENT_MODES else BLEND
@@ -177,7 +187,7 @@ def _document_reuse(config: KvcakeConfig) -> str:
 def _chat_request(body: ChatBody, config: KvcakeConfig, tenant: str) -> GenerateRequest:
     _check_model(body.model, config)
     sampling = _sampling(body, body.max_completion_tokens or body.max_tokens, config)
-    common = {"sampling": sampling, "tenant": tenant, "ratio": body.ratio, "n": body.n}
+    common = {"sampling": sampling, "tenant": tenant, "ratio": body.ratio, "n": body.n, **_json_output(body)}
     messages = [message.model_dump() for message in body.messages]
     if body.kv_documents is None:
         return GenerateRequest(messages=messages, reuse=body.reuse, **common)

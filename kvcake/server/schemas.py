@@ -2,8 +2,8 @@
 
 A field kvcake does not act on is refused with a 400 naming it, never silently
 ignored (a client would believe it got what it asked for): unknown fields, and the
-OpenAI fields not implemented yet (tools, response_format, echo, ...) unless they carry
-their neutral value. `user`, a message's `name` and
+OpenAI fields not implemented yet (tools, echo, ...) unless they carry their neutral
+value. `user`, a message's `name` and
 `stream_options` are accepted and documented as not changing anything. Types are
 strict (a number sent as a string is refused, not coerced), and text with an unpaired
 surrogate is refused (no tokenizer could encode it). The extensions (reachable
@@ -65,6 +65,26 @@ def _only(neutral: object) -> AfterValidator:
     return AfterValidator(check)
 
 
+class TextFormat(_Body):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Body):
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(_Body):
+    name: str
+    schema_: dict[str, object] = Field(alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class JsonSchemaFormat(_Body):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
 class StreamOptions(_Body):
     include_usage: bool = Field(default=True, description="kvcake always sends usage (and its accounting) in the last chunk.")
 
@@ -112,7 +132,7 @@ class ChatBody(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20, description="With logprobs: this many most likely alternatives per token.")
-    response_format: Annotated[dict[str, object] | None, _only({"type": "text"})] = None
+    response_format: TextFormat | JsonObjectFormat | JsonSchemaFormat | None = Field(default=None, discriminator="type")
     tools: Annotated[list[object] | None, _only([])] = None
     tool_choice: Annotated[str | dict[str, object] | None, _only("none")] = None
     parallel_tool_calls: Annotated[bool | None, _only(False)] = None
