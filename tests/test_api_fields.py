@@ -34,7 +34,9 @@ def test_unsupported_chat_fields_are_a_400_naming_them(live: LiveServer, config:
         live.client().chat.completions.create(model=config.model, messages=MESSAGES, max_tokens=2, **extra)
 
 
-@pytest.mark.parametrize(("field", "extra"), [("echo", {"echo": True}), ("logprobs", {"logprobs": 6}), ("best_of", {"best_of": 3})])
+@pytest.mark.parametrize(
+    ("field", "extra"), [("echo", {"echo": True, "logprobs": 1}), ("logprobs", {"logprobs": 6}), ("best_of", {"best_of": 3}), ("suffix", {"suffix": "x"})]
+)
 def test_unsupported_completion_fields_are_a_400_naming_them(live: LiveServer, config: KvcakeConfig, field: str, extra: dict) -> None:
     with pytest.raises(openai.BadRequestError, match=field):
         live.client().completions.create(model=config.model, prompt="hi", max_tokens=2, **extra)
@@ -204,3 +206,15 @@ def test_a_schema_that_does_not_compile_is_a_400(live: LiveServer, config: Kvcak
             model=config.model, messages=MESSAGES, max_tokens=2,
             response_format={"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "no-such-type"}}},
         )
+
+
+def test_echo_returns_the_prompt_before_each_completion(live: LiveServer, config: KvcakeConfig) -> None:
+    client = live.client()
+    plain = client.completions.create(model=config.model, prompt="Rivers", max_tokens=4, temperature=0).choices[0].text
+    echoed = client.completions.create(model=config.model, prompt="Rivers", max_tokens=4, temperature=0, echo=True, n=2)
+    assert [c.text for c in echoed.choices] == ["Rivers" + plain] * 2
+    ids = [5, 6, 7]
+    by_ids = client.completions.create(model=config.model, prompt=ids, max_tokens=2, temperature=0, echo=True).choices[0].text
+    assert by_ids.startswith(live.engine.tokenizer.decode(ids))
+    streamed = list(client.completions.create(model=config.model, prompt="Rivers", max_tokens=4, temperature=0, echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == "Rivers" + plain

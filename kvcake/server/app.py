@@ -207,6 +207,21 @@ def _logprobs_wanted(body: SamplingFields) -> int | None:
     return body.logprobs if isinstance(body, CompletionBody) else None
 
 
+def _echo(body: SamplingFields, logprobs: int | None) -> bool:
+    if not (isinstance(body, CompletionBody) and body.echo):
+        return False
+    if logprobs is not None:
+        raise ApiError(400, "echo with logprobs needs the prompt's log probabilities, which kvcake does not compute (reused tokens have no logits)", param="echo")
+    return True
+
+
+def _prompt_text(engine: Engine, generate: GenerateRequest) -> str:
+    """The prompt as the client sent it: its text, or its token ids decoded."""
+    if generate.token_ids is not None:
+        return engine.tokenizer.decode(generate.token_ids)
+    return generate.prompt if generate.prompt is not None else generate.query or ""
+
+
 def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
     return () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
 
@@ -266,7 +281,8 @@ async def _respond(worker: ComputeWorker, engine: Engine, generates: list[Genera
         for job, _ in submitted:
             job.cancelled.set()
         raise
-    reply = _Reply(kind, body.model, body.n * len(generates), logprobs is not None)
+    echoed = [_prompt_text(engine, generate) for generate in generates for _ in range(body.n)] if _echo(body, logprobs) else None
+    reply = _Reply(kind, body.model, body.n * len(generates), logprobs is not None, echoed)
     if body.stream:
         return StreamingResponse(_stream(submitted, reply, body.n), media_type="text/event-stream")
     metrics: list[RequestMetrics] = []
@@ -290,6 +306,8 @@ async def _stream(submitted: list[tuple[Job, asyncio.Queue]], reply: _Reply, n: 
     """SSE chunks; an error before the first token is sent as an error event. A disconnect cancels the jobs."""
     metrics: list[RequestMetrics] = []
     try:
+        if (echoed := reply.echo_chunk()) is not None:
+            yield _sse(echoed)
         for prompt_index, (_, events) in enumerate(submitted):
             while True:
                 name, value = await events.get()
@@ -341,13 +359,19 @@ class _Reply:
     of every token of its choice since that choice's previous chunk.
     """
 
-    def __init__(self, kind: str, model: str, n: int = 1, logprobs: bool = False):
+    def __init__(self, kind: str, model: str, n: int = 1, logprobs: bool = False, echoed: list[str] | None = None):
         self.kind = kind
         self.model = model
         self.id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
-        self.choices = [_Choice() for _ in range(n)]
+        self.choices = [_Choice([echoed[index]] if echoed else []) for index in range(n)]
         self.logprobs = logprobs
+
+    def echo_chunk(self) -> dict[str, Any] | None:
+        """With echo: the first stream chunk, each choice's prompt text."""
+        if not any(choice.parts for choice in self.choices):
+            return None
+        return self._chunk([self._delta(index, "".join(choice.parts), None) for index, choice in enumerate(self.choices)])
 
     def add(self, event: TokenEvent, offset: int = 0) -> dict[str, Any] | None:
         """Record a token of choice `offset + event.step.choice`; the chunk with its new text, if it completes any."""

@@ -2,8 +2,8 @@
 
 A field kvcake does not act on is refused with a 400 naming it, never silently
 ignored (a client would believe it got what it asked for): unknown fields, and the
-OpenAI fields not implemented yet (tools, echo, ...) unless they carry their neutral
-value. `user`, a message's `name` and
+OpenAI fields not implemented yet (tools, best_of, suffix, ...) unless they carry their
+neutral value. `user`, a message's `name` and
 `stream_options` are accepted and documented as not changing anything. Types are
 strict (a number sent as a string is refused, not coerced), and text with an unpaired
 surrogate is refused (no tokenizer could encode it). The extensions (reachable
@@ -116,7 +116,7 @@ class CompletionBody(SamplingFields):
     prompt: Text | list[int] | list[Text]
     kv_system: Text | None = None
     logprobs: int | None = Field(default=None, ge=0, le=5, description="Log probabilities of each token and of this many alternatives.")
-    echo: Annotated[bool | None, _only(False)] = None
+    echo: bool | None = Field(default=None, description="Return the prompt before each completion (without logprobs).")
     best_of: Annotated[int | None, _only(1)] = None
     suffix: Annotated[str | None, _only("")] = None
 
