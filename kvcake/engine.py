@@ -371,6 +371,22 @@ class Engine:
                 sampler = Sampler(dataclasses.replace(params, seed=seed), self.model.device, self._constraint(request))
                 yield from self._decode(own, sampler, budget, metrics, started, choice)
 
+    def prompt_logprobs(self, token_ids: list[int]) -> list[torch.Tensor]:
+        """Per prompt token after the first, the log-softmax that predicted it (from the tokens before it).
+
+        A full forward of the prompt with every position's logits: stored KV has no logits,
+        so this is never a reuse path (it serves `echo` with log probabilities).
+        """
+        cache = self.model.new_cache(len(token_ids))
+        step = self.config.prefill_chunk
+        rows: list[torch.Tensor] = []
+        with torch.inference_mode():
+            for start in range(0, len(token_ids) - 1, step):
+                end = min(start + step, len(token_ids) - 1)
+                out = self.model.forward(torch.tensor(token_ids[start:end]), torch.arange(start, end), cache, all_logits=True)
+                rows.extend(torch.log_softmax(out.logits.float(), dim=-1))
+        return rows
+
     def _constraint(self, request: GenerateRequest) -> JsonConstraint | None:
         if not request.json_output:
             return None

@@ -35,7 +35,7 @@ def test_unsupported_chat_fields_are_a_400_naming_them(live: LiveServer, config:
 
 
 @pytest.mark.parametrize(
-    ("field", "extra"), [("echo", {"echo": True, "logprobs": 1}), ("logprobs", {"logprobs": 6}), ("best_of", {"best_of": 3}), ("suffix", {"suffix": "x"})]
+    ("field", "extra"), [("logprobs", {"logprobs": 6}), ("best_of", {"best_of": 3}), ("suffix", {"suffix": "x"})]
 )
 def test_unsupported_completion_fields_are_a_400_naming_them(live: LiveServer, config: KvcakeConfig, field: str, extra: dict) -> None:
     with pytest.raises(openai.BadRequestError, match=field):
@@ -218,3 +218,16 @@ def test_echo_returns_the_prompt_before_each_completion(live: LiveServer, config
     assert by_ids.startswith(live.engine.tokenizer.decode(ids))
     streamed = list(client.completions.create(model=config.model, prompt="Rivers", max_tokens=4, temperature=0, echo=True, stream=True))
     assert "".join(c.choices[0].text for c in streamed if c.choices) == "Rivers" + plain
+
+
+def test_echo_with_logprobs_scores_the_prompt_too(live: LiveServer, config: KvcakeConfig) -> None:
+    prompt = "The quick brown fox"
+    reply = live.client().completions.create(model=config.model, prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=1)
+    got = reply.choices[0].logprobs
+    ids = live.engine.tokenizer.encode(prompt)
+    rows = live.engine.prompt_logprobs(ids)
+    assert got.token_logprobs[0] is None and got.top_logprobs[0] is None
+    expected = [float(row[token]) for row, token in zip(rows, ids[1:])]
+    assert got.token_logprobs[1 : len(ids)] == pytest.approx(expected, abs=1e-5)
+    assert len(got.token_logprobs) == len(ids) + reply.usage.completion_tokens
+    assert reply.choices[0].text.startswith(prompt)

@@ -207,12 +207,8 @@ def _logprobs_wanted(body: SamplingFields) -> int | None:
     return body.logprobs if isinstance(body, CompletionBody) else None
 
 
-def _echo(body: SamplingFields, logprobs: int | None) -> bool:
-    if not (isinstance(body, CompletionBody) and body.echo):
-        return False
-    if logprobs is not None:
-        raise ApiError(400, "echo with logprobs needs the prompt's log probabilities, which kvcake does not compute (reused tokens have no logits)", param="echo")
-    return True
+def _echo(body: SamplingFields) -> bool:
+    return isinstance(body, CompletionBody) and bool(body.echo)
 
 
 def _prompt_text(engine: Engine, generate: GenerateRequest) -> str:
@@ -232,11 +228,12 @@ def _submit(
     planned: PromptLayout | None,
     stop: tuple[str, ...] = (),
     logprobs: int | None = None,
+    prompt_logprobs: bool = False,
 ) -> tuple[Job, asyncio.Queue]:
     """Queue a job whose events arrive on the returned asyncio queue; 429 when the compute queue is full."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-    job = Job(request, planned, lambda event: loop.call_soon_threadsafe(events.put_nowait, event), stop=stop, logprobs=logprobs)
+    job = Job(request, planned, lambda event: loop.call_soon_threadsafe(events.put_nowait, event), stop=stop, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
     try:
         worker.submit(job)
     except QueueFull as error:
@@ -276,12 +273,12 @@ async def _respond(worker: ComputeWorker, engine: Engine, generates: list[Genera
     submitted: list[tuple[Job, asyncio.Queue]] = []
     try:
         for generate, plan in zip(generates, planned):
-            submitted.append(_submit(worker, generate, plan, _stops(body.stop), logprobs))
+            submitted.append(_submit(worker, generate, plan, _stops(body.stop), logprobs, _echo(body) and logprobs is not None))
     except ApiError:
         for job, _ in submitted:
             job.cancelled.set()
         raise
-    echoed = [_prompt_text(engine, generate) for generate in generates for _ in range(body.n)] if _echo(body, logprobs) else None
+    echoed = [_prompt_text(engine, generate) for generate in generates for _ in range(body.n)] if _echo(body) else None
     reply = _Reply(kind, body.model, body.n * len(generates), logprobs is not None, echoed)
     if body.stream:
         return StreamingResponse(_stream(submitted, reply, body.n), media_type="text/event-stream")
@@ -292,6 +289,8 @@ async def _respond(worker: ComputeWorker, engine: Engine, generates: list[Genera
                 name, value = await events.get()
                 if name == "token":
                     reply.add(value, prompt_index * body.n)
+                elif name == "prompt_logprobs":
+                    reply.add_prompt(value, prompt_index * body.n, body.n)
                 elif name == "error":
                     raise _as_api_error(value)
                 elif name == "cancelled":
@@ -315,6 +314,8 @@ async def _stream(submitted: list[tuple[Job, asyncio.Queue]], reply: _Reply, n: 
                     chunk = reply.add(value, prompt_index * n)
                     if chunk is not None:
                         yield _sse(chunk)
+                elif name == "prompt_logprobs":
+                    reply.add_prompt(value, prompt_index * n, n)
                 elif name == "error":
                     yield _sse(_as_api_error(value).body())
                     yield "data: [DONE]\n\n"
@@ -372,6 +373,12 @@ class _Reply:
         if not any(choice.parts for choice in self.choices):
             return None
         return self._chunk([self._delta(index, "".join(choice.parts), None) for index, choice in enumerate(self.choices)])
+
+    def add_prompt(self, entries: list[TokenLogprob], offset: int, n: int) -> None:
+        """The prompt tokens' log probabilities (echo) go before choices offset .. offset + n - 1's own (streamed
+        with each choice's next chunk)."""
+        for choice in self.choices[offset : offset + n]:
+            choice.entries[:0] = entries
 
     def add(self, event: TokenEvent, offset: int = 0) -> dict[str, Any] | None:
         """Record a token of choice `offset + event.step.choice`; the chunk with its new text, if it completes any."""
@@ -433,7 +440,8 @@ class _Reply:
             offsets.append(position)
             position += len(e.token)
         return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [dict(reversed(e.top)) for e in entries], "text_offset": offsets}  # a shared text keeps its best
+                # a shared text keeps its best; a prompt's first token has no prediction
+                "top_logprobs": [None if e.logprob is None else dict(reversed(e.top)) for e in entries], "text_offset": offsets}
 
 
 def _usage(metrics: list[RequestMetrics]) -> dict[str, int]:

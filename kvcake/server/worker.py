@@ -39,7 +39,8 @@ class TokenLogprob:
     """A generated token's text and log probability (a log-softmax of the model's logits), with the `top` alternatives."""
 
     token: str
-    logprob: float
+    logprob: float | None
+    """None for a prompt's first token (nothing predicts it)."""
     top: tuple[tuple[str, float], ...]
 
 
@@ -67,6 +68,8 @@ class Job:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
     """None: no log probabilities; k: the chosen token's and the k most likely ones'."""
+    prompt_logprobs: bool = False
+    """Also the prompt's tokens' log probabilities (echo), sent first as ("prompt_logprobs", [TokenLogprob])."""
     cancelled: threading.Event = field(default_factory=threading.Event)
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     prefetch: PrefixPrefetch | None = None
@@ -139,6 +142,8 @@ class ComputeWorker:
     def _generate(self, job: Job, request: GenerateRequest) -> None:
         """Stream tokens with their text, choice after choice; a stop sequence (matched on the text, across
         tokens) ends its choice, which the engine is told by `send`."""
+        if job.prompt_logprobs and job.planned is not None:
+            job.emit(("prompt_logprobs", self._prompt_logprobs(job.planned.token_ids, job.logprobs or 0)))
         steps = self.engine.stream(request, job.metrics, job.prefetch, job.planned)
         decoders = [self.engine.tokenizer.stream_decoder() for _ in range(request.n)]
         stops = [StopMatcher(job.stop) for _ in range(request.n)]
@@ -158,11 +163,18 @@ class ComputeWorker:
         job.emit(("done", job.metrics))
 
     def _logprob(self, step: Step, top: int) -> TokenLogprob:
-        logprobs = torch.log_softmax(step.logits.float(), dim=-1)
+        return self._entry(step.token_id, torch.log_softmax(step.logits.float(), dim=-1), top)
+
+    def _prompt_logprobs(self, token_ids: list[int], top: int) -> list[TokenLogprob]:
+        rows = self.engine.prompt_logprobs(token_ids)
+        first = TokenLogprob(self.engine.tokenizer.decode([token_ids[0]]), None, ())
+        return [first, *(self._entry(token, row, top) for token, row in zip(token_ids[1:], rows))]
+
+    def _entry(self, token: int, logprobs: torch.Tensor, top: int) -> TokenLogprob:
         best = logprobs.topk(top) if top else None
         decode = self.engine.tokenizer.decode
         alternatives = () if best is None else tuple((decode([int(i)]), float(v)) for v, i in zip(best.values, best.indices))
-        return TokenLogprob(decode([step.token_id]), float(logprobs[step.token_id]), alternatives)
+        return TokenLogprob(decode([token]), float(logprobs[token]), alternatives)
 
     def _warm(self, job: Job, request: WarmRequest) -> None:
         warmed = self.engine.warm(request.documents, request.tenant, request.chat, system=request.system, stop=job.cancelled)
