@@ -181,7 +181,7 @@ class Engine:
         segments = Segments(request.query, tuple(request.documents), request.system) if request.query is not None else None
         if request.prompt is not None and (split := split_prompt(request.prompt, self.config.separator)) is not None:
             segments = Segments(split.query, split.documents, request.system)
-        self._check_length_bound(request, segments)
+        self._check_length_bound([request.prompt, request.query, request.system, *request.documents, *(m.get("content", "") for m in request.messages or ())])
         if segments is not None:
             if len(segments.documents) > self.config.max_documents:
                 raise RequestError(f"{len(segments.documents)} documents; the limit is max_documents = {self.config.max_documents}")
@@ -199,10 +199,9 @@ class Engine:
             raise RequestError(f"the prompt has {len(planned.token_ids)} tokens; the model's context is {self.context_length}")
         return planned
 
-    def _check_length_bound(self, request: GenerateRequest, segments: Segments | None) -> None:
+    def _check_length_bound(self, texts: list[str | None]) -> None:
         """Refuse text that cannot fit the context before tokenizing it: no token covers more than
         `max_token_chars` characters, so more than context x that many characters is too long."""
-        texts = [request.prompt, request.query, request.system, *request.documents, *(m.get("content", "") for m in request.messages or ())]
         characters = sum(len(text) for text in texts if text)
         limit = self.context_length * self.tokenizer.max_token_chars
         if characters > limit:
@@ -619,7 +618,7 @@ class Engine:
         """
         if len(documents) > self.config.max_documents:
             raise RequestError(f"{len(documents)} documents; the limit is max_documents = {self.config.max_documents}")
-        self._check_length_bound(GenerateRequest(documents=documents, system=system), None)
+        self._check_length_bound([system, *documents])
         preamble = document_preamble(self.tokenizer, chat, system)
         scored = self.config.reuse == TUNE if scored is None else scored
         layout = f"scored-{self.config.tune_scoring}" if scored else "plain"

@@ -103,10 +103,6 @@ class MemoryBackend(Backend):
     def exists(self, key: str) -> bool:
         return self._entries.contains(key)
 
-    def exists_many(self, keys: Sequence[str]) -> list[bool]:
-        present = self._entries.leading(keys)
-        return [index < present or self._entries.contains(key) for index, key in enumerate(keys)]
-
     def touch(self, keys: Sequence[str]) -> None:
         self._entries.touch(keys)
 
