@@ -14,6 +14,7 @@ import torch
 from kvcake.store import codec
 from kvcake.store.backend import Backend, Buffer, Range, Reader
 from kvcake.store.base import KVStore, StatsCounter, StoreStats
+from kvcake.store.buffers import BufferPool, private_copy, shared_pool
 from kvcake.store.codec import ChunkKV, CodecError, Header
 from kvcake.store.memory import SizedLru
 
@@ -41,12 +42,15 @@ class ByteStore(KVStore):
 
     Headers of recently read entries are cached so a layer-by-layer load makes one
     backend round trip per layer; a checksum failure under a cached header re-reads the
-    header once before the entry is declared corrupt.
+    header once before the entry is declared corrupt. Decoded tensors view the bytes
+    read: a backend's private buffers directly, immutable bytes (Redis, memory) after
+    one copy into a buffer of `pool`.
     """
 
     def __init__(self, backend: Backend, *, dtype: str | None = None,
-                 page_tokens: int = codec.DEFAULT_PAGE_TOKENS) -> None:
+                 page_tokens: int = codec.DEFAULT_PAGE_TOKENS, pool: BufferPool | None = None) -> None:
         self.backend = backend
+        self._pool = pool or shared_pool()
         self._dtype = dtype
         self.page_tokens = page_tokens
         self._stats = StatsCounter()
@@ -61,7 +65,7 @@ class ByteStore(KVStore):
     # -- reads ---------------------------------------------------------------------------
     def get(self, key: str) -> ChunkKV | None:
         check_key(key)
-        return self._count(self._guarded(key, lambda: self._read_whole(key, lambda data: codec.decode(data, key=key)), None))
+        return self._count(self._guarded(key, lambda: self._read_whole(key, lambda data: codec.decode(self._private(data), key=key)), None))
 
     def get_encoded(self, key: str) -> bytes | None:
         check_key(key)
@@ -78,7 +82,7 @@ class ByteStore(KVStore):
             return [codec.layer_range(h, layer)]
 
         def decode(h: Header, parts: list[Buffer]) -> tuple[torch.Tensor, torch.Tensor]:
-            return codec.decode_layer(h, layer, parts[0])
+            return codec.decode_layer(h, layer, self._private(parts[0]))
 
         return self._count(self._guarded(key, lambda: self._read_partial(key, ranges, decode), None))
 
@@ -97,7 +101,7 @@ class ByteStore(KVStore):
             return codec.token_ranges(h, start, end, layers)
 
         def decode(h: Header, parts: list[Buffer]) -> ChunkKV:
-            return codec.decode_tokens(h, start, end, parts, layers)
+            return codec.decode_tokens(h, start, end, [self._private(part) for part in parts], layers)
 
         return self._count(self._guarded(key, lambda: self._read_partial(key, ranges, decode), None))
 
@@ -175,6 +179,11 @@ class ByteStore(KVStore):
         self.backend.close()
 
     # -- internals -----------------------------------------------------------------------
+    def _private(self, data: Buffer) -> memoryview:
+        """Bytes the decoded tensors may view: the backend's own buffer, or one pooled copy of immutable bytes."""
+        view = memoryview(data)
+        return private_copy(view, self._pool) if view.readonly else view
+
     def _read_whole(self, key: str, decode: Callable[[Buffer], T]) -> tuple[T, int] | None:
         data = self.backend.read_all(key)
         if data is None:

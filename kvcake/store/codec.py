@@ -4,17 +4,23 @@ Layout (all integers little-endian)::
 
     fixed header   magic "KVCK", codec version, flags, header length, L, T, H, D,
                    page_tokens, storage dtype, original dtype, key digest (16 bytes)
-    crc table      uint32 per (block, page); int8 entries add one crc per block for scales
+    layer crcs     uint32 per layer: CRC32C of the layer's byte range (its K and V blocks)
+    page crcs      uint32 per (block, page); int8 entries add one crc per block for scales
     header crc     uint32 CRC32C of everything above
     blocks         for layer 0..L-1: K block, then V block
                    block = [per-channel scales, float32 (H, D), int8 only]
                            [tensor bytes in token-major order (T, H, D)]
 
 Token-major blocks make a token range [a, b) of a layer one contiguous byte range, and
-the K and V blocks of a layer are adjacent, so a layer is one range as well. Every block
-is checksummed per page of ``page_tokens`` tokens: a layer read or a token-range read
-fetches the header plus the pages it overlaps and verifies exactly those pages, never
-the whole entry.
+the K and V blocks of a layer are adjacent, so a layer is one range as well. A whole
+layer (a full read, a layer read) is verified by one CRC call over its range, which
+releases the GIL; a token-range read verifies the pages of ``page_tokens`` tokens it
+overlaps, never the whole entry.
+
+Decoding makes no copy: the tensors are (H, T, D) views of the token-major bytes, so the
+buffer handed to a decoder must be private to the result (a pooled read buffer); an
+immutable ``bytes`` input is copied once first. The one copy a load needs is the
+reader's, into its KV cache.
 
 An entry is bound to the key it was written under: the header holds a digest of that
 key (covered by the header checksum), and every read names the key it expects, so valid
@@ -32,7 +38,7 @@ import crc32c
 import numpy as np
 import torch
 
-CODEC_VERSION = 3
+CODEC_VERSION = 4
 MAGIC = b"KVCK"
 DEFAULT_PAGE_TOKENS = 16
 #: bytes a reader fetches first: the whole header when layers x pages <= ~1000 (e.g. 30 layers
@@ -106,6 +112,7 @@ class Header:
     page_tokens: int
     store_code: int
     orig_code: int
+    layer_crcs: tuple[int, ...]
     crcs: tuple[int, ...]
 
     @property
@@ -139,6 +146,10 @@ class Header:
     @property
     def header_len(self) -> int:
         return _header_len(self.num_layers, self.crcs_per_block)
+
+    @property
+    def layer_bytes(self) -> int:
+        return 2 * self.block_bytes
 
     @property
     def total_bytes(self) -> int:
@@ -177,7 +188,7 @@ def _code_of(dtype: torch.dtype) -> int:
 
 
 def _header_len(num_layers: int, crcs_per_block: int) -> int:
-    return _FIXED.size + 4 * 2 * num_layers * crcs_per_block + _CRC.size
+    return _FIXED.size + 4 * num_layers + 4 * 2 * num_layers * crcs_per_block + _CRC.size
 
 
 def validate(chunk: ChunkKV) -> tuple[int, int, int]:
@@ -244,10 +255,10 @@ def _to_storage(t: torch.Tensor, code: int) -> tuple[memoryview, memoryview | No
     return np.ascontiguousarray(a.transpose(1, 0, 2)).reshape(-1).view(np.uint8).data, scales
 
 
-def _crc(data: bytes | memoryview) -> int:
-    """CRC32C (SSE4.2 / ARMv8 instructions where present), with the GIL released even for one page,
-    so loader threads verify in parallel."""
-    return crc32c.crc32c(data, gil_release_mode=1)
+def _crc(data: bytes | memoryview, value: int = 0) -> int:
+    """CRC32C (SSE4.2 / ARMv8 instructions where present). The GIL is released for large
+    buffers only: releasing it for every small page made two threads slower than one."""
+    return crc32c.crc32c(data, value=value)
 
 
 def _page_crcs(data: memoryview, page_bytes: int) -> list[int]:
@@ -263,21 +274,26 @@ def encode(chunk: ChunkKV, dtype: str | None = None, page_tokens: int = DEFAULT_
     code = dtype_code(dtype, chunk.keys[0].dtype)
     page_bytes = page_tokens * n_heads * head_dim * _DTYPES[code][2]
     body: list[memoryview] = []
-    crcs: list[int] = []
+    layer_crcs: list[int] = []
+    page_crcs: list[int] = []
     for layer in range(chunk.num_layers):
+        layer_crc = 0
         for t in (chunk.keys[layer], chunk.values[layer]):
             data, scales = _to_storage(t, code)
             if scales is not None:
                 body.append(scales)
-                crcs.append(_crc(scales))
+                page_crcs.append(_crc(scales))
+                layer_crc = _crc(scales, layer_crc)
             body.append(data)
-            crcs.extend(_page_crcs(data, page_bytes))
+            page_crcs.extend(_page_crcs(data, page_bytes))
+            layer_crc = _crc(data, layer_crc)
+        layer_crcs.append(layer_crc)
     fixed = _FIXED.pack(
         MAGIC, CODEC_VERSION, 0,
-        _header_len(chunk.num_layers, len(crcs) // (2 * chunk.num_layers)),
+        _header_len(chunk.num_layers, len(page_crcs) // (2 * chunk.num_layers)),
         chunk.num_layers, num_tokens, n_heads, head_dim, page_tokens, code, orig, 0, key_digest(key),
     )
-    head = fixed + np.asarray(crcs, dtype="<u4").tobytes()
+    head = fixed + np.asarray(layer_crcs + page_crcs, dtype="<u4").tobytes()
     return b"".join([head, _CRC.pack(_crc(head)), *body])
 
 
@@ -314,8 +330,8 @@ def parse_header(buf: bytes | memoryview, key: str = "") -> Header:
         raise CodecError("bad_header", "header length does not match its fields")
     if fields[12] != key_digest(key):
         raise CodecError("foreign_key", "the entry was written under another key")
-    crcs = np.frombuffer(buf, dtype="<u4", count=2 * layers * per_block, offset=_FIXED.size)
-    return Header(layers, tokens, heads, head_dim, page_tokens, code, orig, tuple(int(c) for c in crcs))
+    table = np.frombuffer(buf, dtype="<u4", count=layers + 2 * layers * per_block, offset=_FIXED.size).tolist()
+    return Header(layers, tokens, heads, head_dim, page_tokens, code, orig, tuple(table[:layers]), tuple(table[layers:]))
 
 
 def _check_pages(pages: memoryview, page_bytes: int, expected: Sequence[int], first_page: int, block: int) -> None:
@@ -335,56 +351,57 @@ def _check(buf: memoryview, expected: int, what: str) -> None:
         raise CodecError("checksum", f"checksum mismatch in {what}")
 
 
-def _decode_block(
-    h: Header, block: int, scales: memoryview | None, pages: memoryview, p0: int, start: int, end: int,
-    check: bool,
-) -> torch.Tensor:
-    """Tensor (H, end-start, D) of one block from the bytes of its pages [p0, ...)."""
-    base = h.crcs_per_block * block
-    page_bytes = h.page_tokens * h.token_bytes
-    p1 = h.page_span(start, end)[1]
-    expected_len = (min(p1 * h.page_tokens, h.num_tokens) - p0 * h.page_tokens) * h.token_bytes
-    if len(pages) < expected_len or (scales is not None and len(scales) < h.scale_bytes):
-        raise CodecError("truncated", f"block {block} is shorter than its header says")
-    if check:
-        first_crc = base + (1 if h.is_int8 else 0)
-        if scales is not None:
-            _check(scales[: h.scale_bytes], h.crcs[base], f"scales of block {block}")
-        _check_pages(pages[:expected_len], page_bytes, h.crcs[first_crc + p0 : first_crc + p1], p0, block)
-    n = end - start
-    arr = np.frombuffer(
-        pages, dtype=_DTYPES[h.store_code][3], count=n * h.n_heads * h.head_dim,
-        offset=(start - p0 * h.page_tokens) * h.token_bytes,
-    ).reshape(n, h.n_heads, h.head_dim).transpose(1, 0, 2)
+def _private(buf: bytes | memoryview) -> memoryview:
+    """A writable buffer the decoded tensors may view: `buf` itself, or one copy of immutable bytes."""
+    view = memoryview(buf)
+    return memoryview(bytearray(view)) if view.readonly else view
+
+
+def _block_tensor(h: Header, buf: memoryview, offset: int, num_tokens: int, scales_offset: int | None) -> torch.Tensor:
+    """(H, num_tokens, D) tensor of the token-major bytes of one block at `offset` of `buf`.
+
+    A view of `buf` (``torch.frombuffer`` keeps it alive) except for int8, which is
+    dequantized into a new tensor of the original dtype.
+    """
+    count = num_tokens * h.n_heads * h.head_dim
     if not h.is_int8:
-        return _tensor(arr.copy(order="C"), h.store_code)  # always a copy: never alias the read buffer
-    assert scales is not None
-    scale = np.frombuffer(scales, dtype="<f4", count=h.n_heads * h.head_dim).reshape(h.n_heads, 1, h.head_dim)
-    x = arr.astype(np.float32, order="C") * scale
-    return _tensor(_from_f32(x, h.orig_code), h.orig_code)
+        flat = torch.frombuffer(buf, dtype=_DTYPES[h.store_code][1], count=count, offset=offset)
+        return flat.view(num_tokens, h.n_heads, h.head_dim).permute(1, 0, 2)
+    assert scales_offset is not None
+    values = np.frombuffer(buf, dtype=np.int8, count=count, offset=offset).reshape(num_tokens, h.n_heads, h.head_dim)
+    scale = np.frombuffer(buf, dtype="<f4", count=h.n_heads * h.head_dim, offset=scales_offset).reshape(h.n_heads, h.head_dim)
+    x = values.astype(np.float32) * scale
+    return _tensor(_from_f32(x, h.orig_code), h.orig_code).permute(1, 0, 2)
 
 
-def _split_block(h: Header, buf: memoryview, block: int) -> tuple[memoryview | None, memoryview]:
-    """(scales, pages) views of a whole block inside a buffer holding the full entry."""
-    off = h.block_offset(block)
-    scales = buf[off : off + h.scale_bytes] if h.is_int8 else None
-    return scales, buf[off + h.scale_bytes : off + h.block_bytes]
+def _layer_tensors(h: Header, buf: memoryview, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, V) of a whole layer whose byte range starts at `offset` of `buf`."""
+    out = []
+    for block_offset in (offset, offset + h.block_bytes):
+        scales_offset = block_offset if h.is_int8 else None
+        out.append(_block_tensor(h, buf, block_offset + h.scale_bytes, h.num_tokens, scales_offset))
+    return out[0], out[1]
+
+
+def _check_layer(h: Header, layer: int, layer_bytes: memoryview) -> None:
+    if len(layer_bytes) < h.layer_bytes:
+        raise CodecError("truncated", f"layer {layer} is shorter than its header says")
+    _check(layer_bytes[: h.layer_bytes], h.layer_crcs[layer], f"layer {layer}")
 
 
 def verify(buf: bytes | memoryview, key: str = "") -> Header:
-    """Check a whole encoded entry read under `key` (header and every page) without building tensors."""
+    """Check a whole encoded entry read under `key` (header and every layer) without building tensors."""
     mv = memoryview(buf)
     h = parse_header(mv, key)
     _check_length(h, mv)
-    page_bytes = h.page_tokens * h.token_bytes
-    for block in range(2 * h.num_layers):
-        scales, pages = _split_block(h, mv, block)
-        base = h.crcs_per_block * block
-        if scales is not None:
-            _check(scales, h.crcs[base], f"scales of block {block}")
-            base += 1
-        _check_pages(pages, page_bytes, h.crcs[base : base + h.n_pages], 0, block)
+    _check_layers(h, mv)
     return h
+
+
+def _check_layers(h: Header, mv: memoryview) -> None:
+    for layer in range(h.num_layers):
+        start = h.block_offset(2 * layer)
+        _check_layer(h, layer, mv[start : start + h.layer_bytes])
 
 
 def _check_length(h: Header, mv: memoryview) -> None:
@@ -398,35 +415,29 @@ def decode(buf: bytes | memoryview, check: bool = True, key: str = "") -> ChunkK
     """Whole entry read under `key` -> ChunkKV; ``check=False`` only for bytes already passed to ``verify``.
 
     Tensors come back in the storage dtype chosen at encode time (the original dtype when
-    it was ``keep``); int8 entries are dequantized to the original dtype. fp32 kept as
-    fp32 round-trips bit-exactly.
+    it was ``keep``), as views of `buf` (see the module docstring); int8 entries are
+    dequantized to the original dtype. fp32 kept as fp32 round-trips bit-exactly.
     """
-    mv = memoryview(buf)
+    mv = _private(buf)
     h = parse_header(mv, key)
     _check_length(h, mv)
-    tensors = []
-    for block in range(2 * h.num_layers):
-        scales, pages = _split_block(h, mv, block)
-        tensors.append(_decode_block(h, block, scales, pages, 0, 0, h.num_tokens, check))
-    return ChunkKV(keys=tensors[0::2], values=tensors[1::2])
+    if check:
+        _check_layers(h, mv)
+    layers = [_layer_tensors(h, mv, h.block_offset(2 * layer)) for layer in range(h.num_layers)]
+    return ChunkKV(keys=[k for k, _ in layers], values=[v for _, v in layers])
 
 
 def layer_range(h: Header, layer: int) -> tuple[int, int]:
     """Byte range of the K and V blocks of one layer (adjacent, so one range)."""
     start = h.block_offset(2 * layer)
-    return start, start + 2 * h.block_bytes
+    return start, start + h.layer_bytes
 
 
 def decode_layer(h: Header, layer: int, buf: bytes | memoryview) -> tuple[torch.Tensor, torch.Tensor]:
-    """(K, V) of a layer from the bytes of ``layer_range``; every page is verified."""
-    mv = memoryview(buf)
-    out = []
-    for i, block in enumerate((2 * layer, 2 * layer + 1)):
-        off = i * h.block_bytes
-        scales = mv[off : off + h.scale_bytes] if h.is_int8 else None
-        pages = mv[off + h.scale_bytes : off + h.block_bytes]
-        out.append(_decode_block(h, block, scales, pages, 0, 0, h.num_tokens, True))
-    return out[0], out[1]
+    """(K, V) of a layer from the bytes of ``layer_range``, verified by the layer's CRC."""
+    mv = _private(buf)
+    _check_layer(h, layer, mv)
+    return _layer_tensors(h, mv, 0)
 
 
 def token_ranges(h: Header, start: int, end: int, layers: Sequence[int] | None = None) -> list[tuple[int, int]]:
@@ -442,14 +453,29 @@ def token_ranges(h: Header, start: int, end: int, layers: Sequence[int] | None =
 
 
 def decode_tokens(h: Header, start: int, end: int, parts: Sequence[bytes | memoryview], layers: Sequence[int] | None = None) -> ChunkKV:
-    """ChunkKV of tokens [start, end) of `layers` (default all) from the parts fetched for ``token_ranges``."""
-    p0 = h.page_span(start, end)[0]
+    """ChunkKV of tokens [start, end) of `layers` (default all) from the parts fetched for ``token_ranges``; the pages read are verified."""
+    p0, p1 = h.page_span(start, end)
+    pages_len = (min(p1 * h.page_tokens, h.num_tokens) - p0 * h.page_tokens) * h.token_bytes
+    page_bytes = h.page_tokens * h.token_bytes
+    first_page_crc = 1 if h.is_int8 else 0
     step = 2 if h.is_int8 else 1
     tensors = []
     for index, block in enumerate(_blocks(h, layers)):
-        scales = memoryview(parts[step * index]) if h.is_int8 else None
-        pages = memoryview(parts[step * index + step - 1])
-        tensors.append(_decode_block(h, block, scales, pages, p0, start, end, True))
+        pages = _private(parts[step * index + step - 1])
+        base = h.crcs_per_block * block
+        if len(pages) < pages_len:
+            raise CodecError("truncated", f"block {block} is shorter than its header says")
+        _check_pages(pages[:pages_len], page_bytes, h.crcs[base + first_page_crc + p0 : base + first_page_crc + p1], p0, block)
+        offset = (start - p0 * h.page_tokens) * h.token_bytes
+        if not h.is_int8:
+            tensors.append(_block_tensor(h, pages, offset, end - start, None))
+            continue
+        scales = memoryview(parts[step * index])
+        if len(scales) < h.scale_bytes:
+            raise CodecError("truncated", f"scales of block {block} are shorter than its header says")
+        _check(scales[: h.scale_bytes], h.crcs[base], f"scales of block {block}")
+        joined = memoryview(bytearray(scales[: h.scale_bytes]) + pages)
+        tensors.append(_block_tensor(h, joined, h.scale_bytes + offset, end - start, 0))
     return ChunkKV(keys=tensors[0::2], values=tensors[1::2])
 
 

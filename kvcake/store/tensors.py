@@ -141,6 +141,6 @@ class TensorStore(KVStore):
         return True
 
     def _resident(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A contiguous CPU copy this store owns (pinned when CUDA is present): the caller may reuse its tensor."""
-        owned = tensor.detach().to("cpu", copy=True).contiguous()
-        return owned.pin_memory() if self._pin else owned
+        """A contiguous CPU copy this store owns (pinned when CUDA is present), made by one copy: the caller may reuse its tensor."""
+        owned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=self._pin)
+        return owned.copy_(tensor.detach())
