@@ -307,7 +307,7 @@ class Engine:
         for start, end in _passes(first, len(prompt_ids), step):
             ids, positions = torch.tensor(prompt_ids[start:end]), torch.arange(start, end)
             stored_end = min(end, full_end)
-            out = self.model.forward(ids, positions, cache, keep_kv=stored_end > start)
+            out = self.model.forward(ids, positions, cache, keep_kv=stored_end > start, rotated_keys=True)
             if stored_end > start:
                 keys_by_chunk = zip(*(k[:, : stored_end - start].split(chunk_size, dim=1) for k in out.keys))
                 values_by_chunk = zip(*(v[:, : stored_end - start].split(chunk_size, dim=1) for v in out.values))

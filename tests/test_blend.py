@@ -76,7 +76,9 @@ def test_ratio_zero_equals_concatenated_stored_caches(engine: Engine) -> None:
         model.prefill(planned.token_ids[: planned.prefix_length], cache, engine.config.chunk_size)
         for index, (start, end) in enumerate(planned.document_spans):
             stored = engine.store.get(engine.document_key(planned.document_ids(index), planned.preamble))
-            model.load_kv(cache, stored.keys, stored.values, torch.arange(start, end))
+            positions = torch.arange(start, end)
+            cos, sin = model.rope_tables(positions)  # a document's K is stored before RoPE
+            model.load_kv(cache, [model.apply_rope(k, cos, sin) for k in stored.keys], stored.values, positions)
         query_start = planned.document_spans[-1][1]
         query = torch.tensor(planned.token_ids[query_start:])
         reference = model.forward(query, torch.arange(query_start, len(planned.token_ids)), cache).logits[-1]

@@ -54,11 +54,11 @@ def test_chunked_prefill_equals_one_shot(tiny_folders: dict[str, Path], test_dev
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_suffix_over_stored_prefix_kv_equals_full_pass(tiny_folders: dict[str, Path], test_device: torch.device, family: str) -> None:
-    """Store a prefix's K (before RoPE) and V, place it into a fresh cache, compute only the suffix."""
+    """Store a prefix's K (after RoPE) and V, place it into a fresh cache, compute only the suffix."""
     model = Transformer.from_folder(tiny_folders[family], test_device)
     ids = torch.randint(0, 512, (200,), generator=torch.Generator().manual_seed(3))
     prefix_len = 120
-    stored = model.forward(ids[:prefix_len], torch.arange(prefix_len), model.new_cache(prefix_len), keep_kv=True)
+    stored = model.forward(ids[:prefix_len], torch.arange(prefix_len), model.new_cache(prefix_len), keep_kv=True, rotated_keys=True)
 
     cache = model.new_cache(len(ids))
     model.load_kv(cache, stored.keys, stored.values, torch.arange(prefix_len))

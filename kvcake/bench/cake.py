@@ -132,7 +132,7 @@ def _per_chunk_compute_times(engine: Engine, prompt: list[int], num_chunks: int,
             for index in range(num_chunks):
                 positions = torch.arange(index * chunk_size, (index + 1) * chunk_size)
                 started = time.perf_counter()
-                model.forward(ids[positions], positions, cache, keep_kv=True)
+                model.forward(ids[positions], positions, cache, keep_kv=True, rotated_keys=True)
                 samples[index].append(time.perf_counter() - started)
     return [statistics.median(times) for times in samples]
 

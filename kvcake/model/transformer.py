@@ -205,18 +205,19 @@ class Transformer:
         cache: KVCache,
         slot: slice,
         mask: Mask,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One layer for the tokens in cache slot `slot`, attending over the cache up to its end.
 
-        Returns the new hidden states and the layer's K (before RoPE) and V for these tokens.
+        Returns the new hidden states and the layer's K before RoPE, K after it, and V for these tokens.
         """
         q, k, v = self.qkv(layer, hidden)
         cos, sin = rope
-        cache.write(layer, slot, self.apply_rope(k, cos, sin), v)
+        rotated_k = self.apply_rope(k, cos, sin)
+        cache.write(layer, slot, rotated_k, v)
         cached_k, cached_v = cache.layer(layer, slot.stop)
         attended = attend_with_mask(self.apply_rope(q, cos, sin), cached_k, cached_v, mask)
         hidden = hidden + self.attention_output(layer, attended)
-        return hidden + self.mlp(layer, hidden), k, v
+        return hidden + self.mlp(layer, hidden), k, rotated_k, v
 
     def forward(
         self,
@@ -226,11 +227,14 @@ class Transformer:
         *,
         all_logits: bool = False,
         keep_kv: bool = False,
+        rotated_keys: bool = False,
     ) -> ForwardOutput:
         """Run new tokens through every layer, appending their KV to `cache`.
 
         Logits are returned for the last token only unless `all_logits`; with `keep_kv`
-        the chunk's own K (before RoPE) and V are returned for storing.
+        the chunk's own K and V are returned for storing: K before RoPE (a document, which
+        is placed at other positions later), or after it with `rotated_keys` (a prefix
+        chunk, which only ever sits at these positions).
         """
         slot = cache.reserve(positions.to(self.device))
         rope = self.rope_tables(positions)
@@ -239,9 +243,9 @@ class Transformer:
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
         for layer in range(self.config.num_layers):
-            hidden, k, v = self.layer_forward(layer, hidden, rope, cache, slot, mask)
+            hidden, k, rotated_k, v = self.layer_forward(layer, hidden, rope, cache, slot, mask)
             if keep_kv:
-                keys.append(k.contiguous())
+                keys.append((rotated_k if rotated_keys else k).contiguous())
                 values.append(v.contiguous())
         cache.commit(slot)
         last = hidden if all_logits else hidden[-1:]
@@ -268,7 +272,7 @@ class Transformer:
         keys: list[list[torch.Tensor]] = []
         values: list[list[torch.Tensor]] = []
         for layer in range(self.config.num_layers):
-            hidden, k, v = self.layer_forward(layer, hidden, rope, cache, slot, mask)
+            hidden, k, _, v = self.layer_forward(layer, hidden, rope, cache, slot, mask)
             keys.append(list(k.split(lengths, dim=1)))
             values.append(list(v.split(lengths, dim=1)))
         return [([k[i].contiguous() for k in keys], [v[i].contiguous() for v in values]) for i in range(len(segments))]
@@ -293,14 +297,11 @@ class Transformer:
             raise ValueError("prefill needs at least one token")
         return logits[-1]
 
-    def load_kv(self, cache: KVCache, keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor) -> None:
-        """Place stored per-layer K (before RoPE) and V into the cache at `positions`."""
+    def load_kv(self, cache: KVCache, rotated_keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor) -> None:
+        """Place stored per-layer K (after RoPE, at these `positions`) and V into the cache: one copy each."""
         slot = cache.reserve(positions.to(self.device))
-        cos, sin = self.rope_tables(positions)
         for layer in range(self.config.num_layers):
-            k = keys[layer].to(device=self.device, dtype=self.dtype)
-            v = values[layer].to(device=self.device, dtype=self.dtype)
-            cache.write(layer, slot, self.apply_rope(k, cos, sin), v)
+            cache.write(layer, slot, rotated_keys[layer], values[layer])
         cache.commit(slot)
 
     def new_cache(self, capacity: int) -> KVCache:

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 class ChunkLoader(Protocol):
-    """Fetches the stored KV of prefix chunk `index` (K before RoPE), or None on any failure."""
+    """Fetches the stored KV of prefix chunk `index` (K after RoPE, at the chunk's positions), or None on any failure."""
 
     def __call__(self, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor], int] | None: ...
 
@@ -327,7 +327,7 @@ class PrefixPrefill:
                 return
             started = time.perf_counter()
             positions = self._positions(index)
-            out = self.model.forward(self.prompt_ids[positions], positions, cache, keep_kv=True)
+            out = self.model.forward(self.prompt_ids[positions], positions, cache, keep_kv=True, rotated_keys=True)
             self.computed_kv[index] = (out.keys, out.values)
             elapsed = time.perf_counter() - started
             self._observed_compute.append((index, elapsed))

@@ -18,7 +18,7 @@ from kvcake.store import ChunkKV, KVStore
 
 log = logging.getLogger(__name__)
 ChunkPair = tuple[list[torch.Tensor], list[torch.Tensor]]
-"""Per-layer K (before RoPE) and V of one chunk."""
+"""Per-layer K and V of one chunk (K after RoPE for a prefix chunk, before it for a document)."""
 
 
 class WriteBack:
