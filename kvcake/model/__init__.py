@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from kvcake.model.config import ModelConfig, UnsupportedArchitectureError
-from kvcake.model.kv import KVCache
+from kvcake.model.kv import CachePool, KVCache
 from kvcake.model.registry import DEFAULT_MODEL, REGISTRY, UnknownModelError, resolve_model, weights_identity
 from kvcake.model.sampling import Sampler, SamplingParams
 from kvcake.model.tokenizer import Tokenizer
@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "REGISTRY",
     "ForwardOutput",
+    "CachePool",
     "KVCache",
     "ModelConfig",
     "Sampler",
