@@ -59,18 +59,20 @@ class KvcakeConfig:
     load_streams: int = _setting(2, "Threads reading stored document layers at once (blend, tune).")
     load_timeout_s: float = _setting(30.0, "Longest wait for one stored layer (blend, tune); past it the request computes instead (counted as a fallback).")
     max_documents: int = _setting(64, "Most documents one request (or one warm call) may carry; more get a 400.")
+    kv_pool_gb: float = _setting(2.0, "Memory of finished requests' KV caches kept mapped for the next ones, in GB (fresh memory costs page faults; 0 = none).")
     host: str = _setting("127.0.0.1", "`kvcake serve`: address to listen on.")
     port: int = _setting(8000, "`kvcake serve`: port to listen on.")
     api_keys: str = _setting("", "`kvcake serve`: comma-separated KEY:TENANT pairs; requests need `Authorization: Bearer KEY`. Empty = no auth.")
     shared_documents: bool = _setting(False, "Documents (blend) are keyed without the tenant salt, so all tenants share one corpus.")
     metrics_api_key: str = _setting("", "`kvcake serve`: if set, `/metrics` needs `Authorization: Bearer KEY` (its counters span every tenant). Empty = open.")
     max_queue: int = _setting(64, "`kvcake serve`: requests (and warm calls) waiting for compute before new ones get 429.")
+    max_batch: int = _setting(8, "`kvcake serve`: requests generating at once (continuous batching: their decode steps share one forward); 1 = one at a time.")
     max_body_bytes: int = _setting(8_000_000, "`kvcake serve`: largest request body accepted (413 above it).")
     io_threads: int = _setting(2, "`kvcake serve`: threads loading the stored prefixes of waiting requests while another computes (0 = off).")
     prefetch_gb: float = _setting(2.0, "`kvcake serve`: most KV that waiting requests may hold preloaded, in GB.")
 
     def __post_init__(self) -> None:
-        for name in ("chunk_size", "max_tokens", "max_queue", "max_body_bytes", "max_documents"):
+        for name in ("chunk_size", "max_tokens", "max_queue", "max_batch", "max_body_bytes", "max_documents"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"setting {name!r} must be >= 1, got {getattr(self, name)}")
         for name in ("blend_ratio", "tune_min_ratio"):
@@ -84,6 +86,8 @@ class KvcakeConfig:
             raise ConfigError(f"setting 'load_streams' must be >= 1, got {self.load_streams}")
         if self.compute_chunk < 0 or self.compute_chunk % self.chunk_size:
             raise ConfigError(f"setting 'compute_chunk' must be 0 or a multiple of chunk_size ({self.chunk_size}), got {self.compute_chunk}")
+        if self.kv_pool_gb < 0:
+            raise ConfigError(f"setting 'kv_pool_gb' must be >= 0, got {self.kv_pool_gb}")
         for name in ("threads", "io_threads", "document_gap"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"setting {name!r} must be >= 0, got {getattr(self, name)}")

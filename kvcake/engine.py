@@ -7,7 +7,7 @@ import math
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Generator, Iterator
+from typing import Any, Generator, Iterator
 
 import torch
 
@@ -26,9 +26,9 @@ from kvcake.blend import (
 )
 from kvcake.config import ConfigError, KvcakeConfig
 from kvcake.runtime import keep_freed_memory
-from kvcake.model import KVCache, SamplingParams, Sampler, load_model, resolve_device, resolve_dtype, weights_identity
+from kvcake.model import CachePool, KVCache, SamplingParams, Sampler, load_model, resolve_device, resolve_dtype, weights_identity
 from kvcake.model.grammar import GrammarError, JsonConstraint
-from kvcake.schedule import ByteBudget, CostProfile, PrefixPrefetch, PrefixPrefill, PrefixReport, Strategy, WriteBack
+from kvcake.schedule import ByteBudget, CostProfile, PrefixPrefetch, PrefixPrefill, PrefixReport, Strategy, WriteBack, drain
 from kvcake.segments import PromptLayout, Segments, document_preamble, document_token_ids, layout, split_prompt
 from kvcake.store import ChunkKV, KVStore, document_key, model_fingerprint, open_store, prefix_chunk_keys
 
@@ -137,6 +137,23 @@ class ScoredDocument:
     stored_order: ChunkKV | None = None
 
 
+@dataclass(frozen=True)
+class DecodeStep:
+    """A choice's newest token, to run through the model at `position` over `cache`.
+
+    `Engine.run` yields it and expects that token's logits back (``send``); a driver may
+    answer several requests' decode steps with one batched forward."""
+
+    token_id: int
+    position: int
+    cache: KVCache
+
+
+Work = Step | DecodeStep | None
+"""What `Engine.run` yields: a generated token (send True to end its choice), a decode step
+(send its logits), or None: a pause after a unit of prefill work (send None)."""
+
+
 @dataclass
 class Prefill:
     """The state after the prompt: its KV cache and the logits of the last prompt token."""
@@ -166,6 +183,7 @@ class Engine:
         if config.tune_scoring not in RULES:
             raise ConfigError(f"tune_scoring must be one of {', '.join(RULES)}, got {config.tune_scoring!r}")
         self.tune_profile = TuneProfile()
+        self.cache_pool = CachePool(int(config.kv_pool_gb * 1e9))
 
     def close(self) -> None:
         self.writeback.close()
@@ -245,18 +263,31 @@ class Engine:
         token's logits need that token computed. Computed full chunks are written back.
         Chunks `prefetched` while the request waited are used as loaded (Cake, load).
         """
+        return drain(self.prefill_steps(prompt_ids, capacity, strategy, tenant, prefetched))
+
+    def prefill_steps(
+        self,
+        prompt_ids: list[int],
+        capacity: int,
+        strategy: Strategy | None = None,
+        tenant: str | None = None,
+        prefetched: PrefixPrefetch | None = None,
+    ) -> Generator[None, None, tuple[Prefill, PrefixReport]]:
+        """`prefill`, pausing (``yield``) after every computed chunk or pass."""
         chunk_size = self.config.chunk_size
         strategy = strategy or self._prefix_strategy(self.default_reuse)
         keys = prefix_chunk_keys(self.fingerprint, self.config.tenant if tenant is None else tenant, prompt_ids, chunk_size)
         reusable = keys[: (len(prompt_ids) - 1) // chunk_size]
         num_hit = self.store.stored_prefix(reusable)
-        cache = self.model.new_cache(capacity)
+        cache = self.model.new_cache(capacity, self.cache_pool)
         ready = prefetched.take_back(num_hit) if prefetched is not None and strategy.name in PREFETCHING else {}
         prefix = PrefixPrefill(self.model, chunk_size, prompt_ids, self._chunk_loader(reusable), self.cost_profile)
-        report = prefix.run(cache, num_hit, strategy, ready)
-        started = time.perf_counter()
-        last_logits, computed = self._compute_rest(prompt_ids, cache, num_hit, keys)
-        report.compute_s += time.perf_counter() - started
+        try:
+            report = yield from prefix.steps(cache, num_hit, strategy, ready)
+            last_logits, computed = yield from self._compute_rest(prompt_ids, cache, num_hit, keys, report)
+        except GeneratorExit:
+            cache.release()
+            raise
         computed.update({keys[index]: kv for index, kv in prefix.computed_kv.items()})
         self.writeback.submit_chain(keys, computed)
         return Prefill(cache, last_logits, len(prompt_ids)), report
@@ -290,14 +321,15 @@ class Engine:
         return load
 
     def _compute_rest(
-        self, prompt_ids: list[int], cache: KVCache, first_chunk: int, keys: list[str]
-    ) -> tuple[torch.Tensor, dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]]:
+        self, prompt_ids: list[int], cache: KVCache, first_chunk: int, keys: list[str], report: PrefixReport
+    ) -> Generator[None, None, tuple[torch.Tensor, dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]]]:
         """Compute chunks from `first_chunk` on: the last token's logits, and the full chunks' K/V by key (to store).
 
         Passes are `prefill_chunk` tokens (several store chunks at once, when it is larger),
         cut at multiples of it from position 0 whatever was reused, so a token is always
         computed in the same pass shape as in a full prefill; each pass's K/V is cut into
         store chunks. The trailing partial chunk is never stored, so its K/V copies are not kept.
+        Pauses after each pass; its compute time goes to `report.compute_s`.
         """
         chunk_size, step = self.config.chunk_size, self.config.prefill_chunk
         first = first_chunk * chunk_size
@@ -305,6 +337,7 @@ class Engine:
         logits = None
         computed = {}
         for start, end in _passes(first, len(prompt_ids), step):
+            started = time.perf_counter()
             ids, positions = torch.tensor(prompt_ids[start:end]), torch.arange(start, end)
             stored_end = min(end, full_end)
             out = self.model.forward(ids, positions, cache, keep_kv=stored_end > start, rotated_keys=True)
@@ -314,6 +347,8 @@ class Engine:
                 for offset, (chunk_keys, chunk_values) in enumerate(zip(keys_by_chunk, values_by_chunk)):
                     computed[keys[start // chunk_size + offset]] = (list(chunk_keys), list(chunk_values))
             logits = out.logits
+            report.compute_s += time.perf_counter() - started
+            yield
         assert logits is not None
         return logits[-1], computed
 
@@ -341,6 +376,37 @@ class Engine:
         `planned` is the request's prompt as `check` planned it (planned again if None).
         The prompt is prefilled once for all `request.n` choices; choice i samples with
         seed + i. Sending True after a step ends that step's choice (a stop sequence).
+        This drives `run` alone: every decode step is a forward of this request only.
+        """
+        work = self.run(request, metrics, prefetched, planned)
+        reply: Any = None
+        try:
+            while True:
+                with torch.inference_mode():
+                    item = work.send(reply)
+                    if isinstance(item, DecodeStep):
+                        reply = self.model.forward(torch.tensor([item.token_id]), torch.tensor([item.position]), item.cache).logits[-1]
+                        continue
+                if item is None:
+                    reply = None
+                    continue
+                reply = yield item
+        except StopIteration:
+            return
+        finally:
+            work.close()
+
+    def run(
+        self,
+        request: GenerateRequest,
+        metrics: RequestMetrics,
+        prefetched: PrefixPrefetch | None = None,
+        planned: PromptLayout | None = None,
+    ) -> Generator[Work, Any, None]:
+        """The request as a coroutine a scheduler drives (see `Work`): prefill, then every choice's tokens.
+
+        Its driver runs it under ``torch.inference_mode()`` and on one thread. Plain and
+        Cake prefills pause after every computed chunk; blend and tune prefills run whole.
         """
         started = time.perf_counter()
         planned = self.plan_prompt(request) if planned is None else planned
@@ -350,25 +416,28 @@ class Engine:
         params = request.sampling
         prompt_length = len(planned.token_ids)
         budget = min(params.max_tokens, self.context_length - prompt_length)
-        with torch.inference_mode():
-            if reuse == TUNE and planned.document_spans:
-                state, report, blend = self.tune_prefill(planned, prompt_length + budget, request.ratio, request.tenant, prefetched)
-            elif reuse == BLEND and planned.document_spans:
-                state, report, blend = self.blend_prefill(planned, prompt_length + budget, ratio, request.tenant, prefetched, request.guard)
-            else:
-                state, report = self.prefill(planned.token_ids, prompt_length + budget, self._prefix_strategy(reuse), request.tenant, prefetched)
-                blend = None
-            metrics.prompt_tokens = prompt_length
-            metrics.tokens_loaded = report.tokens_loaded + (blend.tokens_loaded if blend else 0)
-            metrics.tokens_computed = prompt_length - metrics.tokens_loaded
-            metrics.prefix = report
-            metrics.blend = blend
-            metrics.prefill_s = time.perf_counter() - started
-            for choice in range(request.n):
-                own = state if choice == request.n - 1 else Prefill(state.cache.fork(), state.last_logits, state.next_position)
-                seed = None if params.seed is None else (params.seed + choice) % (2**64)
-                sampler = Sampler(dataclasses.replace(params, seed=seed), self.model.device, self._constraint(request))
+        if reuse == TUNE and planned.document_spans:
+            state, report, blend = self.tune_prefill(planned, prompt_length + budget, request.ratio, request.tenant, prefetched)
+        elif reuse == BLEND and planned.document_spans:
+            state, report, blend = self.blend_prefill(planned, prompt_length + budget, ratio, request.tenant, prefetched, request.guard)
+        else:
+            strategy = self._prefix_strategy(reuse)
+            state, report = yield from self.prefill_steps(planned.token_ids, prompt_length + budget, strategy, request.tenant, prefetched)
+            blend = None
+        metrics.prompt_tokens = prompt_length
+        metrics.tokens_loaded = report.tokens_loaded + (blend.tokens_loaded if blend else 0)
+        metrics.tokens_computed = prompt_length - metrics.tokens_loaded
+        metrics.prefix = report
+        metrics.blend = blend
+        metrics.prefill_s = time.perf_counter() - started
+        for choice in range(request.n):
+            own = state if choice == request.n - 1 else Prefill(state.cache.fork(), state.last_logits, state.next_position)
+            seed = None if params.seed is None else (params.seed + choice) % (2**64)
+            sampler = Sampler(dataclasses.replace(params, seed=seed), self.model.device, self._constraint(request))
+            try:
                 yield from self._decode(own, sampler, budget, metrics, started, choice)
+            finally:
+                own.cache.release()
 
     def prompt_logprobs(self, token_ids: list[int]) -> list[torch.Tensor]:
         """Per prompt token after the first, the log-softmax that predicted it (from the tokens before it).
@@ -589,7 +658,7 @@ class Engine:
         self, prefix_ids: list[int], capacity: int, tenant: str | None, prefetched: PrefixPrefetch | None
     ) -> tuple[KVCache, PrefixReport]:
         if not prefix_ids:
-            return self.model.new_cache(capacity), PrefixReport()
+            return self.model.new_cache(capacity, self.cache_pool), PrefixReport()
         state, report = self.prefill(prefix_ids, capacity, Strategy("cake"), tenant, prefetched)
         return state.cache, report
 
@@ -653,7 +722,7 @@ class Engine:
         """
         chunk_size = self.config.prefill_chunk
         longest = max((len(d) for d in documents), default=0)
-        cache = self.model.new_cache(len(preamble) + max(longest, chunk_size))
+        cache = self.model.new_cache(len(preamble) + max(longest, chunk_size), self.cache_pool)
         if preamble and documents:
             self.model.forward(torch.tensor(preamble), torch.arange(len(preamble)), cache)
         results: list[ChunkKV] = []
@@ -666,6 +735,7 @@ class Engine:
             else:
                 outputs = self.model.forward_isolated([documents[i] for i in batch], firsts, cache)
             results.extend(ChunkKV([k.cpu() for k in keys], [v.cpu() for v in values]) for keys, values in outputs)
+        cache.release()
         return results
 
     def _document_start(self, preamble_length: int, document_length: int) -> int:
@@ -719,8 +789,9 @@ class Engine:
 
     def _decode(
         self, state: Prefill, sampler: Sampler, budget: int, metrics: RequestMetrics, started: float, choice: int = 0
-    ) -> Generator[Step, bool | None, None]:
-        """Decode one choice. A consumer that `send`s True after a step ends this choice there (a stop sequence)."""
+    ) -> Generator[Step | DecodeStep, Any, None]:
+        """Decode one choice. A consumer that `send`s True after a step ends this choice there (a stop sequence);
+        each `DecodeStep` is answered with that token's logits."""
         logits = state.last_logits
         position = state.next_position
         decode_started = time.perf_counter()
@@ -734,8 +805,7 @@ class Engine:
             last = stopped or index == budget - 1
             if (yield Step(token, logits, ("stop" if stopped else "length") if last else None, choice)) or last:
                 break
-            out = self.model.forward(torch.tensor([token]), torch.tensor([position]), state.cache)
-            logits = out.logits[-1]
+            logits = yield DecodeStep(token, position, state.cache)
             position += 1
         metrics.decode_s = time.perf_counter() - decode_started
 

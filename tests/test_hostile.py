@@ -116,23 +116,26 @@ def test_a_non_streamed_request_stops_when_its_client_leaves(live: LiveServer, c
     assert live.client().completions.create(model=config.model, prompt="next", max_tokens=2, temperature=0).usage.completion_tokens >= 1
 
 
-def test_a_request_whose_client_left_while_queued_is_answered_and_skipped(live: LiveServer, config: KvcakeConfig) -> None:
-    slow = live.client().completions.create(model=config.model, prompt="a long answer", max_tokens=3000, temperature=0, stream=True)
-    next(iter(slow))
-    impatient = openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0, timeout=0.5)
-    with pytest.raises(openai.APITimeoutError):
-        impatient.completions.create(model=config.model, prompt="queued", max_tokens=5, temperature=0)
-    time.sleep(1.0)  # let the queued request's watcher see its client leave (it polls every 0.25 s)
-    slow.close()
-    gone = 'kvcake_requests_total{endpoint="/v1/completions",status="499"}'
-    _wait_for(lambda: _metric(_metrics(live.url), gone) == 1.0, "the skipped request's route to return")
+def test_a_request_whose_client_left_while_queued_is_answered_and_skipped(config: KvcakeConfig) -> None:
+    engine = Engine(config.replace(max_batch=1))  # one slot: the second request has to queue
+    with LiveServer(engine) as live:
+        slow = live.client().completions.create(model=config.model, prompt="a long answer", max_tokens=3000, temperature=0, stream=True)
+        next(iter(slow))
+        impatient = openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0, timeout=0.5)
+        with pytest.raises(openai.APITimeoutError):
+            impatient.completions.create(model=config.model, prompt="queued", max_tokens=5, temperature=0)
+        time.sleep(1.0)  # let the queued request's watcher see its client leave (it polls every 0.25 s)
+        slow.close()
+        gone = 'kvcake_requests_total{endpoint="/v1/completions",status="499"}'
+        _wait_for(lambda: _metric(_metrics(live.url), gone) == 1.0, "the skipped request's route to return")
+    engine.close()
 
 
 # ---- 3. warming goes through the compute queue -----------------------------------------------
 
 
 def test_warming_waits_in_the_compute_queue_and_gets_429_when_it_is_full(config: KvcakeConfig) -> None:
-    engine = Engine(config.replace(max_queue=1, io_threads=0))
+    engine = Engine(config.replace(max_queue=1, io_threads=0, max_batch=1))
     with LiveServer(engine) as server:
         client = server.client()
         slow = client.completions.create(model=config.model, prompt="a long answer", max_tokens=3000, temperature=0, stream=True)

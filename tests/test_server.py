@@ -147,9 +147,11 @@ def _rss_bytes() -> int:
 
 
 def test_full_queue_answers_429_with_retry_after(config: KvcakeConfig) -> None:
-    engine = Engine(config.replace(max_queue=1))
+    engine = Engine(config.replace(max_queue=1, max_batch=2))
     with LiveServer(engine) as server:
-        slow = server.client().completions.create(model=config.model, prompt="a long answer", max_tokens=400, temperature=0, stream=True)
+        slow = server.client().completions.create(model=config.model, prompt="a long answer", max_tokens=3000, temperature=0, stream=True)
+        also_slow = server.client().completions.create(model=config.model, prompt="a long answer", max_tokens=3000, temperature=0, stream=True)
+        next(iter(also_slow))  # both slots of the batch are taken now
         next(iter(slow))
         queued = threading.Thread(target=lambda: server.client().completions.create(model=config.model, prompt="wait", max_tokens=1))
         queued.start()
@@ -161,6 +163,7 @@ def test_full_queue_answers_429_with_retry_after(config: KvcakeConfig) -> None:
             server.client().completions.create(model=config.model, prompt="no room", max_tokens=1)
         assert raised.value.response.headers["retry-after"] == "1"
         slow.close()
+        also_slow.close()
         queued.join()
     engine.close()
 

@@ -13,6 +13,9 @@ of `--round-requests`, and the strategies take turns round by round (in a rotati
 order), so that a drift of the machine's speed during the run weighs on all of them
 alike. The reports give requests per second over all rounds and client-side TTFT
 (request sent to first streamed token, queueing included) at p50 and p99.
+
+`--workload decode` and `--workload stall` measure continuous batching instead (see
+`kvcake/bench/batching.py`); `--workload batching` runs both into one report.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 import openai
 from tqdm import tqdm
 
+from kvcake.bench import batching
 from kvcake.bench.report import machine_description, write_report
 from kvcake.config import KvcakeConfig, config_from_args
 from kvcake.data import long_text
@@ -53,11 +57,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--answer-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=Path("docs/benchmarks"))
-    parser.add_argument("--name", default="serve", help="File stem of the report (e.g. serve-io0 for a run with --io-threads 0).")
+    parser.add_argument("--name", default=None, help="File stem of the report (default: serve, or serve-batching for the batching workloads).")
+    parser.add_argument("--workload", choices=("mixed", "decode", "stall", "batching"), default="mixed",
+                        help="mixed: half stored-prefix hits, per reuse strategy; decode: many clients generating, batched vs one at a time; "
+                             "stall: a client's token gaps while another's long prompt prefills; batching: decode and stall.")
+    parser.add_argument("--clients", type=int, default=8, help="decode: clients at once.")
+    parser.add_argument("--decode-tokens", type=int, default=128, help="decode: tokens each client generates.")
+    parser.add_argument("--rounds", type=int, default=3, help="decode: rounds per server.")
+    parser.add_argument("--stall-prompt-tokens", type=int, default=8000, help="stall: tokens of the long prompt.")
+    parser.add_argument("--stream-tokens", type=int, default=2000, help="stall: tokens the streaming client asks for (enough to outlast the prefill).")
 
 
 def run(args: argparse.Namespace) -> None:
     config = config_from_args(args)
+    if args.workload != "mixed":
+        decode = batching.run_decode(config, args) if args.workload in ("decode", "batching") else None
+        stall = batching.run_stall(config, args) if args.workload in ("stall", "batching") else None
+        batching.report(args.out_dir, args.name or "serve-batching", config, args, decode, stall)
+        return
+    args.name = args.name or "serve"
     texts = _texts(config, args)
     shared, own = texts[: args.documents], texts[args.documents :]
     rng = random.Random(args.seed)

@@ -161,13 +161,15 @@ def _plain_reader(tier: str, work: Path, redis_url: str | None) -> Callable[[str
     file: ``readinto`` of the entry's file (page cache) into a preallocated buffer; redis: a redis-py ``GET``.
     """
     if tier == "file":
-        buffers: dict[int, bytearray] = {}
+        buffers = threading.local()
 
         def read_file(key: str) -> int:
             path = work / "file" / key[:2] / f"{key}.kv"
             size = path.stat().st_size
+            if getattr(buffers, "size", None) != size:
+                buffers.size, buffers.data = size, bytearray(size)
             with open(path, "rb", buffering=0) as f:
-                return f.readinto(buffers.setdefault(size, bytearray(size)))
+                return f.readinto(buffers.data)
 
         return read_file
     if tier == "redis" and redis_url is not None:
@@ -180,6 +182,8 @@ def _plain_reader(tier: str, work: Path, redis_url: str | None) -> Callable[[str
 
 def _measure_tier(name: str, store: KVStore, shape: Shape, tokens: int, seconds: float,
                   plain_read: Callable[[str], Any] | None) -> list[dict]:
+    """Each op's median time, measured in turn with its references (memcpy, the backend's plain read),
+    so a drift of the machine's speed during the run moves both sides of a ratio alike."""
     chunk = shape.chunk(tokens)
     counter = iter(range(10**9))
     written: list[str] = []
@@ -188,50 +192,83 @@ def _measure_tier(name: str, store: KVStore, shape: Shape, tokens: int, seconds:
         written.append(f"bench-{tokens}-{next(counter)}")
         return store.put(written[-1], chunk)
 
-    t_put = _timed(put, seconds)
-    readable = written[-3:]  # the newest: a fast tier may have evicted the first ones
+    readable_count = 3  # the newest entries: a fast tier may have evicted the first ones
 
     def cycle() -> str:
-        return readable[next(counter) % len(readable)]
+        return written[-1 - next(counter) % readable_count]
 
     quarter = max(1, tokens // 4)
-    ops: dict[str, tuple[float, int]] = {
-        "put": (t_put, chunk.nbytes),
-        "get": (_timed(lambda: store.get(cycle()), seconds), chunk.nbytes),
-        "get_layer x L": (_timed(lambda: _all_layers(store, cycle(), shape.layers), seconds), chunk.nbytes),
-        "get_tokens 1/4": (_timed(lambda: store.get_tokens(cycle(), 0, quarter), seconds),
-                           chunk.nbytes * quarter // tokens),
+    ops: dict[str, tuple[Callable[[], Any], int]] = {
+        "put": (put, chunk.nbytes),
+        "get": (lambda: store.get(cycle()), chunk.nbytes),
+        "get_layer x L": (lambda: _all_layers(store, cycle(), shape.layers), chunk.nbytes),
+        "get_tokens 1/4": (lambda: store.get_tokens(cycle(), 0, quarter), chunk.nbytes * quarter // tokens),
     }
+    rows = []
+    for op, (run_op, nbytes) in ops.items():
+        references = {"memcpy": memcpy_op(nbytes)}
+        whole_entry = op in ("get", "get_layer x L")
+        if plain_read is not None and whole_entry:
+            references["plain"] = lambda: plain_read(cycle())
+        t, reference_s = _timed_with(run_op, references, seconds)
+        rows.append(_row(name, tokens, chunk, op, t, nbytes, reference_s))
+    readable = written[-readable_count:]
     if name == "tiered":
-        ops["get cold (from redis, promoted)"] = (_cold_get(store, readable[0], seconds), chunk.nbytes)
-    plain_s = _timed(lambda: plain_read(cycle()), seconds) if plain_read is not None else None
-    get_threads = _parallel_speedup(lambda index: store.get(readable[index % len(readable)]) is not None)
+        t_cold = _cold_get(store, readable[0], seconds)
+        rows.append(_row(name, tokens, chunk, "get cold (from redis, promoted)", t_cold, chunk.nbytes,
+                         {"memcpy": memcpy_seconds(chunk.nbytes, seconds)}))
+    rows[1]["2 threads / 1"] = round(_parallel_speedup(lambda index: store.get(readable[index % len(readable)]) is not None), 2)
+    if plain_read is not None:
+        rows[1]["plain read, 2 threads / 1"] = round(_parallel_speedup(lambda index: plain_read(readable[index % len(readable)]) is not None), 2)
     for key in written:
         store.delete(key)
-    rows = []
-    for op, (t, nbytes) in ops.items():
-        copy_s = memcpy_seconds(nbytes, seconds)
-        whole_entry = op in ("get", "get_layer x L")
-        rows.append({
-            "tier": name, "chunk tokens": tokens, "entry MB": round(chunk.nbytes / 1e6, 2), "op": op,
-            "ms/op": round(t * 1e3, 3), "GB/s": round(nbytes / t / 1e9, 3),
-            "memcpy GB/s": round(nbytes / copy_s / 1e9, 3), "x memcpy": round(copy_s / t, 3),
-            "x plain read": round(plain_s / t, 3) if plain_s is not None and whole_entry else "-",
-            "2 threads / 1": round(get_threads, 2) if op == "get" else "-",
-        })
     return rows
+
+
+def _row(tier: str, tokens: int, chunk: ChunkKV, op: str, t: float, nbytes: int, reference_s: dict[str, float]) -> dict:
+    copy_s = reference_s["memcpy"]
+    plain_s = reference_s.get("plain")
+    return {
+        "tier": tier, "chunk tokens": tokens, "entry MB": round(chunk.nbytes / 1e6, 2), "op": op,
+        "ms/op": round(t * 1e3, 3), "GB/s": round(nbytes / t / 1e9, 3),
+        "memcpy GB/s": round(nbytes / copy_s / 1e9, 3), "x memcpy": round(copy_s / t, 3),
+        "x plain read": round(plain_s / t, 3) if plain_s is not None else "-",
+        "2 threads / 1": "-", "plain read, 2 threads / 1": "-",
+    }
+
+
+def _timed_with(op: Callable[[], Any], references: dict[str, Callable[[], Any]], seconds: float,
+                min_reps: int = 3, max_reps: int = 200) -> tuple[float, dict[str, float]]:
+    """Median seconds of `op` and of each reference, called in turn (op, ref1, ref2, op, ...)."""
+    times: dict[str, list[float]] = {name: [] for name in ("op", *references)}
+    calls = {"op": op, **references}
+    deadline = time.perf_counter() + seconds * (1 + len(references))
+    while len(times["op"]) < min_reps or (time.perf_counter() < deadline and len(times["op"]) < max_reps):
+        for name, call in calls.items():
+            t = time.perf_counter()
+            result = call()
+            times[name].append(time.perf_counter() - t)
+            if result is None or result is False:
+                raise RuntimeError(f"a benchmark operation ({name}) missed; the numbers would be meaningless")
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return medians.pop("op"), medians
 
 
 MEMCPY_WORKING_SET = 256 << 20
 """The memcpy reference cycles through this many bytes of sources, so it reads from memory, not from a warm cache."""
 
 
-def memcpy_seconds(nbytes: int, seconds: float) -> float:
-    """Median time of one single-threaded copy of `nbytes` into a preallocated buffer: the machine's own rate."""
+def memcpy_op(nbytes: int) -> Callable[[], bool]:
+    """One single-threaded copy of `nbytes` into a preallocated buffer per call, from rotating sources."""
     sources = [np.ones(nbytes, dtype=np.uint8) for _ in range(max(2, MEMCPY_WORKING_SET // max(nbytes, 1)))]
     target = np.empty(nbytes, dtype=np.uint8)
     turn = iter(range(10**9))
-    return _timed(lambda: np.copyto(target, sources[next(turn) % len(sources)]) or True, seconds)
+    return lambda: np.copyto(target, sources[next(turn) % len(sources)]) or True
+
+
+def memcpy_seconds(nbytes: int, seconds: float) -> float:
+    """Median time of one single-threaded copy of `nbytes` into a preallocated buffer: the machine's own rate."""
+    return _timed(memcpy_op(nbytes), seconds)
 
 
 def _all_layers(store: KVStore, key: str, layers: int) -> bool:
@@ -422,7 +459,8 @@ def _write(args: argparse.Namespace, shape: Shape, with_redis: bool, tiers: list
         "reader's one copy is into its KV cache; `kvcake bench load` measures the whole path).",
         "`x plain read` holds a whole-entry read to the backend's own read of the same bytes in this",
         "run: a `readinto` of the entry's file into a preallocated buffer, or a redis-py `GET`.",
-        "`2 threads / 1`: `get`s of the same entries split over two threads, against one thread.",
+        "`2 threads / 1`: `get`s of the same entries split over two threads, against one thread; beside it the",
+        "same ratio of the plain reads, which is what this machine's memory and kernel allow two threads here.",
         "",
         "## Tiers",
         "",
@@ -431,7 +469,7 @@ def _write(args: argparse.Namespace, shape: Shape, with_redis: bool, tiers: list
         "## Codec (256-token chunk from fp32 KV, N(0,1) values)",
         "",
         "Decoding immutable bytes (as a Redis reply is) copies them once into a private buffer and",
-        "verifies one CRC32C per layer; the tensors are views of that copy. int8 is symmetric per channel (per head and head_dim",
+        "verifies one XXH3 checksum per layer; the tensors are views of that copy. int8 is symmetric per channel (per head and head_dim",
         "index, over the chunk's tokens): the error of each value is at most max|channel| / 254.",
         "",
         *markdown_rows(_uniform(codec_rows)),

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torch.nn.attention.bias import causal_lower_right
 
 from kvcake.model.config import ModelConfig, RopeConfig
-from kvcake.model.kv import KVCache
+from kvcake.model.kv import CachePool, KVCache
 
 
 @dataclass
@@ -251,6 +251,32 @@ class Transformer:
         last = hidden if all_logits else hidden[-1:]
         return ForwardOutput(self.logits(last), keys, values)
 
+    def decode_batch(self, token_ids: torch.Tensor, positions: torch.Tensor, caches: Sequence[KVCache]) -> torch.Tensor:
+        """One new token for each of several sequences, each with its own cache: (B, vocab) logits.
+
+        The projections and the MLP run on all B rows at once (on a CPU, a decode step
+        reads every weight once whatever B is, so B sequences cost little more than one);
+        attention runs per sequence over its own cache. Row i equals
+        ``forward(token_ids[i:i+1], positions[i:i+1], caches[i])`` up to float rounding.
+        """
+        slots = [cache.reserve(positions[i : i + 1].to(self.device)) for i, cache in enumerate(caches)]
+        masks = [causal_mask(cache.positions[slot], cache.positions[: slot.stop]) for cache, slot in zip(caches, slots)]
+        cos, sin = self.rope_tables(positions)
+        hidden = self.embed(token_ids)
+        for layer in range(self.config.num_layers):
+            q, k, v = self.qkv(layer, hidden)
+            rotated_q, rotated_k = self.apply_rope(q, cos, sin), self.apply_rope(k, cos, sin)
+            attended = []
+            for row, (cache, slot, mask) in enumerate(zip(caches, slots, masks)):
+                cache.write(layer, slot, rotated_k[:, row : row + 1], v[:, row : row + 1])
+                cached_k, cached_v = cache.layer(layer, slot.stop)
+                attended.append(attend_with_mask(rotated_q[:, row : row + 1], cached_k, cached_v, mask))
+            hidden = hidden + self.attention_output(layer, torch.cat(attended))
+            hidden = hidden + self.mlp(layer, hidden)
+        for cache, slot in zip(caches, slots):
+            cache.commit(slot)
+        return self.logits(hidden)
+
     def forward_isolated(
         self, segments: Sequence[Sequence[int]], first_positions: Sequence[int], cache: KVCache
     ) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
@@ -304,9 +330,12 @@ class Transformer:
             cache.write(layer, slot, rotated_keys[layer], values[layer])
         cache.commit(slot)
 
-    def new_cache(self, capacity: int) -> KVCache:
+    def new_cache(self, capacity: int, pool: CachePool | None = None) -> KVCache:
+        """An empty cache for `capacity` tokens (more, rounded up, when its buffers come from `pool`)."""
         config = self.config
-        return KVCache(config.num_layers, config.num_kv_heads, config.head_dim, capacity, self.device, self.dtype)
+        if pool is not None:
+            capacity = CachePool.rounded(capacity)
+        return KVCache(config.num_layers, config.num_kv_heads, config.head_dim, capacity, self.device, self.dtype, pool)
 
 
 @dataclass(frozen=True)

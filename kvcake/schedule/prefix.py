@@ -23,13 +23,15 @@ import logging
 import statistics
 import threading
 import time
+from collections.abc import Generator
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
 from kvcake.model import KVCache, Transformer
 
+T = TypeVar("T")
 STRATEGIES = ("compute", "load", "cake")
 RECHECK_S = 0.005
 """How often a waiting side re-checks its decision when nothing has notified it."""
@@ -158,6 +160,7 @@ class _Meeting:
     load_times: list[float] = field(default_factory=list)
     compute_started_at: float | None = None
     last_computed: tuple[int, float] | None = None
+    abandoned: bool = False
 
     def __post_init__(self) -> None:
         self.lowest_claimed = self.num_chunks
@@ -206,7 +209,7 @@ class _Meeting:
         with self.lock:
             while True:
                 candidate = self.lowest_claimed - 1
-                if candidate < max(self.front, self.loader_floor):
+                if self.abandoned or candidate < max(self.front, self.loader_floor):
                     return None
                 delay = self._compute_finishes_first_by(candidate)
                 if delay is None:
@@ -242,6 +245,11 @@ class _Meeting:
             self.lowest_claimed = index + 1
             self.compute_limit = max(self.compute_limit, index + 1)
             self.load_started_at = None
+
+    def abandon(self) -> None:
+        with self.lock:
+            self.abandoned = True
+            self.lock.notify_all()
 
     def finish_loading(self) -> None:
         with self.lock:
@@ -286,6 +294,17 @@ class PrefixPrefill:
         prefetched: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None,
     ) -> PrefixReport:
         """`prefetched` holds chunks num_chunks-1, num_chunks-2, ... already loaded; the strategy schedules the rest."""
+        return drain(self.steps(cache, num_chunks, strategy, prefetched))
+
+    def steps(
+        self,
+        cache: KVCache,
+        num_chunks: int,
+        strategy: Strategy,
+        prefetched: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None,
+    ) -> Generator[None, None, PrefixReport]:
+        """`run`, pausing (a bare ``yield``) after each chunk the compute side computes, so a
+        scheduler can run other requests' work in between; the loader keeps loading meanwhile."""
         prefetched = prefetched or {}
         scheduled = num_chunks - len(prefetched)
         compute_limit, loader_floor = strategy.limits(scheduled)
@@ -294,8 +313,13 @@ class PrefixPrefill:
         loaded: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = dict(prefetched)
         loader = threading.Thread(target=self._load_from_back, args=(meeting, loaded, report), name="kvcake-loader", daemon=True)
         loader.start()
-        self._compute_from_front(cache, meeting, report)
-        loader.join()
+        try:
+            yield from self._compute_from_front(cache, meeting, report)
+        except GeneratorExit:
+            meeting.abandon()  # the request is gone: the loader stops after its current chunk
+            raise
+        finally:
+            loader.join()
         self._update_profile(meeting)
         report.meet_chunk = meeting.front
         for index in range(meeting.front, num_chunks):
@@ -318,7 +342,7 @@ class PrefixPrefill:
     def _positions(self, index: int) -> torch.Tensor:
         return torch.arange(index * self.chunk_size, (index + 1) * self.chunk_size)
 
-    def _compute_from_front(self, cache: KVCache, meeting: _Meeting, report: PrefixReport) -> None:
+    def _compute_from_front(self, cache: KVCache, meeting: _Meeting, report: PrefixReport) -> Generator[None, None, None]:
         while True:
             waited_from = time.perf_counter()
             index = meeting.claim_compute()
@@ -333,6 +357,7 @@ class PrefixPrefill:
             self._observed_compute.append((index, elapsed))
             meeting.computed(index, elapsed)
             report.compute_s += elapsed
+            yield
 
     def _load_from_back(self, meeting: _Meeting, loaded: dict, report: PrefixReport) -> None:
         try:
@@ -359,3 +384,12 @@ class PrefixPrefill:
         except Exception:
             log.exception("loading prefix chunk %d failed; computing it instead", index)
             return None
+
+
+def drain(steps: Generator[None, None, T]) -> T:
+    """Run a pausing generator to its end without pausing; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value

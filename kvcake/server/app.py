@@ -42,7 +42,7 @@ MAX_PROMPTS = 16
 def create_app(engine: Engine) -> FastAPI:
     config = engine.config
     metrics = ServerMetrics()
-    worker = ComputeWorker(engine, config.max_queue, config.io_threads, metrics.record)
+    worker = ComputeWorker(engine, config.max_queue, config.io_threads, metrics.record, config.max_batch)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -1,13 +1,20 @@
-"""One compute thread in front of the engine, fed by a bounded queue, and an I/O pool beside it.
+"""One compute thread in front of the engine that serves up to `max_batch` requests at once.
 
-The engine runs one request at a time (one model, one KV cache per request). Requests,
-and warm calls that store documents, wait in one bounded queue; a full queue is refused
-at once (the API answers 429). While a request waits, an I/O thread loads its stored
-prefix chunks from the back (`Engine.prefetch_prefix`), so its Cake prefill starts with
-them in hand: storage reads overlap the compute of the request ahead. Each job streams
-its events back through `emit`, which the HTTP layer makes thread-safe; generated
-tokens are detokenized here, incrementally, never on the event loop. A job whose client
-went away is skipped, or stopped at its next token (a warm call, before its next batch).
+Requests, and warm calls that store documents, wait in one bounded queue; a full queue
+is refused at once (the API answers 429). The compute thread keeps up to `max_batch`
+generations running (continuous batching): each iteration gives one unit of prefill work
+(a chunk of a plain or Cake prefill) to the oldest request still prefilling, then runs one
+decode step for every decoding request in one batched forward (`Transformer.decode_batch`),
+so a long prefill delays another client's next token by about one chunk, not by the
+whole prefill. A request joins as soon as a slot is free and leaves when it finishes.
+Blend and tune prefills, and warm calls, run whole.
+
+While a request waits, an I/O thread loads its stored prefix chunks from the back
+(`Engine.prefetch_prefix`), so its Cake prefill starts with them in hand. Each job
+streams its events back through `emit`, which the HTTP layer makes thread-safe;
+generated tokens are detokenized here, incrementally, never on the event loop. A job
+whose client went away is skipped, or stopped before its next unit of work (a warm call,
+before its next batch).
 """
 
 from __future__ import annotations
@@ -15,14 +22,14 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from kvcake.engine import Engine, GenerateRequest, RequestMetrics, Step, WarmRequest
+from kvcake.engine import DecodeStep, Engine, GenerateRequest, RequestMetrics, Step, WarmRequest, Work
 from kvcake.schedule import PrefixPrefetch
 from kvcake.segments import PromptLayout
 from kvcake.server.stops import StopMatcher
@@ -77,12 +84,31 @@ class Job:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class ComputeWorker:
-    """Runs jobs one by one; `on_finished(metrics, cancelled)` sees every generation that started, abandoned ones too."""
+@dataclass
+class _Running:
+    """A started generation: its coroutine, what it asked for last, and each choice's text state."""
 
-    def __init__(self, engine: Engine, max_queue: int, io_threads: int, on_finished: Callable[[RequestMetrics, bool], None]):
+    job: Job
+    work: Generator[Work, Any, None]
+    decoders: list[Any]
+    stops: list[StopMatcher]
+    pending: Work = None
+    """None: paused in its prefill; a DecodeStep: waiting for that token's logits."""
+
+
+class ComputeWorker:
+    """Runs jobs, up to `max_batch` generations at once; `on_finished(metrics, cancelled)` sees every
+    generation that started, abandoned ones too."""
+
+    def __init__(self, engine: Engine, max_queue: int, io_threads: int, on_finished: Callable[[RequestMetrics, bool], None],
+                 max_batch: int = 1):
         self.engine = engine
         self._on_finished = on_finished
+        self._max_batch = max_batch
+        self._closing = False
+        self.decode_steps = 0
+        """Batched decode forwards run so far; with `decode_rows` (tokens they produced) the mean batch size."""
+        self.decode_rows = 0
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="kvcake-prefetch") if io_threads else None
         self._queue: queue.Queue[Job | None] = queue.Queue(max_queue)
         self._thread = threading.Thread(target=self._run, name="kvcake-compute", daemon=True)
@@ -120,47 +146,133 @@ class ComputeWorker:
             log.exception("prefetching a waiting request's prefix failed; it will load on its own")
 
     def _run(self) -> None:
-        while (job := self._queue.get()) is not None:
-            with job.lock:
-                job.started = True
-            try:
-                if job.cancelled.is_set():
-                    job.emit(("cancelled", None))
-                    continue
-                if isinstance(job.request, WarmRequest):
-                    self._warm(job, job.request)
-                else:
-                    self._generate(job, job.request)
-            except Exception as error:
-                if not isinstance(error, ValueError):
-                    log.exception("request failed")
-                job.emit(("error", error))
-            finally:
-                if job.prefetch is not None:
-                    job.prefetch.release()
+        running: list[_Running] = []
+        with torch.inference_mode():
+            while self._admit(running):
+                self._cancel_abandoned(running)
+                self._prefill_unit(running)
+                self._decode_step(running)
 
-    def _generate(self, job: Job, request: GenerateRequest) -> None:
-        """Stream tokens with their text, choice after choice; a stop sequence (matched on the text, across
-        tokens) ends its choice, which the engine is told by `send`."""
-        if job.prompt_logprobs and job.planned is not None:
-            job.emit(("prompt_logprobs", self._prompt_logprobs(job.planned.token_ids, job.logprobs or 0)))
-        steps = self.engine.stream(request, job.metrics, job.prefetch, job.planned)
-        decoders = [self.engine.tokenizer.stream_decoder() for _ in range(request.n)]
-        stops = [StopMatcher(job.stop) for _ in range(request.n)]
-        step = next(steps, None)
-        while step is not None and not job.cancelled.is_set():
-            text, stopped = stops[step.choice].feed(decoders[step.choice].add(step.token_id))
-            logprob = None if job.logprobs is None else self._logprob(step, job.logprobs)
-            if not stopped and step.finish_reason is not None:
-                text += stops[step.choice].flush()
-            job.emit(("token", TokenEvent(step, text, "stop" if stopped else step.finish_reason, logprob)))
+    # ---- scheduling -------------------------------------------------------------------
+
+    def _admit(self, running: list[_Running]) -> bool:
+        """Start queued jobs while a slot is free (waiting only when nothing runs); False once closed and drained."""
+        while not self._closing and len(running) < self._max_batch:
             try:
-                step = steps.send(stopped)
-            except StopIteration:
-                step = None
-        steps.close()
-        self._on_finished(job.metrics, job.cancelled.is_set())
-        job.emit(("done", job.metrics))
+                job = self._queue.get(block=not running)
+            except queue.Empty:
+                break
+            if job is None:
+                self._closing = True
+                break
+            started = self._start(job)
+            if started is not None:
+                running.append(started)
+        return bool(running) or not self._closing
+
+    def _cancel_abandoned(self, running: list[_Running]) -> None:
+        for entry in [r for r in running if r.job.cancelled.is_set()]:
+            entry.work.close()
+            self._finish(entry)
+            running.remove(entry)
+
+    def _prefill_unit(self, running: list[_Running]) -> None:
+        """One chunk of the oldest prefill, so prefills advance in arrival order between decode steps."""
+        entry = next((r for r in running if r.pending is None), None)
+        if entry is not None and not self._advance(entry, None):
+            running.remove(entry)
+
+    def _decode_step(self, running: list[_Running]) -> None:
+        """One token for every decoding request, in one forward."""
+        decoding = [r for r in running if isinstance(r.pending, DecodeStep)]
+        if not decoding:
+            return
+        steps: list[DecodeStep] = [r.pending for r in decoding]  # type: ignore[misc]
+        try:
+            logits = self.engine.model.decode_batch(
+                torch.tensor([s.token_id for s in steps]), torch.tensor([s.position for s in steps]), [s.cache for s in steps]
+            )
+        except Exception as error:
+            log.exception("a batched decode step failed")
+            for entry in decoding:
+                self._fail(entry, error)
+                running.remove(entry)
+            return
+        self.decode_steps += 1
+        self.decode_rows += len(decoding)
+        for entry, row in zip(decoding, logits):
+            if not self._advance(entry, row):
+                running.remove(entry)
+
+    # ---- one job ------------------------------------------------------------------------
+
+    def _start(self, job: Job) -> _Running | None:
+        """Begin a job; warm calls, skipped and failed jobs end here (None)."""
+        with job.lock:
+            job.started = True
+        try:
+            if job.cancelled.is_set():
+                job.emit(("cancelled", None))
+            elif isinstance(job.request, WarmRequest):
+                self._warm(job, job.request)
+            else:
+                request = job.request
+                if job.prompt_logprobs and job.planned is not None:
+                    job.emit(("prompt_logprobs", self._prompt_logprobs(job.planned.token_ids, job.logprobs or 0)))
+                work = self.engine.run(request, job.metrics, job.prefetch, job.planned)
+                tokenizer = self.engine.tokenizer
+                entry = _Running(job, work, [tokenizer.stream_decoder() for _ in range(request.n)],
+                                 [StopMatcher(job.stop) for _ in range(request.n)])
+                return entry if self._advance(entry, None) else None
+        except Exception as error:
+            if not isinstance(error, ValueError):
+                log.exception("request failed")
+            job.emit(("error", error))
+        self._release_prefetch(job)
+        return None
+
+    def _advance(self, entry: _Running, reply: Any) -> bool:
+        """Resume a generation until it needs the model again; emits its tokens. False when it has ended."""
+        try:
+            item = entry.work.send(reply)
+            while isinstance(item, Step):
+                item = entry.work.send(self._emit_token(entry, item))
+        except StopIteration:
+            self._finish(entry)
+            return False
+        except Exception as error:
+            if not isinstance(error, ValueError):
+                log.exception("request failed")
+            self._fail(entry, error)
+            return False
+        entry.pending = item
+        return True
+
+    def _emit_token(self, entry: _Running, step: Step) -> bool:
+        """Send a token with the text it releases; True when a stop sequence ends its choice."""
+        job = entry.job
+        stops = entry.stops[step.choice]
+        text, stopped = stops.feed(entry.decoders[step.choice].add(step.token_id))
+        logprob = None if job.logprobs is None else self._logprob(step, job.logprobs)
+        if not stopped and step.finish_reason is not None:
+            text += stops.flush()
+        job.emit(("token", TokenEvent(step, text, "stop" if stopped else step.finish_reason, logprob)))
+        return stopped
+
+    def _finish(self, entry: _Running) -> None:
+        self._on_finished(entry.job.metrics, entry.job.cancelled.is_set())
+        entry.job.emit(("done", entry.job.metrics))
+        self._release_prefetch(entry.job)
+
+    def _fail(self, entry: _Running, error: Exception) -> None:
+        entry.work.close()
+        entry.job.emit(("error", error))
+        self._release_prefetch(entry.job)
+
+    @staticmethod
+    def _release_prefetch(job: Job) -> None:
+        if job.prefetch is not None:
+            job.prefetch.release()
 
     def _logprob(self, step: Step, top: int) -> TokenLogprob:
         return self._entry(step.token_id, torch.log_softmax(step.logits.float(), dim=-1), top)

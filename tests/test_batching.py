@@ -1,0 +1,129 @@
+"""Continuous batching: requests served together give the tokens (and logits) they give alone."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import TEST_DEVICE
+
+from kvcake.config import KvcakeConfig
+from kvcake.engine import Engine, GenerateRequest, RequestMetrics
+from kvcake.model import SamplingParams, Transformer
+from kvcake.server.worker import ComputeWorker, Job
+
+FAMILIES = ["llama", "llama3-rope", "qwen2", "mistral"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_row_of_a_batched_decode_step_equals_its_own_forward(tiny_folders: dict[str, Path], family: str) -> None:
+    model = Transformer.from_folder(tiny_folders[family], TEST_DEVICE)
+    generator = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 512, (length,), generator=generator) for length in (5, 17, 40)]
+    caches = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            cache = model.new_cache(64)
+            model.forward(prompt, torch.arange(len(prompt)), cache)
+            caches.append(cache)
+        alone = [cache.fork() for cache in caches]
+        tokens = torch.tensor([7, 300, 45])
+        positions = torch.tensor([len(p) for p in prompts])
+        batched = model.decode_batch(tokens, positions, caches)
+        for row, cache in enumerate(alone):
+            single = model.forward(tokens[row : row + 1], positions[row : row + 1], cache).logits[-1]
+            assert (batched[row] - single).abs().max().item() <= 1e-4
+            assert cache.length == caches[row].length
+            for layer in range(model.config.num_layers):
+                assert torch.allclose(cache.keys[layer][:, : cache.length], caches[row].keys[layer][:, : cache.length], atol=1e-5)
+
+
+class _Collector:
+    """A job's events, and an event set when it is done."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.logits: list[torch.Tensor] = []
+        self.done = threading.Event()
+        self.outcome: tuple[str, object] | None = None
+
+    def emit(self, event: tuple[str, object]) -> None:
+        kind, payload = event
+        if kind == "token":
+            self.tokens.append(payload.step.token_id)
+            self.logits.append(payload.step.logits)
+        else:
+            self.outcome = event
+            self.done.set()
+
+
+def _serve_together(engine: Engine, requests: list[GenerateRequest], max_batch: int) -> tuple[list[_Collector], ComputeWorker]:
+    worker = ComputeWorker(engine, max_queue=32, io_threads=0, on_finished=lambda metrics, cancelled: None, max_batch=max_batch)
+    collectors = [_Collector() for _ in requests]
+    for request, collector in zip(requests, collectors):
+        worker.submit(Job(request=request, planned=None, emit=collector.emit))
+    for collector in collectors:
+        assert collector.done.wait(120)
+    worker.close()
+    return collectors, worker
+
+
+def _greedy(prompt: list[int], reuse: str = "compute", tokens: int = 12, **fields) -> GenerateRequest:
+    return GenerateRequest(token_ids=prompt, reuse=reuse, sampling=SamplingParams(max_tokens=tokens, temperature=0.0), **fields)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_requests_served_together_give_what_they_give_alone(tiny_folders: dict[str, Path], tmp_path: Path, family: str) -> None:
+    config = KvcakeConfig(model=str(tiny_folders[family]), device=TEST_DEVICE, dtype="float32", chunk_size=32,
+                          store_url="memory://", cache_dir=str(tmp_path))
+    engine = Engine(config)
+    generator = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 512, (length,), generator=generator).tolist() for length in (9, 70, 130, 40)]
+    engine.generate(_greedy(prompts[2]))  # stores its prefix chunks for the load and Cake requests below
+    engine.writeback.flush()
+    requests = [_greedy(prompts[0]), _greedy(prompts[1], tokens=20), _greedy(prompts[2], "load"), _greedy(prompts[2], "cake"),
+                _greedy(prompts[3], n=2)]
+    alone = []
+    for request in requests:
+        metrics = RequestMetrics()
+        alone.append([(step.token_id, step.logits) for step in engine.stream(request, metrics)])
+    together, worker = _serve_together(engine, requests, max_batch=4)
+    for reference, served in zip(alone, together):
+        assert served.outcome is not None and served.outcome[0] == "done"
+        assert served.tokens == [token for token, _ in reference]
+        for (_, expected), got in zip(reference, served.logits):
+            assert (expected - got).abs().max().item() <= 1e-4
+    assert worker.decode_rows > worker.decode_steps, "some decode steps ran several requests at once"
+    full = [step.logits for step in engine.stream(_greedy(prompts[2]), RequestMetrics())]
+    assert (together[2].logits[0] - full[0]).abs().max().item() <= 1e-5, "load inside a batch equals the full prefill"
+    engine.close()
+
+
+def test_a_blend_request_at_ratio_one_inside_a_batch_equals_the_full_prefill(config: KvcakeConfig) -> None:
+    engine = Engine(config)
+    documents = ["The quick brown fox jumps over the lazy dog. " * 3, "Paris is the capital of France. " * 4]
+    query = "Which city is named?"
+    sampling = SamplingParams(max_tokens=8, temperature=0.0)
+    blend = GenerateRequest(query=query, documents=documents, reuse="blend", ratio=1.0, sampling=sampling)
+    full = GenerateRequest(query=query, documents=documents, reuse="compute", sampling=sampling)
+    reference = [step.token_id for step in engine.stream(full, RequestMetrics())]
+    engine.warm(documents)
+    together, _ = _serve_together(engine, [blend, full, _greedy(list(range(3, 40)))], max_batch=3)
+    assert together[0].tokens == reference == together[1].tokens
+    engine.close()
+
+
+def test_a_cancelled_request_leaves_the_others_running(config: KvcakeConfig) -> None:
+    engine = Engine(config)
+    worker = ComputeWorker(engine, max_queue=8, io_threads=0, on_finished=lambda metrics, cancelled: None, max_batch=4)
+    long_one, short_one = _Collector(), _Collector()
+    long_job = Job(request=_greedy(list(range(3, 30)), tokens=4000), planned=None, emit=long_one.emit)
+    worker.submit(long_job)
+    worker.submit(Job(request=_greedy(list(range(5, 25)), tokens=10), planned=None, emit=short_one.emit))
+    assert short_one.done.wait(60) and len(short_one.tokens) == 10
+    long_job.cancelled.set()
+    assert long_one.done.wait(60) and long_one.outcome[0] == "done" and len(long_one.tokens) < 4000
+    worker.close()
+    engine.close()
