@@ -11,27 +11,33 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
-from kvcake.config import ConfigError, KvcakeConfig, add_config_flags, config_from_args, markdown_table
+from kvcake.config import SCOPES, ConfigError, KvcakeConfig, add_config_flags, config_from_args, markdown_table
 from kvcake.runtime import keep_freed_memory
 
+MODEL, MODEL_AND_REUSE, ALL = ("model",), ("model", "reuse"), SCOPES
+# name -> (module, summary, the setting scopes whose flags it shows); a module is imported
+# only when its command runs or shows its help, so `kvcake --help` does not import torch
 BENCHMARKS = {
-    "prefill": ("kvcake.bench.prefill", "Our full prefill vs the Hugging Face forward on the same prompt (1k/2k/4k tokens)."),
-    "cake": ("kvcake.bench.cake", "TTFT of compute, load, Cake and the best static split over a storage bandwidth grid."),
-    "store": ("kvcake.bench.store", "KV store read/write throughput per tier and chunk size; throttle accuracy."),
-    "serve": ("kvcake.bench.serve", "Server throughput and TTFT p50/p99 under a mixed workload: compute-only vs load-only vs Cake."),
-    "tune": ("kvcake.bench.tune", "TTFT of full prefill, blend and CacheTune at ~4k tokens with the store in memory, on disk, and behind 10 and 1 Gbps links."),
-    "blend": ("kvcake.bench.blend", "TTFT of full prefill, naive reuse and blend on a ~4k-token multi-document prompt, in memory and throttled."),
-    "load": ("kvcake.bench.load", "TTFT of a load-only request whose prefix is stored, against its floor (memcpy of the bytes + one forward)."),
+    "prefill": ("kvcake.bench.prefill", "Our full prefill vs the Hugging Face forward on the same prompt (1k/2k/4k tokens).", MODEL),
+    "cake": ("kvcake.bench.cake", "TTFT of compute, load, Cake and the best static split over a storage bandwidth grid.", MODEL_AND_REUSE),
+    "store": ("kvcake.bench.store", "KV store read/write throughput per tier and chunk size; throttle accuracy.", ()),
+    "serve": ("kvcake.bench.serve", "Server throughput and TTFT p50/p99 under a mixed workload (compute-only vs load-only vs Cake), "
+              "and continuous batching (--workload decode|stall|batching).", ALL),
+    "tune": ("kvcake.bench.tune", "TTFT of full prefill, blend and CacheTune at ~4k tokens with the store in memory, on disk, and behind 10 and 1 Gbps links.", MODEL_AND_REUSE),
+    "blend": ("kvcake.bench.blend", "TTFT of full prefill, naive reuse and blend on a ~4k-token multi-document prompt, in memory and throttled.", MODEL_AND_REUSE),
+    "load": ("kvcake.bench.load", "TTFT of a load-only request whose prefix is stored, against its floor (memcpy of the bytes + one forward).", MODEL),
 }
 EVALUATIONS = {
-    "blend": ("kvcake.bench.blend_eval", "Answer quality of blended document reuse on multi-document QA (quoref, or --data FILE)."),
-    "scale": ("kvcake.bench.scale", "Quality gaps of naive reuse, blend and tune by model size, from saved eval runs."),
+    "blend": ("kvcake.bench.blend_eval", "Answer quality of blended document reuse on multi-document QA (quoref, or --data FILE).",
+              ("model", "store", "reuse")),
+    "scale": ("kvcake.bench.scale", "Quality gaps of naive reuse, blend and tune by model size, from saved eval runs.", ()),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not hasattr(args, "handler"):
         parser.print_help()
@@ -43,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; of the benchmarks and evaluations only the one `argv` names gets its arguments (its module imported)."""
     parser = argparse.ArgumentParser(
         prog="kvcake",
         description="Lower time to first token for long-context LLM requests by reusing KV caches.",
@@ -54,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="Generate text for a prompt and print it with its time to first token.")
     _add_prompt_flags(generate)
-    add_config_flags(generate)
+    add_config_flags(generate, ("model", "store", "reuse"))
     generate.set_defaults(handler=_generate)
 
     demo = commands.add_parser(
@@ -66,23 +73,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="Benchmarks; each prints a table and saves a report under docs/benchmarks/.")
     benches = bench.add_subparsers(title="benchmarks", metavar="BENCHMARK")
-    for name, (module_name, summary) in BENCHMARKS.items():
+    chosen = argv[:2] if argv else []
+    for name, (module_name, summary, scopes) in BENCHMARKS.items():
         sub = benches.add_parser(name, help=summary, description=summary)
         sub.set_defaults(handler=_bench_handler(module_name), bench_module=module_name)
-        _bench_arguments(module_name, sub)
+        if chosen == ["bench", name]:
+            _bench_arguments(module_name, sub, scopes)
 
     evaluate = commands.add_parser("eval", help="Quality evaluations on real data; each saves a report under docs/benchmarks/.")
     evaluations = evaluate.add_subparsers(title="evaluations", metavar="EVALUATION")
-    for name, (module_name, summary) in EVALUATIONS.items():
+    for name, (module_name, summary, scopes) in EVALUATIONS.items():
         sub = evaluations.add_parser(name, help=summary, description=summary)
         sub.set_defaults(handler=_bench_handler(module_name))
-        _bench_arguments(module_name, sub)
+        if chosen == ["eval", name]:
+            _bench_arguments(module_name, sub, scopes)
 
     warm = commands.add_parser("warm", help="Compute and store documents' KV in isolation, for reuse at any position (--reuse blend).")
     warm.add_argument("documents", nargs="+", type=Path, help="Files, one document each (or several, cut by --separator).")
     warm.add_argument("--raw", action="store_true", help="For prompts sent with --raw (no chat template).")
     warm.add_argument("--system", default=None, help="The system text of the requests these documents will serve.")
-    add_config_flags(warm)
+    add_config_flags(warm, ("model", "store", "reuse"))
     warm.set_defaults(handler=_warm)
 
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server with KV reuse (/v1/completions, /v1/chat/completions, /metrics).")
@@ -114,10 +124,11 @@ def _add_prompt_flags(parser: argparse.ArgumentParser) -> None:
     _add_sampling_flags(parser)
 
 
-def _bench_arguments(module_name: str, parser: argparse.ArgumentParser) -> None:
+def _bench_arguments(module_name: str, parser: argparse.ArgumentParser, scopes: tuple[str, ...]) -> None:
     module = importlib.import_module(module_name)
     module.add_arguments(parser)
-    add_config_flags(parser)
+    if scopes:
+        add_config_flags(parser, scopes)
 
 
 def _bench_handler(module_name: str):

@@ -13,7 +13,8 @@ import dataclasses
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -24,52 +25,52 @@ class ConfigError(ValueError):
     """A setting is unknown or has a value of the wrong kind."""
 
 
-def _setting(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+SCOPES = ("model", "store", "reuse", "serve")
+"""What a setting is about; a subcommand shows the flags of the scopes it uses."""
+
+
+def _setting(default: Any, help: str, scope: str) -> Any:
+    return field(default=default, metadata={"help": help, "scope": scope})
 
 
 @dataclass(frozen=True)
 class KvcakeConfig:
-    model: str = _setting("smollm2-135m", "Registry name (smollm2-135m, qwen2.5-0.5b, qwen2.5-1.5b), a .gguf file or a HF safetensors folder.")
-    device: str = _setting("auto", "torch device: auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...")
-    dtype: str = _setting("auto", "Compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16.")
-    threads: int = _setting(0, "CPU threads for torch; 0 keeps torch's default (all cores).")
-    chunk_size: int = _setting(256, "Tokens per stored KV chunk (the unit of prefix keys and reuse).")
+    model: str = _setting("smollm2-135m", "Registry name (smollm2-135m, qwen2.5-0.5b, qwen2.5-1.5b), a .gguf file or a HF safetensors folder.", "model")
+    device: str = _setting("auto", "torch device: auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...", "model")
+    dtype: str = _setting("auto", "Compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16.", "model")
+    threads: int = _setting(0, "CPU threads for torch; 0 keeps torch's default (all cores).", "model")
+    chunk_size: int = _setting(256, "Tokens per stored KV chunk (the unit of prefix keys and reuse).", "model")
     compute_chunk: int = _setting(
-        0, "Tokens per prefill pass when computing; a multiple of chunk_size, 0 = chunk_size. Larger passes fill a GPU; entries stay chunk_size."
-    )
-    max_tokens: int = _setting(64, "Default number of tokens to generate.")
-    cache_dir: str = _setting("~/.cache/kvcake", "Where converted models, downloaded packages and data sets are kept.")
+        0, "Tokens per prefill pass when computing; a multiple of chunk_size, 0 = chunk_size. Larger passes fill a GPU; entries stay chunk_size.", "model")
+    max_tokens: int = _setting(64, "Default number of tokens to generate.", "model")
+    cache_dir: str = _setting("~/.cache/kvcake", "Where converted models, downloaded packages and data sets are kept.", "model")
     store_url: str = _setting(
-        "", "KV store URL (memory://, file:///dir, redis://, redis+cluster://, tiered://; see docs/store.md); empty = file store in cache_dir/kv."
-    )
-    reuse: str = _setting("cake", "Reuse strategy: compute, load, cake or split:M for the prefix; blend or tune also reuse documents.")
-    tenant: str = _setting("", "Tenant salt mixed into every cache key (requests of other tenants never hit these entries).")
-    separator: str = _setting("", "Cuts a plain prompt into documents and a query (the last part); empty = never cut.")
+        "", "KV store URL (memory://, file:///dir, redis://, redis+cluster://, tiered://; see docs/store.md); empty = file store in cache_dir/kv.", "store")
+    reuse: str = _setting("cake", "Reuse strategy: compute, load, cake or split:M for the prefix; blend or tune also reuse documents.", "reuse")
+    tenant: str = _setting("", "Tenant salt mixed into every cache key (requests of other tenants never hit these entries).", "reuse")
+    separator: str = _setting("", "Cuts a plain prompt into documents and a query (the last part); empty = never cut.", "reuse")
     document_gap: int = _setting(
-        2048, "Positions left empty between the preamble and a document whose KV is computed in isolation, so it sits as far from the instructions as in a long prompt (0 = right after)."
-    )
-    blend_ratio: float = _setting(0.15, "With reuse=blend: fraction of document tokens recomputed (0 = naive reuse, 1 = full prefill).")
+        2048, "Positions left empty between the preamble and a document whose KV is computed in isolation, so it sits as far from the instructions as in a long prompt (0 = right after).", "reuse")
+    blend_ratio: float = _setting(0.15, "With reuse=blend: fraction of document tokens recomputed (0 = naive reuse, 1 = full prefill).", "reuse")
     blend_check_layers: str = _setting(
-        "1", "With reuse=blend: layer(s) where tokens are selected by KV deviation; several (e.g. 1,4,8) filter gradually."
-    )
-    tune_ratio: str = _setting("auto", "With reuse=tune: recompute ratio, or auto = max(tune_min_ratio, C_io / (C_io + C_comp)) from measured costs.")
-    tune_min_ratio: float = _setting(0.15, "With reuse=tune: the smallest ratio auto may pick (quality floor).")
-    tune_scoring: str = _setting("highpass", "With reuse=tune: offline token score (highpass, lowpass, norm; see docs/tune.md).")
-    load_streams: int = _setting(2, "Threads reading stored document layers at once (blend, tune).")
-    load_timeout_s: float = _setting(30.0, "Longest wait for one stored layer (blend, tune); past it the request computes instead (counted as a fallback).")
-    max_documents: int = _setting(64, "Most documents one request (or one warm call) may carry; more get a 400.")
-    kv_pool_gb: float = _setting(2.0, "Memory of finished requests' KV caches kept mapped for the next ones, in GB (fresh memory costs page faults; 0 = none).")
-    host: str = _setting("127.0.0.1", "`kvcake serve`: address to listen on.")
-    port: int = _setting(8000, "`kvcake serve`: port to listen on.")
-    api_keys: str = _setting("", "`kvcake serve`: comma-separated KEY:TENANT pairs; requests need `Authorization: Bearer KEY`. Empty = no auth.")
-    shared_documents: bool = _setting(False, "Documents (blend) are keyed without the tenant salt, so all tenants share one corpus.")
-    metrics_api_key: str = _setting("", "`kvcake serve`: if set, `/metrics` needs `Authorization: Bearer KEY` (its counters span every tenant). Empty = open.")
-    max_queue: int = _setting(64, "`kvcake serve`: requests (and warm calls) waiting for compute before new ones get 429.")
-    max_batch: int = _setting(8, "`kvcake serve`: requests generating at once (continuous batching: their decode steps share one forward); 1 = one at a time.")
-    max_body_bytes: int = _setting(8_000_000, "`kvcake serve`: largest request body accepted (413 above it).")
-    io_threads: int = _setting(2, "`kvcake serve`: threads loading the stored prefixes of waiting requests while another computes (0 = off).")
-    prefetch_gb: float = _setting(2.0, "`kvcake serve`: most KV that waiting requests may hold preloaded, in GB.")
+        "1", "With reuse=blend: layer(s) where tokens are selected by KV deviation; several (e.g. 1,4,8) filter gradually.", "reuse")
+    tune_ratio: str = _setting("auto", "With reuse=tune: recompute ratio, or auto = max(tune_min_ratio, C_io / (C_io + C_comp)) from measured costs.", "reuse")
+    tune_min_ratio: float = _setting(0.15, "With reuse=tune: the smallest ratio auto may pick (quality floor).", "reuse")
+    tune_scoring: str = _setting("highpass", "With reuse=tune: offline token score (highpass, lowpass, norm; see docs/tune.md).", "reuse")
+    load_streams: int = _setting(2, "Threads reading stored document layers at once (blend, tune).", "reuse")
+    load_timeout_s: float = _setting(30.0, "Longest wait for one stored layer (blend, tune); past it the request computes instead (counted as a fallback).", "reuse")
+    max_documents: int = _setting(64, "Most documents one request (or one warm call) may carry; more get a 400.", "reuse")
+    kv_pool_gb: float = _setting(2.0, "Memory of finished requests' KV caches kept mapped for the next ones, in GB (fresh memory costs page faults; 0 = none).", "model")
+    host: str = _setting("127.0.0.1", "`kvcake serve`: address to listen on.", "serve")
+    port: int = _setting(8000, "`kvcake serve`: port to listen on.", "serve")
+    api_keys: str = _setting("", "`kvcake serve`: comma-separated KEY:TENANT pairs; requests need `Authorization: Bearer KEY`. Empty = no auth.", "serve")
+    shared_documents: bool = _setting(False, "Documents (blend) are keyed without the tenant salt, so all tenants share one corpus.", "reuse")
+    metrics_api_key: str = _setting("", "`kvcake serve`: if set, `/metrics` needs `Authorization: Bearer KEY` (its counters span every tenant). Empty = open.", "serve")
+    max_queue: int = _setting(64, "`kvcake serve`: requests (and warm calls) waiting for compute before new ones get 429.", "serve")
+    max_batch: int = _setting(8, "`kvcake serve`: requests generating at once (continuous batching: their decode steps share one forward); 1 = one at a time.", "serve")
+    max_body_bytes: int = _setting(8_000_000, "`kvcake serve`: largest request body accepted (413 above it).", "serve")
+    io_threads: int = _setting(2, "`kvcake serve`: threads loading the stored prefixes of waiting requests while another computes (0 = off).", "serve")
+    prefetch_gb: float = _setting(2.0, "`kvcake serve`: most KV that waiting requests may hold preloaded, in GB.", "serve")
 
     def __post_init__(self) -> None:
         for name in ("chunk_size", "max_tokens", "max_queue", "max_batch", "max_body_bytes", "max_documents"):
@@ -168,11 +169,19 @@ def load_config(config_file: str | None = None, overrides: Mapping[str, Any] | N
     return KvcakeConfig(**values)
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One `--flag` per setting; unset flags stay None so lower-priority sources show through."""
+def add_config_flags(parser: argparse.ArgumentParser, scopes: Sequence[str] = SCOPES) -> None:
+    """One `--flag` per setting of `scopes`; unset flags stay None so lower-priority sources show through.
+
+    Settings of other scopes are still read from the YAML file and the environment.
+    """
+    unknown = set(scopes) - set(SCOPES)
+    if unknown:
+        raise ValueError(f"unknown setting scopes {sorted(unknown)}; use {', '.join(SCOPES)}")
     group = parser.add_argument_group("settings (also KVCAKE_* env and YAML; see README)")
     group.add_argument("--config", dest="config_file", default=None, help="YAML file of settings.")
     for item in fields(KvcakeConfig):
+        if item.metadata["scope"] not in scopes:
+            continue
         flag = "--" + item.name.replace("_", "-")
         group.add_argument(flag, dest=item.name, default=None, help=f"{item.metadata['help']} (default: {item.default})")
 

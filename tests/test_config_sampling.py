@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -82,3 +84,37 @@ def test_penalties_and_bias_adjust_the_logits_as_openai_defines() -> None:
     assert second == 0
     with pytest.raises(ValueError, match="presence_penalty"):
         SamplingParams(presence_penalty=3.0)
+
+
+def _cli_in_fresh_interpreter(args: list[str]) -> tuple[str, bool]:
+    """stdout of `kvcake ARGS` in a new interpreter, and whether torch got imported."""
+    code = (
+        "import contextlib, io, sys\n"
+        "from kvcake import cli\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    try:\n"
+        f"        cli.main({args!r})\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print(out.getvalue())\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO TORCH')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    return done.stdout, done.stdout.rstrip().endswith("\nTORCH")
+
+
+def test_help_and_config_do_not_import_torch() -> None:
+    for args in (["--help"], ["config"], ["bench", "--help"], ["serve", "--help"]):
+        out, torch_imported = _cli_in_fresh_interpreter(args)
+        assert not torch_imported, f"kvcake {' '.join(args)} imported torch"
+        assert out.strip()
+
+
+def test_each_subcommand_shows_only_the_flags_it_uses() -> None:
+    store_help, _ = _cli_in_fresh_interpreter(["bench", "store", "--help"])
+    assert "--tiers" in store_help and "--api-keys" not in store_help and "--model" not in store_help
+    serve_help, _ = _cli_in_fresh_interpreter(["serve", "--help"])
+    assert "--api-keys" in serve_help and "--max-batch" in serve_help and "--model" in serve_help
+    generate_help, _ = _cli_in_fresh_interpreter(["generate", "--help"])
+    assert "--model" in generate_help and "--reuse" in generate_help and "--api-keys" not in generate_help
