@@ -118,3 +118,15 @@ def test_each_subcommand_shows_only_the_flags_it_uses() -> None:
     assert "--api-keys" in serve_help and "--max-batch" in serve_help and "--model" in serve_help
     generate_help, _ = _cli_in_fresh_interpreter(["generate", "--help"])
     assert "--model" in generate_help and "--reuse" in generate_help and "--api-keys" not in generate_help
+
+
+def test_sampling_draws_each_token_with_its_probability() -> None:
+    from kvcake.model.sampling import _draw
+
+    probs = torch.tensor([0.0, 0.1, 0.0, 0.6, 0.3])
+    generator = torch.Generator().manual_seed(3)
+    counts = torch.zeros(5)
+    for _ in range(20000):
+        counts[_draw(probs, generator)] += 1
+    assert counts[0] == counts[2] == 0, "a token of probability 0 is never drawn"
+    assert (counts / counts.sum() - probs).abs().max() < 0.015
