@@ -7,7 +7,6 @@ import importlib
 import json
 import sys
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
@@ -232,7 +231,7 @@ def _config(args: argparse.Namespace) -> int:
     if args.markdown:
         print(markdown_table())
     else:
-        print(json.dumps(asdict(config_from_args(args)), indent=2))
+        print(json.dumps(config_from_args(args).model_dump(), indent=2))
     return 0
 
 

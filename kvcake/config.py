@@ -1,24 +1,26 @@
-"""kvcake's one configuration object.
+"""kvcake's one configuration object, on pydantic-settings.
 
 Every setting is a field of `KvcakeConfig`. Values come, later ones winning, from the
 defaults below, a YAML file (`--config FILE` or `KVCAKE_CONFIG`), environment variables
-`KVCAKE_<FIELD>` and command-line flags `--<field>`. The README's table is generated
-from the same fields (`kvcake config --markdown`).
+`KVCAKE_<FIELD>` and command-line flags `--<field>`; pydantic parses and checks each one,
+and an unknown setting or a value that does not parse is a `ConfigError` naming it. The
+README's table is generated from the same fields (`kvcake config --markdown`).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
-from dataclasses import dataclass, field, fields
-from pathlib import Path
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
+from pathlib import Path
 from typing import Any
 
-import yaml
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 ENV_PREFIX = "KVCAKE_"
+_YAML_FILE: ContextVar[Path | None] = ContextVar("kvcake_yaml_file", default=None)
 
 
 class ConfigError(ValueError):
@@ -30,11 +32,12 @@ SCOPES = ("model", "store", "reuse", "serve")
 
 
 def _setting(default: Any, help: str, scope: str) -> Any:
-    return field(default=default, metadata={"help": help, "scope": scope})
+    return Field(default, description=help, json_schema_extra={"scope": scope})
 
 
-@dataclass(frozen=True)
-class KvcakeConfig:
+class KvcakeConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid", protected_namespaces=())
+
     model: str = _setting("smollm2-135m", "Registry name (smollm2-135m, qwen2.5-0.5b, qwen2.5-1.5b), a .gguf file or a HF safetensors folder.", "model")
     device: str = _setting("auto", "torch device: auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...", "model")
     dtype: str = _setting("auto", "Compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16.", "model")
@@ -72,7 +75,29 @@ class KvcakeConfig:
     io_threads: int = _setting(2, "`kvcake serve`: threads loading the stored prefixes of waiting requests while another computes (0 = off).", "serve")
     prefetch_gb: float = _setting(2.0, "`kvcake serve`: most KV that waiting requests may hold preloaded, in GB.", "serve")
 
-    def __post_init__(self) -> None:
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            raise ConfigError(_explain(error)) from None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags (init values) over KVCAKE_* environment over the YAML file `load_config` was given."""
+        yaml_file = _YAML_FILE.get()
+        if yaml_file is None:
+            return init_settings, env_settings
+        return init_settings, env_settings, YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file)
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> KvcakeConfig:
         for name in ("chunk_size", "max_tokens", "max_queue", "max_batch", "max_body_bytes", "max_documents"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"setting {name!r} must be >= 1, got {getattr(self, name)}")
@@ -92,6 +117,7 @@ class KvcakeConfig:
         for name in ("threads", "io_threads", "document_gap"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"setting {name!r} must be >= 0, got {getattr(self, name)}")
+        return self
 
     @property
     def prefill_chunk(self) -> int:
@@ -114,7 +140,8 @@ class KvcakeConfig:
         return path
 
     def replace(self, **changes: Any) -> KvcakeConfig:
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`, checked like any other source."""
+        return type(self)(**{**self.model_dump(), **changes})
 
 
 def _is_ratio(text: str) -> bool:
@@ -124,49 +151,30 @@ def _is_ratio(text: str) -> bool:
         return False
 
 
-_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
-
-
-def _coerce(name: str, kind: type, raw: Any) -> Any:
-    if isinstance(raw, kind) and not (kind is int and isinstance(raw, bool)):
-        return raw
-    try:
-        if kind is bool:
-            return _BOOLEANS[str(raw).strip().lower()]
-        return kind(raw)
-    except KeyError:
-        raise ConfigError(f"setting {name!r}: cannot read {raw!r} as a boolean (use true/false, yes/no, on/off or 1/0)") from None
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"setting {name!r}: cannot read {raw!r} as {kind.__name__}") from error
-
-
-def _field_types() -> dict[str, type]:
-    kinds = {"str": str, "int": int, "float": float, "bool": bool}
-    return {f.name: kinds[str(f.type)] for f in fields(KvcakeConfig)}
-
-
-def _apply(values: dict[str, Any], source: Mapping[str, Any], origin: str) -> None:
-    types = _field_types()
-    for name, raw in source.items():
-        key = name.replace("-", "_")
-        if key not in types:
-            raise ConfigError(f"unknown setting {name!r} in {origin}; known: {', '.join(types)}")
-        values[key] = _coerce(key, types[key], raw)
+def _explain(error: ValidationError) -> str:
+    """pydantic's errors as one line per setting, naming it."""
+    lines = []
+    for item in error.errors():
+        name = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"unknown setting {name!r}; known: {', '.join(KvcakeConfig.model_fields)}")
+        elif item["type"] == "value_error":
+            lines.append(str(item["ctx"]["error"]) if "ctx" in item else item["msg"])
+        else:
+            lines.append(f"setting {name!r}: cannot read {item['input']!r}: {item['msg']}")
+    return "; ".join(lines)
 
 
 def load_config(config_file: str | None = None, overrides: Mapping[str, Any] | None = None) -> KvcakeConfig:
     """Defaults < YAML file < KVCAKE_* environment < explicit overrides (CLI flags)."""
-    values: dict[str, Any] = {}
     path = config_file or os.environ.get(ENV_PREFIX + "CONFIG")
-    if path:
-        content = yaml.safe_load(Path(path).expanduser().read_text()) or {}
-        if not isinstance(content, dict):
-            raise ConfigError(f"{path}: expected a mapping of settings")
-        _apply(values, content, path)
-    env = {name: os.environ[ENV_PREFIX + name.upper()] for name in _field_types() if ENV_PREFIX + name.upper() in os.environ}
-    _apply(values, env, "environment")
-    _apply(values, {k: v for k, v in (overrides or {}).items() if v is not None}, "command line")
-    return KvcakeConfig(**values)
+    if path and not Path(path).expanduser().is_file():
+        raise ConfigError(f"settings file {path} does not exist")
+    token = _YAML_FILE.set(Path(path).expanduser() if path else None)
+    try:
+        return KvcakeConfig(**{name.replace("-", "_"): value for name, value in (overrides or {}).items() if value is not None})
+    finally:
+        _YAML_FILE.reset(token)
 
 
 def add_config_flags(parser: argparse.ArgumentParser, scopes: Sequence[str] = SCOPES) -> None:
@@ -179,21 +187,21 @@ def add_config_flags(parser: argparse.ArgumentParser, scopes: Sequence[str] = SC
         raise ValueError(f"unknown setting scopes {sorted(unknown)}; use {', '.join(SCOPES)}")
     group = parser.add_argument_group("settings (also KVCAKE_* env and YAML; see README)")
     group.add_argument("--config", dest="config_file", default=None, help="YAML file of settings.")
-    for item in fields(KvcakeConfig):
-        if item.metadata["scope"] not in scopes:
+    for name, item in KvcakeConfig.model_fields.items():
+        if item.json_schema_extra["scope"] not in scopes:
             continue
-        flag = "--" + item.name.replace("_", "-")
-        group.add_argument(flag, dest=item.name, default=None, help=f"{item.metadata['help']} (default: {item.default})")
+        flag = "--" + name.replace("_", "-")
+        group.add_argument(flag, dest=name, default=None, help=f"{item.description} (default: {item.default})")
 
 
 def config_from_args(args: argparse.Namespace) -> KvcakeConfig:
-    overrides = {item.name: getattr(args, item.name, None) for item in fields(KvcakeConfig)}
+    overrides = {name: getattr(args, name, None) for name in KvcakeConfig.model_fields}
     return load_config(getattr(args, "config_file", None), overrides)
 
 
 def markdown_table() -> str:
     rows = ["| setting | flag | env | default | meaning |", "|---|---|---|---|---|"]
-    for item in fields(KvcakeConfig):
-        flag = "--" + item.name.replace("_", "-")
-        rows.append(f"| `{item.name}` | `{flag}` | `{ENV_PREFIX}{item.name.upper()}` | `{item.default}` | {item.metadata['help']} |")
+    for name, item in KvcakeConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        rows.append(f"| `{name}` | `{flag}` | `{ENV_PREFIX}{name.upper()}` | `{item.default}` | {item.description} |")
     return "\n".join(rows)

@@ -31,13 +31,13 @@ def test_unknown_or_malformed_settings_are_refused(tmp_path: Path) -> None:
     settings.write_text("chunk_sizes: 128\n")
     with pytest.raises(ConfigError, match="unknown setting 'chunk_sizes'"):
         load_config(str(settings))
-    with pytest.raises(ConfigError, match="cannot read 'many' as int"):
+    with pytest.raises(ConfigError, match="setting 'threads': cannot read 'many'"):
         load_config(overrides={"threads": "many"})
 
 
 def test_settings_table_lists_every_field() -> None:
     table = markdown_table()
-    for name in KvcakeConfig.__dataclass_fields__:
+    for name in KvcakeConfig.model_fields:
         assert f"`KVCAKE_{name.upper()}`" in table
 
 
