@@ -249,22 +249,6 @@ class Engine:
             return self.tokenizer.encode(self.tokenizer.render_chat([{"role": "user", "content": request.prompt}]))
         return self.tokenizer.encode(request.prompt or "")
 
-    def prefill(
-        self,
-        prompt_ids: list[int],
-        capacity: int,
-        strategy: Strategy | None = None,
-        tenant: str | None = None,
-        prefetched: PrefixPrefetch | None = None,
-    ) -> tuple[Prefill, PrefixReport]:
-        """KV of the prompt: the longest stored prefix by `strategy`, then the rest computed.
-
-        Only chunks that end before the last prompt token are reused, since the first
-        token's logits need that token computed. Computed full chunks are written back.
-        Chunks `prefetched` while the request waited are used as loaded (Cake, load).
-        """
-        return drain(self.prefill_steps(prompt_ids, capacity, strategy, tenant, prefetched))
-
     def prefill_steps(
         self,
         prompt_ids: list[int],
@@ -273,7 +257,13 @@ class Engine:
         tenant: str | None = None,
         prefetched: PrefixPrefetch | None = None,
     ) -> Generator[None, None, tuple[Prefill, PrefixReport]]:
-        """`prefill`, pausing (``yield``) after every computed chunk or pass."""
+        """KV of the prompt: the longest stored prefix by `strategy`, then the rest computed.
+
+        Pauses (``yield``) after every computed chunk or pass; `drain` runs it without pausing.
+        Only chunks that end before the last prompt token are reused, since the first
+        token's logits need that token computed. Computed full chunks are written back.
+        Chunks `prefetched` while the request waited are used as loaded (Cake, load).
+        """
         chunk_size = self.config.chunk_size
         strategy = strategy or self._prefix_strategy(self.default_reuse)
         keys = prefix_chunk_keys(self.fingerprint, self.config.tenant if tenant is None else tenant, prompt_ids, chunk_size)
@@ -659,7 +649,7 @@ class Engine:
     ) -> tuple[KVCache, PrefixReport]:
         if not prefix_ids:
             return self.model.new_cache(capacity, self.cache_pool), PrefixReport()
-        state, report = self.prefill(prefix_ids, capacity, Strategy("cake"), tenant, prefetched)
+        state, report = drain(self.prefill_steps(prefix_ids, capacity, Strategy("cake"), tenant, prefetched))
         return state.cache, report
 
     def document_key(self, document_ids: list[int], preamble: tuple[int, ...], tenant: str | None = None, layout: str = "plain") -> str:

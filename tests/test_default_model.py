@@ -11,7 +11,7 @@ import torch
 from kvcake.data import long_text
 from kvcake.engine import Engine, GenerateRequest, RequestError
 from kvcake.model import SamplingParams
-from kvcake.schedule import Strategy
+from kvcake.schedule import Strategy, drain
 
 pytestmark = pytest.mark.real_model
 
@@ -37,7 +37,7 @@ def test_logits_match_transformers_on_a_long_prompt(default_model, hf_default_mo
 
 
 def test_chunked_prefill_matches_one_shot_on_the_real_model(engine, long_prompt) -> None:
-    chunked = engine.prefill(long_prompt, len(long_prompt), Strategy.parse("compute"))[0].last_logits
+    chunked = drain(engine.prefill_steps(long_prompt, len(long_prompt), Strategy.parse("compute")))[0].last_logits
     model = engine.model
     one_shot = model.forward(torch.tensor(long_prompt), torch.arange(len(long_prompt)), model.new_cache(len(long_prompt))).logits[-1]
     assert (chunked - one_shot).abs().max().item() <= 1e-4
