@@ -28,7 +28,7 @@ from kvcake.config import ConfigError, KvcakeConfig
 from kvcake.runtime import keep_freed_memory
 from kvcake.model import CachePool, KVCache, SamplingParams, Sampler, load_model, resolve_device, resolve_dtype, weights_identity
 from kvcake.model.grammar import GrammarError, JsonConstraint
-from kvcake.schedule import ByteBudget, CostProfile, PrefixPrefetch, PrefixPrefill, PrefixReport, Strategy, WriteBack, drain
+from kvcake.schedule import ByteBudget, CostProfile, PrefixPrefetch, PrefixPrefill, PrefixReport, Strategy, WriteBack
 from kvcake.segments import PromptLayout, Segments, document_preamble, document_token_ids, layout, split_prompt
 from kvcake.store import ChunkKV, KVStore, document_key, model_fingerprint, open_store, prefix_chunk_keys
 
@@ -395,8 +395,9 @@ class Engine:
     ) -> Generator[Work, Any, None]:
         """The request as a coroutine a scheduler drives (see `Work`): prefill, then every choice's tokens.
 
-        Its driver runs it under ``torch.inference_mode()`` and on one thread. Plain and
-        Cake prefills pause after every computed chunk; blend and tune prefills run whole.
+        Its driver runs it under ``torch.inference_mode()`` and on one thread. Prefills pause
+        after every computed chunk (plain, Cake, a blend's exact prefix) and every blended
+        layer (blend, tune); documents missing from the store are computed whole.
         """
         started = time.perf_counter()
         planned = self.plan_prompt(request) if planned is None else planned
@@ -407,9 +408,9 @@ class Engine:
         prompt_length = len(planned.token_ids)
         budget = min(params.max_tokens, self.context_length - prompt_length)
         if reuse == TUNE and planned.document_spans:
-            state, report, blend = self.tune_prefill(planned, prompt_length + budget, request.ratio, request.tenant, prefetched)
+            state, report, blend = yield from self.tune_prefill(planned, prompt_length + budget, request.ratio, request.tenant, prefetched)
         elif reuse == BLEND and planned.document_spans:
-            state, report, blend = self.blend_prefill(planned, prompt_length + budget, ratio, request.tenant, prefetched, request.guard)
+            state, report, blend = yield from self.blend_prefill(planned, prompt_length + budget, ratio, request.tenant, prefetched, request.guard)
         else:
             strategy = self._prefix_strategy(reuse)
             state, report = yield from self.prefill_steps(planned.token_ids, prompt_length + budget, strategy, request.tenant, prefetched)
@@ -485,7 +486,7 @@ class Engine:
         tenant: str | None = None,
         prefetched: PrefixPrefetch | None = None,
         guard: float | None = None,
-    ) -> tuple[Prefill, PrefixReport, BlendReport]:
+    ) -> Generator[None, None, tuple[Prefill, PrefixReport, BlendReport]]:
         """Exact prefix (Cake), then the documents' stored KV blended at `ratio` (a floor with a `guard` share), the query computed.
 
         Documents missing from the store are computed in isolation first and stored.
@@ -500,7 +501,7 @@ class Engine:
         from_store = torch.cat([torch.full((end - start,), present) for (start, end), present in zip(planned.document_spans, stored)])
         blender = BlendPrefill(self.model, ratio, self.check_layers, guard)
         loaded_layers = blender.loaded_layers(int(is_document.sum()))
-        state, report, blend = self._run_blend(
+        state, report, blend = yield from self._run_blend(
             planned, capacity, tenant, prefetched, blender, source, loaded_layers, is_document.nonzero().squeeze(1), from_store
         )
         blend.documents = len(planned.document_spans)
@@ -519,8 +520,9 @@ class Engine:
         loaded_layers: range,
         stored_tokens: torch.Tensor,
         from_store: torch.Tensor,
-    ) -> tuple[Prefill, PrefixReport, BlendReport]:
+    ) -> Generator[None, None, tuple[Prefill, PrefixReport, BlendReport]]:
         """Start loading, fill the exact prefix, then blend; a failed layer read computes the rest instead.
+        Pauses after every chunk of the prefix and every blended layer.
 
         `from_store[i]` says whether row i of `stored_tokens` comes from the store (else it
         was computed in this request), for the accounting."""
@@ -530,9 +532,9 @@ class Engine:
             source, loaded_layers, streams=self.config.load_streams, device=self.model.device, timeout_s=self.config.load_timeout_s
         )
         try:
-            cache, report = self._exact_prefix(planned.token_ids[: planned.prefix_length], capacity, tenant, prefetched)
+            cache, report = yield from self._exact_prefix(planned.token_ids[: planned.prefix_length], capacity, tenant, prefetched)
             try:
-                logits, blend = blender.run(cache, rest, positions, stored_tokens, prefetcher, from_store)
+                logits, blend = yield from blender.run(cache, rest, positions, stored_tokens, prefetcher, from_store)
             except BlendFallback as failure:
                 logits = self.model.prefill(rest.tolist(), cache, self.config.prefill_chunk, planned.prefix_length)
                 document_tokens = sum(end - start for start, end in planned.document_spans)
@@ -543,7 +545,7 @@ class Engine:
 
     def tune_prefill(
         self, planned: PromptLayout, capacity: int, ratio: float | None, tenant: str | None = None, prefetched: PrefixPrefetch | None = None
-    ) -> tuple[Prefill, PrefixReport, BlendReport]:
+    ) -> Generator[None, None, tuple[Prefill, PrefixReport, BlendReport]]:
         """CacheTune: recompute each document's top-scored tokens in every layer; load only the others' KV.
 
         The ratio is the request's, else `tune_ratio`, where `auto` follows this engine's
@@ -568,7 +570,7 @@ class Engine:
         stored_tokens = torch.cat(stored_rows) if stored_rows else torch.empty(0, dtype=torch.long)
         from_store = torch.cat(row_from_store) if row_from_store else torch.empty(0, dtype=torch.bool)
         blender = BlendPrefill(self.model, 0.0, self.check_layers)
-        state, report, blend = self._run_blend(
+        state, report, blend = yield from self._run_blend(
             planned, capacity, tenant, prefetched, blender, self._scored_source(reads), range(self.model.config.num_layers), stored_tokens, from_store
         )
         document_tokens = sum(d.length for d in documents)
@@ -646,10 +648,10 @@ class Engine:
 
     def _exact_prefix(
         self, prefix_ids: list[int], capacity: int, tenant: str | None, prefetched: PrefixPrefetch | None
-    ) -> tuple[KVCache, PrefixReport]:
+    ) -> Generator[None, None, tuple[KVCache, PrefixReport]]:
         if not prefix_ids:
             return self.model.new_cache(capacity, self.cache_pool), PrefixReport()
-        state, report = drain(self.prefill_steps(prefix_ids, capacity, Strategy("cake"), tenant, prefetched))
+        state, report = yield from self.prefill_steps(prefix_ids, capacity, Strategy("cake"), tenant, prefetched)
         return state.cache, report
 
     def document_key(self, document_ids: list[int], preamble: tuple[int, ...], tenant: str | None = None, layout: str = "plain") -> str:

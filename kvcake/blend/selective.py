@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Generator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -117,8 +118,11 @@ class BlendPrefill:
         stored_tokens: torch.Tensor,
         prefetcher: LayerPrefetcher,
         from_store: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, BlendReport]:
+    ) -> Generator[None, None, tuple[torch.Tensor, BlendReport]]:
         """Append `token_ids` (at `positions`) to `cache`; returns the last token's logits.
+
+        Pauses (``yield``) after every layer, so a scheduler can run other requests'
+        work in between (the loader keeps loading); `compute_s` leaves the pauses out.
 
         `stored_tokens` are the indices of the tokens whose stored KV `prefetcher` yields,
         in the order of its rows, layer by layer over `loaded_layers`; the caller starts
@@ -138,9 +142,19 @@ class BlendPrefill:
         first_loaded = self.loaded_layers(len(doc_tokens)).start
         started = time.perf_counter()
         waited_before = prefetcher.wait_s
-        active, active_hidden = self._layers(cache, token_ids, positions, doc_tokens, doc_row, checks, first_loaded, prefetcher, report)
+        layers = self._layers(cache, token_ids, positions, doc_tokens, doc_row, checks, first_loaded, prefetcher, report)
+        paused_s = 0.0
+        while True:
+            try:
+                next(layers)
+            except StopIteration as done:
+                active, active_hidden = done.value
+                break
+            left = time.perf_counter()
+            yield
+            paused_s += time.perf_counter() - left
         report.load_wait_s = prefetcher.wait_s - waited_before
-        report.compute_s = time.perf_counter() - started - report.load_wait_s
+        report.compute_s = time.perf_counter() - started - report.load_wait_s - paused_s
         report.load_s, report.bytes_loaded = prefetcher.load_s, prefetcher.bytes_loaded
         report.tokens_recomputed = int((doc_row[active] >= 0).sum())
         report.tokens_reused = len(doc_tokens) - report.tokens_recomputed
@@ -168,7 +182,7 @@ class BlendPrefill:
         first_loaded: int,
         prefetcher: LayerPrefetcher,
         report: BlendReport,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> Generator[None, None, tuple[torch.Tensor, torch.Tensor]]:
         model = self.model
         device = model.device
         positions = positions.to(device)
@@ -202,6 +216,7 @@ class BlendPrefill:
             attended = torch.cat([attend_with_mask(rotated[:, rows], cached_k[:, :end], cached_v[:, :end], block_mask) for rows, end, block_mask in mask])
             hidden = hidden + model.attention_output(layer, attended)
             hidden = hidden + model.mlp(layer, hidden)
+            yield
         cache.commit(slot)
         return active, hidden
 

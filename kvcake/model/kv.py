@@ -46,6 +46,12 @@ class KVCache:
         return slice(self.length, end)
 
     def write(self, layer: int, slot: slice, rotated_keys: torch.Tensor, values: torch.Tensor) -> None:
+        """A forward's own K/V (the copy runs between the layer's products, on torch's warm threads)."""
+        self.keys[layer][:, slot] = rotated_keys
+        self.values[layer][:, slot] = values
+
+    def place(self, layer: int, slot: slice, rotated_keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Stored K/V loaded into the cache: many copies in a row, each as one `copy_into`."""
         copy_into(self.keys[layer][:, slot], rotated_keys)
         copy_into(self.values[layer][:, slot], values)
 

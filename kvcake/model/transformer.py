@@ -327,7 +327,7 @@ class Transformer:
         """Place stored per-layer K (after RoPE, at these `positions`) and V into the cache: one copy each."""
         slot = cache.reserve(positions.to(self.device))
         for layer in range(self.config.num_layers):
-            cache.write(layer, slot, rotated_keys[layer], values[layer])
+            cache.place(layer, slot, rotated_keys[layer], values[layer])
         cache.commit(slot)
 
     def new_cache(self, capacity: int, pool: CachePool | None = None) -> KVCache:

@@ -3,11 +3,11 @@
 Requests, and warm calls that store documents, wait in one bounded queue; a full queue
 is refused at once (the API answers 429). The compute thread keeps up to `max_batch`
 generations running (continuous batching): each iteration gives one unit of prefill work
-(a chunk of a plain or Cake prefill) to the oldest request still prefilling, then runs one
+(a chunk of a plain or Cake prefill, a layer of blend or tune) to the oldest request still prefilling, then runs one
 decode step for every decoding request in one batched forward (`Transformer.decode_batch`),
 so a long prefill delays another client's next token by about one chunk, not by the
 whole prefill. A request joins as soon as a slot is free and leaves when it finishes.
-Blend and tune prefills, and warm calls, run whole.
+Warm calls, and documents a request has to compute first, run whole.
 
 While a request waits, an I/O thread loads its stored prefix chunks from the back
 (`Engine.prefetch_prefix`), so its Cake prefill starts with them in hand. Each job
