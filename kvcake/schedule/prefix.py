@@ -315,8 +315,8 @@ class PrefixPrefill:
         loader.start()
         try:
             yield from self._compute_from_front(cache, meeting, report)
-        except GeneratorExit:
-            meeting.abandon()  # the request is gone: the loader stops after its current chunk
+        except BaseException:
+            meeting.abandon()  # the request is gone or failed: the loader stops after its current chunk
             raise
         finally:
             loader.join()
