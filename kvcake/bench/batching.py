@@ -173,9 +173,4 @@ def report(out_dir: Path, name: str, config: KvcakeConfig, args: argparse.Namesp
         header += [f"**Prefill stall**: a client streams while another sends a {args.stall_prompt_tokens}-token prompt; its longest gap "
                    "between two tokens during that prefill, against the slowest prefill chunk timed alone in the same run.", ""]
         rows += [{"workload": "stall", **row} for row in stall["rows"]]
-    write_report(out_dir / f"{name}.md", "Continuous batching", header, _uniform(rows))
-
-
-def _uniform(rows: list[dict]) -> list[dict]:
-    columns = list(dict.fromkeys(c for row in rows for c in row))
-    return [{c: row.get(c, "") for c in columns} for row in rows]
+    write_report(out_dir / f"{name}.md", "Continuous batching", header, rows)

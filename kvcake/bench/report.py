@@ -16,9 +16,10 @@ def machine_description() -> str:
 
 
 def markdown_rows(rows: list[dict]) -> list[str]:
+    """A table of every column any row has (in first-seen order); a row without one leaves it empty."""
     if not rows:
         return ["(no rows)"]
-    columns = list(rows[0])
+    columns = list(dict.fromkeys(column for row in rows for column in row))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")

@@ -426,11 +426,6 @@ def _print_table(title: str, rows: list[dict]) -> None:
         print("  ".join(str(row.get(c, "") if row.get(c) is not None else "").ljust(widths[c]) for c in columns))
 
 
-def _uniform(rows: list[dict]) -> list[dict]:
-    columns = list(dict.fromkeys(c for row in rows for c in row))
-    return [{c: row.get(c) for c in columns} for row in rows]
-
-
 def _redis_version() -> str:
     try:
         out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, check=True).stdout
@@ -464,7 +459,7 @@ def _write(args: argparse.Namespace, shape: Shape, with_redis: bool, tiers: list
         "",
         "## Tiers",
         "",
-        *markdown_rows(_uniform(tiers)),
+        *markdown_rows(tiers),
         "",
         "## Codec (256-token chunk from fp32 KV, N(0,1) values)",
         "",
@@ -472,7 +467,7 @@ def _write(args: argparse.Namespace, shape: Shape, with_redis: bool, tiers: list
         "verifies one XXH3 checksum per layer; the tensors are views of that copy. int8 is symmetric per channel (per head and head_dim",
         "index, over the chunk's tokens): the error of each value is at most max|channel| / 254.",
         "",
-        *markdown_rows(_uniform(codec_rows)),
+        *markdown_rows(codec_rows),
         "",
         "## Throttle",
         "",
@@ -482,7 +477,7 @@ def _write(args: argparse.Namespace, shape: Shape, with_redis: bool, tiers: list
         "(decode is not overlapped with the transfer). Concurrent readers share one link:",
         "their aggregate should match the setting and each gets an equal share.",
         "",
-        *markdown_rows(_uniform(throttle)),
+        *markdown_rows(throttle),
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
