@@ -181,7 +181,7 @@ def _engine(config: KvcakeConfig) -> Iterator:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from kvcake.engine import GenerateRequest
+    from kvcake.requests import GenerateRequest
 
     config = config_from_args(args)
     if args.document and args.query is None:

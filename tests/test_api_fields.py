@@ -8,7 +8,7 @@ import torch
 from live import LiveServer
 
 from kvcake.config import KvcakeConfig
-from kvcake.engine import GenerateRequest, RequestMetrics
+from kvcake.requests import GenerateRequest, RequestMetrics
 from kvcake.model import SamplingParams
 
 MESSAGES = [{"role": "user", "content": "hi"}]

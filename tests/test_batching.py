@@ -10,7 +10,8 @@ import torch
 from tiny import TEST_DEVICE
 
 from kvcake.config import KvcakeConfig
-from kvcake.engine import Engine, GenerateRequest, RequestMetrics
+from kvcake.engine import Engine
+from kvcake.requests import GenerateRequest, RequestMetrics
 from kvcake.model import SamplingParams, Transformer
 from kvcake.server.worker import ComputeWorker, Job
 

@@ -9,12 +9,14 @@ import pytest
 import torch
 from tiny import FAMILY_CONFIGS, TEST_DEVICE
 
-from kvcake.blend import LayerKV, LayerPrefetcher, selective
+from kvcake.blend import LayerPrefetcher, selective
+from kvcake.chunk import ChunkKV
 from kvcake.cli import main
 from kvcake.config import ConfigError, KvcakeConfig
-from kvcake.engine import Engine, GenerateRequest, GenerateResult, RequestError
+from kvcake.engine import Engine
+from kvcake.requests import GenerateRequest, GenerateResult, RequestError
 from kvcake.model import SamplingParams
-from kvcake.segments import document_preamble, document_token_ids
+from kvcake.model.segments import document_preamble, document_token_ids
 
 SYSTEM = "You answer questions about the documents."
 DOCUMENTS = [
@@ -75,10 +77,10 @@ def test_ratio_zero_equals_concatenated_stored_caches(engine: Engine) -> None:
     with torch.inference_mode():
         model.prefill(planned.token_ids[: planned.prefix_length], cache, engine.config.chunk_size)
         for index, (start, end) in enumerate(planned.document_spans):
-            stored = engine.store.get(engine.document_key(planned.document_ids(index), planned.preamble))
+            stored = engine.store.get(engine.blend.document_key(engine.config.tenant, planned.preamble, planned.document_ids(index)))
             positions = torch.arange(start, end)
             cos, sin = model.rope_tables(positions)  # a document's K is stored before RoPE
-            model.load_kv(cache, [model.apply_rope(k, cos, sin) for k in stored.keys], stored.values, positions)
+            model.load_kv(cache, ChunkKV([model.apply_rope(k, cos, sin) for k in stored.keys], stored.values), positions)
         query_start = planned.document_spans[-1][1]
         query = torch.tensor(planned.token_ids[query_start:])
         reference = model.forward(query, torch.arange(query_start, len(planned.token_ids)), cache).logits[-1]
@@ -102,10 +104,10 @@ def test_partial_ratio_recomputes_the_top_fraction(engine: Engine) -> None:
 
 def test_a_document_at_two_positions_is_read_from_one_entry(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
     engine = tiny_engine(tiny_folders["llama"], tmp_path, chunk_size=128)  # the prefix is no full chunk: no prefix reads
-    loaded_layers = engine.model.config.num_layers - engine.check_layers[0]
+    loaded_layers = engine.model.config.num_layers - engine.blend.settings.check_layers[0]
     [(key, tokens, present), _] = engine.warm([DOCUMENTS[0], DOCUMENTS[1]], system=SYSTEM)
     preamble = document_preamble(engine.tokenizer, chat=True, system=SYSTEM)
-    assert not present and key == engine.document_key(document_token_ids(engine.tokenizer, DOCUMENTS[0]), preamble)
+    assert not present and key == engine.blend.document_key(engine.config.tenant, preamble, document_token_ids(engine.tokenizer, DOCUMENTS[0]))
     spans, bytes_read = [], []
     for documents in ([DOCUMENTS[1], DOCUMENTS[0]], [DOCUMENTS[0]]):
         before = engine.store.stats()
@@ -181,9 +183,9 @@ def test_bad_blend_requests_name_the_cause(tiny_folders: dict[str, Path], tmp_pa
 def test_prefetcher_stops_at_a_failed_layer() -> None:
     calls: list[int] = []
 
-    def source(layer: int) -> LayerKV | None:
+    def source(layer: int) -> tuple[ChunkKV, int] | None:
         calls.append(layer)
-        return None if layer == 3 else LayerKV(torch.zeros(1, 2, 4), torch.zeros(1, 2, 4), 64)
+        return None if layer == 3 else (ChunkKV([torch.zeros(1, 2, 4)], [torch.zeros(1, 2, 4)]), 64)
 
     prefetcher = LayerPrefetcher(source, range(1, 8), ahead=2)
     assert [prefetcher.get(layer) is not None for layer in range(1, 8)] == [True, True, False, False, False, False, False]

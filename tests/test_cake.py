@@ -10,7 +10,8 @@ from tiny import TEST_DEVICE
 
 from kvcake.config import KvcakeConfig
 from kvcake.data import long_text
-from kvcake.engine import Engine, GenerateRequest, GenerateResult, RequestMetrics
+from kvcake.engine import Engine
+from kvcake.requests import GenerateRequest, GenerateResult, RequestMetrics
 from kvcake.model import SamplingParams
 from kvcake.store import open_store
 
@@ -145,17 +146,17 @@ def test_prefix_prefetched_while_waiting_stays_exact(tiny_folders: dict[str, Pat
     request = GenerateRequest(token_ids=prompt, reuse="cake", sampling=SamplingParams(max_tokens=8))
     prefetch = engine.prefetch_prefix(request)
     prefetch.run()
-    assert engine.prefetch_budget.used_bytes == prefetch.held_bytes > 0
+    assert engine.prefix.prefetch_budget.used_bytes == prefetch.held_bytes > 0
     metrics = RequestMetrics()
     steps = list(engine.stream(request, metrics, prefetch))
     prefetch.release()
     assert [s.token_id for s in steps] == reference.token_ids
     assert (steps[0].logits - reference.first_token_logits).abs().max().item() <= 1e-5
     assert metrics.prefix.chunks_prefetched == 10 and metrics.prefix.chunks_loaded == 10
-    assert engine.prefetch_budget.used_bytes == 0
+    assert engine.prefix.prefetch_budget.used_bytes == 0
 
-    held = engine.prefetch_budget.limit_bytes
-    engine.prefetch_budget.limit_bytes = 3 * (held and _chunk_bytes(engine, prompt))
+    held = engine.prefix.prefetch_budget.limit_bytes
+    engine.prefix.prefetch_budget.limit_bytes = 3 * (held and _chunk_bytes(engine, prompt))
     small = engine.prefetch_prefix(request)
     small.run()
     metrics = RequestMetrics()

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from kvcake.data import long_text
-from kvcake.engine import Engine, GenerateRequest, RequestError
+from kvcake.engine import Engine
+from kvcake.requests import GenerateRequest, RequestError
 from kvcake.model import SamplingParams
-from kvcake.schedule import Strategy, drain
+from kvcake.model.segments import PromptLayout
+from kvcake.schedule import ReuseChoice, Strategy, drain
 
 pytestmark = pytest.mark.real_model
 
@@ -37,7 +39,8 @@ def test_logits_match_transformers_on_a_long_prompt(default_model, hf_default_mo
 
 
 def test_chunked_prefill_matches_one_shot_on_the_real_model(engine, long_prompt) -> None:
-    chunked = drain(engine.prefill_steps(long_prompt, len(long_prompt), Strategy.parse("compute")))[0].last_logits
+    plan = engine.prefix.plan(PromptLayout.plain(long_prompt), ReuseChoice(engine.config.tenant, Strategy.parse("compute")))
+    chunked = drain(engine.prefix.fill(plan, engine.model.new_cache(len(long_prompt)))).logits
     model = engine.model
     one_shot = model.forward(torch.tensor(long_prompt), torch.arange(len(long_prompt)), model.new_cache(len(long_prompt))).logits[-1]
     assert (chunked - one_shot).abs().max().item() <= 1e-4

@@ -9,7 +9,8 @@ import pytest
 from tiny import save_tiny_model
 
 from kvcake.config import KvcakeConfig
-from kvcake.engine import Engine, GenerateRequest, RequestError
+from kvcake.engine import Engine
+from kvcake.requests import GenerateRequest, RequestError
 from kvcake.model import ModelConfig, SamplingParams, UnknownModelError, UnsupportedArchitectureError, load_model
 
 

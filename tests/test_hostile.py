@@ -19,9 +19,10 @@ import pytest
 import torch
 from live import LiveServer
 
-from kvcake.blend import LayerKV, LayerPrefetcher
+from kvcake.blend import LayerPrefetcher
 from kvcake.config import ConfigError, KvcakeConfig, load_config
-from kvcake.engine import Engine, GenerateRequest, RequestError
+from kvcake.engine import Engine
+from kvcake.requests import GenerateRequest, RequestError
 from kvcake.model import SamplingParams
 from kvcake.store import ChunkKV, prefix_chunk_keys
 from kvcake.store.backend import BackendError
@@ -214,9 +215,9 @@ def test_a_packed_document_equals_the_document_computed_alone(config: KvcakeConf
     engine = Engine(config)
     preamble = (1, 7, 9, 11)
     documents = [_prompt(i, n) for i, n in enumerate([5, 9, 3, 40])]
-    packed = engine.compute_documents(documents, preamble)
+    packed = engine.blend.compute(documents, preamble)
     for document, together in zip(documents, packed):
-        [alone] = engine.compute_documents([document], preamble)
+        [alone] = engine.blend.compute([document], preamble)
         for a, b in zip(alone.keys + alone.values, together.keys + together.values):
             assert torch.allclose(a, b, atol=1e-5)
     engine.close()
@@ -346,7 +347,7 @@ def test_the_stream_decoder_matches_decoding_the_whole_answer(live: LiveServer) 
 def test_a_layer_that_never_arrives_times_out() -> None:
     never = threading.Event()
 
-    def hanging(layer: int) -> LayerKV | None:
+    def hanging(layer: int) -> tuple[ChunkKV, int] | None:
         never.wait()
         return None
 

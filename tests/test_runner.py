@@ -61,7 +61,7 @@ def test_suffix_over_stored_prefix_kv_equals_full_pass(tiny_folders: dict[str, P
     stored = model.forward(ids[:prefix_len], torch.arange(prefix_len), model.new_cache(prefix_len), keep_kv=True, rotated_keys=True)
 
     cache = model.new_cache(len(ids))
-    model.load_kv(cache, stored.keys, stored.values, torch.arange(prefix_len))
+    model.load_kv(cache, stored.kv, torch.arange(prefix_len))
     suffix = model.forward(ids[prefix_len:], torch.arange(prefix_len, len(ids)), cache, all_logits=True).logits
 
     assert (suffix - full_logits(model, ids)[prefix_len:]).abs().max().item() <= 1e-5

@@ -11,7 +11,8 @@ from tiny import TEST_DEVICE
 
 from kvcake.blend import TuneProfile, token_scores
 from kvcake.config import KvcakeConfig
-from kvcake.engine import Engine, GenerateRequest, GenerateResult
+from kvcake.engine import Engine
+from kvcake.requests import GenerateRequest, GenerateResult
 from kvcake.model import SamplingParams
 
 DOCUMENTS = [
@@ -61,7 +62,7 @@ def test_only_the_reused_rows_are_read(engine: Engine) -> None:
     assert first.metrics.blend.documents_computed == 2
     assert ask(engine, "tune", 0.25).token_ids == first.token_ids
     planned = engine.plan_prompt(GenerateRequest(query=QUERY, documents=DOCUMENTS, system=SYSTEM))
-    order_keys = [engine.document_key(planned.document_ids(i), planned.preamble, layout="scored-highpass-order") for i in range(2)]
+    order_keys = [engine.tune.document_key(engine.config.tenant, planned.preamble, planned.document_ids(i), "scored-highpass-order") for i in range(2)]
     order_bytes = sum(engine.store.get(key).nbytes for key in order_keys)  # the memory tier reads tensor bytes, no header
     before = engine.store.stats()
     again = ask(engine, "tune", 0.25)
@@ -97,8 +98,8 @@ def test_auto_ratio_follows_the_measured_costs() -> None:
 def test_auto_ratio_is_reported_per_request(engine: Engine) -> None:
     first = ask(engine, "tune")
     assert first.metrics.blend.ratio == engine.config.tune_min_ratio
-    assert engine.tune_profile.compute_s_per_token is not None and engine.tune_profile.io_s_per_token is not None
-    expected = engine.tune_ratio()
+    assert engine.tune.profile.compute_s_per_token is not None and engine.tune.profile.io_s_per_token is not None
+    expected = engine.tune.ratio()
     assert ask(engine, "tune").metrics.blend.ratio == expected >= engine.config.tune_min_ratio
 
 
@@ -129,11 +130,11 @@ def test_auto_ratio_rises_with_a_slower_store_and_falls_with_busier_compute(defa
         for _ in range(requests):
             request = GenerateRequest(query=QUERY, documents=passages, reuse="tune", sampling=SamplingParams(max_tokens=1))
             engine.generate(request)
-        return engine.tune_ratio()
+        return engine.tune.ratio()
 
     fast = Engine(base.replace(store_url="memory://"))
     fast_ratio = settle(fast)
-    compute_per_token = fast.tune_profile.compute_s_per_token
+    compute_per_token = fast.tune.profile.compute_s_per_token
     config = fast.model.config
     row_bytes = config.num_layers * 2 * config.num_kv_heads * config.head_dim * 4
     fast.close()

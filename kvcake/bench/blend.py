@@ -21,7 +21,8 @@ from kvcake.bench.blend_eval import SYSTEM, build_items
 from kvcake.bench.report import machine_description, write_report
 from kvcake.config import KvcakeConfig, config_from_args
 from kvcake.data import quoref_questions
-from kvcake.engine import Engine, GenerateRequest
+from kvcake.engine import Engine
+from kvcake.requests import GenerateRequest
 from kvcake.model import SamplingParams
 from kvcake.store.bytestore import ByteStore
 from kvcake.store.memory import MemoryBackend
@@ -101,7 +102,7 @@ def _settings(config: KvcakeConfig, engine: Engine, args: argparse.Namespace, in
     return {
         "model": config.model,
         "dtype": str(engine.model.dtype),
-        "check_layers": engine.check_layers,
+        "check_layers": list(engine.blend.settings.check_layers),
         "prompt_tokens": statistics.median(r["prompt_tokens"] for r in in_memory.values()),
         "repeats": args.repeats,
         "machine": machine_description(),

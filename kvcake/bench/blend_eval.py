@@ -28,9 +28,10 @@ from tqdm import tqdm
 from kvcake.bench.report import machine_description, markdown_rows
 from kvcake.config import KvcakeConfig, config_from_args
 from kvcake.data import QuorefQuestion, jsonl_questions, quoref_questions
-from kvcake.engine import Engine, GenerateRequest
+from kvcake.engine import Engine
+from kvcake.requests import GenerateRequest
 from kvcake.model import SamplingParams
-from kvcake.segments import document_token_ids
+from kvcake.model.segments import document_token_ids
 
 SYSTEM = "Answer the question using the documents. Reply with only the answer: a short span copied from the documents."
 BOOTSTRAP_SAMPLES = 2000
@@ -166,7 +167,7 @@ def _settings(args: argparse.Namespace, config: KvcakeConfig, engine: Engine, po
     return {
         "model": config.model,
         "dtype": str(engine.model.dtype),
-        "check_layers": engine.check_layers,
+        "check_layers": list(engine.blend.settings.check_layers),
         "questions": args.questions,
         "prompt_tokens": args.prompt_tokens,
         "per_passage": args.per_passage,

@@ -30,7 +30,8 @@ import torch
 from kvcake.bench.report import machine_description, write_report
 from kvcake.config import KvcakeConfig, config_from_args
 from kvcake.data import long_text
-from kvcake.engine import Engine, GenerateRequest
+from kvcake.engine import Engine
+from kvcake.requests import GenerateRequest
 from kvcake.model import SamplingParams
 from kvcake.store import prefix_chunk_keys
 from kvcake.store.bytestore import ByteStore

@@ -19,7 +19,8 @@ from kvcake.bench.blend_eval import SYSTEM, build_items
 from kvcake.bench.report import machine_description, write_report
 from kvcake.config import config_from_args
 from kvcake.data import quoref_questions
-from kvcake.engine import Engine, GenerateRequest
+from kvcake.engine import Engine
+from kvcake.requests import GenerateRequest
 from kvcake.model import SamplingParams
 from kvcake.store import open_store
 

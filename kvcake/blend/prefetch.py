@@ -16,27 +16,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from kvcake.chunk import ChunkKV
+
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class LayerKV:
-    """Stored K (before RoPE) and V of every document token of one layer, in prompt order: (Hkv, N, d)."""
-
-    keys: torch.Tensor
-    values: torch.Tensor
-    nbytes: int
-
-
 class LayerSource(Protocol):
-    """Reads one layer of the documents' stored KV; None on any failure (miss, corrupt, backend down)."""
+    """Reads one layer of the documents' stored KV: a one-layer `ChunkKV` of every reused document
+    token in prompt order (K before RoPE) and the bytes read from the store for it; None on any
+    failure (miss, corrupt, backend down)."""
 
-    def __call__(self, layer: int) -> LayerKV | None: ...
+    def __call__(self, layer: int) -> tuple[ChunkKV, int] | None: ...
 
 
 class LayerPrefetcher:
@@ -62,7 +56,7 @@ class LayerPrefetcher:
         self._device = device if device is not None and device.type == "cuda" else None
         self._layers = layers
         self._next = iter(layers)
-        self._loaded: dict[int, LayerKV | None] = {}
+        self._loaded: dict[int, ChunkKV | None] = {}
         self._room = threading.Semaphore(max(1, len(layers)) if ahead is None else ahead)
         self._ready = threading.Condition()
         self._stopped = False
@@ -76,8 +70,8 @@ class LayerPrefetcher:
         for thread in self._threads:
             thread.start()
 
-    def get(self, layer: int) -> LayerKV | None:
-        """The layer's KV (blocking until loaded), or None if loading it failed or took over `timeout_s`."""
+    def get(self, layer: int) -> ChunkKV | None:
+        """The layer's KV, one layer (blocking until loaded), or None if loading it failed or took over `timeout_s`."""
         started = time.perf_counter()
         with self._ready:
             if not self._ready.wait_for(lambda: layer in self._loaded, timeout=self._timeout_s):
@@ -89,8 +83,8 @@ class LayerPrefetcher:
         self._room.release()
         if loaded is not None and self._device is not None:
             consumer = torch.cuda.current_stream(self._device)
-            loaded.keys.record_stream(consumer)
-            loaded.values.record_stream(consumer)
+            loaded.keys[0].record_stream(consumer)
+            loaded.values[0].record_stream(consumer)
         self.wait_s += time.perf_counter() - started
         return loaded
 
@@ -119,7 +113,8 @@ class LayerPrefetcher:
             if layer is None:
                 return
             try:
-                loaded = self._source(layer)
+                read = self._source(layer)
+                loaded, nbytes = (None, 0) if read is None else read
                 if loaded is not None and copy_stream is not None:
                     loaded = self._to_device(loaded, copy_stream)
             except Exception:
@@ -130,19 +125,19 @@ class LayerPrefetcher:
                     self._failed = True
                     self._loaded.update({rest: None for rest in self._layers if rest >= layer})
                 else:
-                    self.bytes_loaded += loaded.nbytes
+                    self.bytes_loaded += nbytes
                     self._loaded.setdefault(layer, loaded)
                 self.load_s = time.perf_counter() - self._started
                 self._ready.notify_all()
 
-    def _to_device(self, loaded: LayerKV, copy_stream: torch.cuda.Stream) -> LayerKV:
+    def _to_device(self, loaded: ChunkKV, copy_stream: torch.cuda.Stream) -> ChunkKV:
         """The layer on the GPU, copied on this thread's stream; returns once the copy is done.
 
         `get` marks the tensors as used by the consumer's stream, so the allocator does not
         hand their memory to a later copy while the compute still reads them.
         """
         with torch.cuda.stream(copy_stream):
-            keys = loaded.keys.pin_memory().to(self._device, non_blocking=True)
-            values = loaded.values.pin_memory().to(self._device, non_blocking=True)
+            keys = [k.pin_memory().to(self._device, non_blocking=True) for k in loaded.keys]
+            values = [v.pin_memory().to(self._device, non_blocking=True) for v in loaded.values]
         copy_stream.synchronize()
-        return LayerKV(keys, values, loaded.nbytes)
+        return ChunkKV(keys, values)

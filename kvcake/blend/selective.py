@@ -24,13 +24,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Generator
-from dataclasses import asdict, dataclass, field
 
 import torch
 
-from kvcake.blend.prefetch import LayerKV, LayerPrefetcher
+from kvcake.blend.prefetch import LayerPrefetcher
 from kvcake.model import KVCache, Transformer
 from kvcake.model.transformer import Mask, attend_with_mask, causal_mask
+from kvcake.schedule.contract import BlendReport
 
 
 ATTENTION_BLOCK = 512
@@ -43,44 +43,21 @@ class BlendFallback(RuntimeError):
     """Stored KV could not be read mid-blend; the caller computes the tokens instead."""
 
 
-@dataclass
-class BlendReport:
-    """What a blended prefill did; rides on the request's metrics."""
-
-    ratio: float = 0.0
-    mode: str = "blend"
-    check_layers: list[int] = field(default_factory=list)
-    documents: int = 0
-    documents_stored: int = 0
-    documents_computed: int = 0
-    document_tokens: int = 0
-    tokens_recomputed: int = 0
-    tokens_reused: int = 0
-    tokens_loaded: int = 0
-    kept_per_check: list[int] = field(default_factory=list)
-    bytes_loaded: int = 0
-    load_s: float = 0.0
-    load_wait_s: float = 0.0
-    compute_s: float = 0.0
-    fallback: str = ""
-
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
-
-
 def kept_fractions(ratio: float, num_checks: int) -> list[float]:
     """Fraction of document tokens kept at each check layer: from near 1 down to `ratio` (gradual filtering)."""
     return [ratio + (1.0 - ratio) * (num_checks - 1 - j) / num_checks for j in range(num_checks)]
 
 
-def token_deviation(fresh_keys: torch.Tensor, fresh_values: torch.Tensor, stored: LayerKV, doc_rows: torch.Tensor) -> torch.Tensor:
+def token_deviation(
+    fresh_keys: torch.Tensor, fresh_values: torch.Tensor, stored_keys: torch.Tensor, stored_values: torch.Tensor, doc_rows: torch.Tensor
+) -> torch.Tensor:
     """Squared distance per token between recomputed and stored V (K before RoPE is used as a tie-breaker).
 
     V carries no position, so its deviation is purely the missing cross-attention;
     that is the signal CacheBlend ranks by.
     """
-    value_gap = (fresh_values.float() - stored.values[:, doc_rows].float()).pow(2).sum(dim=(0, 2))
-    key_gap = (fresh_keys.float() - stored.keys[:, doc_rows].float()).pow(2).sum(dim=(0, 2))
+    value_gap = (fresh_values.float() - stored_values[:, doc_rows].float()).pow(2).sum(dim=(0, 2))
+    key_gap = (fresh_keys.float() - stored_keys[:, doc_rows].float()).pow(2).sum(dim=(0, 2))
     return value_gap + 1e-6 * key_gap
 
 
@@ -199,11 +176,11 @@ class BlendPrefill:
                 if loaded is None:
                     why = "did not arrive in time" if prefetcher.timed_out else "could not be read"
                     raise BlendFallback(f"layer {layer} of the stored documents {why}")
-                stored = LayerKV(loaded.keys.to(device), loaded.values.to(device), loaded.nbytes)
-                self._write(cache, layer, slot, doc_tokens, stored.keys, stored.values, cos, sin)
+                stored_keys, stored_values = loaded.keys[0].to(device), loaded.values[0].to(device)
+                self._write(cache, layer, slot, doc_tokens, stored_keys, stored_values, cos, sin)
                 if layer in checks:
                     guard = self.guard if layer == self.check_layers[-1] else None
-                    keep = self._select(active, k, v, stored, doc_row, checks[layer], guard)
+                    keep = self._select(active, k, v, stored_keys, stored_values, doc_row, checks[layer], guard)
                     report.kept_per_check.append(int((doc_row[active[keep]] >= 0).sum()))
                     self._write(cache, layer, slot, active, k, v, cos, sin)
                     fresh_written = True
@@ -252,18 +229,36 @@ class BlendPrefill:
 
     @staticmethod
     def _select(
-        active: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, stored: LayerKV, doc_row: torch.Tensor, num_keep: int, guard: float | None
+        active: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        stored_keys: torch.Tensor,
+        stored_values: torch.Tensor,
+        doc_row: torch.Tensor,
+        num_keep: int,
+        guard: float | None,
     ) -> torch.Tensor:
         """Indices into `active` of the tokens that stay: non-document tokens and the top deviating document tokens
         (at least `num_keep`; with a `guard` share, as many as hold that share of the total deviation)."""
         rows = doc_row[active]
         in_doc = (rows >= 0).nonzero().squeeze(1)
-        deviation = token_deviation(keys[:, in_doc], values[:, in_doc], stored, rows[in_doc])
+        deviation = token_deviation(keys[:, in_doc], values[:, in_doc], stored_keys, stored_values, rows[in_doc])
         order = deviation.argsort(descending=True)
         if guard is not None:
             num_keep = max(num_keep, guarded_count(deviation[order], guard))
         top = in_doc[order[: min(num_keep, len(in_doc))]]
         return torch.cat([(rows < 0).nonzero().squeeze(1), top]).sort().values
+
+
+def parse_check_layers(text: str, num_layers: int) -> tuple[int, ...]:
+    """The `blend_check_layers` setting: comma-separated, increasing layers of the model."""
+    try:
+        layers = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"blend_check_layers must be comma-separated layer numbers, got {text!r}") from None
+    if not layers or sorted(set(layers)) != list(layers) or layers[0] < 0 or layers[-1] >= num_layers:
+        raise ValueError(f"blend_check_layers must be increasing layers in [0, {num_layers}), got {text!r}")
+    return layers
 
 
 def guarded_count(sorted_deviation: torch.Tensor, share: float) -> int:

@@ -14,11 +14,21 @@ r = max(floor, r*). The costs per token come from this engine's own requests.
 
 from __future__ import annotations
 
+import math
 import threading
+from collections.abc import Generator
+from dataclasses import dataclass
 
 import torch
 
-from kvcake.store import ChunkKV
+from kvcake.blend.documents import DocumentPlan, DocumentReuse
+from kvcake.blend.prefetch import LayerSource
+from kvcake.blend.scores import RULES, token_scores
+from kvcake.blend.selective import BlendPrefill
+from kvcake.chunk import ChunkKV
+from kvcake.model import KVCache
+from kvcake.model.segments import PromptLayout
+from kvcake.schedule import Filled, PrefixPrefetch, ReuseChoice
 
 ORDER_DIGITS = 3
 ORDER_BASE = 128
@@ -64,3 +74,155 @@ class TuneProfile:
 
     def _smooth(self, old: float | None, new: float) -> float:
         return new if old is None else old + self.smoothing * (new - old)
+
+
+@dataclass(frozen=True)
+class ScoredDocument:
+    """A document in CacheTune's layout: `order[i]` is the original index of stored row i (highest score first).
+
+    One computed in this request carries its sorted KV (`computed`) and its order entry
+    (`stored_order`), both still to be stored under `key` and `order_key`."""
+
+    key: str
+    order_key: str
+    order: torch.Tensor
+    length: int
+    computed: ChunkKV | None = None
+    stored_order: ChunkKV | None = None
+
+
+class TuneReuse(DocumentReuse):
+    """CacheTune: recompute each document's top-scored tokens in every layer, load only the others' KV
+    (the `Reuse` contract).
+
+    The ratio is the request's, else `tune_ratio`, where `auto` follows this engine's measured
+    costs (`profile`). No check pass: the stored order says which rows to recompute, so the
+    loader reads one contiguous range per document and layer, and never the bytes of
+    recomputed tokens.
+    """
+
+    def __init__(self, *args, scoring: str, ratio: str, min_ratio: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        if scoring not in RULES:
+            raise ValueError(f"tune_scoring must be one of {', '.join(RULES)}, got {scoring!r}")
+        self.scoring = scoring
+        self.configured_ratio = ratio
+        self.min_ratio = min_ratio
+        self.profile = TuneProfile()
+        self.layout = f"scored-{scoring}"
+
+    def ratio(self) -> float:
+        """The ratio a request gets when it names none."""
+        if self.configured_ratio != "auto":
+            return float(self.configured_ratio)
+        return self.profile.ratio(self.min_ratio)
+
+    def plan(self, prompt: PromptLayout, choice: ReuseChoice) -> DocumentPlan:
+        ratio = self.ratio() if choice.ratio is None else choice.ratio
+        keys, order_keys = zip(*self._keys(choice.tenant, prompt.preamble, prompt.documents())) if prompt.document_spans else ((), ())
+        stored = [self.store.contains(key) for key in keys]
+        return DocumentPlan(prompt, self._plan_prefix(prompt, choice), list(keys), stored, ratio, order_keys=tuple(order_keys))
+
+    def fill(self, plan: DocumentPlan, cache: KVCache, prefetched: PrefixPrefetch | None = None) -> Generator[None, None, Filled]:
+        """Documents missing from the store are computed together, scored, sorted and queued for write-back."""
+        prompt = plan.prompt
+        documents = self._scored(prompt.documents(), prompt.preamble, list(zip(plan.keys, plan.order_keys)), plan.stored)
+        for document in documents:
+            if document.computed is not None and document.stored_order is not None:
+                self.writeback.submit(document.key, document.computed)
+                self.writeback.submit(document.order_key, document.stored_order)
+        stored_rows, row_from_store, reads = [], [], []
+        for (start, _), document in zip(prompt.document_spans, documents):
+            recomputed = self._recomputed_rows(plan.ratio, document.length)
+            stored_rows.append(document.order[recomputed:] + start - prompt.prefix_length)
+            row_from_store.append(torch.full((document.length - recomputed,), document.computed is None))
+            reads.append((document, recomputed))
+        stored_tokens = torch.cat(stored_rows) if stored_rows else torch.empty(0, dtype=torch.long)
+        from_store = torch.cat(row_from_store) if row_from_store else torch.empty(0, dtype=torch.bool)
+        blender = BlendPrefill(self.model, 0.0, list(self.settings.check_layers))
+        all_layers = range(self.model.config.num_layers)
+        filled, blend = yield from self._blend(plan, cache, prefetched, blender, self._source(reads), all_layers, stored_tokens, from_store)
+        document_tokens = sum(d.length for d in documents)
+        if not blend.fallback:
+            blend.tokens_recomputed = document_tokens - len(stored_tokens)
+            blend.tokens_reused = len(stored_tokens)
+            computed_tokens = len(prompt.token_ids) - prompt.prefix_length - len(stored_tokens)
+            self.profile.record(blend.compute_s, computed_tokens, blend.load_s, len(stored_tokens))
+        blend.ratio, blend.mode, blend.document_tokens = plan.ratio, "tune", document_tokens
+        blend.documents = len(documents)
+        blend.documents_stored = sum(1 for d in documents if d.computed is None)
+        blend.documents_computed = blend.documents - blend.documents_stored
+        return filled
+
+    def store_documents(
+        self, documents: list[list[int]], preamble: tuple[int, ...], tenant: str, stop: threading.Event | None = None
+    ) -> list[tuple[str, bool]]:
+        """Compute, score and store the documents not stored yet, synchronously; each one's key and whether it was stored before."""
+        keys = self._keys(tenant, preamble, documents)
+        present = [self.store.contains(key) for key, _ in keys]
+        for document in self._scored(documents, preamble, keys, present, stop):
+            if document.computed is not None and document.stored_order is not None:
+                self.store.put(document.key, document.computed)
+                self.store.put(document.order_key, document.stored_order)
+        return [(key, stored) for (key, _), stored in zip(keys, present)]
+
+    def _keys(self, tenant: str, preamble: tuple[int, ...], documents: list[list[int]]) -> list[tuple[str, str]]:
+        """Each document's (entry key, order key)."""
+        return [(self.document_key(tenant, preamble, ids), self.document_key(tenant, preamble, ids, f"{self.layout}-order")) for ids in documents]
+
+    def _scored(
+        self,
+        documents: list[list[int]],
+        preamble: tuple[int, ...],
+        keys: list[tuple[str, str]],
+        present: list[bool],
+        stop: threading.Event | None = None,
+    ) -> list[ScoredDocument]:
+        """Each document's (entry key, order key): its stored row order where both entries are there,
+        else computed together, scored and sorted (`computed` and `stored_order` still to be stored)."""
+        found: dict[int, ScoredDocument] = {}
+        for index, ((key, order_key), ids, stored) in enumerate(zip(keys, documents, present)):
+            entry = self.store.get(order_key) if stored else None
+            if entry is not None and entry.num_tokens == len(ids):
+                found[index] = ScoredDocument(key, order_key, order_from_entry(entry), len(ids))
+        missing = [i for i in range(len(documents)) if i not in found]
+        for index, plain in zip(missing, self.compute([documents[i] for i in missing], preamble, stop)):
+            scores = token_scores(plain.keys, plain.values, self.scoring)
+            order = torch.argsort(scores, descending=True, stable=True)
+            sorted_kv = ChunkKV([k[:, order] for k in plain.keys], [v[:, order] for v in plain.values])
+            key, order_key = keys[index]
+            found[index] = ScoredDocument(key, order_key, order, len(documents[index]), sorted_kv, order_entry(order, scores[order]))
+        return [found[i] for i in sorted(found)]
+
+    def _recomputed_rows(self, ratio: float, length: int) -> int:
+        """ceil(ratio * length), rounded up to the store's page: the reused rows then start on a page
+        boundary, so the store reads exactly their bytes (at most a page of tokens more is recomputed)."""
+        wanted = math.ceil(ratio * length)
+        if wanted == 0:
+            return 0
+        page = self.store.page_tokens
+        return min(length, -(-wanted // page) * page)
+
+    def _source(self, reads: list[tuple[ScoredDocument, int]]) -> LayerSource:
+        """Per layer, rows [recomputed, length) of every scored document: only the KV that is reused."""
+        heads, head_dim = self.model.config.num_kv_heads, self.model.config.head_dim
+
+        def read_layer(layer: int) -> tuple[ChunkKV, int] | None:
+            keys, values, nbytes = [torch.empty(heads, 0, head_dim)], [torch.empty(heads, 0, head_dim)], 0
+            for document, recomputed in reads:
+                if recomputed >= document.length:
+                    continue
+                if document.computed is not None:
+                    keys.append(document.computed.keys[layer][:, recomputed:])
+                    values.append(document.computed.values[layer][:, recomputed:])
+                    continue
+                got = self.store.get_tokens(document.key, recomputed, document.length, layers=[layer])
+                if got is None:
+                    return None
+                keys.append(got.keys[0])
+                values.append(got.values[0])
+                nbytes += got.nbytes
+            dtype = keys[-1].dtype
+            return ChunkKV([torch.cat([k.to(dtype) for k in keys], dim=1)], [torch.cat([v.to(dtype) for v in values], dim=1)]), nbytes
+
+        return read_layer

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.nn.attention.bias import causal_lower_right
 
+from kvcake.chunk import ChunkKV
 from kvcake.model.config import ModelConfig, RopeConfig
 from kvcake.model.kv import CachePool, KVCache
 
@@ -41,11 +42,10 @@ class LayerWeights:
 
 @dataclass
 class ForwardOutput:
-    """Logits, and with `keep_kv` the chunk's per-layer K (before RoPE) and V, each (Hkv, T, d)."""
+    """Logits, and with `keep_kv` the chunk's own K/V (empty otherwise)."""
 
     logits: torch.Tensor
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
+    kv: ChunkKV
 
 
 def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -249,7 +249,7 @@ class Transformer:
                 values.append(v.contiguous())
         cache.commit(slot)
         last = hidden if all_logits else hidden[-1:]
-        return ForwardOutput(self.logits(last), keys, values)
+        return ForwardOutput(self.logits(last), ChunkKV(keys, values))
 
     def decode_batch(self, token_ids: torch.Tensor, positions: torch.Tensor, caches: Sequence[KVCache]) -> torch.Tensor:
         """One new token for each of several sequences, each with its own cache: (B, vocab) logits.
@@ -279,7 +279,7 @@ class Transformer:
 
     def forward_isolated(
         self, segments: Sequence[Sequence[int]], first_positions: Sequence[int], cache: KVCache
-    ) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    ) -> list[ChunkKV]:
         """Several segments in one pass, each attending only to the cache (a shared preamble) and to itself.
 
         Segment i sits at positions first_positions[i], ...; returns its per-layer K (before
@@ -301,7 +301,7 @@ class Transformer:
             hidden, k, _, v = self.layer_forward(layer, hidden, rope, cache, slot, mask)
             keys.append(list(k.split(lengths, dim=1)))
             values.append(list(v.split(lengths, dim=1)))
-        return [([k[i].contiguous() for k in keys], [v[i].contiguous() for v in values]) for i in range(len(segments))]
+        return [ChunkKV([k[i].contiguous() for k in keys], [v[i].contiguous() for v in values]) for i in range(len(segments))]
 
     def forward_chunks(
         self, token_ids: Sequence[int], cache: KVCache, chunk_size: int, first_position: int = 0, *, keep_kv: bool = False
@@ -323,11 +323,21 @@ class Transformer:
             raise ValueError("prefill needs at least one token")
         return logits[-1]
 
-    def load_kv(self, cache: KVCache, rotated_keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor) -> None:
-        """Place stored per-layer K (after RoPE, at these `positions`) and V into the cache: one copy each."""
+    def prompt_logprobs(self, token_ids: Sequence[int], chunk_size: int) -> list[torch.Tensor]:
+        """Per token after the first, the log-softmax that predicted it from the tokens before it."""
+        cache = self.new_cache(len(token_ids))
+        rows: list[torch.Tensor] = []
+        for start in range(0, len(token_ids) - 1, chunk_size):
+            end = min(start + chunk_size, len(token_ids) - 1)
+            out = self.forward(torch.tensor(token_ids[start:end]), torch.arange(start, end), cache, all_logits=True)
+            rows.extend(torch.log_softmax(out.logits.float(), dim=-1))
+        return rows
+
+    def load_kv(self, cache: KVCache, chunk: ChunkKV, positions: torch.Tensor) -> None:
+        """Place a stored chunk (K after RoPE, at these `positions`) into the cache: one copy per tensor."""
         slot = cache.reserve(positions.to(self.device))
         for layer in range(self.config.num_layers):
-            cache.place(layer, slot, rotated_keys[layer], values[layer])
+            cache.place(layer, slot, chunk.keys[layer], chunk.values[layer])
         cache.commit(slot)
 
     def new_cache(self, capacity: int, pool: CachePool | None = None) -> KVCache:

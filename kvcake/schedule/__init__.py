@@ -1,7 +1,26 @@
-"""When each chunk is computed or loaded (compute-only, load-only, Cake, static split)."""
+"""When each prefix chunk is computed or loaded, and the contract every reuse strategy keeps."""
 
-from kvcake.schedule.prefix import STRATEGIES, ChunkLoader, CostProfile, PrefixPrefill, PrefixReport, Strategy, drain
+from kvcake.schedule.contract import BlendReport, Filled, Reuse, ReuseChoice
 from kvcake.schedule.prefetch import ByteBudget, PrefixPrefetch
+from kvcake.schedule.prefix import STRATEGIES, ChunkLoader, CostProfile, PrefixPrefill, PrefixReport, Strategy, drain
+from kvcake.schedule.reuse import PrefixPlan, PrefixReuse
 from kvcake.schedule.writeback import WriteBack
 
-__all__ = ["ByteBudget", "PrefixPrefetch", "STRATEGIES", "ChunkLoader", "CostProfile", "PrefixPrefill", "PrefixReport", "Strategy", "WriteBack", "drain"]
+__all__ = [
+    "STRATEGIES",
+    "BlendReport",
+    "ByteBudget",
+    "ChunkLoader",
+    "CostProfile",
+    "Filled",
+    "PrefixPlan",
+    "PrefixPrefetch",
+    "PrefixPrefill",
+    "PrefixReport",
+    "PrefixReuse",
+    "Reuse",
+    "ReuseChoice",
+    "Strategy",
+    "WriteBack",
+    "drain",
+]

@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import threading
 
-import torch
-
+from kvcake.chunk import ChunkKV
 from kvcake.schedule.prefix import ChunkLoader
-
-ChunkKV = tuple[list[torch.Tensor], list[torch.Tensor]]
 
 
 class ByteBudget:
@@ -58,14 +55,14 @@ class PrefixPrefetch:
             loaded = self._loader(index)
             if loaded is None:
                 return
-            keys, values, nbytes = loaded
+            nbytes = loaded.nbytes
             if not self._budget.reserve(nbytes):
                 return
             with self._lock:
                 if self._stopped:
                     self._budget.release(nbytes)
                     return
-                self._chunks[index] = (keys, values)
+                self._chunks[index] = loaded
                 self.held_bytes += nbytes
 
     def take_back(self, num_chunks: int) -> dict[int, ChunkKV]:

@@ -29,6 +29,7 @@ from typing import Protocol, TypeVar
 
 import torch
 
+from kvcake.chunk import ChunkKV
 from kvcake.model import KVCache, Transformer
 
 T = TypeVar("T")
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 class ChunkLoader(Protocol):
     """Fetches the stored KV of prefix chunk `index` (K after RoPE, at the chunk's positions), or None on any failure."""
 
-    def __call__(self, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor], int] | None: ...
+    def __call__(self, index: int) -> ChunkKV | None: ...
 
 
 @dataclass(frozen=True)
@@ -283,7 +284,7 @@ class PrefixPrefill:
         self.chunk_size = chunk_size
         self.prompt_ids = torch.tensor(prompt_ids, dtype=torch.long)
         self.loader = loader
-        self.computed_kv: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self.computed_kv: dict[int, ChunkKV] = {}
         self._observed_compute: list[tuple[int, float]] = []
 
     def run(
@@ -291,7 +292,7 @@ class PrefixPrefill:
         cache: KVCache,
         num_chunks: int,
         strategy: Strategy,
-        prefetched: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None,
+        prefetched: dict[int, ChunkKV] | None = None,
     ) -> PrefixReport:
         """`prefetched` holds chunks num_chunks-1, num_chunks-2, ... already loaded; the strategy schedules the rest."""
         return drain(self.steps(cache, num_chunks, strategy, prefetched))
@@ -301,7 +302,7 @@ class PrefixPrefill:
         cache: KVCache,
         num_chunks: int,
         strategy: Strategy,
-        prefetched: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None,
+        prefetched: dict[int, ChunkKV] | None = None,
     ) -> Generator[None, None, PrefixReport]:
         """`run`, pausing (a bare ``yield``) after each chunk the compute side computes, so a
         scheduler can run other requests' work in between; the loader keeps loading meanwhile."""
@@ -310,7 +311,7 @@ class PrefixPrefill:
         compute_limit, loader_floor = strategy.limits(scheduled)
         meeting = _Meeting(scheduled, compute_limit, loader_floor, self.profile)
         report = PrefixReport(strategy=str(strategy), stored_chunks=num_chunks, chunks_prefetched=len(prefetched))
-        loaded: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = dict(prefetched)
+        loaded: dict[int, ChunkKV] = dict(prefetched)
         loader = threading.Thread(target=self._load_from_back, args=(meeting, loaded, report), name="kvcake-loader", daemon=True)
         loader.start()
         try:
@@ -323,8 +324,7 @@ class PrefixPrefill:
         self._update_profile(meeting)
         report.meet_chunk = meeting.front
         for index in range(meeting.front, num_chunks):
-            keys, values = loaded[index]
-            self.model.load_kv(cache, keys, values, self._positions(index))
+            self.model.load_kv(cache, loaded[index], self._positions(index))
         report.chunks_loaded = num_chunks - meeting.front
         report.tokens_loaded = report.chunks_loaded * self.chunk_size
         report.chunks_computed = meeting.front
@@ -352,14 +352,14 @@ class PrefixPrefill:
             started = time.perf_counter()
             positions = self._positions(index)
             out = self.model.forward(self.prompt_ids[positions], positions, cache, keep_kv=True, rotated_keys=True)
-            self.computed_kv[index] = (out.keys, out.values)
+            self.computed_kv[index] = out.kv
             elapsed = time.perf_counter() - started
             self._observed_compute.append((index, elapsed))
             meeting.computed(index, elapsed)
             report.compute_s += elapsed
             yield
 
-    def _load_from_back(self, meeting: _Meeting, loaded: dict, report: PrefixReport) -> None:
+    def _load_from_back(self, meeting: _Meeting, loaded: dict[int, ChunkKV], report: PrefixReport) -> None:
         try:
             while (index := meeting.claim_load()) is not None:
                 started = time.perf_counter()
@@ -370,14 +370,13 @@ class PrefixPrefill:
                     report.load_failures += 1
                     meeting.give_back(index)
                     return
-                keys, values, num_bytes = result
-                loaded[index] = (keys, values)
-                report.bytes_loaded += num_bytes
+                loaded[index] = result
+                report.bytes_loaded += result.nbytes
                 meeting.loaded(elapsed)
         finally:
             meeting.finish_loading()
 
-    def _load(self, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor], int] | None:
+    def _load(self, index: int) -> ChunkKV | None:
         """The loader's result; an unexpected error is a failed load, never a failed request."""
         try:
             return self.loader(index)

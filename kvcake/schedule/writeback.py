@@ -12,13 +12,10 @@ import logging
 import queue
 import threading
 
-import torch
-
-from kvcake.store import ChunkKV, KVStore
+from kvcake.chunk import ChunkKV
+from kvcake.store import KVStore
 
 log = logging.getLogger(__name__)
-ChunkPair = tuple[list[torch.Tensor], list[torch.Tensor]]
-"""Per-layer K and V of one chunk (K after RoPE for a prefix chunk, before it for a document)."""
 
 
 class WriteBack:
@@ -27,21 +24,21 @@ class WriteBack:
     def __init__(self, store: KVStore, max_pending: int = 256):
         self.store = store
         self.dropped = 0
-        self._queue: queue.Queue[tuple[list[str], dict[str, ChunkPair]] | None] = queue.Queue(max_pending)
+        self._queue: queue.Queue[tuple[list[str], dict[str, ChunkKV]] | None] = queue.Queue(max_pending)
         self._thread = threading.Thread(target=self._run, name="kvcake-writeback", daemon=True)
         self._thread.start()
 
-    def submit(self, key: str, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        """Queue one chunk."""
-        self._put([], {key: (keys, values)})
+    def submit(self, key: str, chunk: ChunkKV) -> None:
+        """Queue one entry."""
+        self._put([], {key: chunk})
 
-    def submit_chain(self, chain: list[str], computed: dict[str, ChunkPair]) -> None:
+    def submit_chain(self, chain: list[str], computed: dict[str, ChunkKV]) -> None:
         """Queue a prefix's chunks that were computed (by key; `chain` lists the prefix's keys head first):
         written tail first, then the chain is touched tail to head."""
         if chain:
             self._put(chain, computed)
 
-    def _put(self, chain: list[str], computed: dict[str, ChunkPair]) -> None:
+    def _put(self, chain: list[str], computed: dict[str, ChunkKV]) -> None:
         try:
             self._queue.put_nowait((chain, computed))
         except queue.Full:
@@ -62,9 +59,8 @@ class WriteBack:
             order = [key for key in reversed(chain) if key in computed] + [key for key in computed if key not in in_chain]
             try:
                 for key in order:
-                    keys, values = computed[key]
                     if not self.store.contains(key):
-                        self.store.put(key, ChunkKV([k.cpu() for k in keys], [v.cpu() for v in values]))
+                        self.store.put(key, computed[key].to_cpu())
                 if chain:
                     self.store.touch(list(reversed(chain)))
             except Exception:

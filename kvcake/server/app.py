@@ -25,9 +25,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvcake.config import KvcakeConfig
-from kvcake.engine import BLEND, DOCUMENT_MODES, Engine, GenerateRequest, RequestError, RequestMetrics, WarmRequest
+from kvcake.engine import Engine
+from kvcake.requests import BLEND, DOCUMENT_MODES, GenerateRequest, RequestError, RequestMetrics, WarmRequest
 from kvcake.model import SamplingParams
-from kvcake.segments import PromptLayout
+from kvcake.model.segments import PromptLayout
 from kvcake.server.guard import CLIENT_GONE, ApiError, Guard
 from kvcake.server.metrics import ServerMetrics
 from kvcake.server.schemas import ChatBody, CompletionBody, JsonObjectFormat, JsonSchemaFormat, SamplingFields, WarmBody

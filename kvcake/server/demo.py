@@ -17,7 +17,8 @@ import openai
 
 from kvcake.config import KvcakeConfig
 from kvcake.data import long_text
-from kvcake.engine import Engine, GenerateRequest
+from kvcake.engine import Engine
+from kvcake.requests import GenerateRequest
 from kvcake.server.background import BackgroundServer
 from kvcake.store import prefix_chunk_keys
 

@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from kvcake.engine import MAX_CHOICES
+from kvcake.requests import MAX_CHOICES
 
 SEED_RANGE = (-(2**63), 2**64 - 1)
 """What torch's generators accept as a seed."""

@@ -29,9 +29,10 @@ from typing import Any
 
 import torch
 
-from kvcake.engine import DecodeStep, Engine, GenerateRequest, RequestMetrics, Step, WarmRequest, Work
+from kvcake.engine import Engine
+from kvcake.requests import DecodeStep, GenerateRequest, RequestMetrics, Step, WarmRequest, Work
 from kvcake.schedule import PrefixPrefetch
-from kvcake.segments import PromptLayout
+from kvcake.model.segments import PromptLayout
 from kvcake.server.stops import StopMatcher
 
 log = logging.getLogger(__name__)

@@ -6,13 +6,14 @@ Open a store with ``open_store(url)``; see docs/store.md for the URL syntax.
 from kvcake.store.base import KVStore, StoreStats
 from kvcake.store.codec import CODEC_VERSION, ChunkKV
 from kvcake.store.factory import open_store, tiered_url
-from kvcake.store.keys import document_key, model_fingerprint, prefix_chunk_keys
+from kvcake.store.keys import KeyRules, document_key, model_fingerprint, prefix_chunk_keys
 from kvcake.store.tiered import TieredStore
 
 __all__ = [
     "CODEC_VERSION",
     "ChunkKV",
     "KVStore",
+    "KeyRules",
     "StoreStats",
     "TieredStore",
     "document_key",

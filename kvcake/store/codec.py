@@ -41,6 +41,8 @@ import numpy as np
 import torch
 import xxhash
 
+from kvcake.chunk import ChunkKV
+
 CODEC_VERSION = 4
 MAGIC = b"KVCK"
 DEFAULT_PAGE_TOKENS = 16
@@ -69,26 +71,6 @@ _BF16 = 3
 _INT8 = 4
 _INT8_MAX = 127
 _BF16_NAN = 0x7FC0
-
-
-@dataclass
-class ChunkKV:
-    """KV of one chunk: per layer a K and a V tensor shaped (n_kv_heads, T, head_dim)."""
-
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.keys)
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.keys[0].shape[1]) if self.keys else 0
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
 
 class CodecError(Exception):

@@ -12,6 +12,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import PurePath
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,8 @@ from kvcake.store.codec import CODEC_VERSION
 
 _DIGEST_SIZE = 16
 _PERSON = b"kvcake.keys.v1"
+SHARED_DOCUMENTS_SALT = "kvcake-shared-documents"
+"""Salt of document keys when documents are shared: one corpus for every tenant."""
 
 
 def _digest(*fields: bytes) -> str:
@@ -92,3 +95,25 @@ def document_key(fingerprint: str, tenant_salt: str, token_ids: Sequence[int], l
         raise ValueError("a document layout needs a name")
     tag = b"doc" if layout == "plain" else b"doc-" + layout.encode()
     return _digest(tag, fingerprint.encode(), tenant_salt.encode(), _token_bytes(token_ids))
+
+
+@dataclass(frozen=True)
+class KeyRules:
+    """Every key an engine makes, from its model fingerprint and settings.
+
+    Prefix chunks chain under the tenant's salt. A document's key covers the preamble it
+    was computed after and the gap between them (its stored KV depends on both), names
+    its layout, and is salted by the tenant unless documents are shared.
+    """
+
+    fingerprint: str
+    chunk_size: int
+    document_gap: int = 0
+    shared_documents: bool = False
+
+    def prefix_chunks(self, tenant: str, token_ids: Sequence[int]) -> list[str]:
+        return prefix_chunk_keys(self.fingerprint, tenant, token_ids, self.chunk_size)
+
+    def document(self, tenant: str, preamble: Sequence[int], token_ids: Sequence[int], layout: str = "plain") -> str:
+        salt = SHARED_DOCUMENTS_SALT if self.shared_documents else tenant
+        return document_key(self.fingerprint, salt, [*preamble, *token_ids], f"{layout}@{self.document_gap}")

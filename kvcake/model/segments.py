@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvcake.model import Tokenizer
+from kvcake.model.tokenizer import Tokenizer
 
 DOCUMENT_END = "\n\n"
 _PROBES = ("A", "B")
@@ -53,6 +53,10 @@ class PromptLayout:
     def document_ids(self, index: int) -> list[int]:
         start, end = self.document_spans[index]
         return self.token_ids[start:end]
+
+    def documents(self) -> list[list[int]]:
+        """Every document's token ids, in prompt order."""
+        return [self.token_ids[start:end] for start, end in self.document_spans]
 
 
 def split_prompt(prompt: str, separator: str) -> Segments | None:

@@ -1,0 +1,250 @@
+"""The document side of reuse: a prompt's documents from their stored KV, blended (CacheBlend).
+
+A document is stored once, computed on its own after the prompt's preamble (K before
+RoPE), so it serves any prompt with that preamble at any position. A document strategy
+takes the exact prefix with Cake (through the prefix strategy it is given), then runs the
+tokens after it through `BlendPrefill` with the documents' stored layers loading on
+threads meanwhile. A layer that cannot be read mid-way makes it compute those tokens
+instead, and the report says why. `TuneReuse` (kvcake.blend.tune) shares this machinery.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvcake.blend.prefetch import LayerPrefetcher, LayerSource
+from kvcake.blend.selective import BlendFallback, BlendPrefill
+from kvcake.chunk import ChunkKV
+from kvcake.model import CachePool, KVCache, Transformer
+from kvcake.model.segments import PromptLayout
+from kvcake.schedule import BlendReport, Filled, PrefixPlan, PrefixPrefetch, PrefixReport, PrefixReuse, ReuseChoice, Strategy, WriteBack
+from kvcake.store import KeyRules, KVStore
+
+
+@dataclass(frozen=True)
+class DocumentSettings:
+    """How documents are computed and blended: pass size, check layers, loader threads and their bound."""
+
+    prefill_chunk: int
+    check_layers: tuple[int, ...]
+    load_streams: int = 1
+    load_timeout_s: float | None = None
+
+
+@dataclass(frozen=True)
+class DocumentPlan:
+    """A prompt with documents: its exact prefix's plan, each document's entry key and whether it is
+    stored, and the ratio (a floor, with a `guard` share) the documents are blended at.
+    Tune plans also name the key of each document's stored row order."""
+
+    prompt: PromptLayout
+    prefix: PrefixPlan | None
+    keys: list[str]
+    stored: list[bool]
+    ratio: float
+    guard: float | None = None
+    order_keys: tuple[str, ...] = ()
+
+
+class DocumentReuse:
+    """What blend and tune share: the exact prefix, isolated document compute, the blended run."""
+
+    layout = "plain"
+    """The stored layout this strategy reads and writes (part of every document key)."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        store: KVStore,
+        writeback: WriteBack,
+        keys: KeyRules,
+        prefix: PrefixReuse,
+        pool: CachePool,
+        settings: DocumentSettings,
+    ):
+        self.model = model
+        self.store = store
+        self.writeback = writeback
+        self.keys = keys
+        self.prefix = prefix
+        self.pool = pool
+        self.settings = settings
+
+    def prefetch(self, plan: DocumentPlan) -> PrefixPrefetch | None:
+        return self.prefix.prefetch(plan.prefix) if plan.prefix is not None else None
+
+    def document_key(self, tenant: str, preamble: Sequence[int], token_ids: Sequence[int], layout: str | None = None) -> str:
+        return self.keys.document(tenant, preamble, token_ids, layout or self.layout)
+
+    def _plan_prefix(self, prompt: PromptLayout, choice: ReuseChoice) -> PrefixPlan | None:
+        """The exact prefix before the documents, taken with Cake."""
+        if not prompt.prefix_length:
+            return None
+        exact = PromptLayout.plain(prompt.token_ids[: prompt.prefix_length])
+        return self.prefix.plan(exact, ReuseChoice(choice.tenant, Strategy("cake")))
+
+    def compute(self, documents: list[list[int]], preamble: tuple[int, ...], stop: threading.Event | None = None) -> list[ChunkKV]:
+        """Documents' KV, each computed on its own after the preamble (K before RoPE).
+
+        Each document starts `document_gap` positions after the preamble (less where the
+        context would not hold it): in a real prompt other documents usually lie between
+        the instructions and this one. K is stored before RoPE, so only this distance,
+        not the absolute position, shapes the stored KV. The preamble is computed once;
+        documents shorter than a pass are packed into passes of about `prefill_chunk`
+        tokens, each attending only to the preamble and itself. `stop` set ends early
+        (fewer results).
+        """
+        pass_tokens = self.settings.prefill_chunk
+        longest = max((len(d) for d in documents), default=0)
+        cache = self.model.new_cache(len(preamble) + max(longest, pass_tokens), self.pool)
+        if preamble and documents:
+            self.model.forward(torch.tensor(preamble), torch.arange(len(preamble)), cache)
+        results: list[ChunkKV] = []
+        for batch in packs([len(d) for d in documents], pass_tokens):
+            if stop is not None and stop.is_set():
+                break
+            firsts = [self._document_start(len(preamble), len(documents[i])) for i in batch]
+            if len(batch) == 1 and len(documents[batch[0]]) > pass_tokens:
+                outputs = [self._long_document(documents[batch[0]], firsts[0], cache)]
+            else:
+                outputs = self.model.forward_isolated([documents[i] for i in batch], firsts, cache)
+            results.extend(output.to_cpu() for output in outputs)
+        cache.release()
+        return results
+
+    def _document_start(self, preamble_length: int, document_length: int) -> int:
+        room = self.model.config.max_position_embeddings - preamble_length - document_length
+        return preamble_length + max(0, min(self.keys.document_gap, room))
+
+    def _long_document(self, document_ids: list[int], first_position: int, cache: KVCache) -> ChunkKV:
+        """A document longer than a pass, pass by pass after the preamble in `cache` (left as it was)."""
+        preamble_length = cache.length
+        layers = self.model.config.num_layers
+        keys: list[list[torch.Tensor]] = [[] for _ in range(layers)]
+        values: list[list[torch.Tensor]] = [[] for _ in range(layers)]
+        for _, out in self.model.forward_chunks(document_ids, cache, self.settings.prefill_chunk, first_position, keep_kv=True):
+            for layer in range(layers):
+                keys[layer].append(out.kv.keys[layer])
+                values[layer].append(out.kv.values[layer])
+        cache.truncate(preamble_length)
+        return ChunkKV([torch.cat(k, dim=1) for k in keys], [torch.cat(v, dim=1) for v in values])
+
+    def _blend(
+        self,
+        plan: DocumentPlan,
+        cache: KVCache,
+        prefetched: PrefixPrefetch | None,
+        blender: BlendPrefill,
+        source: LayerSource,
+        loaded_layers: range,
+        stored_tokens: torch.Tensor,
+        from_store: torch.Tensor,
+    ) -> Generator[None, None, tuple[Filled, BlendReport]]:
+        """Start loading, fill the exact prefix, then blend; a failed layer read computes the rest instead.
+        Pauses after every chunk of the prefix and every blended layer.
+
+        `stored_tokens` are the indices (after the prefix) of the tokens `source` yields, in
+        its row order; `from_store[i]` says whether row i comes from the store (else it was
+        computed in this request), for the accounting."""
+        prompt = plan.prompt
+        rest = torch.tensor(prompt.token_ids[prompt.prefix_length :], dtype=torch.long)
+        positions = torch.arange(prompt.prefix_length, len(prompt.token_ids))
+        settings = self.settings
+        prefetcher = LayerPrefetcher(source, loaded_layers, streams=settings.load_streams, device=self.model.device, timeout_s=settings.load_timeout_s)
+        try:
+            prefix = PrefixReport() if plan.prefix is None else (yield from self.prefix.fill(plan.prefix, cache, prefetched)).prefix
+            try:
+                logits, blend = yield from blender.run(cache, rest, positions, stored_tokens, prefetcher, from_store)
+            except BlendFallback as failure:
+                logits = self.model.prefill(rest.tolist(), cache, settings.prefill_chunk, prompt.prefix_length)
+                document_tokens = sum(end - start for start, end in prompt.document_spans)
+                blend = BlendReport(ratio=blender.ratio, document_tokens=document_tokens, tokens_recomputed=document_tokens, fallback=str(failure))
+        finally:
+            prefetcher.close()
+        return Filled(logits, prefix, blend), blend
+
+
+class BlendReuse(DocumentReuse):
+    """CacheBlend: the documents' stored KV, with the tokens that deviate most recomputed (the `Reuse` contract)."""
+
+    def __init__(self, *args, default_ratio: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.default_ratio = default_ratio
+
+    def plan(self, prompt: PromptLayout, choice: ReuseChoice) -> DocumentPlan:
+        """At ratio 1 nothing is read (the full prefill), so no document counts as stored."""
+        ratio = self.default_ratio if choice.ratio is None else choice.ratio
+        keys = [self.document_key(choice.tenant, prompt.preamble, ids) for ids in prompt.documents()]
+        stored = [ratio < 1.0 and self.store.contains(key) for key in keys]
+        return DocumentPlan(prompt, self._plan_prefix(prompt, choice), keys, stored, ratio, choice.guard)
+
+    def fill(self, plan: DocumentPlan, cache: KVCache, prefetched: PrefixPrefetch | None = None) -> Generator[None, None, Filled]:
+        """Documents missing from the store are computed in isolation first and queued for write-back."""
+        prompt = plan.prompt
+        is_document = torch.zeros(len(prompt.token_ids) - prompt.prefix_length, dtype=torch.bool)
+        for start, end in prompt.document_spans:
+            is_document[start - prompt.prefix_length : end - prompt.prefix_length] = True
+        source = self._source(plan) if plan.ratio < 1.0 else (lambda layer: None)
+        from_store = torch.cat([torch.full((end - start,), present) for (start, end), present in zip(prompt.document_spans, plan.stored)])
+        blender = BlendPrefill(self.model, plan.ratio, list(self.settings.check_layers), plan.guard)
+        loaded_layers = blender.loaded_layers(int(is_document.sum()))
+        filled, blend = yield from self._blend(plan, cache, prefetched, blender, source, loaded_layers, is_document.nonzero().squeeze(1), from_store)
+        blend.documents = len(prompt.document_spans)
+        blend.documents_stored = sum(plan.stored)
+        blend.documents_computed = blend.documents - blend.documents_stored
+        return filled
+
+    def store_documents(
+        self, documents: list[list[int]], preamble: tuple[int, ...], tenant: str, stop: threading.Event | None = None
+    ) -> list[tuple[str, bool]]:
+        """Compute and store the documents not stored yet, synchronously; each one's key and whether it was stored before."""
+        keys = [self.document_key(tenant, preamble, ids) for ids in documents]
+        present = [self.store.contains(key) for key in keys]
+        missing = [i for i, stored in enumerate(present) if not stored]
+        for index, chunk in zip(missing, self.compute([documents[i] for i in missing], preamble, stop)):
+            self.store.put(keys[index], chunk)
+        return list(zip(keys, present))
+
+    def _source(self, plan: DocumentPlan) -> LayerSource:
+        """A layer reader over the prompt's documents; the missing ones are computed now and queued for write-back."""
+        documents = plan.prompt.documents()
+        missing = [i for i, present in enumerate(plan.stored) if not present]
+        computed = dict(zip(missing, self.compute([documents[i] for i in missing], plan.prompt.preamble)))
+        for index, chunk in computed.items():
+            self.writeback.submit(plan.keys[index], chunk)
+        entries = [(key, computed.get(index), len(ids)) for index, (key, ids) in enumerate(zip(plan.keys, documents))]
+
+        def read_layer(layer: int) -> tuple[ChunkKV, int] | None:
+            layer_keys, layer_values, nbytes = [], [], 0
+            for key, chunk, length in entries:
+                if chunk is not None:
+                    layer_keys.append(chunk.keys[layer])
+                    layer_values.append(chunk.values[layer])
+                    continue
+                got = self.store.get_layer(key, layer)
+                if got is None or got[0].shape[1] != length:
+                    return None
+                layer_keys.append(got[0])
+                layer_values.append(got[1])
+                nbytes += got[0].nbytes + got[1].nbytes
+            return ChunkKV([torch.cat(layer_keys, dim=1)], [torch.cat(layer_values, dim=1)]), nbytes
+
+        return read_layer
+
+
+def packs(lengths: list[int], budget: int) -> Iterator[list[int]]:
+    """Consecutive indices grouped so each group's lengths sum to at most `budget` (a longer item alone)."""
+    group: list[int] = []
+    total = 0
+    for index, length in enumerate(lengths):
+        if group and total + length > budget:
+            yield group
+            group, total = [], 0
+        group.append(index)
+        total += length
+    if group:
+        yield group

@@ -1,0 +1,93 @@
+"""The contract every reuse strategy keeps, and the reports it gives.
+
+A strategy is one way to obtain a prompt's KV: the prefix strategies (compute, load,
+Cake, split:M; `kvcake.schedule.reuse`) and the document strategies (blend, tune;
+`kvcake.blend`). Each has two sides, in the style of vLLM's KV connector:
+
+- `plan(prompt, choice)` says what is stored for this prompt and what the strategy will
+  load or compute; it reads the store's index, moves no KV;
+- `fill(plan, cache, prefetched)` fills an empty request cache from that plan and
+  reports what it did (`Filled`). It is a generator that pauses (a bare ``yield``)
+  after each unit of work, so a scheduler can interleave other requests' work;
+  `drain` runs one without pausing.
+
+`prefetch(plan)` hands a loader to a request that waits its turn (or None). A
+strategy never fails a request for its store: a miss, a corrupt entry or a store that
+is down makes it compute those tokens, and its report says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import asdict, dataclass, field
+from typing import Protocol, TypeVar
+
+import torch
+
+from kvcake.model import KVCache
+from kvcake.model.segments import PromptLayout
+from kvcake.schedule.prefetch import PrefixPrefetch
+from kvcake.schedule.prefix import PrefixReport, Strategy
+
+Plan = TypeVar("Plan")
+
+
+@dataclass(frozen=True)
+class ReuseChoice:
+    """What a request asked of reuse: its tenant, how to take its exact prefix, and (documents) a ratio and guard.
+
+    `ratio` None means the strategy's default (blend: `blend_ratio`; tune: `tune_ratio`)."""
+
+    tenant: str
+    prefix: Strategy = Strategy("cake")
+    ratio: float | None = None
+    guard: float | None = None
+
+
+@dataclass
+class BlendReport:
+    """What a blended prefill (blend, tune) did; rides on the request's metrics."""
+
+    ratio: float = 0.0
+    mode: str = "blend"
+    check_layers: list[int] = field(default_factory=list)
+    documents: int = 0
+    documents_stored: int = 0
+    documents_computed: int = 0
+    document_tokens: int = 0
+    tokens_recomputed: int = 0
+    tokens_reused: int = 0
+    tokens_loaded: int = 0
+    kept_per_check: list[int] = field(default_factory=list)
+    bytes_loaded: int = 0
+    load_s: float = 0.0
+    load_wait_s: float = 0.0
+    compute_s: float = 0.0
+    fallback: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass
+class Filled:
+    """A filled cache's result: the last prompt token's logits, how the exact prefix was
+    obtained, and (document strategies) how the documents were."""
+
+    logits: torch.Tensor
+    prefix: PrefixReport
+    blend: BlendReport | None = None
+
+    @property
+    def tokens_loaded(self) -> int:
+        return self.prefix.tokens_loaded + (self.blend.tokens_loaded if self.blend else 0)
+
+
+class Reuse(Protocol[Plan]):
+    """One reuse strategy (see the module docstring)."""
+
+    def plan(self, prompt: PromptLayout, choice: ReuseChoice) -> Plan: ...
+
+    def prefetch(self, plan: Plan) -> PrefixPrefetch | None: ...
+
+    def fill(self, plan: Plan, cache: KVCache, prefetched: PrefixPrefetch | None = None) -> Generator[None, None, Filled]: ...
