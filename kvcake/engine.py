@@ -60,7 +60,7 @@ class Engine:
         try:
             check_layers = parse_check_layers(config.blend_check_layers, model_config.num_layers)
             settings = DocumentSettings(config.prefill_chunk, check_layers, config.load_streams, config.load_timeout_s)
-            shared = (self.model, self.store, self.writeback, keys, self.prefix, self.cache_pool, settings)
+            shared = (self.prefix, self.cache_pool, settings)
             self.blend = BlendReuse(*shared, default_ratio=config.blend_ratio)
             self.tune = TuneReuse(*shared, scoring=config.tune_scoring, ratio=config.tune_ratio, min_ratio=config.tune_min_ratio)
         except ValueError as error:

@@ -130,16 +130,17 @@ def parse_reuse(text: str) -> Strategy | str:
         raise RequestError(f"{error} (or {BLEND}, {TUNE})") from None
 
 
+@dataclass(frozen=True)
 class RequestPlanner:
-    """Plans requests' prompts for one model and refuses invalid requests with the cause named."""
+    """Plans requests' prompts for one model and refuses invalid requests with the cause named.
+    `default_ratio` is the blend ratio a request without one gets (a guard's floor)."""
 
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, context_length: int, separator: str, max_documents: int, default_ratio: float):
-        self.tokenizer = tokenizer
-        self.vocab_size = vocab_size
-        self.context_length = context_length
-        self.separator = separator
-        self.max_documents = max_documents
-        self.default_ratio = default_ratio
+    tokenizer: Tokenizer
+    vocab_size: int
+    context_length: int
+    separator: str
+    max_documents: int
+    default_ratio: float
 
     def check(self, request: GenerateRequest) -> PromptLayout:
         """Raise `RequestError` now for whatever the engine would refuse; else the planned prompt."""

@@ -9,6 +9,7 @@ import pytest
 import torch
 from tiny import TEST_DEVICE
 
+from kvcake.blend.documents import packs
 from kvcake.config import KvcakeConfig
 from kvcake.engine import Engine
 from kvcake.requests import GenerateRequest, RequestMetrics
@@ -128,3 +129,32 @@ def test_a_cancelled_request_leaves_the_others_running(config: KvcakeConfig) -> 
     assert long_one.done.wait(60) and long_one.outcome[0] == "done" and len(long_one.tokens) < 4000
     worker.close()
     engine.close()
+
+
+def _pauses_before_the_first_token(engine: Engine, request: GenerateRequest) -> tuple[int, int]:
+    """How often `run` paused before its first token, and that token."""
+    work = engine.run(request, RequestMetrics())
+    pauses, reply = 0, None
+    with torch.inference_mode():
+        while True:
+            item = work.send(reply)
+            if item is None:
+                pauses, reply = pauses + 1, None
+                continue
+            work.close()
+            return pauses, item.token_id
+
+
+@pytest.mark.parametrize("reuse", ["blend", "tune"])
+def test_documents_missing_from_the_store_are_computed_pass_by_pass(config: KvcakeConfig, reuse: str) -> None:
+    """A request whose documents must be computed first pauses after each pass of them too, so it batches."""
+    documents = [f"Document {i} says the river bends {i} times near the old mill." for i in range(4)]
+    request = GenerateRequest(query="How often does the river bend?", documents=documents, reuse=reuse, ratio=0.5, sampling=SamplingParams(max_tokens=2))
+    cold, warmed = Engine(config.replace(chunk_size=16)), Engine(config.replace(chunk_size=16))
+    warmed.warm(documents, scored=reuse == "tune")
+    computing, first = _pauses_before_the_first_token(cold, request)
+    stored, again = _pauses_before_the_first_token(warmed, request)
+    passes = sum(1 for _ in packs([len(ids) for ids in cold.plan_prompt(request).documents()], 16))
+    assert computing == stored + passes and passes > 1 and first == again
+    cold.close()
+    warmed.close()

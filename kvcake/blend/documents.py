@@ -19,10 +19,9 @@ import torch
 from kvcake.blend.prefetch import LayerPrefetcher, LayerSource
 from kvcake.blend.selective import BlendFallback, BlendPrefill
 from kvcake.chunk import ChunkKV
-from kvcake.model import CachePool, KVCache, Transformer
+from kvcake.model import CachePool, KVCache
 from kvcake.model.segments import PromptLayout
-from kvcake.schedule import BlendReport, Filled, PrefixPlan, PrefixPrefetch, PrefixReport, PrefixReuse, ReuseChoice, Strategy, WriteBack
-from kvcake.store import KeyRules, KVStore
+from kvcake.schedule import BlendReport, Filled, PrefixPlan, PrefixPrefetch, PrefixReport, PrefixReuse, ReuseChoice, Strategy, drain
 
 
 @dataclass(frozen=True)
@@ -56,21 +55,10 @@ class DocumentReuse:
     layout = "plain"
     """The stored layout this strategy reads and writes (part of every document key)."""
 
-    def __init__(
-        self,
-        model: Transformer,
-        store: KVStore,
-        writeback: WriteBack,
-        keys: KeyRules,
-        prefix: PrefixReuse,
-        pool: CachePool,
-        settings: DocumentSettings,
-    ):
-        self.model = model
-        self.store = store
-        self.writeback = writeback
-        self.keys = keys
+    def __init__(self, prefix: PrefixReuse, pool: CachePool, settings: DocumentSettings):
+        """`prefix` takes the exact prefix; its model, store, write-back queue and key rules serve the documents too."""
         self.prefix = prefix
+        self.model, self.store, self.writeback, self.keys = prefix.model, prefix.store, prefix.writeback, prefix.keys
         self.pool = pool
         self.settings = settings
 
@@ -88,7 +76,13 @@ class DocumentReuse:
         return self.prefix.plan(exact, ReuseChoice(choice.tenant, Strategy("cake")))
 
     def compute(self, documents: list[list[int]], preamble: tuple[int, ...], stop: threading.Event | None = None) -> list[ChunkKV]:
-        """Documents' KV, each computed on its own after the preamble (K before RoPE).
+        """`compute_steps` without pausing."""
+        return drain(self.compute_steps(documents, preamble, stop))
+
+    def compute_steps(
+        self, documents: list[list[int]], preamble: tuple[int, ...], stop: threading.Event | None = None
+    ) -> Generator[None, None, list[ChunkKV]]:
+        """Documents' KV, each computed on its own after the preamble (K before RoPE); pauses after every pass.
 
         Each document starts `document_gap` positions after the preamble (less where the
         context would not hold it): in a real prompt other documents usually lie between
@@ -104,16 +98,19 @@ class DocumentReuse:
         if preamble and documents:
             self.model.forward(torch.tensor(preamble), torch.arange(len(preamble)), cache)
         results: list[ChunkKV] = []
-        for batch in packs([len(d) for d in documents], pass_tokens):
-            if stop is not None and stop.is_set():
-                break
-            firsts = [self._document_start(len(preamble), len(documents[i])) for i in batch]
-            if len(batch) == 1 and len(documents[batch[0]]) > pass_tokens:
-                outputs = [self._long_document(documents[batch[0]], firsts[0], cache)]
-            else:
-                outputs = self.model.forward_isolated([documents[i] for i in batch], firsts, cache)
-            results.extend(output.to_cpu() for output in outputs)
-        cache.release()
+        try:
+            for batch in packs([len(d) for d in documents], pass_tokens):
+                if stop is not None and stop.is_set():
+                    break
+                firsts = [self._document_start(len(preamble), len(documents[i])) for i in batch]
+                if len(batch) == 1 and len(documents[batch[0]]) > pass_tokens:
+                    outputs = [self._long_document(documents[batch[0]], firsts[0], cache)]
+                else:
+                    outputs = self.model.forward_isolated([documents[i] for i in batch], firsts, cache)
+                results.extend(output.to_cpu() for output in outputs)
+                yield
+        finally:
+            cache.release()
         return results
 
     def _document_start(self, preamble_length: int, document_length: int) -> int:
@@ -188,7 +185,7 @@ class BlendReuse(DocumentReuse):
         is_document = torch.zeros(len(prompt.token_ids) - prompt.prefix_length, dtype=torch.bool)
         for start, end in prompt.document_spans:
             is_document[start - prompt.prefix_length : end - prompt.prefix_length] = True
-        source = self._source(plan) if plan.ratio < 1.0 else (lambda layer: None)
+        source = (yield from self._source(plan)) if plan.ratio < 1.0 else (lambda layer: None)
         from_store = torch.cat([torch.full((end - start,), present) for (start, end), present in zip(prompt.document_spans, plan.stored)])
         blender = BlendPrefill(self.model, plan.ratio, list(self.settings.check_layers), plan.guard)
         loaded_layers = blender.loaded_layers(int(is_document.sum()))
@@ -209,11 +206,12 @@ class BlendReuse(DocumentReuse):
             self.store.put(keys[index], chunk)
         return list(zip(keys, present))
 
-    def _source(self, plan: DocumentPlan) -> LayerSource:
-        """A layer reader over the prompt's documents; the missing ones are computed now and queued for write-back."""
+    def _source(self, plan: DocumentPlan) -> Generator[None, None, LayerSource]:
+        """A layer reader over the prompt's documents; the missing ones are computed now (pausing after
+        every pass) and queued for write-back."""
         documents = plan.prompt.documents()
         missing = [i for i, present in enumerate(plan.stored) if not present]
-        computed = dict(zip(missing, self.compute([documents[i] for i in missing], plan.prompt.preamble)))
+        computed = dict(zip(missing, (yield from self.compute_steps([documents[i] for i in missing], plan.prompt.preamble))))
         for index, chunk in computed.items():
             self.writeback.submit(plan.keys[index], chunk)
         entries = [(key, computed.get(index), len(ids)) for index, (key, ids) in enumerate(zip(plan.keys, documents))]

@@ -28,7 +28,7 @@ from kvcake.blend.selective import BlendPrefill
 from kvcake.chunk import ChunkKV
 from kvcake.model import KVCache
 from kvcake.model.segments import PromptLayout
-from kvcake.schedule import Filled, PrefixPrefetch, ReuseChoice
+from kvcake.schedule import Filled, PrefixPrefetch, ReuseChoice, drain
 
 ORDER_DIGITS = 3
 ORDER_BASE = 128
@@ -126,7 +126,7 @@ class TuneReuse(DocumentReuse):
     def fill(self, plan: DocumentPlan, cache: KVCache, prefetched: PrefixPrefetch | None = None) -> Generator[None, None, Filled]:
         """Documents missing from the store are computed together, scored, sorted and queued for write-back."""
         prompt = plan.prompt
-        documents = self._scored(prompt.documents(), prompt.preamble, list(zip(plan.keys, plan.order_keys)), plan.stored)
+        documents = yield from self._scored(prompt.documents(), prompt.preamble, list(zip(plan.keys, plan.order_keys)), plan.stored)
         for document in documents:
             if document.computed is not None and document.stored_order is not None:
                 self.writeback.submit(document.key, document.computed)
@@ -160,7 +160,7 @@ class TuneReuse(DocumentReuse):
         """Compute, score and store the documents not stored yet, synchronously; each one's key and whether it was stored before."""
         keys = self._keys(tenant, preamble, documents)
         present = [self.store.contains(key) for key, _ in keys]
-        for document in self._scored(documents, preamble, keys, present, stop):
+        for document in drain(self._scored(documents, preamble, keys, present, stop)):
             if document.computed is not None and document.stored_order is not None:
                 self.store.put(document.key, document.computed)
                 self.store.put(document.order_key, document.stored_order)
@@ -177,16 +177,17 @@ class TuneReuse(DocumentReuse):
         keys: list[tuple[str, str]],
         present: list[bool],
         stop: threading.Event | None = None,
-    ) -> list[ScoredDocument]:
+    ) -> Generator[None, None, list[ScoredDocument]]:
         """Each document's (entry key, order key): its stored row order where both entries are there,
-        else computed together, scored and sorted (`computed` and `stored_order` still to be stored)."""
+        else computed together (pausing after every pass), scored and sorted (`computed` and
+        `stored_order` still to be stored)."""
         found: dict[int, ScoredDocument] = {}
         for index, ((key, order_key), ids, stored) in enumerate(zip(keys, documents, present)):
             entry = self.store.get(order_key) if stored else None
             if entry is not None and entry.num_tokens == len(ids):
                 found[index] = ScoredDocument(key, order_key, order_from_entry(entry), len(ids))
         missing = [i for i in range(len(documents)) if i not in found]
-        for index, plain in zip(missing, self.compute([documents[i] for i in missing], preamble, stop)):
+        for index, plain in zip(missing, (yield from self.compute_steps([documents[i] for i in missing], preamble, stop))):
             scores = token_scores(plain.keys, plain.values, self.scoring)
             order = torch.argsort(scores, descending=True, stable=True)
             sorted_kv = ChunkKV([k[:, order] for k in plain.keys], [v[:, order] for v in plain.values])
