@@ -201,7 +201,7 @@ def _settings(config: KvcakeConfig, args: argparse.Namespace, balanced_gbps: flo
         "model": config.model, "dtype": config.dtype, "requests": args.requests, "concurrency": args.concurrency,
         "documents": args.documents, "document_chars": args.document_chars, "round_requests": args.round_requests,
         "balanced_gbps": balanced_gbps,
-        "document_compute_s": compute_s, "io_threads": config.io_threads, "machine": machine_description(),
+        "document_compute_s": compute_s, "io_threads": config.io_threads, "max_batch": config.max_batch, "machine": machine_description(),
     }
 
 
@@ -223,7 +223,7 @@ def _report(stem: Path, record: dict) -> None:
         f"their own of the same length. Store in memory behind an emulated link; 1x is {settings['balanced_gbps']:.3f} Gbps, the bandwidth at which "
         f"a document loads as fast as it computes ({settings['document_compute_s']:.2f} s). I/O threads: {settings['io_threads']} "
         f"({'waiting requests preload their stored prefix' if settings['io_threads'] else 'each request loads its own prefix when it runs, as in the papers'}). "
-        f"Machine: {settings['machine']}."),
+        f"Continuous batching: up to {settings.get('max_batch', 1)} requests at once. Machine: {settings['machine']}."),
         "",
         (f"The strategies take turns in rounds of {settings['round_requests']} requests (rotating order), so drift of the machine's speed "
         "weighs on all alike; requests/s is over all of a strategy's rounds."),
