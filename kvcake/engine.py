@@ -93,7 +93,7 @@ class Engine:
         """For a request that waits its turn: a loader of its stored prefix chunks (run it on an I/O thread)."""
         planned = self.plan_prompt(request) if planned is None else planned
         strategy, choice = self.strategy(request, planned)
-        return strategy.prefetch(strategy.plan(planned, choice))
+        return strategy.prefetch(planned, choice)
 
     def generate(self, request: GenerateRequest) -> GenerateResult:
         token_ids: list[int] = []
@@ -146,22 +146,21 @@ class Engine:
         cache = self.model.new_cache(prompt_length + budget, self.cache_pool)
         try:
             filled = yield from strategy.fill(plan, cache, prefetched)
-        except BaseException:
+            metrics.prompt_tokens = prompt_length
+            metrics.tokens_loaded = filled.tokens_loaded
+            metrics.tokens_computed = prompt_length - metrics.tokens_loaded
+            metrics.prefix, metrics.blend = filled.prefix, filled.blend
+            metrics.prefill_s = time.perf_counter() - started
+            for index in range(request.n):
+                own = cache if index == request.n - 1 else cache.fork()
+                seed = None if params.seed is None else (params.seed + index) % (2**64)
+                try:
+                    sampler = Sampler(dataclasses.replace(params, seed=seed), self.model.device, self.planner.constraint(request))
+                    yield from self._decode(own, filled.logits, prompt_length, sampler, budget, metrics, started, index)
+                finally:
+                    own.release()
+        finally:
             cache.release()
-            raise
-        metrics.prompt_tokens = prompt_length
-        metrics.tokens_loaded = filled.tokens_loaded
-        metrics.tokens_computed = prompt_length - metrics.tokens_loaded
-        metrics.prefix, metrics.blend = filled.prefix, filled.blend
-        metrics.prefill_s = time.perf_counter() - started
-        for index in range(request.n):
-            own = cache if index == request.n - 1 else cache.fork()
-            seed = None if params.seed is None else (params.seed + index) % (2**64)
-            sampler = Sampler(dataclasses.replace(params, seed=seed), self.model.device, self.planner.constraint(request))
-            try:
-                yield from self._decode(own, filled.logits, prompt_length, sampler, budget, metrics, started, index)
-            finally:
-                own.release()
 
     def prompt_logprobs(self, token_ids: list[int]) -> list[torch.Tensor]:
         """Per prompt token after the first, the log-softmax that predicted it: a full forward, never a

@@ -158,3 +158,23 @@ def test_documents_missing_from_the_store_are_computed_pass_by_pass(config: Kvca
     assert computing == stored + passes and passes > 1 and first == again
     cold.close()
     warmed.close()
+
+
+@pytest.mark.parametrize("reuse, stop_after", [("blend", "a pause"), ("cake", "a token")])
+def test_a_request_that_stops_early_gives_its_caches_back(config: KvcakeConfig, reuse: str, stop_after: str) -> None:
+    """Closed mid-prefill (a blend) or mid-decode of its first of two choices, a request returns every cache to the pool."""
+    engine = Engine(config)
+    documents = ["The lighthouse keeper counts ships every night.", "Gulls nest on the northern cliffs."]
+    request = GenerateRequest(query="What does the keeper count?", documents=documents, reuse=reuse, n=2, sampling=SamplingParams(max_tokens=4))
+    work = engine.run(request, RequestMetrics())
+    with torch.inference_mode():
+        item = work.send(None)
+        while stop_after == "a token" and item is None:  # only prefill pauses come before the first token
+            item = work.send(None)
+    work.close()
+    request_cache = engine.model.new_cache(len(engine.plan_prompt(request).token_ids) + 4, engine.cache_pool)
+    cache_bytes = request_cache.keys[0].nbytes * 2 * len(request_cache.keys)
+    request_cache.release()
+    expected = cache_bytes * (2 if stop_after == "a token" else 1)
+    assert engine.cache_pool.free_bytes >= expected
+    engine.close()

@@ -77,7 +77,7 @@ def test_ratio_zero_equals_concatenated_stored_caches(engine: Engine) -> None:
     with torch.inference_mode():
         model.prefill(planned.token_ids[: planned.prefix_length], cache, engine.config.chunk_size)
         for index, (start, end) in enumerate(planned.document_spans):
-            stored = engine.store.get(engine.blend.document_key(engine.config.tenant, planned.preamble, planned.document_ids(index)))
+            stored = engine.store.get(engine.blend.document_key(engine.config.tenant, planned.preamble, planned.documents()[index]))
             positions = torch.arange(start, end)
             cos, sin = model.rope_tables(positions)  # a document's K is stored before RoPE
             model.load_kv(cache, ChunkKV([model.apply_rope(k, cos, sin) for k in stored.keys], stored.values), positions)
@@ -159,7 +159,7 @@ def test_separator_cuts_a_plain_prompt_into_documents(tiny_folders: dict[str, Pa
     from_prompt = engine.plan_prompt(GenerateRequest(prompt="<<DOC>>".join([*DOCUMENTS, QUERY])))
     from_fields = engine.plan_prompt(GenerateRequest(query=QUERY, documents=[d.strip() for d in DOCUMENTS]))
     assert from_prompt == from_fields and len(from_prompt.document_spans) == 3
-    assert engine.tokenizer.decode(from_prompt.document_ids(1)).strip() == DOCUMENTS[1].strip()
+    assert engine.tokenizer.decode(from_prompt.documents()[1]).strip() == DOCUMENTS[1].strip()
     engine.close()
 
 

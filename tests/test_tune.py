@@ -62,7 +62,7 @@ def test_only_the_reused_rows_are_read(engine: Engine) -> None:
     assert first.metrics.blend.documents_computed == 2
     assert ask(engine, "tune", 0.25).token_ids == first.token_ids
     planned = engine.plan_prompt(GenerateRequest(query=QUERY, documents=DOCUMENTS, system=SYSTEM))
-    order_keys = [engine.tune.document_key(engine.config.tenant, planned.preamble, planned.document_ids(i), "scored-highpass-order") for i in range(2)]
+    order_keys = [engine.tune.document_key(engine.config.tenant, planned.preamble, planned.documents()[i], "scored-highpass-order") for i in range(2)]
     order_bytes = sum(engine.store.get(key).nbytes for key in order_keys)  # the memory tier reads tensor bytes, no header
     before = engine.store.stats()
     again = ask(engine, "tune", 0.25)

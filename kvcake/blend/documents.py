@@ -62,8 +62,11 @@ class DocumentReuse:
         self.pool = pool
         self.settings = settings
 
-    def prefetch(self, plan: DocumentPlan) -> PrefixPrefetch | None:
-        return self.prefix.prefetch(plan.prefix) if plan.prefix is not None else None
+    def prefetch(self, prompt: PromptLayout, choice: ReuseChoice) -> PrefixPrefetch | None:
+        """The exact prefix's stored chunks (taken with Cake); the documents load when the request runs."""
+        if not prompt.prefix_length:
+            return None
+        return self.prefix.prefetch(_exact_prefix(prompt), ReuseChoice(choice.tenant, Strategy("cake")))
 
     def document_key(self, tenant: str, preamble: Sequence[int], token_ids: Sequence[int], layout: str | None = None) -> str:
         return self.keys.document(tenant, preamble, token_ids, layout or self.layout)
@@ -72,8 +75,7 @@ class DocumentReuse:
         """The exact prefix before the documents, taken with Cake."""
         if not prompt.prefix_length:
             return None
-        exact = PromptLayout.plain(prompt.token_ids[: prompt.prefix_length])
-        return self.prefix.plan(exact, ReuseChoice(choice.tenant, Strategy("cake")))
+        return self.prefix.plan(_exact_prefix(prompt), ReuseChoice(choice.tenant, Strategy("cake")))
 
     def compute(self, documents: list[list[int]], preamble: tuple[int, ...], stop: threading.Event | None = None) -> list[ChunkKV]:
         """`compute_steps` without pausing."""
@@ -95,10 +97,10 @@ class DocumentReuse:
         pass_tokens = self.settings.prefill_chunk
         longest = max((len(d) for d in documents), default=0)
         cache = self.model.new_cache(len(preamble) + max(longest, pass_tokens), self.pool)
-        if preamble and documents:
-            self.model.forward(torch.tensor(preamble), torch.arange(len(preamble)), cache)
         results: list[ChunkKV] = []
         try:
+            if preamble and documents:
+                self.model.forward(torch.tensor(preamble), torch.arange(len(preamble)), cache)
             for batch in packs([len(d) for d in documents], pass_tokens):
                 if stop is not None and stop.is_set():
                     break
@@ -168,8 +170,8 @@ class DocumentReuse:
 class BlendReuse(DocumentReuse):
     """CacheBlend: the documents' stored KV, with the tokens that deviate most recomputed (the `Reuse` contract)."""
 
-    def __init__(self, *args, default_ratio: float, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, prefix: PrefixReuse, pool: CachePool, settings: DocumentSettings, *, default_ratio: float):
+        super().__init__(prefix, pool, settings)
         self.default_ratio = default_ratio
 
     def plan(self, prompt: PromptLayout, choice: ReuseChoice) -> DocumentPlan:
@@ -186,7 +188,7 @@ class BlendReuse(DocumentReuse):
         for start, end in prompt.document_spans:
             is_document[start - prompt.prefix_length : end - prompt.prefix_length] = True
         source = (yield from self._source(plan)) if plan.ratio < 1.0 else (lambda layer: None)
-        from_store = torch.cat([torch.full((end - start,), present) for (start, end), present in zip(prompt.document_spans, plan.stored)])
+        from_store = torch.cat([torch.full((end - start,), present) for (start, end), present in zip(prompt.document_spans, plan.stored)] or [torch.empty(0, dtype=torch.bool)])
         blender = BlendPrefill(self.model, plan.ratio, list(self.settings.check_layers), plan.guard)
         loaded_layers = blender.loaded_layers(int(is_document.sum()))
         filled, blend = yield from self._blend(plan, cache, prefetched, blender, source, loaded_layers, is_document.nonzero().squeeze(1), from_store)
@@ -232,6 +234,10 @@ class BlendReuse(DocumentReuse):
             return ChunkKV([torch.cat(layer_keys, dim=1)], [torch.cat(layer_values, dim=1)]), nbytes
 
         return read_layer
+
+
+def _exact_prefix(prompt: PromptLayout) -> PromptLayout:
+    return PromptLayout.plain(prompt.token_ids[: prompt.prefix_length])
 
 
 def packs(lengths: list[int], budget: int) -> Iterator[list[int]]:

@@ -21,14 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcake.blend.documents import DocumentPlan, DocumentReuse
+from kvcake.blend.documents import DocumentPlan, DocumentReuse, DocumentSettings
 from kvcake.blend.prefetch import LayerSource
 from kvcake.blend.scores import RULES, token_scores
 from kvcake.blend.selective import BlendPrefill
 from kvcake.chunk import ChunkKV
-from kvcake.model import KVCache
+from kvcake.model import CachePool, KVCache
 from kvcake.model.segments import PromptLayout
-from kvcake.schedule import Filled, PrefixPrefetch, ReuseChoice, drain
+from kvcake.schedule import Filled, PrefixPrefetch, PrefixReuse, ReuseChoice, drain
 
 ORDER_DIGITS = 3
 ORDER_BASE = 128
@@ -101,8 +101,8 @@ class TuneReuse(DocumentReuse):
     recomputed tokens.
     """
 
-    def __init__(self, *args, scoring: str, ratio: str, min_ratio: float, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, prefix: PrefixReuse, pool: CachePool, settings: DocumentSettings, *, scoring: str, ratio: str, min_ratio: float):
+        super().__init__(prefix, pool, settings)
         if scoring not in RULES:
             raise ValueError(f"tune_scoring must be one of {', '.join(RULES)}, got {scoring!r}")
         self.scoring = scoring

@@ -50,10 +50,6 @@ class PromptLayout:
     def plain(cls, token_ids: list[int]) -> PromptLayout:
         return cls(token_ids, len(token_ids))
 
-    def document_ids(self, index: int) -> list[int]:
-        start, end = self.document_spans[index]
-        return self.token_ids[start:end]
-
     def documents(self) -> list[list[int]]:
         """Every document's token ids, in prompt order."""
         return [self.token_ids[start:end] for start, end in self.document_spans]

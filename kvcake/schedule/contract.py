@@ -11,7 +11,8 @@ Cake, split:M; `kvcake.schedule.reuse`) and the document strategies (blend, tune
   after each unit of work, so a scheduler can interleave other requests' work;
   `drain` runs one without pausing.
 
-`prefetch(plan)` hands a loader to a request that waits its turn (or None). A
+`prefetch(prompt, choice)` hands a loader of the stored prefix to a request that waits
+its turn (or None); it reads no more of the store's index than that needs. A
 strategy never fails a request for its store: a miss, a corrupt entry or a store that
 is down makes it compute those tokens, and its report says so.
 """
@@ -88,6 +89,6 @@ class Reuse(Protocol[Plan]):
 
     def plan(self, prompt: PromptLayout, choice: ReuseChoice) -> Plan: ...
 
-    def prefetch(self, plan: Plan) -> PrefixPrefetch | None: ...
+    def prefetch(self, prompt: PromptLayout, choice: ReuseChoice) -> PrefixPrefetch | None: ...
 
     def fill(self, plan: Plan, cache: KVCache, prefetched: PrefixPrefetch | None = None) -> Generator[None, None, Filled]: ...

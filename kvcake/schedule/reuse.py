@@ -67,11 +67,12 @@ class PrefixReuse:
         reusable = keys[: (len(token_ids) - 1) // self.chunk_size]
         return PrefixPlan(token_ids, keys, self.store.stored_prefix(reusable), choice.prefix)
 
-    def prefetch(self, plan: PrefixPlan) -> PrefixPrefetch | None:
-        """A loader of the plan's stored chunks for a request that waits its turn (run it on an I/O thread)."""
-        if plan.strategy.name not in PREFETCHING or not plan.num_stored:
+    def prefetch(self, prompt: PromptLayout, choice: ReuseChoice) -> PrefixPrefetch | None:
+        """A loader of the prompt's stored chunks for a request that waits its turn (run it on an I/O thread)."""
+        if choice.prefix.name not in PREFETCHING:
             return None
-        return PrefixPrefetch(self._loader(plan.keys), plan.num_stored, self.prefetch_budget)
+        plan = self.plan(prompt, choice)
+        return PrefixPrefetch(self._loader(plan.keys), plan.num_stored, self.prefetch_budget) if plan.num_stored else None
 
     def fill(self, plan: PrefixPlan, cache: KVCache, prefetched: PrefixPrefetch | None = None) -> Generator[None, None, Filled]:
         """The stored chunks by the plan's strategy, then the rest computed; pauses after every computed chunk or pass.
@@ -113,7 +114,9 @@ class PrefixReuse:
         full_end = len(plan.keys) * chunk_size
         logits = None
         computed: dict[str, ChunkKV] = {}
-        for start, end in passes(cache.length, len(plan.token_ids), self.prefill_chunk):
+        first = plan.num_stored * chunk_size
+        assert cache.length == first, "the stored chunks fill the cache up to the first computed token"
+        for start, end in passes(first, len(plan.token_ids), self.prefill_chunk):
             started = time.perf_counter()
             ids, positions = torch.tensor(plan.token_ids[start:end]), torch.arange(start, end)
             stored_end = min(end, full_end)

@@ -11,8 +11,8 @@ import enum
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from pathlib import PurePath
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any
 
 import numpy as np
