@@ -8,7 +8,6 @@ and `TuneReuse`. The engine builds them once, routes each request to one, and de
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 from typing import Any, Generator
 
@@ -27,11 +26,12 @@ from kvcake.requests import (
     RequestMetrics,
     RequestPlanner,
     Step,
+    WarmRequest,
     Work,
     parse_reuse,
 )
 from kvcake.runtime import keep_freed_memory
-from kvcake.schedule import ByteBudget, CostProfile, PrefixPrefetch, PrefixReuse, Reuse, ReuseChoice, Strategy, WriteBack
+from kvcake.schedule import ByteBudget, CostProfile, PrefixPrefetch, PrefixReuse, Reuse, ReuseChoice, Strategy, WriteBack, drain
 from kvcake.store import KeyRules, KVStore, model_fingerprint, open_store
 
 
@@ -162,33 +162,29 @@ class Engine:
         finally:
             cache.release()
 
-    def prompt_logprobs(self, token_ids: list[int]) -> list[torch.Tensor]:
-        """Per prompt token after the first, the log-softmax that predicted it: a full forward, never a
-        reuse path (stored KV has no logits); it serves `echo` with log probabilities."""
-        with torch.inference_mode():
-            return self.model.prompt_logprobs(token_ids, self.config.prefill_chunk)
+    def prompt_logprobs(self, token_ids: list[int]) -> Generator[None, None, list[torch.Tensor]]:
+        """Per prompt token after the first, the log-softmax that predicted it, pausing after every pass:
+        a full forward, never a reuse path (stored KV has no logits); it serves `echo` with log probabilities."""
+        return self.model.prompt_logprobs(token_ids, self.config.prefill_chunk)
 
     def warm(
-        self,
-        documents: list[str],
-        tenant: str | None = None,
-        chat: bool = True,
-        scored: bool | None = None,
-        system: str | None = None,
-        stop: threading.Event | None = None,
+        self, documents: list[str], tenant: str | None = None, chat: bool = True, scored: bool | None = None, system: str | None = None
     ) -> list[tuple[str, int, bool]]:
         """Compute and store documents in isolation; (key, tokens, was already stored) for each.
 
         They serve requests with the same `system` text (the preamble they are computed
         after). `scored` stores CacheTune's layout (by `tune_scoring`, with its order)
-        instead of the plain one; by default it does when `reuse` is tune. Entries are
-        written synchronously, so the call returns once they are stored (a write-back
-        queue could drop them); `stop` set (the client left) ends it before the next pass.
+        instead of the plain one; by default it does when `reuse` is tune. The call returns
+        once the entries are stored.
         """
-        preamble, ids = self.planner.plan_documents(documents, chat, system)
-        strategy = self.tune if (self.config.reuse == TUNE if scored is None else scored) else self.blend
         with torch.inference_mode():
-            stored = strategy.store_documents(ids, preamble, self.config.tenant if tenant is None else tenant, stop)
+            return drain(self.warm_steps(WarmRequest(documents, tenant, chat, system), scored))
+
+    def warm_steps(self, request: WarmRequest, scored: bool | None = None) -> Generator[None, None, list[tuple[str, int, bool]]]:
+        """`warm`, pausing after every pass of documents (a scheduler's unit of work)."""
+        preamble, ids = self.planner.plan_documents(request.documents, request.chat, request.system)
+        strategy = self.tune if (self.config.reuse == TUNE if scored is None else scored) else self.blend
+        stored = yield from strategy.store_documents(ids, preamble, self.config.tenant if request.tenant is None else request.tenant)
         return [(key, len(doc), present) for (key, present), doc in zip(stored, ids)]
 
     def _decode(

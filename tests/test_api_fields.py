@@ -10,6 +10,7 @@ from live import LiveServer
 from kvcake.config import KvcakeConfig
 from kvcake.requests import GenerateRequest, RequestMetrics
 from kvcake.model import SamplingParams
+from kvcake.schedule import drain
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -225,7 +226,7 @@ def test_echo_with_logprobs_scores_the_prompt_too(live: LiveServer, config: Kvca
     reply = live.client().completions.create(model=config.model, prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=1)
     got = reply.choices[0].logprobs
     ids = live.engine.tokenizer.encode(prompt)
-    rows = live.engine.prompt_logprobs(ids)
+    rows = drain(live.engine.prompt_logprobs(ids))
     assert got.token_logprobs[0] is None and got.top_logprobs[0] is None
     expected = [float(row[token]) for row, token in zip(rows, ids[1:])]
     assert got.token_logprobs[1 : len(ids)] == pytest.approx(expected, abs=1e-5)

@@ -12,7 +12,7 @@ from tiny import TEST_DEVICE
 from kvcake.blend.documents import packs
 from kvcake.config import KvcakeConfig
 from kvcake.engine import Engine
-from kvcake.requests import GenerateRequest, RequestMetrics
+from kvcake.requests import GenerateRequest, RequestMetrics, WarmRequest
 from kvcake.model import SamplingParams, Transformer
 from kvcake.server.worker import ComputeWorker, Job
 
@@ -177,4 +177,43 @@ def test_a_request_that_stops_early_gives_its_caches_back(config: KvcakeConfig, 
     request_cache.release()
     expected = cache_bytes * (2 if stop_after == "a token" else 1)
     assert engine.cache_pool.free_bytes >= expected
+    engine.close()
+
+
+def test_a_warm_call_runs_pass_by_pass_beside_a_decoding_request(config: KvcakeConfig) -> None:
+    """A warm call is cut into passes like a prefill: a request decoding beside it finishes first, and the
+    warm call still stores every document."""
+    engine = Engine(config)
+    documents = [f"Entry {i}: " + "the tide table lists high and low water for each day of the month. " * 3 for i in range(40)]
+    worker = ComputeWorker(engine, max_queue=8, io_threads=0, on_finished=lambda metrics, cancelled: None, max_batch=2)
+    finished: list[str] = []
+    decoding, warming = _Collector(), _Collector()
+    worker.submit(Job(request=_greedy(list(range(3, 20)), tokens=10), planned=None, emit=lambda e: (decoding.emit(e), e[0] == "done" and finished.append("decode"))))
+    worker.submit(Job(request=WarmRequest(documents), planned=None, emit=lambda e: (warming.emit(e), finished.append("warm"))))
+    assert decoding.done.wait(120) and warming.done.wait(120)
+    worker.close()
+    assert finished == ["decode", "warm"] and len(decoding.tokens) == 10
+    assert warming.outcome[0] == "done" and len(warming.outcome[1]) == len(documents)
+    assert all(engine.store.contains(key) for key, _, _ in warming.outcome[1])
+    engine.close()
+
+
+def test_an_echoed_prompt_s_log_probabilities_come_first_and_match_a_full_forward(config: KvcakeConfig) -> None:
+    engine = Engine(config)
+    prompt = list(range(3, 90))
+    worker = ComputeWorker(engine, max_queue=8, io_threads=0, on_finished=lambda metrics, cancelled: None, max_batch=2)
+    events: list[tuple[str, object]] = []
+    done = threading.Event()
+    job = Job(request=_greedy(prompt, tokens=3), planned=engine.check(_greedy(prompt, tokens=3)), emit=lambda e: (events.append(e), e[0] == "done" and done.set()),
+              logprobs=0, prompt_logprobs=True)
+    worker.submit(job)
+    assert done.wait(120)
+    worker.close()
+    assert [kind for kind, _ in events] == ["prompt_logprobs", "token", "token", "token", "done"]
+    model = engine.model
+    with torch.inference_mode():
+        full = torch.log_softmax(model.forward(torch.tensor(prompt), torch.arange(len(prompt)), model.new_cache(len(prompt)), all_logits=True).logits, dim=-1)
+    served = [entry.logprob for entry in events[0][1][1:]]
+    expected = [float(full[i, token]) for i, token in enumerate(prompt[1:])]
+    assert max(abs(a - b) for a, b in zip(served, expected)) <= 1e-4
     engine.close()

@@ -24,6 +24,7 @@ from kvcake.config import ConfigError, KvcakeConfig, load_config
 from kvcake.engine import Engine
 from kvcake.requests import GenerateRequest, RequestError
 from kvcake.model import SamplingParams
+from kvcake.schedule import drain
 from kvcake.store import ChunkKV, prefix_chunk_keys
 from kvcake.store.backend import BackendError
 from kvcake.store.bytestore import ByteStore
@@ -215,9 +216,9 @@ def test_a_packed_document_equals_the_document_computed_alone(config: KvcakeConf
     engine = Engine(config)
     preamble = (1, 7, 9, 11)
     documents = [_prompt(i, n) for i, n in enumerate([5, 9, 3, 40])]
-    packed = engine.blend.compute(documents, preamble)
+    packed = drain(engine.blend.compute(documents, preamble))
     for document, together in zip(documents, packed):
-        [alone] = engine.blend.compute([document], preamble)
+        [alone] = drain(engine.blend.compute([document], preamble))
         for a, b in zip(alone.keys + alone.values, together.keys + together.values):
             assert torch.allclose(a, b, atol=1e-5)
     engine.close()

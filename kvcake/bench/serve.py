@@ -21,6 +21,7 @@ alike. The reports give requests per second over all rounds and client-side TTFT
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import statistics
@@ -38,6 +39,7 @@ from kvcake.config import KvcakeConfig, config_from_args
 from kvcake.data import long_text
 from kvcake.engine import Engine
 from kvcake.requests import GenerateRequest
+from kvcake.runtime import release_freed_memory
 from kvcake.model import SamplingParams
 from kvcake.server.background import BackgroundServer
 from kvcake.store.bytestore import ByteStore
@@ -87,6 +89,8 @@ def run(args: argparse.Namespace) -> None:
     cells = []
     for factor in (float(f) for f in args.factors.split(",")):
         results = _run_cell(config, balanced_gbps * factor, shared, workload, args)
+        gc.collect()
+        release_freed_memory()
         for strategy, result in results.items():
             print(f"{factor:g}x", strategy, json.dumps({k: v for k, v in result.items() if k != "ttft_s"}), flush=True)
         cells.append({"factor": factor, "link_gbps": balanced_gbps * factor, "results": results})

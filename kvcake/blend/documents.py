@@ -10,7 +10,6 @@ instead, and the report says why. `TuneReuse` (kvcake.blend.tune) shares this ma
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -21,7 +20,7 @@ from kvcake.blend.selective import BlendFallback, BlendPrefill
 from kvcake.chunk import ChunkKV
 from kvcake.model import CachePool, KVCache
 from kvcake.model.segments import PromptLayout
-from kvcake.schedule import BlendReport, Filled, PrefixPlan, PrefixPrefetch, PrefixReport, PrefixReuse, ReuseChoice, Strategy, drain
+from kvcake.schedule import BlendReport, Filled, PrefixPlan, PrefixPrefetch, PrefixReport, PrefixReuse, ReuseChoice, Strategy
 
 
 @dataclass(frozen=True)
@@ -77,13 +76,7 @@ class DocumentReuse:
             return None
         return self.prefix.plan(_exact_prefix(prompt), ReuseChoice(choice.tenant, Strategy("cake")))
 
-    def compute(self, documents: list[list[int]], preamble: tuple[int, ...], stop: threading.Event | None = None) -> list[ChunkKV]:
-        """`compute_steps` without pausing."""
-        return drain(self.compute_steps(documents, preamble, stop))
-
-    def compute_steps(
-        self, documents: list[list[int]], preamble: tuple[int, ...], stop: threading.Event | None = None
-    ) -> Generator[None, None, list[ChunkKV]]:
+    def compute(self, documents: list[list[int]], preamble: tuple[int, ...]) -> Generator[None, None, list[ChunkKV]]:
         """Documents' KV, each computed on its own after the preamble (K before RoPE); pauses after every pass.
 
         Each document starts `document_gap` positions after the preamble (less where the
@@ -91,8 +84,8 @@ class DocumentReuse:
         the instructions and this one. K is stored before RoPE, so only this distance,
         not the absolute position, shapes the stored KV. The preamble is computed once;
         documents shorter than a pass are packed into passes of about `prefill_chunk`
-        tokens, each attending only to the preamble and itself. `stop` set ends early
-        (fewer results).
+        tokens, each attending only to the preamble and itself. A driver that stops at a
+        pause (the client left) stops the work there.
         """
         pass_tokens = self.settings.prefill_chunk
         longest = max((len(d) for d in documents), default=0)
@@ -102,8 +95,6 @@ class DocumentReuse:
             if preamble and documents:
                 self.model.forward(torch.tensor(preamble), torch.arange(len(preamble)), cache)
             for batch in packs([len(d) for d in documents], pass_tokens):
-                if stop is not None and stop.is_set():
-                    break
                 firsts = [self._document_start(len(preamble), len(documents[i])) for i in batch]
                 if len(batch) == 1 and len(documents[batch[0]]) > pass_tokens:
                     outputs = [self._long_document(documents[batch[0]], firsts[0], cache)]
@@ -198,13 +189,15 @@ class BlendReuse(DocumentReuse):
         return filled
 
     def store_documents(
-        self, documents: list[list[int]], preamble: tuple[int, ...], tenant: str, stop: threading.Event | None = None
-    ) -> list[tuple[str, bool]]:
-        """Compute and store the documents not stored yet, synchronously; each one's key and whether it was stored before."""
+        self, documents: list[list[int]], preamble: tuple[int, ...], tenant: str
+    ) -> Generator[None, None, list[tuple[str, bool]]]:
+        """Compute and store the documents not stored yet, pausing after every pass; each one's key
+        and whether it was stored before. Entries are written here, not queued, so they are stored
+        once this returns (a write-back queue could drop them)."""
         keys = [self.document_key(tenant, preamble, ids) for ids in documents]
         present = [self.store.contains(key) for key in keys]
         missing = [i for i, stored in enumerate(present) if not stored]
-        for index, chunk in zip(missing, self.compute([documents[i] for i in missing], preamble, stop)):
+        for index, chunk in zip(missing, (yield from self.compute([documents[i] for i in missing], preamble))):
             self.store.put(keys[index], chunk)
         return list(zip(keys, present))
 
@@ -213,7 +206,7 @@ class BlendReuse(DocumentReuse):
         every pass) and queued for write-back."""
         documents = plan.prompt.documents()
         missing = [i for i, present in enumerate(plan.stored) if not present]
-        computed = dict(zip(missing, (yield from self.compute_steps([documents[i] for i in missing], plan.prompt.preamble))))
+        computed = dict(zip(missing, (yield from self.compute([documents[i] for i in missing], plan.prompt.preamble))))
         for index, chunk in computed.items():
             self.writeback.submit(plan.keys[index], chunk)
         entries = [(key, computed.get(index), len(ids)) for index, (key, ids) in enumerate(zip(plan.keys, documents))]

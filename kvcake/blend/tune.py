@@ -28,7 +28,7 @@ from kvcake.blend.selective import BlendPrefill
 from kvcake.chunk import ChunkKV
 from kvcake.model import CachePool, KVCache
 from kvcake.model.segments import PromptLayout
-from kvcake.schedule import Filled, PrefixPrefetch, PrefixReuse, ReuseChoice, drain
+from kvcake.schedule import Filled, PrefixPrefetch, PrefixReuse, ReuseChoice
 
 ORDER_DIGITS = 3
 ORDER_BASE = 128
@@ -155,12 +155,13 @@ class TuneReuse(DocumentReuse):
         return filled
 
     def store_documents(
-        self, documents: list[list[int]], preamble: tuple[int, ...], tenant: str, stop: threading.Event | None = None
-    ) -> list[tuple[str, bool]]:
-        """Compute, score and store the documents not stored yet, synchronously; each one's key and whether it was stored before."""
+        self, documents: list[list[int]], preamble: tuple[int, ...], tenant: str
+    ) -> Generator[None, None, list[tuple[str, bool]]]:
+        """Compute, score and store the documents not stored yet, pausing after every pass; each one's
+        key and whether it was stored before."""
         keys = self._keys(tenant, preamble, documents)
         present = [self.store.contains(key) for key, _ in keys]
-        for document in drain(self._scored(documents, preamble, keys, present, stop)):
+        for document in (yield from self._scored(documents, preamble, keys, present)):
             if document.computed is not None and document.stored_order is not None:
                 self.store.put(document.key, document.computed)
                 self.store.put(document.order_key, document.stored_order)
@@ -176,7 +177,6 @@ class TuneReuse(DocumentReuse):
         preamble: tuple[int, ...],
         keys: list[tuple[str, str]],
         present: list[bool],
-        stop: threading.Event | None = None,
     ) -> Generator[None, None, list[ScoredDocument]]:
         """Each document's (entry key, order key): its stored row order where both entries are there,
         else computed together (pausing after every pass), scored and sorted (`computed` and
@@ -187,7 +187,7 @@ class TuneReuse(DocumentReuse):
             if entry is not None and entry.num_tokens == len(ids):
                 found[index] = ScoredDocument(key, order_key, order_from_entry(entry), len(ids))
         missing = [i for i in range(len(documents)) if i not in found]
-        for index, plain in zip(missing, (yield from self.compute_steps([documents[i] for i in missing], preamble, stop))):
+        for index, plain in zip(missing, (yield from self.compute([documents[i] for i in missing], preamble))):
             scores = token_scores(plain.keys, plain.values, self.scoring)
             order = torch.argsort(scores, descending=True, stable=True)
             sorted_kv = ChunkKV([k[:, order] for k in plain.keys], [v[:, order] for v in plain.values])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Generator, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -323,14 +323,16 @@ class Transformer:
             raise ValueError("prefill needs at least one token")
         return logits[-1]
 
-    def prompt_logprobs(self, token_ids: Sequence[int], chunk_size: int) -> list[torch.Tensor]:
-        """Per token after the first, the log-softmax that predicted it from the tokens before it."""
+    def prompt_logprobs(self, token_ids: Sequence[int], chunk_size: int) -> Generator[None, None, list[torch.Tensor]]:
+        """Per token after the first, the log-softmax that predicted it from the tokens before it;
+        pauses (a bare ``yield``) after every chunk."""
         cache = self.new_cache(len(token_ids))
         rows: list[torch.Tensor] = []
         for start in range(0, len(token_ids) - 1, chunk_size):
             end = min(start + chunk_size, len(token_ids) - 1)
             out = self.forward(torch.tensor(token_ids[start:end]), torch.arange(start, end), cache, all_logits=True)
             rows.extend(torch.log_softmax(out.logits.float(), dim=-1))
+            yield
         return rows
 
     def load_kv(self, cache: KVCache, chunk: ChunkKV, positions: torch.Tensor) -> None:

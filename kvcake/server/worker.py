@@ -2,19 +2,19 @@
 
 Requests, and warm calls that store documents, wait in one bounded queue; a full queue
 is refused at once (the API answers 429). The compute thread keeps up to `max_batch`
-generations running (continuous batching): each iteration gives one unit of prefill work
-(a chunk of a plain or Cake prefill, a layer of blend or tune) to the oldest request still prefilling, then runs one
-decode step for every decoding request in one batched forward (`Transformer.decode_batch`),
-so a long prefill delays another client's next token by about one chunk, not by the
-whole prefill. A request joins as soon as a slot is free and leaves when it finishes.
-Warm calls, and documents a request has to compute first, run whole.
+jobs running (continuous batching): each iteration gives one unit of prefill work (a
+chunk or pass of a plain or Cake prefill, a pass of documents computed in isolation, a
+layer of blend or tune, a pass of a warm call or of an echoed prompt's log probabilities)
+to the oldest job still prefilling, then runs one decode step for every decoding request
+in one batched forward (`Transformer.decode_batch`), so a long prefill delays another
+client's next token by about one unit, not by the whole prefill. A job joins as soon as
+a slot is free and leaves when it finishes.
 
 While a request waits, an I/O thread loads its stored prefix chunks from the back
 (`Engine.prefetch_prefix`), so its Cake prefill starts with them in hand. Each job
 streams its events back through `emit`, which the HTTP layer makes thread-safe;
 generated tokens are detokenized here, incrementally, never on the event loop. A job
-whose client went away is skipped, or stopped before its next unit of work (a warm call,
-before its next batch).
+whose client went away is skipped, or stopped before its next unit of work.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class Job:
 
 @dataclass
 class _Running:
-    """A started generation: its coroutine, what it asked for last, and each choice's text state."""
+    """A started job (a generation or a warm call): its coroutine, what it asked for last, and each choice's text state."""
 
     job: Job
     work: Generator[Work, Any, None]
@@ -208,21 +208,19 @@ class ComputeWorker:
     # ---- one job ------------------------------------------------------------------------
 
     def _start(self, job: Job) -> _Running | None:
-        """Begin a job; warm calls, skipped and failed jobs end here (None)."""
+        """Begin a job; skipped and failed jobs, and ones done at once, end here (None)."""
         with job.lock:
             job.started = True
         try:
             if job.cancelled.is_set():
                 job.emit(("cancelled", None))
             elif isinstance(job.request, WarmRequest):
-                self._warm(job, job.request)
+                entry = _Running(job, self.engine.warm_steps(job.request), [], [])
+                return entry if self._advance(entry, None) else None
             else:
                 request = job.request
-                if job.prompt_logprobs and job.planned is not None:
-                    job.emit(("prompt_logprobs", self._prompt_logprobs(job.planned.token_ids, job.logprobs or 0)))
-                work = self.engine.run(request, job.metrics, job.prefetch, job.planned)
                 tokenizer = self.engine.tokenizer
-                entry = _Running(job, work, [tokenizer.stream_decoder() for _ in range(request.n)],
+                entry = _Running(job, self._generation(job, request), [tokenizer.stream_decoder() for _ in range(request.n)],
                                  [StopMatcher(job.stop) for _ in range(request.n)])
                 return entry if self._advance(entry, None) else None
         except Exception as error:
@@ -238,8 +236,8 @@ class ComputeWorker:
             item = entry.work.send(reply)
             while isinstance(item, Step):
                 item = entry.work.send(self._emit_token(entry, item))
-        except StopIteration:
-            self._finish(entry)
+        except StopIteration as done:
+            self._finish(entry, done.value)
             return False
         except Exception as error:
             if not isinstance(error, ValueError):
@@ -260,10 +258,15 @@ class ComputeWorker:
         job.emit(("token", TokenEvent(step, text, "stop" if stopped else step.finish_reason, logprob)))
         return stopped
 
-    def _finish(self, entry: _Running) -> None:
-        self._on_finished(entry.job.metrics, entry.job.cancelled.is_set())
-        entry.job.emit(("done", entry.job.metrics))
-        self._release_prefetch(entry.job)
+    def _finish(self, entry: _Running, warmed: list | None = None) -> None:
+        """A generation ends with its metrics (counted, abandoned ones too); a warm call with what it stored."""
+        job = entry.job
+        if isinstance(job.request, WarmRequest):
+            job.emit(("cancelled", None) if warmed is None else ("done", warmed))
+            return
+        self._on_finished(job.metrics, job.cancelled.is_set())
+        job.emit(("done", job.metrics))
+        self._release_prefetch(job)
 
     def _fail(self, entry: _Running, error: Exception) -> None:
         entry.work.close()
@@ -278,17 +281,18 @@ class ComputeWorker:
     def _logprob(self, step: Step, top: int) -> TokenLogprob:
         return self._entry(step.token_id, torch.log_softmax(step.logits.float(), dim=-1), top)
 
-    def _prompt_logprobs(self, token_ids: list[int], top: int) -> list[TokenLogprob]:
-        rows = self.engine.prompt_logprobs(token_ids)
-        first = TokenLogprob(self.engine.tokenizer.decode([token_ids[0]]), None, ())
-        return [first, *(self._entry(token, row, top) for token, row in zip(token_ids[1:], rows))]
+    def _generation(self, job: Job, request: GenerateRequest) -> Generator[Work, Any, None]:
+        """The request's coroutine; with `prompt_logprobs` (echo) the prompt's log probabilities are
+        computed first, pass by pass, and sent before its tokens."""
+        if job.prompt_logprobs and job.planned is not None:
+            token_ids = job.planned.token_ids
+            rows = yield from self.engine.prompt_logprobs(token_ids)
+            first = TokenLogprob(self.engine.tokenizer.decode([token_ids[0]]), None, ())
+            job.emit(("prompt_logprobs", [first, *(self._entry(token, row, job.logprobs or 0) for token, row in zip(token_ids[1:], rows))]))
+        yield from self.engine.run(request, job.metrics, job.prefetch, job.planned)
 
     def _entry(self, token: int, logprobs: torch.Tensor, top: int) -> TokenLogprob:
         best = logprobs.topk(top) if top else None
         decode = self.engine.tokenizer.decode
         alternatives = () if best is None else tuple((decode([int(i)]), float(v)) for v, i in zip(best.values, best.indices))
         return TokenLogprob(decode([token]), float(logprobs[token]), alternatives)
-
-    def _warm(self, job: Job, request: WarmRequest) -> None:
-        warmed = self.engine.warm(request.documents, request.tenant, request.chat, system=request.system, stop=job.cancelled)
-        job.emit(("done", warmed))
