@@ -67,8 +67,11 @@ class Engine:
             raise ConfigError(str(error)) from None
 
     def close(self) -> None:
+        """Stop the write-back thread, close the store and drop the pooled cache memory. (FastAPI keeps
+        endpoints, and so a server's engine, in a process-wide cache: a closed engine must not hold its KV.)"""
         self.writeback.close()
         self.store.close()
+        self.cache_pool.clear()
 
     def plan_prompt(self, request: GenerateRequest) -> PromptLayout:
         return self.planner.plan(request)

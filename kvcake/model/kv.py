@@ -137,6 +137,11 @@ class CachePool:
             self._free.setdefault(shape_key, []).append((keys, values))
             self._free_bytes += nbytes
 
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+            self._free_bytes = 0
+
     @property
     def free_bytes(self) -> int:
         with self._lock:

@@ -108,3 +108,7 @@ class MemoryBackend(Backend):
 
     def remove(self, key: str) -> None:
         self._entries.remove(key)
+
+    def close(self) -> None:
+        """Drop every entry: an in-memory store ends with its owner."""
+        self._entries.clear()
