@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
 
 from kvcake.data import long_text
 from kvcake.engine import Engine
-from kvcake.requests import GenerateRequest, RequestError
+from kvcake.requests import GenerateRequest, RequestError, RequestMetrics
 from kvcake.model import SamplingParams
 from kvcake.model.segments import PromptLayout
 from kvcake.schedule import ReuseChoice, Strategy, drain
+from kvcake.server.worker import ComputeWorker, Job
 
 pytestmark = pytest.mark.real_model
 
@@ -87,3 +89,33 @@ def test_gguf_file_of_a_registry_model_resolves_to_its_converted_folder(default_
 
     gguf = default_config.cache_path() / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert resolve_model(str(gguf), default_config.cache_path()) == default_folder
+
+
+def test_requests_served_together_give_what_they_give_alone_on_the_real_model(engine, long_prompt) -> None:
+    """Continuous batching on the default model: three requests (one with a stored prefix, loaded by Cake)
+    in one batch give the greedy tokens of each alone, logits within 1e-4 in float32."""
+    requests = [
+        GenerateRequest(token_ids=long_prompt[:300], reuse="cake", sampling=SamplingParams(max_tokens=12, temperature=0.0)),
+        GenerateRequest(token_ids=long_prompt[300:420], reuse="compute", sampling=SamplingParams(max_tokens=16, temperature=0.0)),
+        GenerateRequest(prompt="Name three rivers.", sampling=SamplingParams(max_tokens=10, temperature=0.0)),
+    ]
+    alone = [[(step.token_id, step.logits) for step in engine.stream(request, RequestMetrics())] for request in requests]
+    engine.writeback.flush()
+    worker = ComputeWorker(engine, max_queue=8, io_threads=0, on_finished=lambda metrics, cancelled: None, max_batch=3)
+    served: list[list[tuple[int, torch.Tensor]]] = [[] for _ in requests]
+    finished = [threading.Event() for _ in requests]
+
+    def emit(index: int, event: tuple[str, object]) -> None:
+        if event[0] == "token":
+            served[index].append((event[1].step.token_id, event[1].step.logits))
+        else:
+            finished[index].set()
+
+    for index, request in enumerate(requests):
+        worker.submit(Job(request=request, planned=None, emit=lambda event, index=index: emit(index, event)))
+    assert all(done.wait(300) for done in finished)
+    worker.close()
+    assert worker.decode_rows > worker.decode_steps, "some decode steps ran several requests at once"
+    for together, reference in zip(served, alone):
+        assert [token for token, _ in together] == [token for token, _ in reference]
+        assert max((a - b).abs().max().item() for (_, a), (_, b) in zip(together, reference)) <= 1e-4
