@@ -27,6 +27,20 @@ def test_eval_runs_on_a_jsonl_file(tiny_folders: dict[str, Path], tmp_path: Path
     assert "Paired differences" in report and "qa passages" in report
 
 
+def test_resume_answers_saved_questions_by_new_methods(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
+    flags = ["--model", str(tiny_folders["llama"]), "--dtype", "float32", "--chunk-size", "32", "--cache-dir", str(tmp_path / "cache")]
+    run = ["eval", "blend", "--data", str(FIXTURE), "--questions", "2", "--prompt-tokens", "300", "--answer-tokens", "2", "--out-dir", str(tmp_path), "--name", "grow"]
+    assert main([*run, "--ratios", "0.3", *flags]) == 0
+    first = json.loads((tmp_path / "grow.json").read_text())["records"]
+    assert main([*run, "--ratios", "0.3,0.5", "--resume", *flags]) == 0
+    grown = json.loads((tmp_path / "grow.json").read_text())["records"]
+    assert [r["index"] for r in grown] == [r["index"] for r in first]
+    for before, after in zip(first, grown):
+        assert {name: after[name] for name in before} == before
+        assert after["blend r=0.50"]["tokens_recomputed"] > before["blend r=0.30"]["tokens_recomputed"]
+    assert "blend r=0.50" in (tmp_path / "grow.md").read_text()
+
+
 def test_malformed_lines_name_the_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text(FIXTURE.read_text().splitlines()[0] + "\n" + json.dumps({"context": "c", "question": "q", "answers": []}) + "\n")

@@ -7,7 +7,8 @@ every question is answered by the full prefill (blend at r = 1, which equals it
 exactly), naive reuse (r = 0) and blend at each ratio, greedily. Metrics: token F1 and
 substring match against the gold answers, agreement with the full prefill's answer,
 KL divergence of the first-token distribution from the full prefill's, and TTFT.
-Per-question records are saved after every question, so `--resume` continues a run.
+Per-question records are saved after every question, so `--resume` continues a run;
+a resumed run given methods its saved questions lack answers them by those too.
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--answer-tokens", type=int, default=16, help="Tokens generated per answer (greedy).")
     parser.add_argument("--out-dir", type=Path, default=Path("docs/benchmarks"))
     parser.add_argument("--name", default=None, help="File stem of the results (default blend-eval-MODEL-TOKENS).")
-    parser.add_argument("--resume", action="store_true", help="Continue the run saved under --name.")
+    parser.add_argument(
+        "--resume", action="store_true", help="Continue the run saved under --name; saved questions are answered by the methods they lack."
+    )
     parser.add_argument("--report-only", action="store_true", help="Rewrite the report and plots from the saved JSON.")
 
 
@@ -87,15 +90,19 @@ def run(args: argparse.Namespace) -> int:
         items, pool = build_items(engine, questions, args)
         saved = json.loads(results_path.read_text()) if args.resume and results_path.is_file() else None
         results = saved or {"settings": {**_settings(args, config, engine, pool), "data": source}, "records": []}
-        done = {record["index"] for record in results["records"]}
+        saved_records = {record["index"]: record for record in results["records"]}
         for passage in tqdm(pool, desc="warming passages", unit="doc"):
             engine.warm([passage], scored=False, system=SYSTEM)
         for scoring in sorted({m.scoring for m in methods.values() if m.scoring}):
             engine.config = engine.config.replace(tune_scoring=scoring)
             for passage in tqdm(pool, desc=f"warming passages, scored by {scoring}", unit="doc"):
                 engine.warm([passage], scored=True, system=SYSTEM)
-        for item in tqdm([i for i in items if i.index not in done], desc=f"{stem} questions", unit="q"):
-            results["records"].append(_answer(engine, item, methods, args.answer_tokens))
+        unanswered = [item for item in items if set(methods) - set(saved_records.get(item.index, ()))]
+        for item in tqdm(unanswered, desc=f"{stem} questions", unit="q"):
+            record = saved_records.get(item.index)
+            answered = _answer(engine, item, methods, args.answer_tokens, record)
+            if record is None:
+                results["records"].append(answered)
             _save(results_path, results)
     finally:
         engine.close()
@@ -179,11 +186,18 @@ def _settings(args: argparse.Namespace, config: KvcakeConfig, engine: Engine, po
     }
 
 
-def _answer(engine: Engine, item: Item, methods: dict[str, Method], answer_tokens: int) -> dict:
-    record: dict = {"index": item.index, "question": item.question, "answers": list(item.answers), "gold_document": item.gold_document}
+def _answer(engine: Engine, item: Item, methods: dict[str, Method], answer_tokens: int, record: dict | None = None) -> dict:
+    """Answers `item` by every method `record` lacks (a new record: by all), filling it in.
+
+    The full prefill runs first in any case: its first-token logits are the reference of
+    every method's KL. A saved record keeps its own full answer."""
+    if record is None:
+        record = {"index": item.index, "question": item.question, "answers": list(item.answers), "gold_document": item.gold_document}
     full_logits = None
     full_text = ""
     for name, method in methods.items():
+        if name in record and name != "full":
+            continue
         if method.scoring:
             engine.config = engine.config.replace(tune_scoring=method.scoring)
         request = GenerateRequest(
@@ -198,6 +212,8 @@ def _answer(engine: Engine, item: Item, methods: dict[str, Method], answer_token
         result = engine.generate(request)
         if full_logits is None:
             full_logits, full_text = result.first_token_logits, result.text
+        if name in record:
+            continue
         blend = result.metrics.blend
         record[name] = {
             "answer": result.text,
