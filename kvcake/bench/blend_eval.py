@@ -352,6 +352,24 @@ def by_gold_place(records: list[dict], methods: dict[str, Method]) -> list[dict]
     return rows
 
 
+def by_gold_index(records: list[dict], methods: dict[str, Method]) -> list[dict]:
+    """Each method's mean F1 gap to the full prefill and mean first-token KL by the gold passage's
+    place in the prompt (1 = first document), to show whether they grow with the documents before it."""
+    places = sorted({r["gold_document"] for r in records})
+    rows = []
+    for name in methods:
+        if name == "full":
+            continue
+        row: dict[str, object] = {"method": name}
+        for place in places:
+            chosen = [r for r in records if r["gold_document"] == place]
+            gap = sum(r[name]["f1"] - r["full"]["f1"] for r in chosen) / len(chosen)
+            kl = sum(r[name]["first_token_kl"] for r in chosen) / len(chosen)
+            row[f"gold {place + 1} (n={len(chosen)})"] = f"{gap:+.3f} / {kl:.2f}"
+        rows.append(row)
+    return rows
+
+
 def _report(results: dict, methods: dict[str, Method], out_dir: Path, stem: str) -> None:
     records = results["records"]
     if not records:
@@ -381,6 +399,10 @@ def _report(results: dict, methods: dict[str, Method], out_dir: Path, stem: str)
         "after the preamble, as in the prompt) and where it comes later (its stored KV lacks the documents before it).",
         "",
         *markdown_rows(by_gold_place(records, methods)),
+        "",
+        "Mean F1 gap to the full prefill / mean first-token KL by the gold passage's place (1 = first document; small groups, no CI):",
+        "",
+        *markdown_rows(by_gold_index(records, methods)),
         "",
     ]
     text = "\n".join([f"# Blend quality: {stem}", "", *header, "", *markdown_rows(rows), "", *(comparison if paired else []), *places])
