@@ -412,7 +412,9 @@ def _report(results: dict, methods: dict[str, Method], out_dir: Path, stem: str)
 
 
 def _plot(rows: list[dict], path: Path, title: str) -> None:
-    """Quality and TTFT against r, one line per family: blend (with full and naive at its ends) and tune per rule."""
+    """Quality against the share of document tokens recomputed, one line per family: fixed-ratio blend
+    (with naive at 0 and the full prefill at 1), tune per rule, and the guarded ratios, each
+    placed at its mean recompute, so a guard is read against the fixed ratios at the same cost."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -420,24 +422,29 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
 
     families: dict[str, list[dict]] = {}
     for row in rows:
-        family = "blend" if not row["method"].startswith("tune") else row["method"].split(" ", 2)[2].join(("tune (", ")"))
-        families.setdefault(family, []).append(row)
-    figure, (quality, agreement, ttft) = plt.subplots(1, 3, figsize=(14, 4))
+        families.setdefault(_family(row["method"]), []).append(row)
+    figure, (quality, divergence, agreement) = plt.subplots(1, 3, figsize=(14, 4))
     for family, members in families.items():
-        members = sorted(members, key=lambda row: row["ratio"])
-        ratios = [row["ratio"] for row in members]
-        quality.plot(ratios, [row["F1"] for row in members], "o-", label=f"{family}: token F1")
-        quality.plot(ratios, [row["match"] for row in members], "s--", label=f"{family}: substring match")
-        agreement.plot(ratios, [row["agrees with full"] for row in members], "o-", label=family)
-        ttft.plot(ratios, [row["TTFT s"] for row in members], "o-", label=family)
-    quality.set_title("quality vs r")
+        members = sorted(members, key=lambda row: row["recomputed"])
+        shares = [row["recomputed"] for row in members]
+        style = "D" if family.startswith("guard") else "o-"
+        quality.plot(shares, [row["F1"] for row in members], style, label=f"{family}: token F1")
+        divergence.plot(shares, [row["first-token KL"] for row in members], style, label=family)
+        agreement.plot(shares, [row["agrees with full"] for row in members], style, label=family)
+    quality.set_title("token F1")
+    divergence.set_title("first-token KL to the full prefill")
     agreement.set_title("answer equal to the full prefill's")
-    ttft.set_title("TTFT vs r (documents in memory)")
-    ttft.set_ylabel("mean TTFT (s)")
-    for axis in (quality, agreement, ttft):
-        axis.set_xlabel("recompute ratio r (0 = naive reuse, 1 = full prefill)")
+    for axis in (quality, divergence, agreement):
+        axis.set_xlabel("share of document tokens recomputed")
         axis.legend(fontsize="small")
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def _family(method: str) -> str:
+    """`blend` for full, naive and fixed ratios; `tune (RULE)`; `guard SHARE@FLOOR` for each guard."""
+    if method.startswith("tune"):
+        return f"tune ({method.split(' ', 2)[2]})"
+    return method if method.startswith("guard") else "blend"
