@@ -8,7 +8,9 @@ exactly), naive reuse (r = 0) and blend at each ratio, greedily. Metrics: token 
 substring match against the gold answers, agreement with the full prefill's answer,
 KL divergence of the first-token distribution from the full prefill's, and TTFT.
 Per-question records are saved after every question, so `--resume` continues a run;
-a resumed run given methods its saved questions lack answers them by those too.
+a resumed run given methods its saved questions lack answers them by those too. With a
+persistent store (`--store-url file:///DIR`) a resumed run finds the passages stored and
+skips warming them.
 """
 
 from __future__ import annotations
@@ -183,6 +185,7 @@ def _settings(args: argparse.Namespace, config: KvcakeConfig, engine: Engine, po
         "answer_tokens": args.answer_tokens,
         "machine": machine_description(),
         "threads": torch.get_num_threads(),
+        "store": config.store_url.partition("://")[0],
     }
 
 
@@ -384,7 +387,7 @@ def _report(results: dict, methods: dict[str, Method], out_dir: Path, stem: str)
         f"{len(records)} questions, prompts of {mean_tokens:.0f} tokens on average "
         f"(gold context + distractors from a pool of {settings['pool_passages']} {settings.get('data', 'quoref')} passages, one document each), "
         f"greedy answers of at most {settings['answer_tokens']} tokens, seed {settings['seed']}.",
-        f"Machine: {settings['machine']}, {settings['threads']} threads. Stored documents in memory; fallbacks: {fallbacks}.",
+        f"Machine: {settings['machine']}, {settings['threads']} threads. Stored documents: `{settings.get('store', 'memory')}://`; fallbacks: {fallbacks}.",
         "",
         "`full` is the full prefill (blend at r = 1 computes every token; tests check it equals the full prefill).",
         "CIs are 95% bootstrap intervals over questions; `F1 - full` is paired per question. `recomputed`: the mean share",
