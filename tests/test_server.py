@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 import time
 import urllib.request
+import weakref
 from pathlib import Path
 
 import openai
@@ -215,3 +217,16 @@ def test_missing_fields_name_the_field(live: LiveServer, config: KvcakeConfig) -
         live.client().post("/completions", body={"model": config.model}, cast_to=object)
     with pytest.raises(openai.BadRequestError, match="kv_documents"):
         live.client().post("/completions", body={"model": config.model, "prompt": "q", "kv_documents": "not a list"}, cast_to=object)
+
+
+def test_a_stopped_server_keeps_no_engine_alive(config: KvcakeConfig) -> None:
+    """FastAPI caches endpoint callables process-wide; a stopped server's engine must still be freed."""
+    engine = Engine(config)
+    with LiveServer(engine) as server:
+        assert server.client().completions.create(model=config.model, prompt="Hello", max_tokens=2).choices[0].text is not None
+        server.client().chat.completions.create(model=config.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    engine.close()
+    freed = weakref.ref(engine)
+    del engine, server
+    gc.collect()
+    assert freed() is None

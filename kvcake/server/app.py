@@ -41,6 +41,9 @@ MAX_PROMPTS = 16
 
 
 def create_app(engine: Engine) -> FastAPI:
+    """The API over `engine`. Endpoints find the engine, worker and metrics in `app.state`, never in
+    their closures: FastAPI keeps endpoint callables in a process-wide cache, which would keep a
+    stopped server's engine (weights, store, cache pool) alive."""
     config = engine.config
     metrics = ServerMetrics()
     worker = ComputeWorker(engine, config.max_queue, config.io_threads, metrics.record, config.max_batch)
@@ -82,8 +85,9 @@ def create_app(engine: Engine) -> FastAPI:
         return {"status": "ok", "model": config.model}
 
     @app.get("/metrics")
-    async def prometheus() -> Response:
-        data = metrics.render(engine.store.stats(), worker.depth, engine.writeback.dropped)
+    async def prometheus(request: Request) -> Response:
+        state = request.app.state
+        data = state.metrics.render(state.engine.store.stats(), state.worker.depth, state.engine.writeback.dropped)
         return Response(data, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -100,7 +104,7 @@ def create_app(engine: Engine) -> FastAPI:
         _check_model(body.model or config.model, config)
         if len(body.documents) > config.max_documents:
             raise ApiError(400, f"{len(body.documents)} documents; the limit is max_documents = {config.max_documents}", param="documents")
-        job, events = _submit(worker, WarmRequest(body.documents, request.state.tenant, body.chat, body.system), None)
+        job, events = _submit(request.app.state.worker, WarmRequest(body.documents, request.state.tenant, body.chat, body.system), None)
         async with _cancelled_on_disconnect(request, [job]):
             name, value = await events.get()
         if name == "error":
@@ -112,12 +116,12 @@ def create_app(engine: Engine) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
         generates = _completion_requests(body, config, request.state.tenant)
-        return await _respond(worker, engine, generates, body, "text_completion", request)
+        return await _respond(generates, body, "text_completion", request)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request):
         generate = _chat_request(body, config, request.state.tenant)
-        return await _respond(worker, engine, [generate], body, "chat.completion", request)
+        return await _respond([generate], body, "chat.completion", request)
 
     return app
 
@@ -263,9 +267,10 @@ async def _cancelled_on_disconnect(request: Request, jobs: list[Job]) -> AsyncIt
         cancel()
 
 
-async def _respond(worker: ComputeWorker, engine: Engine, generates: list[GenerateRequest], body: SamplingFields, kind: str, request: Request):
+async def _respond(generates: list[GenerateRequest], body: SamplingFields, kind: str, request: Request):
     """Plan every prompt, queue one job per prompt (all or none: 429 when they do not fit), and answer their
     choices in order: prompt p's choice i has index p * n + i."""
+    engine, worker = request.app.state.engine, request.app.state.worker
     try:
         planned = [await asyncio.to_thread(engine.check, generate) for generate in generates]
     except RequestError as error:
