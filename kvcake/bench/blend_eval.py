@@ -193,14 +193,13 @@ def _answer(engine: Engine, item: Item, methods: dict[str, Method], answer_token
     """Answers `item` by every method `record` lacks (a new record: by all), filling it in.
 
     The full prefill runs first in any case: its first-token logits are the reference of
-    every method's KL. A saved record keeps its own full answer."""
+    every method's KL. A saved record keeps its own full answer, which new methods'
+    agreement is judged against."""
     if record is None:
         record = {"index": item.index, "question": item.question, "answers": list(item.answers), "gold_document": item.gold_document}
-    full_logits = None
-    full_text = ""
-    for name, method in methods.items():
-        if name in record and name != "full":
-            continue
+    full_logits, full_text = torch.empty(0), ""
+    for name in ["full", *(name for name in methods if name != "full" and name not in record)]:
+        method = methods[name]
         if method.scoring:
             engine.config = engine.config.replace(tune_scoring=method.scoring)
         request = GenerateRequest(
@@ -213,10 +212,12 @@ def _answer(engine: Engine, item: Item, methods: dict[str, Method], answer_token
             sampling=SamplingParams(max_tokens=answer_tokens, temperature=0.0),
         )
         result = engine.generate(request)
-        if full_logits is None:
-            full_logits, full_text = result.first_token_logits, result.text
-        if name in record:
-            continue
+        if name == "full":
+            full_logits = result.first_token_logits
+            if "full" in record:
+                full_text = record["full"]["answer"]
+                continue
+            full_text = result.text
         blend = result.metrics.blend
         record[name] = {
             "answer": result.text,
