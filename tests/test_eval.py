@@ -41,6 +41,16 @@ def test_resume_answers_saved_questions_by_new_methods(tiny_folders: dict[str, P
     assert "blend r=0.50" in (tmp_path / "grow.md").read_text()
 
 
+def test_resume_refuses_a_run_saved_with_other_prompts(tiny_folders: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    flags = ["--model", str(tiny_folders["llama"]), "--dtype", "float32", "--chunk-size", "32", "--cache-dir", str(tmp_path / "cache")]
+    run = ["eval", "blend", "--data", str(FIXTURE), "--questions", "2", "--ratios", "0.3", "--answer-tokens", "2", "--out-dir", str(tmp_path), "--name", "one"]
+    assert main([*run, "--prompt-tokens", "300", *flags]) == 0
+    saved = (tmp_path / "one.json").read_text()
+    assert main([*run, "--prompt-tokens", "400", "--resume", *flags]) == 2
+    assert "prompt_tokens saved 300, given 400" in capsys.readouterr().err
+    assert (tmp_path / "one.json").read_text() == saved
+
+
 def test_malformed_lines_name_the_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text(FIXTURE.read_text().splitlines()[0] + "\n" + json.dumps({"context": "c", "question": "q", "answers": []}) + "\n")

@@ -8,7 +8,8 @@ exactly), naive reuse (r = 0) and blend at each ratio, greedily. Metrics: token 
 substring match against the gold answers, agreement with the full prefill's answer,
 KL divergence of the first-token distribution from the full prefill's, and TTFT.
 Per-question records are saved after every question, so `--resume` continues a run;
-a resumed run given methods its saved questions lack answers them by those too. With a
+a resumed run given methods its saved questions lack answers them by those too (a run
+saved with other prompt settings is refused, not mixed in). With a
 persistent store (`--store-url file:///DIR`) a resumed run finds the passages stored and
 skips warming them.
 """
@@ -90,8 +91,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         questions = quoref_questions(config.cache_path()) if args.data is None else jsonl_questions(args.data)
         items, pool = build_items(engine, questions, args)
+        settings = {**_settings(args, config, engine, pool), "data": source}
         saved = json.loads(results_path.read_text()) if args.resume and results_path.is_file() else None
-        results = saved or {"settings": {**_settings(args, config, engine, pool), "data": source}, "records": []}
+        if saved is not None:
+            _check_same_prompts(saved["settings"], settings, results_path)
+        results = saved or {"settings": settings, "records": []}
         saved_records = {record["index"]: record for record in results["records"]}
         for passage in tqdm(pool, desc="warming passages", unit="doc"):
             engine.warm([passage], scored=False, system=SYSTEM)
@@ -187,6 +191,18 @@ def _settings(args: argparse.Namespace, config: KvcakeConfig, engine: Engine, po
         "threads": torch.get_num_threads(),
         "store": config.store_url.partition("://")[0],
     }
+
+
+PROMPT_SETTINGS = ("model", "dtype", "check_layers", "questions", "prompt_tokens", "per_passage", "pool_passages", "seed", "answer_tokens", "data")
+
+
+def _check_same_prompts(saved: dict, current: dict, results_path: Path) -> None:
+    """A resumed run must build the saved run's prompts and answer them the same way, or its records would mix two runs.
+
+    Settings a saved run lacks (older reports) are not compared; the machine, threads and store may differ."""
+    differing = [f"{key} saved {saved[key]!r}, given {current[key]!r}" for key in PROMPT_SETTINGS if key in saved and saved[key] != current[key]]
+    if differing:
+        raise ValueError(f"--resume: {results_path} was run with other settings ({'; '.join(differing)}); pass the saved ones or another --name")
 
 
 def _answer(engine: Engine, item: Item, methods: dict[str, Method], answer_tokens: int, record: dict | None = None) -> dict:
