@@ -27,7 +27,7 @@ def test_eval_runs_on_a_jsonl_file(tiny_folders: dict[str, Path], tmp_path: Path
     assert "Paired differences" in report and "qa passages" in report
 
 
-def test_resume_answers_saved_questions_by_new_methods(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
+def test_resume_answers_saved_questions_by_new_methods(tiny_folders: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     flags = ["--model", str(tiny_folders["llama"]), "--dtype", "float32", "--chunk-size", "32", "--cache-dir", str(tmp_path / "cache")]
     run = ["eval", "blend", "--data", str(FIXTURE), "--questions", "2", "--prompt-tokens", "300", "--answer-tokens", "2", "--out-dir", str(tmp_path), "--name", "grow"]
     assert main([*run, "--ratios", "0.3", *flags]) == 0
@@ -39,6 +39,10 @@ def test_resume_answers_saved_questions_by_new_methods(tiny_folders: dict[str, P
         assert {name: after[name] for name in before} == before
         assert after["blend r=0.50"]["tokens_recomputed"] > before["blend r=0.30"]["tokens_recomputed"]
     assert "blend r=0.50" in (tmp_path / "grow.md").read_text()
+    assert "warming passages" in capsys.readouterr().err
+    assert main([*run, "--ratios", "0.3,0.5", "--resume", *flags]) == 0
+    assert "warming passages" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "grow.json").read_text())["records"] == grown
 
 
 def test_resume_refuses_a_run_saved_with_other_prompts(tiny_folders: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -97,13 +97,9 @@ def run(args: argparse.Namespace) -> int:
             _check_same_prompts(saved["settings"], settings, results_path)
         results = saved or {"settings": settings, "records": []}
         saved_records = {record["index"]: record for record in results["records"]}
-        for passage in tqdm(pool, desc="warming passages", unit="doc"):
-            engine.warm([passage], scored=False, system=SYSTEM)
-        for scoring in sorted({m.scoring for m in methods.values() if m.scoring}):
-            engine.config = engine.config.replace(tune_scoring=scoring)
-            for passage in tqdm(pool, desc=f"warming passages, scored by {scoring}", unit="doc"):
-                engine.warm([passage], scored=True, system=SYSTEM)
         unanswered = [item for item in items if set(methods) - set(saved_records.get(item.index, ()))]
+        if unanswered:
+            _warm(engine, pool, methods)
         for item in tqdm(unanswered, desc=f"{stem} questions", unit="q"):
             record = saved_records.get(item.index)
             answered = _answer(engine, item, methods, args.answer_tokens, record)
@@ -114,6 +110,16 @@ def run(args: argparse.Namespace) -> int:
         engine.close()
     _report(results, methods, args.out_dir, stem)
     return 0
+
+
+def _warm(engine: Engine, pool: list[str], methods: dict[str, Method]) -> None:
+    """Stores every pool passage in isolation, then scored once per tune scoring rule the methods use."""
+    for passage in tqdm(pool, desc="warming passages", unit="doc"):
+        engine.warm([passage], scored=False, system=SYSTEM)
+    for scoring in sorted({m.scoring for m in methods.values() if m.scoring}):
+        engine.config = engine.config.replace(tune_scoring=scoring)
+        for passage in tqdm(pool, desc=f"warming passages, scored by {scoring}", unit="doc"):
+            engine.warm([passage], scored=True, system=SYSTEM)
 
 
 @dataclass(frozen=True)
