@@ -3,7 +3,8 @@
 Reads saved `kvcake eval blend` runs (one per model, same prompt length), keeps the
 questions every run answered (matched by question text), and reports per model the
 paired F1 gap to its own full prefill, with a 95% bootstrap CI, and the mean first-token
-KL, for naive reuse, blend at r = 0.15 and tune at r = 0.15. Distractor passages can
+KL, for naive reuse, blend at r = 0.15 and tune at r = 0.15. The share of the full prefill's F1
+lost puts models that answer more or less well on one scale. Distractor passages can
 differ between runs whose tokenizers differ (they are picked to fill the token budget).
 """
 
@@ -56,13 +57,15 @@ def _rows(run: dict, common: set[str]) -> list[dict]:
         if method not in records[0]:
             continue
         gap, low, high = mean_with_ci([r[method]["f1"] - r["full"]["f1"] for r in records])
+        full_f1 = sum(r["full"]["f1"] for r in records) / len(records)
         rows.append({
             "model": run["settings"]["model"],
             "params (B)": _size(run),
             "method": method,
-            "full F1": sum(r["full"]["f1"] for r in records) / len(records),
+            "full F1": full_f1,
             "F1 - full": gap,
             "gap 95% CI": f"[{low:.3f}, {high:.3f}]",
+            "share of full F1 lost": -gap / full_f1 if full_f1 else 0.0,
             "first-token KL": sum(r[method]["first_token_kl"] for r in records) / len(records),
         })
     return rows
@@ -86,9 +89,12 @@ def _plot(rows: list[dict], path: Path) -> None:
     gaps.axhline(-0.02, color="grey", linewidth=0.8, linestyle="--", label="-0.02 (target)")
     gaps.set_title("token F1 minus the full prefill's")
     kls.set_title("first-token KL to the full prefill")
+    models = sorted({(row["params (B)"], row["model"]) for row in rows})
     for axis in (gaps, kls):
         axis.set_xscale("log")
-        axis.set_xlabel("model parameters (billions)")
+        axis.minorticks_off()
+        axis.set_xticks([size for size, _ in models], [f"{name}\n{size:g}B" for size, name in models])
+        axis.set_xlabel("model parameters (log scale)")
         axis.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
