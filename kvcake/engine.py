@@ -87,7 +87,7 @@ class Engine:
         tenant = self.config.tenant if request.tenant is None else request.tenant
         if reuse not in DOCUMENT_MODES:
             return self.prefix, ReuseChoice(tenant, reuse)
-        choice = ReuseChoice(tenant, Strategy("cake"), request.ratio, request.guard)
+        choice = ReuseChoice(tenant, Strategy("cake"), request.ratio)
         if not planned.document_spans:
             return self.prefix, choice
         return (self.tune if reuse == TUNE else self.blend), choice

@@ -47,7 +47,6 @@ class GenerateRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     reuse: str | None = None
     ratio: float | None = None
-    guard: float | None = None
     tenant: str | None = None
     n: int = 1
     """Choices sampled from one prefill: each decodes from its own copy of the prompt's KV."""
@@ -133,7 +132,7 @@ def parse_reuse(text: str) -> Strategy | str:
 @dataclass(frozen=True)
 class RequestPlanner:
     """Plans requests' prompts for one model and refuses invalid requests with the cause named.
-    `default_ratio` is the blend ratio a request without one gets (a guard's floor)."""
+    `default_ratio` is the blend ratio a request without one gets."""
 
     tokenizer: Tokenizer
     vocab_size: int
@@ -200,8 +199,6 @@ class RequestPlanner:
         ratio = self.default_ratio if request.ratio is None else request.ratio
         if not 0.0 <= ratio <= 1.0:
             raise RequestError(f"ratio must lie in [0, 1], got {ratio}")
-        if request.guard is not None and not (0.0 < request.guard <= 1.0 and 0.0 < ratio < 1.0):
-            raise RequestError(f"guard must lie in (0, 1] with a ratio (its floor) in (0, 1), got guard {request.guard}, ratio {ratio}")
 
     def constraint(self, request: GenerateRequest) -> JsonConstraint | None:
         """The JSON grammar a request's answer must follow (None without `json_output`)."""

@@ -237,26 +237,3 @@ def test_default_model_blend_matches_full_prefill_at_ratio_one(default_config: K
     again = answer("blend", 0.15)
     assert again.metrics.blend.documents_stored == 4 and again.token_ids == blended.token_ids
     engine.close()
-
-
-def test_guarded_count_is_the_fewest_tokens_holding_the_share() -> None:
-    deviation = torch.tensor([4.0, 3.0, 2.0, 1.0])
-    assert [selective.guarded_count(deviation, share) for share in (0.3, 0.5, 0.7, 0.9, 1.0)] == [1, 2, 2, 3, 4]
-    assert selective.guarded_count(torch.zeros(3), 0.5) == 0
-
-
-def test_a_guarded_ratio_recomputes_between_its_floor_and_everything(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
-    engine = tiny_engine(tiny_folders["llama"], tmp_path)
-    engine.warm(DOCUMENTS, system=SYSTEM)
-
-    def recomputed(guard: float) -> tuple[int, int]:
-        request = GenerateRequest(query=QUERY, documents=DOCUMENTS, system=SYSTEM, reuse="blend", ratio=0.1, guard=guard, sampling=SamplingParams(max_tokens=2))
-        blend = engine.generate(request).metrics.blend
-        return blend.tokens_recomputed, blend.document_tokens
-
-    low, total = recomputed(1e-6)
-    assert low == math.ceil(0.1 * total), "a tiny share keeps the floor"
-    assert low < recomputed(0.9)[0] <= recomputed(1.0)[0] <= total, "more share, more tokens"
-    with pytest.raises(RequestError, match="guard"):
-        engine.generate(GenerateRequest(query=QUERY, documents=DOCUMENTS, reuse="blend", ratio=0.0, guard=0.5))
-    engine.close()

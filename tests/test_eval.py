@@ -15,12 +15,12 @@ FIXTURE = Path(__file__).parent / "data" / "qa.jsonl"
 
 def test_eval_runs_on_a_jsonl_file(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
     flags = ["--model", str(tiny_folders["llama"]), "--dtype", "float32", "--chunk-size", "32", "--cache-dir", str(tmp_path / "cache")]
-    run = ["eval", "blend", "--data", str(FIXTURE), "--questions", "3", "--prompt-tokens", "400", "--ratios", "0.3", "--guards", "0.8@0.1"]
+    run = ["eval", "blend", "--data", str(FIXTURE), "--questions", "3", "--prompt-tokens", "400", "--ratios", "0.3"]
     assert main([*run, "--answer-tokens", "2", "--out-dir", str(tmp_path), "--name", "mine", *flags]) == 0
     results = json.loads((tmp_path / "mine.json").read_text())
     assert results["settings"]["data"] == "qa" and len(results["records"]) == 3
     record = results["records"][0]
-    assert {"full", "naive", "blend r=0.30", "guard 0.80@0.10"} <= set(record)
+    assert {"full", "naive", "blend r=0.30"} <= set(record)
     assert record["full"]["first_token_kl"] == 0.0
     assert len(results["records"][0]["answers"]) >= 1
     report = (tmp_path / "mine.md").read_text()

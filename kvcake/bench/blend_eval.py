@@ -62,9 +62,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ratios", default="0.05,0.15,0.30", help="Blend ratios to evaluate besides full (1) and naive (0).")
     parser.add_argument("--tune-ratios", default="", help="CacheTune ratios to evaluate (empty: none).")
     parser.add_argument("--scorings", default="highpass", help="CacheTune scoring rules to compare, e.g. highpass,lowpass,norm.")
-    parser.add_argument(
-        "--guards", default="", help="Quality-guarding blend: SHARE@FLOOR pairs, e.g. 0.5@0.05 (recompute the tokens holding SHARE of the deviation, at least FLOOR)."
-    )
     parser.add_argument("--per-passage", type=int, default=2, help="At most this many questions per passage.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--answer-tokens", type=int, default=16, help="Tokens generated per answer (greedy).")
@@ -83,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     source = "quoref" if args.data is None else args.data.stem
     stem = args.name or f"blend-eval-{Path(config.model).name.removesuffix('.gguf')}-{args.prompt_tokens // 1000}k" + (f"-{source}" if args.data else "")
     results_path = args.out_dir / f"{stem}.json"
-    methods = _methods(args.ratios, args.tune_ratios, args.scorings, args.guards)
+    methods = _methods(args.ratios, args.tune_ratios, args.scorings)
     if args.report_only:
         _report(json.loads(results_path.read_text()), methods, args.out_dir, stem)
         return 0
@@ -127,19 +124,14 @@ class Method:
     reuse: str
     ratio: float
     scoring: str | None = None
-    guard: float | None = None
 
 
-def _methods(ratios: str, tune_ratios: str = "", scorings: str = "highpass", guards: str = "") -> dict[str, Method]:
-    """Full prefill (blend at r = 1), naive reuse (r = 0), blend at each ratio, tune at each ratio and scoring rule,
-    and the quality-guarding blend at each SHARE@FLOOR."""
+def _methods(ratios: str, tune_ratios: str = "", scorings: str = "highpass") -> dict[str, Method]:
+    """Full prefill (blend at r = 1), naive reuse (r = 0), blend at each ratio, tune at each ratio and scoring rule."""
     methods = {"full": Method("blend", 1.0), "naive": Method("blend", 0.0)}
     methods.update({f"blend r={float(r):.2f}": Method("blend", float(r)) for r in ratios.split(",") if r.strip()})
     for scoring in (rule.strip() for rule in scorings.split(",") if rule.strip()):
         methods.update({f"tune r={float(r):.2f} {scoring}": Method("tune", float(r), scoring) for r in tune_ratios.split(",") if r.strip()})
-    for pair in (item.strip() for item in guards.split(",") if item.strip()):
-        share, _, floor = pair.partition("@")
-        methods[f"guard {float(share):.2f}@{float(floor):.2f}"] = Method("blend", float(floor), guard=float(share))
     return methods
 
 
@@ -230,7 +222,6 @@ def _answer(engine: Engine, item: Item, methods: dict[str, Method], answer_token
             system=SYSTEM,
             reuse=method.reuse,
             ratio=method.ratio,
-            guard=method.guard,
             sampling=SamplingParams(max_tokens=answer_tokens, temperature=0.0),
         )
         result = engine.generate(request)
@@ -324,24 +315,20 @@ def summarize(records: list[dict], methods: dict[str, Method]) -> list[dict]:
 
 
 def paired_comparisons(records: list[dict], methods: dict[str, Method]) -> list[dict]:
-    """Paired per question: naive, tune and the guarded ratio minus the blend they are compared with.
+    """Paired per question: naive and tune minus the blend they are compared with.
 
-    Naive and tune are compared with blend at r = 0.15 (tune with blend at its own r when
-    that was run); a guarded ratio with the fixed ratio nearest its mean recompute share,
-    so "worse" and "better" are numbers with a 95% CI, not impressions.
+    Naive is compared with blend at r = 0.15, tune with blend at its own r when that was
+    run (else the ratio nearest 0.15), so "worse" and "better" are numbers with a 95% CI,
+    not impressions.
     """
-    blends = {m.ratio: name for name, m in methods.items() if m.reuse == "blend" and m.guard is None and 0 < m.ratio < 1}
+    blends = {m.ratio: name for name, m in methods.items() if m.reuse == "blend" and 0 < m.ratio < 1}
     if not blends:
         return []
     rows = []
     for name, method in methods.items():
-        if name == "naive" or method.reuse == "tune":
-            reference = blends.get(method.ratio if method.reuse == "tune" else 0.15) or blends[min(blends, key=lambda r: abs(r - 0.15))]
-        elif method.guard is not None:
-            share = sum(recompute_share(r, name) for r in records) / len(records)
-            reference = blends[min(blends, key=lambda r: abs(r - share))]
-        else:
+        if name != "naive" and method.reuse != "tune":
             continue
+        reference = blends.get(method.ratio if method.reuse == "tune" else 0.15) or blends[min(blends, key=lambda r: abs(r - 0.15))]
         f1_gap, f1_low, f1_high = mean_with_ci([r[name]["f1"] - r[reference]["f1"] for r in records])
         kl_gap, kl_low, kl_high = mean_with_ci([r[name]["first_token_kl"] - r[reference]["first_token_kl"] for r in records])
         rows.append({
@@ -414,7 +401,7 @@ def _report(results: dict, methods: dict[str, Method], out_dir: Path, stem: str)
         "",
         "`full` is the full prefill (blend at r = 1 computes every token; tests check it equals the full prefill).",
         "CIs are 95% bootstrap intervals over questions; `F1 - full` is paired per question. `recomputed`: the mean share",
-        "of document tokens recomputed (a guarded ratio's varies per question).",
+        "of document tokens recomputed.",
     ]
     paired = paired_comparisons(records, methods)
     comparison = ["## Paired differences", "", "Per question, method minus the blend it is compared with (negative F1 / positive KL: worse).", "", *markdown_rows(paired), ""]
@@ -438,9 +425,8 @@ def _report(results: dict, methods: dict[str, Method], out_dir: Path, stem: str)
 
 
 def _plot(rows: list[dict], path: Path, title: str) -> None:
-    """Quality against the share of document tokens recomputed, one line per family: fixed-ratio blend
-    (with naive at 0 and the full prefill at 1), tune per rule, and the guarded ratios, each
-    placed at its mean recompute, so a guard is read against the fixed ratios at the same cost."""
+    """Quality against the share of document tokens recomputed, one line per family: blend (with naive
+    at 0 and the full prefill at 1) and tune per rule, each method at its mean recompute."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -453,10 +439,9 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     for family, members in families.items():
         members = sorted(members, key=lambda row: row["recomputed"])
         shares = [row["recomputed"] for row in members]
-        style = "D" if family.startswith("guard") else "o-"
-        quality.plot(shares, [row["F1"] for row in members], style, label=f"{family}: token F1")
-        divergence.plot(shares, [row["first-token KL"] for row in members], style, label=family)
-        agreement.plot(shares, [row["agrees with full"] for row in members], style, label=family)
+        quality.plot(shares, [row["F1"] for row in members], "o-", label=f"{family}: token F1")
+        divergence.plot(shares, [row["first-token KL"] for row in members], "o-", label=family)
+        agreement.plot(shares, [row["agrees with full"] for row in members], "o-", label=family)
     quality.set_title("token F1")
     divergence.set_title("first-token KL to the full prefill")
     agreement.set_title("answer equal to the full prefill's")
@@ -470,7 +455,7 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def _family(method: str) -> str:
-    """`blend` for full, naive and fixed ratios; `tune (RULE)`; `guard SHARE@FLOOR` for each guard."""
+    """`blend` for full, naive and fixed ratios; `tune (RULE)` for tune."""
     if method.startswith("tune"):
         return f"tune ({method.split(' ', 2)[2]})"
-    return method if method.startswith("guard") else "blend"
+    return "blend"

@@ -36,7 +36,7 @@ class DocumentSettings:
 @dataclass(frozen=True)
 class DocumentPlan:
     """A prompt with documents: its exact prefix's plan, each document's entry key and whether it is
-    stored, and the ratio (a floor, with a `guard` share) the documents are blended at.
+    stored, and the ratio the documents are blended at.
     Tune plans also name the key of each document's stored row order."""
 
     prompt: PromptLayout
@@ -44,7 +44,6 @@ class DocumentPlan:
     keys: list[str]
     stored: list[bool]
     ratio: float
-    guard: float | None = None
     order_keys: tuple[str, ...] = ()
 
 
@@ -170,7 +169,7 @@ class BlendReuse(DocumentReuse):
         ratio = self.default_ratio if choice.ratio is None else choice.ratio
         keys = [self.document_key(choice.tenant, prompt.preamble, ids) for ids in prompt.documents()]
         stored = [ratio < 1.0 and self.store.contains(key) for key in keys]
-        return DocumentPlan(prompt, self._plan_prefix(prompt, choice), keys, stored, ratio, choice.guard)
+        return DocumentPlan(prompt, self._plan_prefix(prompt, choice), keys, stored, ratio)
 
     def fill(self, plan: DocumentPlan, cache: KVCache, prefetched: PrefixPrefetch | None = None) -> Generator[None, None, Filled]:
         """Documents missing from the store are computed in isolation first and queued for write-back."""
@@ -180,7 +179,7 @@ class BlendReuse(DocumentReuse):
             is_document[start - prompt.prefix_length : end - prompt.prefix_length] = True
         source = (yield from self._source(plan)) if plan.ratio < 1.0 else (lambda layer: None)
         from_store = torch.cat([torch.full((end - start,), present) for (start, end), present in zip(prompt.document_spans, plan.stored)] or [torch.empty(0, dtype=torch.bool)])
-        blender = BlendPrefill(self.model, plan.ratio, list(self.settings.check_layers), plan.guard)
+        blender = BlendPrefill(self.model, plan.ratio, list(self.settings.check_layers))
         loaded_layers = blender.loaded_layers(int(is_document.sum()))
         filled, blend = yield from self._blend(plan, cache, prefetched, blender, source, loaded_layers, is_document.nonzero().squeeze(1), from_store)
         blend.documents = len(prompt.document_spans)

@@ -12,11 +12,6 @@ rest. With several check layers the active set shrinks gradually.
 ratio = 1 recomputes everything and loads nothing: exactly the full prefill.
 ratio = 0 loads every layer of every document and computes only the query: the
 stored caches concatenated, with no check pass.
-
-With a `guard` share g, the ratio is a floor: at the last check layer a request keeps
-the smallest set of top-deviating document tokens that holds a share g of the total
-deviation, if that is more than the floor. Documents that interact strongly (deviation
-spread over many tokens) then recompute more, independent ones only the floor.
 """
 
 from __future__ import annotations
@@ -64,13 +59,9 @@ def token_deviation(
 class BlendPrefill:
     """Runs the tokens after an exact prefix through every layer, blending stored document KV."""
 
-    def __init__(self, model: Transformer, ratio: float, check_layers: list[int], guard: float | None = None):
+    def __init__(self, model: Transformer, ratio: float, check_layers: list[int]):
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"blend ratio must lie in [0, 1], got {ratio}")
-        if guard is not None and not 0.0 < guard <= 1.0:
-            raise ValueError(f"blend guard must lie in (0, 1], got {guard}")
-        if guard is not None and ratio in (0.0, 1.0):
-            raise ValueError(f"a guarded ratio needs a floor strictly between 0 and 1, got {ratio}")
         if not check_layers or sorted(set(check_layers)) != list(check_layers):
             raise ValueError(f"check layers must be increasing and distinct, got {check_layers}")
         if check_layers[0] < 0 or check_layers[-1] >= model.config.num_layers:
@@ -78,7 +69,6 @@ class BlendPrefill:
         self.model = model
         self.ratio = ratio
         self.check_layers = check_layers
-        self.guard = guard
 
     def loaded_layers(self, num_doc_tokens: int) -> range:
         """The layers whose stored KV the blend reads: from the first check layer on (all of them at r = 0, none at r = 1)."""
@@ -179,8 +169,7 @@ class BlendPrefill:
                 stored_keys, stored_values = loaded.keys[0].to(device), loaded.values[0].to(device)
                 self._write(cache, layer, slot, doc_tokens, stored_keys, stored_values, cos, sin)
                 if layer in checks:
-                    guard = self.guard if layer == self.check_layers[-1] else None
-                    keep = self._select(active, k, v, stored_keys, stored_values, doc_row, checks[layer], guard)
+                    keep = self._select(active, k, v, stored_keys, stored_values, doc_row, checks[layer])
                     report.kept_per_check.append(int((doc_row[active[keep]] >= 0).sum()))
                     self._write(cache, layer, slot, active, k, v, cos, sin)
                     fresh_written = True
@@ -236,16 +225,12 @@ class BlendPrefill:
         stored_values: torch.Tensor,
         doc_row: torch.Tensor,
         num_keep: int,
-        guard: float | None,
     ) -> torch.Tensor:
-        """Indices into `active` of the tokens that stay: non-document tokens and the top deviating document tokens
-        (at least `num_keep`; with a `guard` share, as many as hold that share of the total deviation)."""
+        """Indices into `active` of the tokens that stay: non-document tokens and the `num_keep` top deviating document tokens."""
         rows = doc_row[active]
         in_doc = (rows >= 0).nonzero().squeeze(1)
         deviation = token_deviation(keys[:, in_doc], values[:, in_doc], stored_keys, stored_values, rows[in_doc])
         order = deviation.argsort(descending=True)
-        if guard is not None:
-            num_keep = max(num_keep, guarded_count(deviation[order], guard))
         top = in_doc[order[: min(num_keep, len(in_doc))]]
         return torch.cat([(rows < 0).nonzero().squeeze(1), top]).sort().values
 
@@ -260,11 +245,3 @@ def parse_check_layers(text: str, num_layers: int) -> tuple[int, ...]:
         raise ValueError(f"blend_check_layers must be increasing layers in [0, {num_layers}), got {text!r}")
     return layers
 
-
-def guarded_count(sorted_deviation: torch.Tensor, share: float) -> int:
-    """The fewest leading entries of a descending deviation list that hold `share` of its total."""
-    total = sorted_deviation.sum()
-    if len(sorted_deviation) == 0 or total <= 0:
-        return 0
-    held = sorted_deviation.double().cumsum(0) / total.double()
-    return min(len(sorted_deviation), int((held < share).sum()) + 1)

@@ -35,14 +35,13 @@ Plan = TypeVar("Plan")
 
 @dataclass(frozen=True)
 class ReuseChoice:
-    """What a request asked of reuse: its tenant, how to take its exact prefix, and (documents) a ratio and guard.
+    """What a request asked of reuse: its tenant, how to take its exact prefix, and (documents) a ratio.
 
     `ratio` None means the strategy's default (blend: `blend_ratio`; tune: `tune_ratio`)."""
 
     tenant: str
     prefix: Strategy = Strategy("cake")
     ratio: float | None = None
-    guard: float | None = None
 
 
 @dataclass
