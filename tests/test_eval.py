@@ -55,6 +55,19 @@ def test_resume_refuses_a_run_saved_with_other_prompts(tiny_folders: dict[str, P
     assert (tmp_path / "one.json").read_text() == saved
 
 
+def test_resume_refuses_a_data_file_whose_questions_changed(tiny_folders: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "qa.jsonl"
+    lines = [json.loads(line) for line in FIXTURE.read_text().splitlines()]
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    flags = ["--model", str(tiny_folders["llama"]), "--dtype", "float32", "--chunk-size", "32", "--cache-dir", str(tmp_path / "cache")]
+    run = ["eval", "blend", "--data", str(data), "--questions", "2", "--prompt-tokens", "300", "--ratios", "0.3", "--answer-tokens", "2", "--out-dir", str(tmp_path), "--name", "two"]
+    assert main([*run, *flags]) == 0
+    data.write_text("".join(json.dumps({**line, "question": line["question"] + " Exactly?"}) + "\n" for line in lines))
+    assert main([*run, "--ratios", "0.3,0.5", "--resume", *flags]) == 2
+    assert "question 0 saved" in capsys.readouterr().err
+    assert "blend r=0.50" not in (tmp_path / "two.json").read_text()
+
+
 def test_malformed_lines_name_the_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text(FIXTURE.read_text().splitlines()[0] + "\n" + json.dumps({"context": "c", "question": "q", "answers": []}) + "\n")
@@ -65,7 +78,7 @@ def test_malformed_lines_name_the_line(tmp_path: Path) -> None:
         jsonl_questions(bad)
 
 
-def test_scale_report_pairs_the_questions_every_run_answered(tmp_path: Path) -> None:
+def test_scale_report_pairs_the_questions_every_run_answered(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     def run(model: str, questions: list[str], naive_f1: float) -> Path:
         scores = {"full": 1.0, "naive": naive_f1, "blend r=0.15": 0.9}
         records = [{"question": q, **{m: {"f1": f1, "first_token_kl": 1.0 - f1} for m, f1 in scores.items()}} for q in questions]
@@ -80,7 +93,12 @@ def test_scale_report_pairs_the_questions_every_run_answered(tmp_path: Path) -> 
     assert [(r["model"], r["method"], round(r["F1 - full"], 3)) for r in rows["rows"]] == [
         ("qwen2.5-0.5b", "naive", -0.5), ("qwen2.5-0.5b", "blend r=0.15", -0.1), ("qwen2.5-1.5b", "naive", -0.2), ("qwen2.5-1.5b", "blend r=0.15", -0.1)
     ]
+    assert [round(r["share of full F1 lost"], 3) for r in rows["rows"]] == [0.5, 0.1, 0.2, 0.1]
     assert (tmp_path / "trend.png").stat().st_size > 0
+    unknown = run("my-model", ["b"], 0.5)
+    capsys.readouterr()
+    assert main(["eval", "scale", str(large), str(unknown), "--out-dir", str(tmp_path)]) == 2
+    assert "size of model 'my-model' is unknown" in capsys.readouterr().err
 
 
 def test_bench_load_reports_ttft_against_its_floor(tiny_folders: dict[str, Path], tmp_path: Path) -> None:

@@ -88,10 +88,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         questions = quoref_questions(config.cache_path()) if args.data is None else jsonl_questions(args.data)
         items, pool = build_items(engine, questions, args)
-        settings = {**_settings(args, config, engine, pool), "data": source}
+        settings = _settings(args, config, engine, pool, source)
         saved = json.loads(results_path.read_text()) if args.resume and results_path.is_file() else None
         if saved is not None:
-            _check_same_prompts(saved["settings"], settings, results_path)
+            _check_same_prompts(saved, settings, items, results_path)
         results = saved or {"settings": settings, "records": []}
         saved_records = {record["index"]: record for record in results["records"]}
         unanswered = [item for item in items if set(methods) - set(saved_records.get(item.index, ()))]
@@ -174,8 +174,9 @@ def build_items(engine: Engine, questions: list[QuorefQuestion], args: argparse.
     return items, pool
 
 
-def _settings(args: argparse.Namespace, config: KvcakeConfig, engine: Engine, pool: list[str]) -> dict:
+def _settings(args: argparse.Namespace, config: KvcakeConfig, engine: Engine, pool: list[str], source: str) -> dict:
     return {
+        "data": source,
         "model": config.model,
         "dtype": str(engine.model.dtype),
         "check_layers": list(engine.blend.settings.check_layers),
@@ -191,16 +192,19 @@ def _settings(args: argparse.Namespace, config: KvcakeConfig, engine: Engine, po
     }
 
 
-PROMPT_SETTINGS = ("model", "dtype", "check_layers", "questions", "prompt_tokens", "per_passage", "pool_passages", "seed", "answer_tokens", "data")
+PROMPT_SETTINGS = ("data", "model", "dtype", "check_layers", "questions", "prompt_tokens", "per_passage", "pool_passages", "seed", "answer_tokens")
+"""Settings a resumed run must share with the saved one (the machine, threads and store may differ)."""
 
 
-def _check_same_prompts(saved: dict, current: dict, results_path: Path) -> None:
-    """A resumed run must build the saved run's prompts and answer them the same way, or its records would mix two runs.
-
-    Settings a saved run lacks (older reports) are not compared; the machine, threads and store may differ."""
-    differing = [f"{key} saved {saved[key]!r}, given {current[key]!r}" for key in PROMPT_SETTINGS if key in saved and saved[key] != current[key]]
+def _check_same_prompts(saved: dict, settings: dict, items: list[Item], results_path: Path) -> None:
+    """A resumed run must build the saved run's prompts and answer them the same way, or its records would mix two runs:
+    the same settings (those an older saved run lacks are not compared) and, for every saved record, the same question."""
+    saved_settings = saved["settings"]
+    differing = [f"{key} saved {saved_settings[key]!r}, given {settings[key]!r}" for key in PROMPT_SETTINGS if key in saved_settings and saved_settings[key] != settings[key]]
+    questions = {item.index: item.question for item in items}
+    differing += [f"question {r['index']} saved {r['question']!r}, now {questions.get(r['index'])!r}" for r in saved["records"] if questions.get(r["index"]) != r["question"]][:3]
     if differing:
-        raise ValueError(f"--resume: {results_path} was run with other settings ({'; '.join(differing)}); pass the saved ones or another --name")
+        raise ValueError(f"--resume: {results_path} was run with other settings or data ({'; '.join(differing)}); pass the saved ones or another --name")
 
 
 def _answer(engine: Engine, item: Item, methods: dict[str, Method], answer_tokens: int, record: dict | None = None) -> dict:
@@ -317,9 +321,9 @@ def summarize(records: list[dict], methods: dict[str, Method]) -> list[dict]:
 def paired_comparisons(records: list[dict], methods: dict[str, Method]) -> list[dict]:
     """Paired per question: naive and tune minus the blend they are compared with.
 
-    Naive is compared with blend at r = 0.15, tune with blend at its own r when that was
-    run (else the ratio nearest 0.15), so "worse" and "better" are numbers with a 95% CI,
-    not impressions.
+    Naive is compared with blend at r = 0.15 and tune with blend at its own r, each with
+    the run's ratio nearest that one if it was not run, so "worse" and "better" are
+    numbers with a 95% CI, not impressions.
     """
     blends = {m.ratio: name for name, m in methods.items() if m.reuse == "blend" and 0 < m.ratio < 1}
     if not blends:

@@ -47,7 +47,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _size(run: dict) -> float:
-    return PARAMETERS_B.get(run["settings"]["model"], 0.0)
+    model = run["settings"]["model"]
+    if model not in PARAMETERS_B:
+        raise ValueError(f"eval scale: the size of model {model!r} is unknown (known: {', '.join(PARAMETERS_B)})")
+    return PARAMETERS_B[model]
 
 
 def _rows(run: dict, common: set[str]) -> list[dict]:
@@ -65,7 +68,7 @@ def _rows(run: dict, common: set[str]) -> list[dict]:
             "full F1": full_f1,
             "F1 - full": gap,
             "gap 95% CI": f"[{low:.3f}, {high:.3f}]",
-            "share of full F1 lost": -gap / full_f1 if full_f1 else 0.0,
+            "share of full F1 lost": -gap / full_f1 if full_f1 else None,
             "first-token KL": sum(r[method]["first_token_kl"] for r in records) / len(records),
         })
     return rows
