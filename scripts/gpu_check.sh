@@ -12,7 +12,7 @@ OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD KVCAKE_CACHE_DIR=/tmp/kvc
-mkdir -p /tmp/kvc/data && gunzip -c .devcache/quoref_task.json.gz > /tmp/kvc/data/quoref_task.json && cp .devcache/paul_graham_essays.json /tmp/kvc/data/
+mkdir -p /tmp/kvc/data && gunzip -c .devcache/disfl_qa_test.jsonl.gz > /tmp/kvc/data/disfl_qa_test.jsonl && cp .devcache/paul_graham_essays.json /tmp/kvc/data/
 nvidia-smi -L; python3 -c 'import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name())'
 step=${1:-all}
 if [[ $step == all || $step == tests ]]; then

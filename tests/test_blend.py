@@ -154,6 +154,21 @@ def test_corrupt_document_entry_falls_back_to_computing(tiny_folders: dict[str, 
     engine.close()
 
 
+def test_a_foreign_document_entry_falls_back_to_computing(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
+    """Another document's valid entry copied under this one's key is not used: the answer is the full prefill's."""
+    engine = tiny_engine(tiny_folders["llama"], tmp_path, store_url=f"file://{tmp_path}/kv")
+    full = ask(engine, DOCUMENTS, "compute")
+    keys = [key for key, _, _ in engine.warm(DOCUMENTS, system=SYSTEM)]
+    entry = lambda key: tmp_path / "kv" / key[:2] / f"{key}.kv"  # noqa: E731
+    entry(keys[0]).write_bytes(entry(keys[1]).read_bytes())
+    result = ask(engine, DOCUMENTS, "blend", 0.15)
+    assert "could not be read" in result.metrics.blend.fallback
+    assert result.token_ids == full.token_ids
+    assert (result.first_token_logits - full.first_token_logits).abs().max().item() <= 1e-5
+    assert engine.store.stats().errors.get("foreign_key", 0) >= 1
+    engine.close()
+
+
 def test_separator_cuts_a_plain_prompt_into_documents(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
     engine = tiny_engine(tiny_folders["llama"], tmp_path, separator="<<DOC>>")
     from_prompt = engine.plan_prompt(GenerateRequest(prompt="<<DOC>>".join([*DOCUMENTS, QUERY])))
@@ -207,11 +222,12 @@ def test_warm_and_generate_from_the_command_line(tiny_folders: dict[str, Path], 
 
 @pytest.mark.real_model
 def test_default_model_blend_matches_full_prefill_at_ratio_one(default_config: KvcakeConfig, tmp_path: Path) -> None:
-    from kvcake.data import quoref_questions
+    from kvcake.data import disfl_qa_questions
 
     engine = Engine(default_config.replace(store_url=f"file://{tmp_path}/kv"))
-    passages = [q.passage for q in quoref_questions(default_config.cache_path())[:40:10]]
-    question = quoref_questions(default_config.cache_path())[0]
+    questions = disfl_qa_questions(default_config.cache_path())
+    passages = [q.passage for q in questions[:40:10]]
+    question = questions[0]
 
     def answer(reuse: str, ratio: float | None = None) -> GenerateResult:
         request = GenerateRequest(query=question.question, documents=passages, system=SYSTEM, reuse=reuse, ratio=ratio)

