@@ -1,24 +1,32 @@
 """`kvcake bench tune`: TTFT of full prefill, blend and CacheTune at ~4k tokens, per store.
 
-The prompt is one quoref question over its gold passage and distractors (as in
+The prompt is one question of the default QA set (Disfl-QA) over its gold passage and distractors (as in
 `kvcake eval blend`). For each store (memory, local disk, memory behind emulated links
 of 10 and 1 Gbps) the documents are warmed in both layouts, then full prefill (blend at
 r = 1), blend at `--ratio` and tune with its automatic ratio run `--repeats` times,
 interleaved, after one untimed round that teaches tune its costs on this store. The
 report gives median TTFTs, speedups over full prefill, and the ratio tune chose.
+
+Then the automatic ratio's response to the machine: the ratio tune settles on with the
+store in memory, behind a link on which loading a token's KV costs what computing it
+does, and on that link while another process keeps the cores busy. It should rise with
+the slower store and fall with the busier compute (a measurement, not a test: it
+depends on the machine's speed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 from kvcake.bench.blend_eval import SYSTEM, build_items
 from kvcake.bench.report import machine_description, write_report
 from kvcake.config import config_from_args
-from kvcake.data import quoref_questions
+from kvcake.data import DEFAULT_TASK, TASKS
 from kvcake.engine import Engine
 from kvcake.requests import GenerateRequest
 from kvcake.model import SamplingParams
@@ -44,7 +52,7 @@ def run(args: argparse.Namespace) -> None:
         }
         cells = [_bench_store(config, name, url, args) for name, url in stores.items()]
     record = {"settings": {"model": config.model, "dtype": config.dtype, "ratio": args.ratio, "repeats": args.repeats,
-                           "machine": machine_description()}, "cells": cells}
+                           "machine": machine_description()}, "cells": cells, "auto_ratio": _auto_ratio(config, args)}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "tune.json").write_text(json.dumps(record, indent=2))
     _report(args.out_dir, record)
@@ -53,7 +61,7 @@ def run(args: argparse.Namespace) -> None:
 def _bench_store(config, name: str, url: str, args: argparse.Namespace) -> dict:
     engine = Engine(config, store=open_store(url))
     item_args = argparse.Namespace(questions=1, prompt_tokens=args.prompt_tokens, per_passage=1, seed=args.seed)
-    [item], _ = build_items(engine, quoref_questions(config.cache_path()), item_args)
+    [item], _ = build_items(engine, TASKS[DEFAULT_TASK](config.cache_path()), item_args)
     engine.warm(list(item.documents), scored=False, system=SYSTEM)
     engine.warm(list(item.documents), scored=True, system=SYSTEM)
     methods = {"full": ("blend", 1.0), f"blend r={args.ratio:.2f}": ("blend", args.ratio), "tune auto": ("tune", None)}
@@ -68,6 +76,41 @@ def _bench_store(config, name: str, url: str, args: argparse.Namespace) -> dict:
     cell = {"store": name, "url": url, "ttft_s": {m: t for m, (t, _) in medians.items()}, "tune_ratio": medians["tune auto"][1]}
     print(json.dumps(cell), flush=True)
     return cell
+
+
+BUSY_LOOP = "import torch\na = torch.randn(768, 768)\nwhile True:\n    a = torch.tanh(a @ a)"
+
+
+def _auto_ratio(config, args: argparse.Namespace) -> dict:
+    """The ratio tune settles on with a fast store, a store as slow per token as compute, and that store with busy cores."""
+    base = config.replace(reuse="tune")
+    fast = Engine(base.replace(store_url="memory://"))
+    fast_ratio = _settled_ratio(fast, args)
+    compute_s_per_token = fast.tune.profile.compute_s_per_token
+    model = fast.model.config
+    row_bytes = model.num_layers * 2 * model.num_kv_heads * model.head_dim * fast.model.dtype.itemsize
+    fast.close()
+    slow = Engine(base.replace(store_url=f"memory://?throttle_gbps={row_bytes * 8 / compute_s_per_token / 1e9:.6f}"))
+    slow_ratio = _settled_ratio(slow, args)
+    competitor = subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
+    try:
+        busy_ratio = _settled_ratio(slow, args)
+    finally:
+        competitor.kill()
+        competitor.wait()
+    slow.close()
+    ratios = {"memory": fast_ratio, "balanced link": slow_ratio, "balanced link, busy cores": busy_ratio}
+    print(json.dumps({"auto_ratio": ratios}), flush=True)
+    return ratios
+
+
+def _settled_ratio(engine: Engine, args: argparse.Namespace, requests: int = 4) -> float:
+    item_args = argparse.Namespace(questions=1, prompt_tokens=args.prompt_tokens, per_passage=1, seed=args.seed)
+    [item], _ = build_items(engine, TASKS[DEFAULT_TASK](engine.config.cache_path()), item_args)
+    engine.warm(list(item.documents), scored=True, system=SYSTEM)
+    for _ in range(requests):
+        _ttft(engine, item, "tune", None)
+    return engine.tune.ratio()
 
 
 def _ttft(engine: Engine, item, reuse: str, ratio: float | None) -> tuple[float, float]:
@@ -92,6 +135,9 @@ def _report(out_dir: Path, record: dict) -> None:
         f"Model `{settings['model']}` ({settings['dtype']}), median of {settings['repeats']} interleaved runs after one "
         f"untimed round; blend at r = {settings['ratio']}, tune with its automatic ratio. Machine: {settings['machine']}.",
     ]
+    ratios = record.get("auto_ratio")
+    if ratios:
+        header += ["", "Automatic ratio settled after 4 requests: " + ", ".join(f"{where} {ratio:.3f}" for where, ratio in ratios.items()) + "."]
     write_report(out_dir / "tune.md", "CacheTune TTFT per store", header, rows)
     _plot(out_dir / "tune.png", record["cells"])
 
