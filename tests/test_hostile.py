@@ -109,25 +109,55 @@ def test_an_entry_swapped_under_another_key_is_a_counted_miss(config: KvcakeConf
 # ---- 2. a non-streamed request whose client left -----------------------------------------
 
 
-def test_a_non_streamed_request_stops_when_its_client_leaves(live: LiveServer, config: KvcakeConfig) -> None:
-    impatient = openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0, timeout=0.5)
-    with pytest.raises(openai.APITimeoutError):
-        impatient.completions.create(model=config.model, prompt="go on and on", max_tokens=3500, temperature=0)
-    _wait_for(lambda: _metric(_metrics(live.url), "kvcake_requests_cancelled_total") == 1.0, "the abandoned request to be cancelled")
-    assert _metric(_metrics(live.url), 'kvcake_tokens_total{kind="generated"}') < 3500
-    assert live.client().completions.create(model=config.model, prompt="next", max_tokens=2, temperature=0).usage.completion_tokens >= 1
+class _DecodeGate:
+    """Holds the compute thread at its next decode step until `release()`: a request then cannot finish,
+    however fast the machine, while the test makes its client leave."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.reached, self._open = threading.Event(), threading.Event()
+        self._decode = engine.model.decode_batch
+        engine.model.decode_batch = self._gated
+
+    def _gated(self, *args, **kwargs):
+        self.reached.set()
+        self._open.wait(60)
+        return self._decode(*args, **kwargs)
+
+    def release(self) -> None:
+        self._open.set()
+
+
+DISCONNECTS = "kvcake_client_disconnects_total"
+
+
+def test_a_non_streamed_request_stops_when_its_client_leaves(config: KvcakeConfig) -> None:
+    engine = Engine(config)
+    gate = _DecodeGate(engine)
+    with LiveServer(engine) as live:
+        impatient = openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0, timeout=0.5)
+        with pytest.raises(openai.APITimeoutError):
+            impatient.completions.create(model=config.model, prompt="go on and on", max_tokens=3500, temperature=0)
+        assert gate.reached.is_set(), "the request was decoding when its client left"
+        _wait_for(lambda: _metric(_metrics(live.url), DISCONNECTS) == 1.0, "the server to see the client leave")
+        gate.release()
+        _wait_for(lambda: _metric(_metrics(live.url), "kvcake_requests_cancelled_total") == 1.0, "the abandoned request to be cancelled")
+        assert _metric(_metrics(live.url), 'kvcake_tokens_total{kind="generated"}') <= 2, "it stopped at the step it was held at"
+        assert live.client().completions.create(model=config.model, prompt="next", max_tokens=2, temperature=0).usage.completion_tokens >= 1
+    engine.close()
 
 
 def test_a_request_whose_client_left_while_queued_is_answered_and_skipped(config: KvcakeConfig) -> None:
     engine = Engine(config.replace(max_batch=1))  # one slot: the second request has to queue
+    gate = _DecodeGate(engine)
     with LiveServer(engine) as live:
         slow = live.client().completions.create(model=config.model, prompt="a long answer", max_tokens=3000, temperature=0, stream=True)
         next(iter(slow))
         impatient = openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0, timeout=0.5)
         with pytest.raises(openai.APITimeoutError):
             impatient.completions.create(model=config.model, prompt="queued", max_tokens=5, temperature=0)
-        time.sleep(1.0)  # let the queued request's watcher see its client leave (it polls every 0.25 s)
+        _wait_for(lambda: _metric(_metrics(live.url), DISCONNECTS) == 1.0, "the server to see the queued request's client leave")
         slow.close()
+        gate.release()
         gone = 'kvcake_requests_total{endpoint="/v1/completions",status="499"}'
         _wait_for(lambda: _metric(_metrics(live.url), gone) == 1.0, "the skipped request's route to return")
     engine.close()
@@ -152,6 +182,36 @@ def test_warming_waits_in_the_compute_queue_and_gets_429_when_it_is_full(config:
         assert not queued.is_alive()
         warmed = client.post("/kv/documents", body={"documents": DOCUMENTS}, cast_to=object)
         assert [d["already_stored"] for d in warmed["data"]] == [True, False]
+    engine.close()
+
+
+def test_a_warm_call_whose_client_leaves_stops_at_its_next_pass(config: KvcakeConfig) -> None:
+    """A warm call held at its first pass of documents: its client leaves, and once the pass may go on the call
+    stops there, counted as cancelled, with the later documents not computed or stored."""
+    engine = Engine(config.replace(io_threads=0))
+    documents = [f"Entry {i}: the tide table lists high and low water for each day. " * 4 for i in range(12)]
+    reached, may_go = threading.Event(), threading.Event()
+
+    def held(method):
+        def pass_after_the_gate(*args, **kwargs):
+            reached.set()
+            assert may_go.wait(60)
+            return method(*args, **kwargs)
+
+        return pass_after_the_gate
+
+    engine.model.forward, engine.model.forward_isolated = held(engine.model.forward), held(engine.model.forward_isolated)
+    with LiveServer(engine) as live:
+        impatient = openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0, timeout=0.5)
+        with pytest.raises(openai.APITimeoutError):
+            impatient.post("/kv/documents", body={"documents": documents}, cast_to=object)
+        assert reached.is_set()
+        _wait_for(lambda: _metric(_metrics(live.url), DISCONNECTS) == 1.0, "the server to see the client leave")
+        may_go.set()
+        _wait_for(lambda: _metric(_metrics(live.url), "kvcake_requests_cancelled_total") == 1.0, "the warm call to be cancelled")
+        preamble, ids = engine.planner.plan_documents(documents, True, None)
+        stored = [engine.store.contains(engine.blend.document_key(config.tenant, preamble, doc)) for doc in ids]
+        assert not any(stored), "a call stopped before its last pass stores nothing of it"
     engine.close()
 
 
@@ -244,12 +304,23 @@ def test_a_lone_surrogate_is_a_400_with_an_openai_body(live: LiveServer, config:
 
 
 def test_the_old_placeholder_text_is_served_like_any_text(live: LiveServer, config: KvcakeConfig) -> None:
+    """Text that an older layout used as its documents' placeholder is part of the prompt, token for token,
+    with documents (system + documents + query) and without (the chat template), and nothing is cut at it."""
     odd = "\ue000kvcake-documents\ue000"
-    for extra in ({"kv_documents": DOCUMENTS}, {}):
-        reply = live.client().chat.completions.create(
-            model=config.model, messages=[{"role": "system", "content": odd}, {"role": "user", "content": f"q {odd}"}], max_tokens=2, extra_body=extra
-        )
-        assert reply.usage.prompt_tokens > 0
+    messages = [{"role": "system", "content": odd}, {"role": "user", "content": f"q {odd}"}]
+    reference = Engine(config)
+    greedy = SamplingParams(max_tokens=2, temperature=0.0)
+    expected = {
+        "documents": reference.generate(GenerateRequest(query=f"q {odd}", documents=DOCUMENTS, system=odd, reuse="compute", sampling=greedy)),
+        "chat": reference.generate(GenerateRequest(messages=messages, reuse="compute", sampling=greedy)),
+    }
+    chat_ids = reference.tokenizer.encode(reference.tokenizer.render_chat(messages))
+    reference.close()
+    assert expected["chat"].metrics.prompt_tokens == len(chat_ids)
+    for name, extra in (("documents", {"kv_documents": DOCUMENTS, "reuse": "compute"}), ("chat", {"reuse": "compute"})):
+        reply = live.client().chat.completions.create(model=config.model, messages=messages, max_tokens=2, temperature=0, extra_body=extra)
+        assert reply.usage.prompt_tokens == expected[name].metrics.prompt_tokens
+        assert reply.choices[0].message.content == expected[name].text
 
 
 # ---- 8. smaller input checks ----------------------------------------------------------------

@@ -104,7 +104,12 @@ def test_half_precision_chunks_match_one_shot(tiny_folders: dict[str, Path], tes
     """bf16 chunked prefill (tail-chunk attention) against the one-shot pass, within bf16 rounding."""
     model = Transformer.from_folder(tiny_folders[family], test_device, dtype=torch.bfloat16)
     ids = torch.randint(3, 512, (70,), generator=torch.Generator().manual_seed(7))
-    torch.testing.assert_close(chunked_logits(model, ids, 16), full_logits(model, ids), atol=3e-2, rtol=3e-2)
+    one_shot = full_logits(model, ids)
+    torch.testing.assert_close(chunked_logits(model, ids, 16), one_shot, atol=3e-2, rtol=3e-2)
+    swapped = torch.arange(len(ids), device=test_device)
+    swapped[[40, 41]] = swapped[[41, 40]]
+    misplaced = model.forward(ids, swapped, model.new_cache(len(ids)), all_logits=True).logits
+    assert (misplaced - one_shot).abs().max().item() > 0.1, "two tokens at each other's positions must show beyond the tolerance"
 
 
 def test_rope_at_shifted_positions_is_a_relative_rotation(tiny_folders: dict[str, Path], test_device: torch.device) -> None:

@@ -58,8 +58,16 @@ def save_tiny_model(family: str, folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(FAMILY_CONFIGS[family](), dtype=torch.float32)
     with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.08)
+        for name, parameter in model.named_parameters():
+            # Layer norm gains at 1, as in trained models: gains near 0 flatten attention, and a token at a
+            # wrong position would then move the logits by ~1e-5, under the tests' tolerances. The final
+            # norm's gains are random, so a tied head does not just predict the token it was fed.
+            if name == "model.norm.weight":
+                parameter.normal_(0.0, 1.0)
+            elif "norm" in name:
+                parameter.fill_(1.0)
+            else:
+                parameter.normal_(0.0, 0.08)
     model.save_pretrained(folder)
     save_tiny_tokenizer(folder)
     return folder

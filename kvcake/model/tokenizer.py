@@ -57,10 +57,19 @@ class TextStream:
     def __init__(self, backend: BackendTokenizer):
         self._backend = backend
         self._stream = DecodeStream(skip_special_tokens=True)
+        self._held: list[int] = []
 
     def add(self, token_id: int) -> str:
         """The text this token completes ("" while a character is still incomplete)."""
-        return self._stream.step(self._backend, token_id) or ""
+        text = self._stream.step(self._backend, token_id) or ""
+        self._held = [] if text else [*self._held, token_id]
+        return text
+
+    def finish(self) -> str:
+        """The text of the tokens still held back once generation has ended: bytes that completed no
+        character come out as replacement characters, as a whole decode of the answer gives them."""
+        held, self._held = self._held, []
+        return self._backend.decode(held, skip_special_tokens=True) if held else ""
 
 
 def _stop_ids(folder: Path, config: ModelConfig, tokenizer_eos: int | None) -> set[int]:

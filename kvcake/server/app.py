@@ -257,6 +257,7 @@ async def _cancelled_on_disconnect(request: Request, jobs: list[Job]) -> AsyncIt
     async def watch() -> None:
         while not await request.is_disconnected():
             await asyncio.sleep(DISCONNECT_POLL_S)
+        request.app.state.metrics.disconnects.inc()
         cancel()
 
     watcher = asyncio.create_task(watch())

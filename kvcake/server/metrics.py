@@ -25,14 +25,20 @@ class ServerMetrics:
         self.store_errors = Gauge(
             "kvcake_store_errors", "Store errors by kind (checksum, foreign_key, other_version, unavailable, timeout, ...).", ["kind"], registry=self.registry
         )
-        self.cancelled = Counter("kvcake_requests_cancelled", "Requests stopped because their client went away.", registry=self.registry)
+        self.cancelled = Counter("kvcake_requests_cancelled", "Requests and warm calls stopped because their client went away.", registry=self.registry)
+        self.disconnects = Counter(
+            "kvcake_client_disconnects", "Clients seen leaving before their answer was complete (their work is then cancelled).", registry=self.registry
+        )
         self.queue_depth = Gauge("kvcake_queue_depth", "Requests waiting for the compute thread.", registry=self.registry)
         self.writeback_dropped = Gauge("kvcake_writeback_dropped", "Computed chunks not written back (queue full).", registry=self.registry)
 
-    def record(self, metrics: RequestMetrics, cancelled: bool) -> None:
-        """Called by the compute thread for every request that ran, including ones whose client left."""
+    def record(self, metrics: RequestMetrics | None, cancelled: bool) -> None:
+        """Called by the compute thread for every request that ran, including ones whose client left, and for
+        every warm call whose client left (metrics None)."""
         if cancelled:
             self.cancelled.inc()
+        if metrics is None:
+            return
         if metrics.generated_tokens:
             self.ttft.observe(metrics.ttft_s)
         recomputed = metrics.blend.tokens_recomputed if metrics.blend else 0

@@ -99,9 +99,10 @@ class _Running:
 
 class ComputeWorker:
     """Runs jobs, up to `max_batch` generations at once; `on_finished(metrics, cancelled)` sees every
-    generation that started, abandoned ones too."""
+    generation that started, abandoned ones too, and every warm call abandoned while it ran (with
+    metrics None: a warm call generates nothing)."""
 
-    def __init__(self, engine: Engine, max_queue: int, io_threads: int, on_finished: Callable[[RequestMetrics, bool], None],
+    def __init__(self, engine: Engine, max_queue: int, io_threads: int, on_finished: Callable[[RequestMetrics | None, bool], None],
                  max_batch: int = 1):
         self.engine = engine
         self._on_finished = on_finished
@@ -251,7 +252,8 @@ class ComputeWorker:
         """Send a token with the text it releases; True when a stop sequence ends its choice."""
         job = entry.job
         stops = entry.stops[step.choice]
-        text, stopped = stops.feed(entry.decoders[step.choice].add(step.token_id))
+        decoder = entry.decoders[step.choice]
+        text, stopped = stops.feed(decoder.add(step.token_id) + (decoder.finish() if step.finish_reason is not None else ""))
         logprob = None if job.logprobs is None else self._logprob(step, job.logprobs)
         if not stopped and step.finish_reason is not None:
             text += stops.flush()
@@ -262,6 +264,8 @@ class ComputeWorker:
         """A generation ends with its metrics (counted, abandoned ones too); a warm call with what it stored."""
         job = entry.job
         if isinstance(job.request, WarmRequest):
+            if warmed is None:
+                self._on_finished(None, True)
             job.emit(("cancelled", None) if warmed is None else ("done", warmed))
             return
         self._on_finished(job.metrics, job.cancelled.is_set())

@@ -1,0 +1,37 @@
+"""The write-back queue: bounded, and what it cannot hold is dropped and counted, never blocking a request."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from conftest import MakeChunk
+
+from kvcake.schedule.writeback import WriteBack
+from kvcake.store import open_store
+
+
+def test_a_full_write_back_queue_drops_and_counts(tmp_path: Path, make_chunk: MakeChunk) -> None:
+    store = open_store(f"file://{tmp_path}/kv")
+    writing, may_write = threading.Event(), threading.Event()
+    put = store.put
+
+    def held_put(key, chunk):  # the writer thread waits here, so the queue behind it fills
+        writing.set()
+        assert may_write.wait(30)
+        put(key, chunk)
+
+    store.put = held_put
+    writeback = WriteBack(store, max_pending=2)
+    keys = [f"{i:064x}" for i in range(4)]
+    chunks = [make_chunk() for _ in keys]
+    writeback.submit(keys[0], chunks[0])
+    assert writing.wait(30)
+    for key, chunk in zip(keys[1:], chunks[1:]):
+        writeback.submit(key, chunk)
+    assert writeback.dropped == 1, "two wait in the queue, the fourth does not fit"
+    may_write.set()
+    writeback.flush()
+    assert [store.contains(key) for key in keys] == [True, True, True, False]
+    writeback.close()
+    store.close()
