@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from kvcake.cli import main
+from kvcake.config import KvcakeConfig
 from kvcake.data import jsonl_questions
 
 FIXTURE = Path(__file__).parent / "data" / "qa.jsonl"
@@ -101,8 +102,10 @@ def test_scale_report_pairs_the_questions_every_run_answered(tmp_path: Path, cap
     assert "size of model 'my-model' is unknown" in capsys.readouterr().err
 
 
-def test_bench_load_reports_ttft_against_its_floor(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
-    flags = ["--model", str(tiny_folders["llama"]), "--dtype", "float32", "--chunk-size", "32", "--cache-dir", str(tmp_path / "cache")]
+@pytest.mark.registry_data
+def test_bench_load_reports_ttft_against_its_floor(tiny_folders: dict[str, Path], tmp_path: Path, default_config: KvcakeConfig) -> None:
+    """Its prompt is essay text, from the shared cache (fetched there once)."""
+    flags = ["--model", str(tiny_folders["llama"]), "--dtype", "float32", "--chunk-size", "32", "--cache-dir", default_config.cache_dir]
     out = tmp_path / "load.md"
     assert main(["bench", "load", "--chunks", "3", "--repeats", "2", "--out", str(out), *flags]) == 0
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
