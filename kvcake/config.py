@@ -62,6 +62,8 @@ class KvcakeConfig(BaseSettings):
     tune_scoring: str = _setting("highpass", "With reuse=tune: offline token score (highpass, lowpass, norm; see docs/tune.md).", "reuse")
     load_streams: int = _setting(2, "Threads reading stored document layers at once (blend, tune).", "reuse")
     load_timeout_s: float = _setting(30.0, "Longest wait for one stored layer (blend, tune); past it the request computes instead (counted as a fallback).", "reuse")
+    shutdown_grace_s: float = _setting(
+        30.0, "Longest a stop (SIGTERM/SIGINT to `kvcake serve`, `Engine.close()`, interpreter exit) waits for pending store writes.", "store")
     max_documents: int = _setting(64, "Most documents one request (or one warm call) may carry; more get a 400.", "reuse")
     kv_pool_gb: float = _setting(2.0, "Memory of finished requests' KV caches kept mapped for the next ones, in GB (fresh memory costs page faults; 0 = none).", "model")
     host: str = _setting("127.0.0.1", "`kvcake serve`: address to listen on.", "serve")
@@ -106,6 +108,8 @@ class KvcakeConfig(BaseSettings):
                 raise ConfigError(f"setting {name!r} must lie in [0, 1], got {getattr(self, name)}")
         if self.tune_ratio != "auto" and not _is_ratio(self.tune_ratio):
             raise ConfigError(f"setting 'tune_ratio' must be auto or a number in [0, 1], got {self.tune_ratio!r}")
+        if self.shutdown_grace_s < 0:
+            raise ConfigError(f"setting 'shutdown_grace_s' must be >= 0, got {self.shutdown_grace_s}")
         if self.load_timeout_s <= 0:
             raise ConfigError(f"setting 'load_timeout_s' must be > 0, got {self.load_timeout_s}")
         if self.load_streams < 1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 from typing import Any, Generator
 
 import torch
@@ -52,7 +53,8 @@ class Engine:
             self.tokenizer, model_config.vocab_size, self.context_length, config.separator, config.max_documents, config.blend_ratio
         )
         self.store = store if store is not None else open_store(config.effective_store_url())
-        self.writeback = WriteBack(self.store)
+        # room for a warm call of max_documents scored documents (two entries each) besides prefixes' chains
+        self.writeback = WriteBack(self.store, max_pending=256 + 2 * config.max_documents)
         self.cache_pool = CachePool(int(config.kv_pool_gb * 1e9))
         keys = KeyRules(self.fingerprint, config.chunk_size, config.document_gap, config.shared_documents)
         budget = ByteBudget(int(config.prefetch_gb * 1e9))
@@ -65,13 +67,23 @@ class Engine:
             self.tune = TuneReuse(*shared, scoring=config.tune_scoring, ratio=config.tune_ratio, min_ratio=config.tune_min_ratio)
         except ValueError as error:
             raise ConfigError(str(error)) from None
+        self._closer = weakref.finalize(self, _shut_down, self.writeback, self.store, self.cache_pool, config.shutdown_grace_s)
 
     def close(self) -> None:
-        """Stop the write-back thread, close the store and drop the pooled cache memory. (FastAPI keeps
+        """Write back what is pending (within `shutdown_grace_s`), close the store and drop the pooled cache
+        memory; once only. An engine left open is closed the same way at interpreter exit. (FastAPI keeps
         endpoints, and so a server's engine, in a process-wide cache: a closed engine must not hold its KV.)"""
-        self.writeback.close()
-        self.store.close()
-        self.cache_pool.clear()
+        self._closer()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def flush(self) -> None:
+        """Wait until every computed chunk queued for the store has been written."""
+        self.writeback.flush()
 
     def plan_prompt(self, request: GenerateRequest) -> PromptLayout:
         return self.planner.plan(request)
@@ -217,3 +229,10 @@ class Engine:
             logits = yield DecodeStep(token, position, cache)
             position += 1
         metrics.decode_s = time.perf_counter() - decode_started
+
+
+def _shut_down(writeback: WriteBack, store: KVStore, pool: CachePool, grace_s: float) -> None:
+    """What closing an engine does; a module function, so the finalizer that runs it at exit does not keep the engine alive."""
+    writeback.close(grace_s)
+    store.close()
+    pool.clear()

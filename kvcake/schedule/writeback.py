@@ -1,9 +1,14 @@
 """Asynchronous write-back of computed chunks, off the time-to-first-token path.
 
-A prefix chunk is useless without the chunks before it, so a store that evicts by
-recency must lose a chain's tail first: a prefix's new chunks are written tail first,
-and then the whole chain is touched from the tail to the head, so its head is always its
-most recently used entry.
+A prefix chunk is useless without the chunks before it, so two rules keep whatever part
+of a chain is stored usable:
+
+- **Head first.** A prefix's new chunks are written in chain order, so a write-back cut
+  short (a stop whose grace period ran out, a full store that refuses puts) leaves a
+  head, never tails that can never hit.
+- **Head most recent.** After each write the chain up to it is touched from the tail to
+  the head, so in a store that evicts by recency the chain's head is always its most
+  recently used entry, and eviction takes the tail first.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 
 from kvcake.chunk import ChunkKV
 from kvcake.store import KVStore
@@ -24,6 +30,9 @@ class WriteBack:
     def __init__(self, store: KVStore, max_pending: int = 256):
         self.store = store
         self.dropped = 0
+        self._pending_chunks = 0
+        self._lock = threading.Lock()
+        self._out_of_time = threading.Event()
         self._queue: queue.Queue[tuple[list[str], dict[str, ChunkKV]] | None] = queue.Queue(max_pending)
         self._thread = threading.Thread(target=self._run, name="kvcake-writeback", daemon=True)
         self._thread.start()
@@ -34,37 +43,84 @@ class WriteBack:
 
     def submit_chain(self, chain: list[str], computed: dict[str, ChunkKV]) -> None:
         """Queue a prefix's chunks that were computed (by key; `chain` lists the prefix's keys head first):
-        written tail first, then the chain is touched tail to head."""
+        written head first, each write followed by a touch of the chain up to it, tail to head."""
         if chain:
             self._put(chain, computed)
 
+    @property
+    def pending(self) -> int:
+        """Chunks queued or being written."""
+        with self._lock:
+            return self._pending_chunks
+
     def _put(self, chain: list[str], computed: dict[str, ChunkKV]) -> None:
-        try:
-            self._queue.put_nowait((chain, computed))
-        except queue.Full:
-            self.dropped += len(computed)
+        with self._lock:
+            try:
+                self._queue.put_nowait((chain, computed))
+            except queue.Full:
+                self.dropped += len(computed)
+                return
+            self._pending_chunks += len(computed)
 
     def flush(self) -> None:
         """Wait until every submitted chunk has been written (or skipped)."""
         self._queue.join()
 
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+    def close(self, grace_s: float | None = None) -> int:
+        """Write what is queued, waiting at most `grace_s` seconds (None: as long as it takes), then stop;
+        the number of chunks left unwritten. Past the grace period the write in flight ends and the rest is
+        dropped, so what was written of a chain is always a usable head."""
+        deadline = None if grace_s is None else time.monotonic() + grace_s
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+        try:
+            self._queue.put(None, timeout=left())
+        except queue.Full:
+            self._out_of_time.set()
+            self._queue.put(None)
+        self._thread.join(left())
+        if self._thread.is_alive():
+            self._out_of_time.set()
+        unwritten = self.pending
+        if unwritten:
+            log.warning("stopped with %d chunk(s) not written back after the %.1f s grace period", unwritten, grace_s)
+        return unwritten
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             chain, computed = item
-            in_chain = set(chain)
-            order = [key for key in reversed(chain) if key in computed] + [key for key in computed if key not in in_chain]
+            done: list[str] = []
             try:
-                for key in order:
-                    if not self.store.contains(key):
-                        self.store.put(key, computed[key].to_cpu())
-                if chain:
-                    self.store.touch(list(reversed(chain)))
+                self._write(chain, computed, done)
             except Exception:
                 log.exception("write-back of %d chunk(s) failed", len(computed))
             finally:
+                with self._lock:
+                    self._pending_chunks -= len(computed) - len(done)
                 self._queue.task_done()
         self._queue.task_done()
+
+    def _write(self, chain: list[str], computed: dict[str, ChunkKV], done: list[str]) -> None:
+        """Store the chain's computed chunks head first, then any others; `done` collects the keys dealt with."""
+        in_chain = set(chain)
+        for index, key in enumerate(chain):
+            if key in computed:
+                if not self._put_once(key, computed[key], done):
+                    return
+                self.store.touch(list(reversed(chain[: index + 1])))
+        for key in (key for key in computed if key not in in_chain):
+            if not self._put_once(key, computed[key], done):
+                return
+
+    def _put_once(self, key: str, chunk: ChunkKV, done: list[str]) -> bool:
+        """Put `key` unless it is stored; False once the grace period of a stop has run out."""
+        if self._out_of_time.is_set():
+            return False
+        if not self.store.contains(key):
+            self.store.put(key, chunk.to_cpu())
+        done.append(key)
+        with self._lock:
+            self._pending_chunks -= 1
+        return True
