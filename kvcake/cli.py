@@ -156,7 +156,7 @@ def _sampling(args: argparse.Namespace, config: KvcakeConfig):
 
 def _run_and_print(engine, request) -> None:
     result = engine.generate(request)
-    engine.writeback.flush()
+    engine.flush()
     print(result.text)
     metrics = result.metrics
     prefix = metrics.prefix
@@ -227,13 +227,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from kvcake.server.app import create_app
+    from kvcake.server.foreground import serve
 
     config = config_from_args(args)
     with _engine(config) as engine:
-        uvicorn.run(create_app(engine), host=config.host, port=config.port, log_level="info")
+        serve(engine, config.host, config.port)
     return 0
 
 
