@@ -215,6 +215,16 @@ def test_a_warm_call_whose_client_leaves_stops_at_its_next_pass(config: KvcakeCo
     engine.close()
 
 
+def test_more_prompts_than_the_queue_holds_is_a_400_not_a_429(config: KvcakeConfig) -> None:
+    """On an idle server a 429 with Retry-After would never succeed: the body is refused naming the limit."""
+    engine = Engine(config.replace(max_queue=2))
+    with LiveServer(engine) as live:
+        with pytest.raises(openai.BadRequestError, match="max_queue = 2"):
+            live.client().completions.create(model=config.model, prompt=["a", "b", "c"], max_tokens=1)
+        assert len(live.client().completions.create(model=config.model, prompt=["a", "b"], max_tokens=1).choices) == 2
+    engine.close()
+
+
 # ---- 4. bodies too long for the context are refused before tokenizing -----------------------
 
 

@@ -160,6 +160,8 @@ def _completion_requests(body: CompletionBody, config: KvcakeConfig, tenant: str
     prompts = body.prompt if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str) else [body.prompt]
     if len(prompts) > MAX_PROMPTS:
         raise ApiError(400, f"{len(prompts)} prompts; at most {MAX_PROMPTS} per request", param="prompt")
+    if len(prompts) > config.max_queue:  # all are queued at once, so more than the queue holds could never be served
+        raise ApiError(400, f"{len(prompts)} prompts; the server's queue holds at most max_queue = {config.max_queue}", param="prompt")
     return [_completion_request(body, prompt, config, tenant) for prompt in prompts]
 
 
