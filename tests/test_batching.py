@@ -15,6 +15,7 @@ from kvcake.engine import Engine
 from kvcake.requests import GenerateRequest, RequestMetrics, WarmRequest
 from kvcake.model import SamplingParams, Transformer
 from kvcake.model.kv import CachePool
+from kvcake.schedule import drain
 from kvcake.server.worker import ComputeWorker, Job
 
 FAMILIES = ["llama", "llama3-rope", "qwen2", "mistral"]
@@ -155,10 +156,37 @@ def test_documents_missing_from_the_store_are_computed_pass_by_pass(config: Kvca
     warmed.warm(documents, scored=reuse == "tune")
     computing, first = _pauses_before_the_first_token(cold, request)
     stored, again = _pauses_before_the_first_token(warmed, request)
-    passes = sum(1 for _ in packs([len(ids) for ids in cold.plan_prompt(request).documents()], 16))
+    lengths = [len(ids) for ids in cold.plan_prompt(request).documents()]
+    # a pack of short documents is one pass; a document longer than a pass is cut into passes
+    passes = sum(-(-lengths[batch[0]] // 16) if len(batch) == 1 else 1 for batch in packs(lengths, 16))
     assert computing == stored + passes and passes > 1 and first == again
     cold.close()
     warmed.close()
+
+
+def test_a_document_longer_than_a_pass_pauses_after_each_of_its_passes(config: KvcakeConfig) -> None:
+    """A warm call of one long document is cut into prefill passes like any prompt, so it cannot stall the
+    requests beside it; what it stores equals the document computed in one go."""
+    engine = Engine(config.replace(chunk_size=16))
+    document = " ".join(f"line {i} of the tide table." for i in range(60))
+    preamble, [ids] = engine.planner.plan_documents([document], True, None)
+    steps = engine.warm_steps(WarmRequest([document]), scored=False)
+    pauses = 0
+    with torch.inference_mode():
+        try:
+            while True:
+                next(steps)
+                pauses += 1
+        except StopIteration as stop:
+            [(key, tokens, present)] = stop.value
+    passes = -(-len(ids) // 16)
+    assert passes > 3 and pauses == passes and tokens == len(ids) and not present
+    stored = engine.store.get(key)
+    whole = Engine(config.replace(chunk_size=4096)).blend.compute([ids], preamble)
+    with torch.inference_mode():
+        [one_go] = drain(whole)
+    assert all((a - b).abs().max().item() <= 1e-5 for a, b in zip(stored.keys + stored.values, one_go.keys + one_go.values))
+    engine.close()
 
 
 ANSWER_BUDGET = 2000

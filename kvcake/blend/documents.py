@@ -96,11 +96,11 @@ class DocumentReuse:
             for batch in packs([len(d) for d in documents], pass_tokens):
                 firsts = [self._document_start(len(preamble), len(documents[i])) for i in batch]
                 if len(batch) == 1 and len(documents[batch[0]]) > pass_tokens:
-                    outputs = [self._long_document(documents[batch[0]], firsts[0], cache)]
+                    outputs = [(yield from self._long_document(documents[batch[0]], firsts[0], cache))]
                 else:
                     outputs = self.model.forward_isolated([documents[i] for i in batch], firsts, cache)
+                    yield
                 results.extend(output.to_cpu() for output in outputs)
-                yield
         finally:
             cache.release()
         return results
@@ -109,17 +109,21 @@ class DocumentReuse:
         room = self.model.config.max_position_embeddings - preamble_length - document_length
         return preamble_length + max(0, min(self.keys.document_gap, room))
 
-    def _long_document(self, document_ids: list[int], first_position: int, cache: KVCache) -> ChunkKV:
-        """A document longer than a pass, pass by pass after the preamble in `cache` (left as it was)."""
+    def _long_document(self, document_ids: list[int], first_position: int, cache: KVCache) -> Generator[None, None, ChunkKV]:
+        """A document longer than a pass, pass by pass after the preamble in `cache` (left as it was), pausing
+        after every pass like any prefill, so a long document does not stall the requests beside it."""
         preamble_length = cache.length
         layers = self.model.config.num_layers
         keys: list[list[torch.Tensor]] = [[] for _ in range(layers)]
         values: list[list[torch.Tensor]] = [[] for _ in range(layers)]
-        for _, out in self.model.forward_chunks(document_ids, cache, self.settings.prefill_chunk, first_position, keep_kv=True):
-            for layer in range(layers):
-                keys[layer].append(out.kv.keys[layer])
-                values[layer].append(out.kv.values[layer])
-        cache.truncate(preamble_length)
+        try:
+            for _, out in self.model.forward_chunks(document_ids, cache, self.settings.prefill_chunk, first_position, keep_kv=True):
+                for layer in range(layers):
+                    keys[layer].append(out.kv.keys[layer])
+                    values[layer].append(out.kv.values[layer])
+                yield
+        finally:
+            cache.truncate(preamble_length)
         return ChunkKV([torch.cat(k, dim=1) for k in keys], [torch.cat(v, dim=1) for v in values])
 
     def _blend(
