@@ -215,6 +215,38 @@ def test_a_warm_call_whose_client_leaves_stops_at_its_next_pass(config: KvcakeCo
     engine.close()
 
 
+@pytest.mark.parametrize("layout", ["plain", "tune"])
+def test_identical_warm_calls_at_once_compute_each_document_once(config: KvcakeConfig, layout: str) -> None:
+    """Eight clients warm the same documents at once: the first computes them, the others wait for its entries."""
+    engine = Engine(config.replace(reuse="tune" if layout == "tune" else "blend", io_threads=0, chunk_size=128))
+    documents = [f"Shelf {i}: the harbour master logs each ship." for i in range(3)]  # packed into one pass
+    reached, may_go, passes = threading.Event(), threading.Event(), []
+    forward_isolated = engine.model.forward_isolated
+
+    def counted_pass(*args, **kwargs):
+        passes.append(len(args[0]))
+        reached.set()
+        assert may_go.wait(60)
+        return forward_isolated(*args, **kwargs)
+
+    engine.model.forward_isolated = counted_pass
+    with LiveServer(engine) as live:
+        replies: list[object] = []
+        callers = [threading.Thread(target=lambda: replies.append(live.client().post("/kv/documents", body={"documents": documents}, cast_to=object)))
+                   for _ in range(8)]
+        for caller in callers:
+            caller.start()
+        assert reached.wait(60)
+        _wait_for(lambda: _metric(_metrics(live.url), "kvcake_queue_depth") == 7.0, "the other seven calls to queue")
+        may_go.set()
+        for caller in callers:
+            caller.join(60)
+        assert len(replies) == 8 and all(len(reply["data"]) == len(documents) for reply in replies)
+    assert sum(passes) == len(documents), "each document computed once"
+    assert engine.store.stats().puts == len(documents) * (2 if layout == "tune" else 1)
+    engine.close()
+
+
 def test_more_prompts_than_the_queue_holds_is_a_400_not_a_429(config: KvcakeConfig) -> None:
     """On an idle server a 429 with Retry-After would never succeed: the body is refused naming the limit."""
     engine = Engine(config.replace(max_queue=2))

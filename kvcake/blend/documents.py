@@ -10,6 +10,7 @@ instead, and the report says why. `TuneReuse` (kvcake.blend.tune) shares this ma
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -59,6 +60,8 @@ class DocumentReuse:
         self.model, self.store, self.writeback, self.keys = prefix.model, prefix.store, prefix.writeback, prefix.keys
         self.pool = pool
         self.settings = settings
+        self._in_flight: set[str] = set()
+        self._in_flight_lock = threading.Lock()
 
     def prefetch(self, prompt: PromptLayout, choice: ReuseChoice) -> PrefixPrefetch | None:
         """The exact prefix's stored chunks (taken with Cake); the documents load when the request runs."""
@@ -68,6 +71,22 @@ class DocumentReuse:
 
     def document_key(self, tenant: str, preamble: Sequence[int], token_ids: Sequence[int], layout: str | None = None) -> str:
         return self.keys.document(tenant, preamble, token_ids, layout or self.layout)
+
+    def _claim(self, keys: list[str]) -> Generator[None, None, list[bool]]:
+        """Which of `keys` are stored, once no other call is computing a missing one. A key another warm call
+        is computing is waited for, pausing so that call runs, and is then found stored: identical calls
+        compute each document once. The missing keys are this call's to compute until `_release`."""
+        while True:
+            with self._in_flight_lock:
+                present = [self.store.contains(key) for key in keys]
+                if not any(key in self._in_flight for key, stored in zip(keys, present) if not stored):
+                    self._in_flight.update(key for key, stored in zip(keys, present) if not stored)
+                    return present
+            yield
+
+    def _release(self, keys: list[str]) -> None:
+        with self._in_flight_lock:
+            self._in_flight.difference_update(keys)
 
     def _plan_prefix(self, prompt: PromptLayout, choice: ReuseChoice) -> PrefixPlan | None:
         """The exact prefix before the documents, taken with Cake."""
@@ -198,10 +217,13 @@ class BlendReuse(DocumentReuse):
         and whether it was stored before. Entries are written here, not queued, so they are stored
         once this returns (a write-back queue could drop them)."""
         keys = [self.document_key(tenant, preamble, ids) for ids in documents]
-        present = [self.store.contains(key) for key in keys]
+        present = yield from self._claim(keys)
         missing = [i for i, stored in enumerate(present) if not stored]
-        for index, chunk in zip(missing, (yield from self.compute([documents[i] for i in missing], preamble))):
-            self.store.put(keys[index], chunk)
+        try:
+            for index, chunk in zip(missing, (yield from self.compute([documents[i] for i in missing], preamble))):
+                self.store.put(keys[index], chunk)
+        finally:
+            self._release([keys[i] for i in missing])
         return list(zip(keys, present))
 
     def _source(self, plan: DocumentPlan) -> Generator[None, None, LayerSource]:

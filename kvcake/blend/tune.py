@@ -160,11 +160,14 @@ class TuneReuse(DocumentReuse):
         """Compute, score and store the documents not stored yet, pausing after every pass; each one's
         key and whether it was stored before."""
         keys = self._keys(tenant, preamble, documents)
-        present = [self.store.contains(key) for key, _ in keys]
-        for document in (yield from self._scored(documents, preamble, keys, present)):
-            if document.computed is not None and document.stored_order is not None:
-                self.store.put(document.key, document.computed)
-                self.store.put(document.order_key, document.stored_order)
+        present = yield from self._claim([key for key, _ in keys])
+        try:
+            for document in (yield from self._scored(documents, preamble, keys, present)):
+                if document.computed is not None and document.stored_order is not None:
+                    self.store.put(document.key, document.computed)
+                    self.store.put(document.order_key, document.stored_order)
+        finally:
+            self._release([key for (key, _), stored in zip(keys, present) if not stored])
         return [(key, stored) for (key, _), stored in zip(keys, present)]
 
     def _keys(self, tenant: str, preamble: tuple[int, ...], documents: list[list[int]]) -> list[tuple[str, str]]:
