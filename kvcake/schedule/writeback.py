@@ -6,9 +6,13 @@ of a chain is stored usable:
 - **Head first.** A prefix's new chunks are written in chain order, so a write-back cut
   short (a stop whose grace period ran out, a full store that refuses puts) leaves a
   head, never tails that can never hit.
-- **Head most recent.** After each write the chain up to it is touched from the tail to
-  the head, so in a store that evicts by recency the chain's head is always its most
-  recently used entry, and eviction takes the tail first.
+- **Head most recent.** Before and after each write the chain up to it is touched from
+  the tail to the head, so in a store that evicts by recency the chain's head is always
+  its most recently used entry, and eviction takes the tail first.
+- **No orphans.** A chain larger than the store's budget stops at the first write that
+  evicts one of its own earlier chunks (that write and anything after the gap are
+  deleted), and at the first put the store refuses (a full Redis with `noeviction`): the
+  stored part is always a head, and the same head hits on every repeat.
 """
 
 from __future__ import annotations
@@ -106,21 +110,37 @@ class WriteBack:
         """Store the chain's computed chunks head first, then any others; `done` collects the keys dealt with."""
         in_chain = set(chain)
         for index, key in enumerate(chain):
-            if key in computed:
-                if not self._put_once(key, computed[key], done):
-                    return
-                self.store.touch(list(reversed(chain[: index + 1])))
-        for key in (key for key in computed if key not in in_chain):
-            if not self._put_once(key, computed[key], done):
+            if key in computed and not self._write_link(chain, index, computed[key], done):
                 return
+        for key in (key for key in computed if key not in in_chain):
+            if self._out_of_time.is_set():
+                return
+            if not self.store.contains(key):
+                self.store.put(key, computed[key].to_cpu())
+            self._done(key, done)
 
-    def _put_once(self, key: str, chunk: ChunkKV, done: list[str]) -> bool:
-        """Put `key` unless it is stored; False once the grace period of a stop has run out."""
+    def _write_link(self, chain: list[str], index: int, chunk: ChunkKV, done: list[str]) -> bool:
+        """Put chain[index] after touching the chain before it (so its head is the most recent entry when the
+        store must make room); False, and the rest of the chain is not written, when time is out, the store
+        refused the put, or the put evicted one of the chain's own earlier chunks: a chain larger than the
+        store's budget keeps a head that hits on every repeat, instead of tails that never can."""
         if self._out_of_time.is_set():
             return False
-        if not self.store.contains(key):
-            self.store.put(key, chunk.to_cpu())
+        key = chain[index]
+        if index:
+            self.store.touch(list(reversed(chain[:index])))
+        if not self.store.contains(key) and not self.store.put(key, chunk.to_cpu()):
+            return False
+        self._done(key, done)
+        intact = self.store.stored_prefix(chain[: index + 1])
+        if intact <= index:
+            for orphan in chain[intact + 1 : index + 1]:
+                self.store.delete(orphan)
+            return False
+        self.store.touch(list(reversed(chain[: index + 1])))
+        return True
+
+    def _done(self, key: str, done: list[str]) -> None:
         done.append(key)
         with self._lock:
             self._pending_chunks -= 1
-        return True

@@ -19,7 +19,7 @@ def test_a_full_write_back_queue_drops_and_counts(tmp_path: Path, make_chunk: Ma
     def held_put(key, chunk):  # the writer thread waits here, so the queue behind it fills
         writing.set()
         assert may_write.wait(30)
-        put(key, chunk)
+        return put(key, chunk)
 
     store.put = held_put
     writeback = WriteBack(store, max_pending=2)
@@ -49,7 +49,7 @@ def test_a_stop_past_its_grace_period_leaves_a_usable_head(tmp_path: Path, make_
         if key == chain[2]:
             third_started.set()
             assert may_finish.wait(30)
-        put(key, chunk)
+        return put(key, chunk)
 
     store.put = slow_third_put
     writeback = WriteBack(store)
