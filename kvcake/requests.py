@@ -129,6 +129,12 @@ def parse_reuse(text: str) -> Strategy | str:
         raise RequestError(f"{error} (or {BLEND}, {TUNE})") from None
 
 
+SAMPLE_CHARS_PER_TOKEN = 8
+"""A prompt longer than context x this many characters has a sample that long tokenized first (text
+averages about 4 characters per token), so a body just under the loose character bound is refused
+after tokenizing that sample, not all of it."""
+
+
 @dataclass(frozen=True)
 class RequestPlanner:
     """Plans requests' prompts for one model and refuses invalid requests with the cause named.
@@ -223,6 +229,18 @@ class RequestPlanner:
                 f"the prompt has {characters} characters, more than the model's context of {self.context_length} tokens can hold "
                 f"(at most {self.tokenizer.max_token_chars} characters per token)"
             )
+        sample_chars = self.context_length * SAMPLE_CHARS_PER_TOKEN
+        if characters > sample_chars:
+            # The bound above is loose (a vocabulary's longest entry is a long run of spaces): tokenize only
+            # a sample as long as a prompt that fills the context would be; if it already holds more tokens
+            # than the context (beyond a token per text cut at its end), the whole cannot fit either.
+            sample = "\n".join(text for text in texts if text)[:sample_chars]
+            counted = len(self.tokenizer.encode(sample))
+            if counted > self.context_length + len(texts):
+                raise RequestError(
+                    f"the prompt has {characters} characters; its first {sample_chars} alone are {counted} tokens, more than "
+                    f"the model's context of {self.context_length} tokens"
+                )
 
     def _plain_ids(self, request: GenerateRequest) -> list[int]:
         if request.token_ids is not None:

@@ -274,6 +274,22 @@ def test_text_that_cannot_fit_the_context_is_refused_before_tokenizing(live: Liv
     assert all(n < len(huge) for n in calls), "the huge text was never tokenized"
 
 
+def test_text_under_the_character_bound_but_over_the_context_is_refused_after_a_sample(live: LiveServer, config: KvcakeConfig) -> None:
+    """Ordinary text just under the loose character bound: only a sample as long as a full prompt would be is
+    tokenized before the 400, not the whole body."""
+    engine = live.engine
+    calls = []
+    encode = engine.tokenizer.encode
+    engine.tokenizer.encode = lambda text: calls.append(len(text)) or encode(text)  # type: ignore[method-assign]
+    under = ("lighthouse " * (engine.context_length * engine.tokenizer.max_token_chars // 11))[: engine.context_length * engine.tokenizer.max_token_chars]
+    try:
+        with pytest.raises(openai.BadRequestError, match="more than the model's context"):
+            live.client().completions.create(model=config.model, prompt=under, max_tokens=1)
+    finally:
+        engine.tokenizer.encode = encode  # type: ignore[method-assign]
+    assert calls and max(calls) <= engine.context_length * 8 < len(under)
+
+
 # ---- 5. metric labels are route templates --------------------------------------------------
 
 
