@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from pathlib import Path
@@ -28,6 +29,13 @@ class ConfigError(ValueError):
 
 
 SCOPES = ("model", "store", "reuse", "serve")
+CHOICES = {
+    "reuse": ("compute", "load", "cake", "split:M", "blend", "tune"),
+    "dtype": ("auto", "float32", "float16", "bfloat16"),
+    "tune_scoring": ("highpass", "lowpass", "norm"),
+}
+"""The values these settings may take (M: a chunk count), checked when the config is built; the
+mechanisms that read them parse the same names (a test keeps the lists in step)."""
 """What a setting is about; a subcommand shows the flags of the scopes it uses."""
 
 
@@ -100,6 +108,10 @@ class KvcakeConfig(BaseSettings):
 
     @model_validator(mode="after")
     def _check_ranges(self) -> KvcakeConfig:
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed and not (name == "reuse" and re.fullmatch(r"split:\d+", value)):
+                raise ConfigError(f"setting {name!r} must be one of {', '.join(allowed)}; got {value!r}")
         for name in ("chunk_size", "max_tokens", "max_queue", "max_batch", "max_body_bytes", "max_documents"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"setting {name!r} must be >= 1, got {getattr(self, name)}")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvcake.cli import build_parser
-from kvcake.config import ConfigError, KvcakeConfig, config_from_args, load_config, markdown_table
+from kvcake.cli import build_parser, main
+from kvcake.config import CHOICES, ConfigError, KvcakeConfig, config_from_args, load_config, markdown_table
 from kvcake.fetch import FetchError, PackageFile, materialise
 from kvcake.model import Sampler, SamplingParams
 
@@ -130,3 +130,21 @@ def test_sampling_draws_each_token_with_its_probability() -> None:
         counts[_draw(probs, generator)] += 1
     assert counts[0] == counts[2] == 0, "a token of probability 0 is never drawn"
     assert (counts / counts.sum() - probs).abs().max() < 0.015
+
+
+@pytest.mark.parametrize(("name", "value"), [("reuse", "cak"), ("tune_scoring", "bogus"), ("dtype", "float8"), ("reuse", "split:")])
+def test_a_setting_outside_its_choices_is_refused_at_construction_naming_it(name: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ConfigError, match=f"setting '{name}' must be one of .*; got '{value}'"):
+        KvcakeConfig(**{name: value})
+    assert main(["config", f"--{name.replace('_', '-')}", value]) == 2
+    assert f"setting '{name}' must be one of" in capsys.readouterr().err
+
+
+def test_the_config_choices_are_what_the_mechanisms_parse() -> None:
+    from kvcake.blend.scores import RULES
+    from kvcake.requests import DOCUMENT_MODES
+    from kvcake.schedule.prefix import STRATEGIES
+
+    assert set(CHOICES["tune_scoring"]) == set(RULES)
+    assert set(CHOICES["reuse"]) == {*STRATEGIES, *DOCUMENT_MODES, "split:M"} - {"split"}
+    assert KvcakeConfig(reuse="split:2").reuse == "split:2"
