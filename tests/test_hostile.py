@@ -247,6 +247,42 @@ def test_identical_warm_calls_at_once_compute_each_document_once(config: KvcakeC
     engine.close()
 
 
+def test_identical_cold_prompts_at_once_compute_their_prefix_once(config: KvcakeConfig) -> None:
+    """Eight clients send the same long prompt at once: one computes its chunks, the others load them once
+    written, and all get the same answer."""
+    engine = Engine(config.replace(io_threads=0))
+    prompt = _prompt(9, 6 * CHUNK + 5)
+    reference = Engine(config).generate(GenerateRequest(token_ids=prompt, reuse="compute", sampling=SamplingParams(max_tokens=3)))
+    reached, may_go = threading.Event(), threading.Event()
+    forward = engine.model.forward
+
+    def held_forward(*args, **kwargs):
+        reached.set()
+        assert may_go.wait(60)
+        return forward(*args, **kwargs)
+
+    engine.model.forward = held_forward
+    with LiveServer(engine) as live:
+        replies: list[object] = []
+
+        def ask() -> None:
+            replies.append(live.client().completions.create(model=config.model, prompt=prompt, max_tokens=3, temperature=0,
+                                                            extra_body={"reuse": "cake"}))
+
+        callers = [threading.Thread(target=ask) for _ in range(8)]
+        for caller in callers:
+            caller.start()
+        assert reached.wait(60)
+        _wait_for(lambda: _metric(_metrics(live.url), "kvcake_queue_depth") == 7.0, "the other seven requests to queue")
+        may_go.set()
+        for caller in callers:
+            caller.join(60)
+    engine.close()
+    assert len(replies) == 8 and {reply.choices[0].text for reply in replies} == {reference.text}
+    computed = sorted(reply.model_extra["kvcake"]["tokens_computed"] for reply in replies)
+    assert computed == [len(prompt) - 6 * CHUNK] * 7 + [len(prompt)], "one computed the prompt, seven loaded its 6 chunks"
+
+
 def test_more_prompts_than_the_queue_holds_is_a_400_not_a_429(config: KvcakeConfig) -> None:
     """On an idle server a 429 with Retry-After would never succeed: the body is refused naming the limit."""
     engine = Engine(config.replace(max_queue=2))

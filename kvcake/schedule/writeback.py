@@ -21,6 +21,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 from kvcake.chunk import ChunkKV
 from kvcake.store import KVStore
@@ -37,7 +38,7 @@ class WriteBack:
         self._pending_chunks = 0
         self._lock = threading.Lock()
         self._out_of_time = threading.Event()
-        self._queue: queue.Queue[tuple[list[str], dict[str, ChunkKV]] | None] = queue.Queue(max_pending)
+        self._queue: queue.Queue[tuple[list[str], dict[str, ChunkKV], Callable[[], None]] | None] = queue.Queue(max_pending)
         self._thread = threading.Thread(target=self._run, name="kvcake-writeback", daemon=True)
         self._thread.start()
 
@@ -45,11 +46,14 @@ class WriteBack:
         """Queue one entry."""
         self._put([], {key: chunk})
 
-    def submit_chain(self, chain: list[str], computed: dict[str, ChunkKV]) -> None:
+    def submit_chain(self, chain: list[str], computed: dict[str, ChunkKV], when_done: Callable[[], None] = lambda: None) -> None:
         """Queue a prefix's chunks that were computed (by key; `chain` lists the prefix's keys head first):
-        written head first, each write followed by a touch of the chain up to it, tail to head."""
+        written head first (see the module's rules). `when_done` runs once they are written, or will not be
+        (dropped, refused, out of time)."""
         if chain:
-            self._put(chain, computed)
+            self._put(chain, computed, when_done)
+        else:
+            when_done()
 
     @property
     def pending(self) -> int:
@@ -57,12 +61,13 @@ class WriteBack:
         with self._lock:
             return self._pending_chunks
 
-    def _put(self, chain: list[str], computed: dict[str, ChunkKV]) -> None:
+    def _put(self, chain: list[str], computed: dict[str, ChunkKV], when_done: Callable[[], None] = lambda: None) -> None:
         with self._lock:
             try:
-                self._queue.put_nowait((chain, computed))
+                self._queue.put_nowait((chain, computed, when_done))
             except queue.Full:
                 self.dropped += len(computed)
+                when_done()
                 return
             self._pending_chunks += len(computed)
 
@@ -94,7 +99,7 @@ class WriteBack:
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            chain, computed = item
+            chain, computed, when_done = item
             done: list[str] = []
             try:
                 self._write(chain, computed, done)
@@ -103,6 +108,7 @@ class WriteBack:
             finally:
                 with self._lock:
                     self._pending_chunks -= len(computed) - len(done)
+                when_done()
                 self._queue.task_done()
         self._queue.task_done()
 
