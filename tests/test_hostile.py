@@ -109,19 +109,24 @@ def test_an_entry_swapped_under_another_key_is_a_counted_miss(config: KvcakeConf
 # ---- 2. a non-streamed request whose client left -----------------------------------------
 
 
-class _DecodeGate:
-    """Holds the compute thread at its next decode step until `release()`: a request then cannot finish,
-    however fast the machine, while the test makes its client leave."""
+class _Gate:
+    """Holds the compute thread at its next call of the model's `methods` until `release()`, so a request
+    cannot finish, however fast the machine, while the test arranges what happens beside it. `calls`
+    records the first argument of every gated call."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.reached, self._open = threading.Event(), threading.Event()
-        self._decode = engine.model.decode_batch
-        engine.model.decode_batch = self._gated
+    def __init__(self, engine: Engine, *methods: str) -> None:
+        self.reached, self._open, self.calls = threading.Event(), threading.Event(), []
+        for name in methods:
+            setattr(engine.model, name, self._gated(getattr(engine.model, name)))
 
-    def _gated(self, *args, **kwargs):
-        self.reached.set()
-        self._open.wait(60)
-        return self._decode(*args, **kwargs)
+    def _gated(self, method):
+        def after_the_gate(*args, **kwargs):
+            self.calls.append(args[0])
+            self.reached.set()
+            assert self._open.wait(60)
+            return method(*args, **kwargs)
+
+        return after_the_gate
 
     def release(self) -> None:
         self._open.set()
@@ -132,7 +137,7 @@ DISCONNECTS = "kvcake_client_disconnects_total"
 
 def test_a_non_streamed_request_stops_when_its_client_leaves(config: KvcakeConfig) -> None:
     engine = Engine(config)
-    gate = _DecodeGate(engine)
+    gate = _Gate(engine, "decode_batch")
     with LiveServer(engine) as live:
         impatient = openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0, timeout=0.5)
         with pytest.raises(openai.APITimeoutError):
@@ -148,7 +153,7 @@ def test_a_non_streamed_request_stops_when_its_client_leaves(config: KvcakeConfi
 
 def test_a_request_whose_client_left_while_queued_is_answered_and_skipped(config: KvcakeConfig) -> None:
     engine = Engine(config.replace(max_batch=1))  # one slot: the second request has to queue
-    gate = _DecodeGate(engine)
+    gate = _Gate(engine, "decode_batch")
     with LiveServer(engine) as live:
         slow = live.client().completions.create(model=config.model, prompt="a long answer", max_tokens=3000, temperature=0, stream=True)
         next(iter(slow))
@@ -190,24 +195,14 @@ def test_a_warm_call_whose_client_leaves_stops_at_its_next_pass(config: KvcakeCo
     stops there, counted as cancelled, with the later documents not computed or stored."""
     engine = Engine(config.replace(io_threads=0))
     documents = [f"Entry {i}: the tide table lists high and low water for each day. " * 4 for i in range(12)]
-    reached, may_go = threading.Event(), threading.Event()
-
-    def held(method):
-        def pass_after_the_gate(*args, **kwargs):
-            reached.set()
-            assert may_go.wait(60)
-            return method(*args, **kwargs)
-
-        return pass_after_the_gate
-
-    engine.model.forward, engine.model.forward_isolated = held(engine.model.forward), held(engine.model.forward_isolated)
+    gate = _Gate(engine, "forward", "forward_isolated")
     with LiveServer(engine) as live:
         impatient = openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0, timeout=0.5)
         with pytest.raises(openai.APITimeoutError):
             impatient.post("/kv/documents", body={"documents": documents}, cast_to=object)
-        assert reached.is_set()
+        assert gate.reached.is_set()
         _wait_for(lambda: _metric(_metrics(live.url), DISCONNECTS) == 1.0, "the server to see the client leave")
-        may_go.set()
+        gate.release()
         _wait_for(lambda: _metric(_metrics(live.url), "kvcake_requests_cancelled_total") == 1.0, "the warm call to be cancelled")
         preamble, ids = engine.planner.plan_documents(documents, True, None)
         stored = [engine.store.contains(engine.blend.document_key(config.tenant, preamble, doc)) for doc in ids]
@@ -215,34 +210,31 @@ def test_a_warm_call_whose_client_leaves_stops_at_its_next_pass(config: KvcakeCo
     engine.close()
 
 
+def _eight_at_once(live: LiveServer, gate: _Gate, call: Callable[[], object]) -> list:
+    """Eight clients make `call` at once: the first is held at the gate until the other seven wait in the queue."""
+    replies: list[object] = []
+    callers = [threading.Thread(target=lambda: replies.append(call())) for _ in range(8)]
+    for caller in callers:
+        caller.start()
+    assert gate.reached.wait(60)
+    _wait_for(lambda: _metric(_metrics(live.url), "kvcake_queue_depth") == 7.0, "the other seven calls to queue")
+    gate.release()
+    for caller in callers:
+        caller.join(60)
+    assert len(replies) == 8
+    return replies
+
+
 @pytest.mark.parametrize("layout", ["plain", "tune"])
 def test_identical_warm_calls_at_once_compute_each_document_once(config: KvcakeConfig, layout: str) -> None:
     """Eight clients warm the same documents at once: the first computes them, the others wait for its entries."""
     engine = Engine(config.replace(reuse="tune" if layout == "tune" else "blend", io_threads=0, chunk_size=128))
     documents = [f"Shelf {i}: the harbour master logs each ship." for i in range(3)]  # packed into one pass
-    reached, may_go, passes = threading.Event(), threading.Event(), []
-    forward_isolated = engine.model.forward_isolated
-
-    def counted_pass(*args, **kwargs):
-        passes.append(len(args[0]))
-        reached.set()
-        assert may_go.wait(60)
-        return forward_isolated(*args, **kwargs)
-
-    engine.model.forward_isolated = counted_pass
+    gate = _Gate(engine, "forward_isolated")
     with LiveServer(engine) as live:
-        replies: list[object] = []
-        callers = [threading.Thread(target=lambda: replies.append(live.client().post("/kv/documents", body={"documents": documents}, cast_to=object)))
-                   for _ in range(8)]
-        for caller in callers:
-            caller.start()
-        assert reached.wait(60)
-        _wait_for(lambda: _metric(_metrics(live.url), "kvcake_queue_depth") == 7.0, "the other seven calls to queue")
-        may_go.set()
-        for caller in callers:
-            caller.join(60)
-        assert len(replies) == 8 and all(len(reply["data"]) == len(documents) for reply in replies)
-    assert sum(passes) == len(documents), "each document computed once"
+        replies = _eight_at_once(live, gate, lambda: live.client().post("/kv/documents", body={"documents": documents}, cast_to=object))
+        assert all(len(reply["data"]) == len(documents) for reply in replies)
+    assert sum(len(segments) for segments in gate.calls) == len(documents), "each document computed once"
     assert engine.store.stats().puts == len(documents) * (2 if layout == "tune" else 1)
     engine.close()
 
@@ -252,33 +244,14 @@ def test_identical_cold_prompts_at_once_compute_their_prefix_once(config: Kvcake
     written, and all get the same answer."""
     engine = Engine(config.replace(io_threads=0))
     prompt = _prompt(9, 6 * CHUNK + 5)
-    reference = Engine(config).generate(GenerateRequest(token_ids=prompt, reuse="compute", sampling=SamplingParams(max_tokens=3)))
-    reached, may_go = threading.Event(), threading.Event()
-    forward = engine.model.forward
-
-    def held_forward(*args, **kwargs):
-        reached.set()
-        assert may_go.wait(60)
-        return forward(*args, **kwargs)
-
-    engine.model.forward = held_forward
+    with Engine(config) as alone:
+        reference = alone.generate(GenerateRequest(token_ids=prompt, reuse="compute", sampling=SamplingParams(max_tokens=3)))
+    gate = _Gate(engine, "forward")
     with LiveServer(engine) as live:
-        replies: list[object] = []
-
-        def ask() -> None:
-            replies.append(live.client().completions.create(model=config.model, prompt=prompt, max_tokens=3, temperature=0,
-                                                            extra_body={"reuse": "cake"}))
-
-        callers = [threading.Thread(target=ask) for _ in range(8)]
-        for caller in callers:
-            caller.start()
-        assert reached.wait(60)
-        _wait_for(lambda: _metric(_metrics(live.url), "kvcake_queue_depth") == 7.0, "the other seven requests to queue")
-        may_go.set()
-        for caller in callers:
-            caller.join(60)
+        replies = _eight_at_once(live, gate, lambda: live.client().completions.create(
+            model=config.model, prompt=prompt, max_tokens=3, temperature=0, extra_body={"reuse": "cake"}))
     engine.close()
-    assert len(replies) == 8 and {reply.choices[0].text for reply in replies} == {reference.text}
+    assert {reply.choices[0].text for reply in replies} == {reference.text}
     computed = sorted(reply.model_extra["kvcake"]["tokens_computed"] for reply in replies)
     assert computed == [len(prompt) - 6 * CHUNK] * 7 + [len(prompt)], "one computed the prompt, seven loaded its 6 chunks"
 
