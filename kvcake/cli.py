@@ -28,7 +28,7 @@ BENCHMARKS = {
     "load": ("kvcake.bench.load", "TTFT of a load-only request whose prefix is stored, against its floor (memcpy of the bytes + one forward).", MODEL),
 }
 EVALUATIONS = {
-    "blend": ("kvcake.bench.blend_eval", "Answer quality of blended document reuse on multi-document QA (quoref, or --data FILE).",
+    "blend": ("kvcake.bench.blend_eval", "Answer quality of blended document reuse on multi-document QA (Disfl-QA, the needles task, or --data FILE).",
               ("model", "store", "reuse")),
     "scale": ("kvcake.bench.scale", "Quality gaps of naive reuse, blend and tune by model size, from saved eval runs.", ()),
 }
