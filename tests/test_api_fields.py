@@ -124,7 +124,7 @@ def test_n_choices_share_one_prefill_and_sample_with_derived_seeds(live: LiveSer
     client = live.client()
     single_replies = [client.completions.create(model=config.model, prompt=prompt, max_tokens=6, temperature=1.0, seed=40 + i) for i in range(3)]
     singles = [r.choices[0].text for r in single_replies]
-    live.engine.writeback.flush()
+    live.engine.flush()
     reply = client.completions.create(model=config.model, prompt=prompt, max_tokens=6, temperature=1.0, seed=40, n=3)
     assert [c.index for c in reply.choices] == [0, 1, 2]
     assert [c.text for c in reply.choices] == singles, "choice i samples with seed + i"

@@ -86,7 +86,7 @@ def test_requests_served_together_give_what_they_give_alone(tiny_folders: dict[s
     generator = torch.Generator().manual_seed(11)
     prompts = [torch.randint(3, 512, (length,), generator=generator).tolist() for length in (9, 70, 130, 40)]
     engine.generate(_greedy(prompts[2]))  # stores its prefix chunks for the load and Cake requests below
-    engine.writeback.flush()
+    engine.flush()
     requests = [_greedy(prompts[0]), _greedy(prompts[1], tokens=20), _greedy(prompts[2], "load"), _greedy(prompts[2], "cake"),
                 _greedy(prompts[3], n=2)]
     alone = []

@@ -35,7 +35,7 @@ def tiny_engine(folder: Path, tmp_path: Path, **settings: object) -> Engine:
 def ask(engine: Engine, documents: list[str], reuse: str, ratio: float | None = None, system: str = SYSTEM) -> GenerateResult:
     request = GenerateRequest(query=QUERY, documents=documents, system=system, reuse=reuse, ratio=ratio, sampling=SamplingParams(max_tokens=6))
     result = engine.generate(request)
-    engine.writeback.flush()
+    engine.flush()
     return result
 
 
@@ -233,7 +233,7 @@ def test_default_model_blend_matches_full_prefill_at_ratio_one(default_config: K
         request = GenerateRequest(query=question.question, documents=passages, system=SYSTEM, reuse=reuse, ratio=ratio)
         request.sampling = SamplingParams(max_tokens=8)
         result = engine.generate(request)
-        engine.writeback.flush()
+        engine.flush()
         return result
 
     full = answer("compute")

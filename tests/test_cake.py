@@ -21,7 +21,7 @@ METHODS = ["load", "cake", "split:1", "split:3"]
 
 def ask(engine: Engine, prompt: list[int], reuse: str, max_tokens: int = 8) -> GenerateResult:
     result = engine.generate(GenerateRequest(token_ids=prompt, reuse=reuse, sampling=SamplingParams(max_tokens=max_tokens)))
-    engine.writeback.flush()
+    engine.flush()
     return result
 
 

@@ -100,7 +100,7 @@ def test_requests_served_together_give_what_they_give_alone_on_the_real_model(en
         GenerateRequest(prompt="Name three rivers.", sampling=SamplingParams(max_tokens=10, temperature=0.0)),
     ]
     alone = [[(step.token_id, step.logits) for step in engine.stream(request, RequestMetrics())] for request in requests]
-    engine.writeback.flush()
+    engine.flush()
     worker = ComputeWorker(engine, max_queue=8, io_threads=0, on_finished=lambda metrics, cancelled: None, max_batch=3)
     served: list[list[tuple[int, torch.Tensor]]] = [[] for _ in requests]
     finished = [threading.Event() for _ in requests]

@@ -89,7 +89,7 @@ def test_an_entry_swapped_under_another_key_is_a_counted_miss(config: KvcakeConf
             prompt, other = _prompt(1, 4 * CHUNK + 3), _prompt(2, 4 * CHUNK + 3)
             reference = client.completions.create(model=config.model, prompt=prompt, max_tokens=4, temperature=0, extra_body={"reuse": "compute"})
             client.completions.create(model=config.model, prompt=other, max_tokens=1, temperature=0)
-            engine.writeback.flush()
+            engine.flush()
             keys = prefix_chunk_keys(engine.fingerprint, "", prompt, CHUNK)
             other_keys = prefix_chunk_keys(engine.fingerprint, "", other, CHUNK)
             for index in range(4):
@@ -331,7 +331,7 @@ def test_many_small_documents_are_computed_in_few_passes(config: KvcakeConfig) -
     assert result.metrics.blend.documents_computed == 120
     assert passes.count("isolated") <= -(-document_tokens // 256) + len(documents) // 10, "documents are packed, not computed one by one"
     passes.clear()
-    engine.writeback.flush()
+    engine.flush()
     again = engine.generate(request)
     assert again.metrics.blend.documents_stored == 120 and "isolated" not in passes
     with pytest.raises(RequestError, match="max_documents"):
@@ -422,7 +422,7 @@ def test_chunks_that_fail_to_load_are_not_hits(config: KvcakeConfig, tmp_path: P
     prompt = _prompt(3, 6 * CHUNK + 3)
     request = GenerateRequest(token_ids=prompt, reuse="load", sampling=SamplingParams(max_tokens=2))
     reference = engine.generate(GenerateRequest(token_ids=prompt, reuse="compute", sampling=SamplingParams(max_tokens=2)))
-    engine.writeback.flush()
+    engine.flush()
     key = prefix_chunk_keys(engine.fingerprint, "", prompt, CHUNK)[2]
     data = bytearray(engine.store.backend.read_all(key))
     data[-5] ^= 0xFF
@@ -444,14 +444,14 @@ def test_a_prefix_larger_than_the_store_still_hits_its_head(config: KvcakeConfig
     """Eviction takes a chain's tail first: a chunk is useless without the ones before it."""
     probe = Engine(config)
     probe.generate(GenerateRequest(token_ids=_prompt(5, CHUNK + 1), sampling=SamplingParams(max_tokens=1)))
-    probe.writeback.flush()
+    probe.flush()
     budget_gb = 4.5 * probe.store.stats().bytes_written / 1e9
     probe.close()
     url = f"memory://?max_gb={budget_gb}" if scheme == "memory" else f"file://{tmp_path}/kv?max_gb={budget_gb}"
     engine = Engine(config.replace(store_url=url))
     request = GenerateRequest(token_ids=_prompt(4, 10 * CHUNK + 3), reuse="cake", sampling=SamplingParams(max_tokens=1))
     engine.generate(request)
-    engine.writeback.flush()
+    engine.flush()
     again = engine.generate(request)
     assert 0 < again.metrics.prefix.stored_chunks < 10
     engine.close()

@@ -108,10 +108,10 @@ def test_tenants_never_share_cache_entries(config: KvcakeConfig) -> None:
             server.client("wrong").completions.create(model=config.model, prompt=prompt, max_tokens=1)
         alice, bob = server.client("key-a"), server.client("key-b")
         first = alice.completions.create(model=config.model, prompt=prompt, max_tokens=1, temperature=0)
-        engine.writeback.flush()
+        engine.flush()
         before = engine.store.stats()
         other = bob.completions.create(model=config.model, prompt=prompt, max_tokens=1, temperature=0)
-        engine.writeback.flush()
+        engine.flush()
         after = engine.store.stats()
         assert other.model_extra["kvcake"]["prefix_hit_chunks"] == 0 and after.hits == before.hits
         again = alice.completions.create(model=config.model, prompt=prompt, max_tokens=1, temperature=0)

@@ -65,7 +65,7 @@ def test_a_stop_that_never_matches_changes_nothing(live: LiveServer, config: Kvc
 def test_a_stop_with_a_stored_prefix_still_reuses_it(live: LiveServer, config: KvcakeConfig) -> None:
     prompt = list(range(3, 3 + 3 * config.chunk_size + 5))
     first = live.client().completions.create(model=config.model, prompt=prompt, max_tokens=16, temperature=0)
-    live.engine.writeback.flush()
+    live.engine.flush()
     text = first.choices[0].text
     stop = text[3:5] if len(text) > 5 else "\u2603"
     again = live.client().completions.create(model=config.model, prompt=prompt, max_tokens=16, temperature=0, stop=[stop])

@@ -26,7 +26,7 @@ QUERY = "Which book did the keeper write in?"
 def ask(engine: Engine, reuse: str, ratio: float | None = None) -> GenerateResult:
     request = GenerateRequest(query=QUERY, documents=DOCUMENTS, system=SYSTEM, reuse=reuse, ratio=ratio, sampling=SamplingParams(max_tokens=5))
     result = engine.generate(request)
-    engine.writeback.flush()
+    engine.flush()
     return result
 
 

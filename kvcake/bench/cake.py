@@ -83,7 +83,7 @@ def _bench_length(config: KvcakeConfig, length: int, factors: list[float], repea
     num_chunks = length // config.chunk_size
     chunk_compute_s = _per_chunk_compute_times(engine, prompt, num_chunks)
     _ttft(engine, prompt, "compute")
-    engine.writeback.flush()
+    engine.flush()
     keys = prefix_chunk_keys(engine.fingerprint, config.tenant, prompt, config.chunk_size)[:num_chunks]
     engine.close()
     prefix_bytes = sum(len(backend.read_all(key) or b"") for key in keys)

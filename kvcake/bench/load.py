@@ -71,7 +71,7 @@ def _measure(engines: dict[str, Engine], chunks: int, repeats: int) -> list[dict
 
     for engine in engines.values():
         engine.generate(request("compute"))
-        engine.writeback.flush()
+        engine.flush()
     samples: dict[str, list[tuple[float, float, float, int]]] = {name: [] for name in engines}
     last_token = _LastToken(any_engine, prompt)
     for _ in range(repeats):

@@ -123,7 +123,7 @@ def _balanced_link(config: KvcakeConfig, document: str) -> tuple[float, float]:
     engine = Engine(config.replace(reuse="compute"), store=ByteStore(backend))
     request = GenerateRequest(messages=_messages(document, 0), sampling=SamplingParams(max_tokens=1))
     engine.generate(request)
-    engine.writeback.flush()
+    engine.flush()
     compute_s = statistics.median(engine.generate(request).metrics.prefix.compute_s for _ in range(3))
     stored_bytes = engine.store.stats().bytes_written
     engine.close()
@@ -149,7 +149,7 @@ class _StrategyServer:
             self.client = openai.OpenAI(base_url=self.server.url + "/v1", api_key="bench", max_retries=0, timeout=3600)
             for index, document in enumerate(self.shared):
                 self.ask(_messages(document, -1 - index))
-            self.engine.writeback.flush()
+            self.engine.flush()
             self._opened = opened.pop_all()
         return self
 
@@ -165,7 +165,7 @@ class _StrategyServer:
         with ThreadPoolExecutor(concurrency) as pool:
             self.ttfts += pool.map(self.ask, batch)
         self.seconds += time.perf_counter() - started
-        self.engine.writeback.flush()
+        self.engine.flush()
 
     def result(self) -> dict:
         ordered = sorted(self.ttfts)

@@ -40,7 +40,7 @@ def run_demo(config: KvcakeConfig, document_chars: int) -> None:
             ttfts = []
             for messages in conversations:
                 ttfts.append(_ask(client, config, messages, len(document)))
-                engine.writeback.flush()  # stored before the next question asks for it, however busy the machine
+                engine.flush()  # stored before the next question asks for it, however busy the machine
         print(f"[kvcake] TTFT {ttfts[0]:.2f}s (computed) -> {ttfts[1]:.2f}s (reused): {ttfts[0] / ttfts[1]:.1f}x faster", file=sys.stderr)
     finally:
         _forget(engine, conversations)
@@ -64,7 +64,7 @@ def _ask(client: openai.OpenAI, config: KvcakeConfig, messages: list[dict[str, s
 
 def _forget(engine: Engine, conversations: list[list[dict[str, str]]]) -> None:
     """Delete the chunks this run stored (its tenant salt makes them unreachable anyway)."""
-    engine.writeback.flush()
+    engine.flush()
     for messages in conversations:
         ids = engine.plan_prompt(GenerateRequest(messages=messages)).token_ids
         for key in prefix_chunk_keys(engine.fingerprint, engine.config.tenant, ids, engine.config.chunk_size):
