@@ -166,20 +166,6 @@ class Transformer:
             v.view(num_tokens, -1, head_dim).transpose(0, 1),
         )
 
-    def attend(
-        self,
-        q: torch.Tensor,
-        q_positions: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        kv_positions: torch.Tensor,
-    ) -> torch.Tensor:
-        """Attention of rotated queries over rotated keys; token j is visible to i iff pos_j <= pos_i.
-
-        Returns (T_q, H * d), ready for the output projection.
-        """
-        return attend_with_mask(q, k, v, causal_mask(q_positions, kv_positions))
-
     def attention_output(self, layer: int, attended: torch.Tensor) -> torch.Tensor:
         weights = self.layers[layer]
         return F.linear(attended, weights.o, weights.o_bias)

@@ -1,8 +1,8 @@
 """Loading a queued request's stored prefix while another request computes.
 
-A server runs one request at a time on the compute thread; the next ones wait. Their
-stored prefix chunks do not need the compute thread, so an I/O thread reads them from
-the back while they wait (`PrefixPrefetch.run`). When the request starts, `take_back`
+A server runs at most `max_batch` requests on the compute thread; the next ones wait in
+its queue. Their stored prefix chunks do not need the compute thread, so an I/O thread
+reads them from the back while they wait (`PrefixPrefetch.run`). When the request starts, `take_back`
 hands over the contiguous run of chunks loaded so far, from the last reusable chunk
 down; Cake then schedules only the chunks below it, computing from the front and
 loading from the back as usual. Held chunks count against a shared `ByteBudget`, so

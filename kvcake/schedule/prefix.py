@@ -287,16 +287,6 @@ class PrefixPrefill:
         self.computed_kv: dict[int, ChunkKV] = {}
         self._observed_compute: list[tuple[int, float]] = []
 
-    def run(
-        self,
-        cache: KVCache,
-        num_chunks: int,
-        strategy: Strategy,
-        prefetched: dict[int, ChunkKV] | None = None,
-    ) -> PrefixReport:
-        """`prefetched` holds chunks num_chunks-1, num_chunks-2, ... already loaded; the strategy schedules the rest."""
-        return drain(self.steps(cache, num_chunks, strategy, prefetched))
-
     def steps(
         self,
         cache: KVCache,
@@ -304,8 +294,10 @@ class PrefixPrefill:
         strategy: Strategy,
         prefetched: dict[int, ChunkKV] | None = None,
     ) -> Generator[None, None, PrefixReport]:
-        """`run`, pausing (a bare ``yield``) after each chunk the compute side computes, so a
-        scheduler can run other requests' work in between; the loader keeps loading meanwhile."""
+        """Fill `cache` with the first `num_chunks` chunks by `strategy` (`prefetched` holds chunks
+        num_chunks-1, num_chunks-2, ... already loaded; the strategy schedules the rest), pausing (a
+        bare ``yield``) after each chunk the compute side computes, so a scheduler can run other
+        requests' work in between; the loader keeps loading meanwhile."""
         prefetched = prefetched or {}
         scheduled = num_chunks - len(prefetched)
         compute_limit, loader_floor = strategy.limits(scheduled)
