@@ -198,7 +198,9 @@ class Engine:
     def warm_steps(self, request: WarmRequest, scored: bool | None = None) -> Generator[None, None, list[tuple[str, int, bool]]]:
         """`warm`, pausing after every pass of documents (a scheduler's unit of work)."""
         preamble, ids = self.planner.plan_documents(request.documents, request.chat, request.system)
-        strategy = self.tune if (self.config.reuse == TUNE if scored is None else scored) else self.blend
+        if scored is None:
+            scored = (request.reuse or self.config.reuse) == TUNE
+        strategy = self.tune if scored else self.blend
         stored = yield from strategy.store_documents(ids, preamble, self.config.tenant if request.tenant is None else request.tenant)
         return [(key, len(doc), present) for (key, present), doc in zip(stored, ids)]
 

@@ -63,6 +63,8 @@ class WarmRequest:
     tenant: str | None = None
     chat: bool = True
     system: str | None = None
+    reuse: str | None = None
+    """The document mode whose stored layout to write (blend or tune); None: the engine's `reuse` decides."""
 
 
 @dataclass

@@ -243,3 +243,21 @@ def test_a_stopped_server_keeps_no_engine_alive(config: KvcakeConfig) -> None:
     del engine, server
     gc.collect()
     assert freed() is None
+
+
+def test_a_warm_call_names_the_layout_it_stores(config: KvcakeConfig) -> None:
+    """On a server whose reuse is cake, a warm call with reuse=tune stores CacheTune's scored layout, which a tune
+    request then finds; a warm call naming another mode is a 400."""
+    engine = Engine(config.replace(reuse="cake"))
+    with LiveServer(engine) as live:
+        client = live.client()
+        warmed = client.post("/kv/documents", body={"documents": DOCUMENTS, "reuse": "tune"}, cast_to=object)
+        assert [d["already_stored"] for d in warmed["data"]] == [False, False]
+        messages = [{"role": "user", "content": "What colour is the book?"}]
+        reply = client.chat.completions.create(model=config.model, messages=messages, max_tokens=2, extra_body={"kv_documents": DOCUMENTS, "reuse": "tune"})
+        assert reply.model_extra["kvcake"]["documents_stored"] == 2
+        plain = client.chat.completions.create(model=config.model, messages=messages, max_tokens=2, extra_body={"kv_documents": DOCUMENTS, "reuse": "blend"})
+        assert plain.model_extra["kvcake"]["documents_stored"] == 0, "the plain layout was not stored"
+        with pytest.raises(openai.BadRequestError, match="reuse"):
+            client.post("/kv/documents", body={"documents": DOCUMENTS, "reuse": "cake"}, cast_to=object)
+    engine.close()

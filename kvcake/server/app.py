@@ -104,7 +104,7 @@ def create_app(engine: Engine) -> FastAPI:
         _check_model(body.model or config.model, config)
         if len(body.documents) > config.max_documents:
             raise ApiError(400, f"{len(body.documents)} documents; the limit is max_documents = {config.max_documents}", param="documents")
-        job, events = _submit(request.app.state.worker, WarmRequest(body.documents, request.state.tenant, body.chat, body.system), None)
+        job, events = _submit(request.app.state.worker, WarmRequest(body.documents, request.state.tenant, body.chat, body.system, body.reuse), None)
         async with _cancelled_on_disconnect(request, [job]):
             name, value = await events.get()
         if name == "error":

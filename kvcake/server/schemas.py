@@ -143,3 +143,5 @@ class WarmBody(_Body):
     model: Text | None = None
     chat: bool = Field(default=True, description="Warm for chat requests (true) or for plain completions (false).")
     system: Text | None = Field(default=None, description="The system text of the requests these documents will serve.")
+    reuse: Literal["blend", "tune"] | None = Field(
+        default=None, description="Store the layout of this document mode (tune: scored and sorted); default: the server's reuse setting.")
