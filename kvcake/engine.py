@@ -33,7 +33,16 @@ from kvcake.requests import (
 )
 from kvcake.runtime import keep_freed_memory
 from kvcake.schedule import ByteBudget, CostProfile, PrefixPrefetch, PrefixReuse, Reuse, ReuseChoice, Strategy, WriteBack, drain
-from kvcake.store import KeyRules, KVStore, model_fingerprint, open_store
+from kvcake.store import KeyRules, KVStore, StoreStats, model_fingerprint, open_store
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    store: StoreStats
+    writeback_pending: int
+    """Computed chunks queued or being written to the store."""
+    writeback_dropped: int
+    """Computed chunks never written because the write-back queue was full."""
 
 
 class Engine:
@@ -84,6 +93,10 @@ class Engine:
     def flush(self) -> None:
         """Wait until every computed chunk queued for the store has been written."""
         self.writeback.flush()
+
+    def stats(self) -> EngineStats:
+        """The store's counters and the write-back queue's state, for an operator's view."""
+        return EngineStats(self.store.stats(), self.writeback.pending, self.writeback.dropped)
 
     def plan_prompt(self, request: GenerateRequest) -> PromptLayout:
         return self.planner.plan(request)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from kvcake.requests import RequestMetrics
-from kvcake.store import StoreStats
+from kvcake.engine import EngineStats
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -31,6 +31,7 @@ class ServerMetrics:
         )
         self.queue_depth = Gauge("kvcake_queue_depth", "Requests waiting for the compute thread.", registry=self.registry)
         self.writeback_dropped = Gauge("kvcake_writeback_dropped", "Computed chunks not written back (queue full).", registry=self.registry)
+        self.writeback_pending = Gauge("kvcake_writeback_pending", "Computed chunks queued or being written to the store.", registry=self.registry)
 
     def record(self, metrics: RequestMetrics | None, cancelled: bool) -> None:
         """Called by the compute thread for every request that ran, including ones whose client left, and for
@@ -52,7 +53,8 @@ class ServerMetrics:
             self.documents.labels("stored").inc(metrics.blend.documents_stored)
             self.documents.labels("computed").inc(metrics.blend.documents_computed)
 
-    def render(self, store: StoreStats, queue_depth: int, writeback_dropped: int) -> bytes:
+    def render(self, engine: EngineStats, queue_depth: int) -> bytes:
+        store = engine.store
         errors = sum(store.errors.values())
         by_kind: dict[str, int] = dict(store.errors)
         for tier in store.tiers.values():
@@ -64,6 +66,7 @@ class ServerMetrics:
                             ("misses", store.misses), ("errors", errors), ("puts_failed", store.puts_failed)):
             self.store.labels(name).set(value)
         self.queue_depth.set(queue_depth)
-        self.writeback_dropped.set(writeback_dropped)
+        self.writeback_dropped.set(engine.writeback_dropped)
+        self.writeback_pending.set(engine.writeback_pending)
         return generate_latest(self.registry)
 
