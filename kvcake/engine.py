@@ -32,7 +32,7 @@ from kvcake.requests import (
     parse_reuse,
 )
 from kvcake.runtime import keep_freed_memory
-from kvcake.schedule import ByteBudget, CostProfile, PrefixPrefetch, PrefixReuse, Reuse, ReuseChoice, Strategy, WriteBack, drain
+from kvcake.schedule import WAIT_S, WAITING, ByteBudget, CostProfile, PrefixPrefetch, PrefixReuse, Reuse, ReuseChoice, Strategy, WriteBack, drain
 from kvcake.store import KeyRules, KVStore, StoreStats, model_fingerprint, open_store
 
 
@@ -149,7 +149,9 @@ class Engine:
                     if isinstance(item, DecodeStep):
                         reply = self.model.forward(torch.tensor([item.token_id]), torch.tensor([item.position]), item.cache).logits[-1]
                         continue
-                reply = None if item is None else (yield item)
+                if item is WAITING:
+                    time.sleep(WAIT_S)
+                reply = None if item is None or item is WAITING else (yield item)
         except StopIteration:
             return
         finally:

@@ -14,7 +14,7 @@ import torch
 from kvcake.model import KVCache, SamplingParams, Tokenizer
 from kvcake.model.grammar import GrammarError, JsonConstraint
 from kvcake.model.segments import PromptLayout, Segments, document_preamble, document_token_ids, layout, split_prompt
-from kvcake.schedule import BlendReport, PrefixReport, Strategy
+from kvcake.schedule import BlendReport, PrefixReport, Strategy, Waiting
 
 BLEND = "blend"
 TUNE = "tune"
@@ -116,9 +116,10 @@ class DecodeStep:
     cache: KVCache
 
 
-Work = Step | DecodeStep | None
+Work = Step | DecodeStep | Waiting | None
 """What `Engine.run` yields: a generated token (send True to end its choice), a decode step
-(send its logits), or None: a pause after a unit of prefill work (send None)."""
+(send its logits), None: a pause after a unit of prefill work (send None), or `WAITING`: a pause
+in which it did nothing, waiting for another request's chunks (send None, after running others)."""
 
 
 def parse_reuse(text: str) -> Strategy | str:

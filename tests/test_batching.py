@@ -58,7 +58,7 @@ class _Collector:
         if kind == "token":
             self.tokens.append(payload.step.token_id)
             self.logits.append(payload.step.logits)
-        else:
+        elif kind != "prompt_logprobs":
             self.outcome = event
             self.done.set()
 
@@ -229,6 +229,23 @@ def test_a_warm_call_runs_pass_by_pass_beside_a_decoding_request(config: KvcakeC
     assert finished == ["decode", "warm"] and len(decoding.tokens) == 10
     assert warming.outcome[0] == "done" and len(warming.outcome[1]) == len(documents)
     assert all(engine.store.contains(key) for key, _, _ in warming.outcome[1])
+    engine.close()
+
+
+def test_an_older_request_waiting_for_a_younger_one_s_chunks_lets_it_run(config: KvcakeConfig) -> None:
+    """An echoed prompt's log probabilities come before its prefill, so a younger request with the same prompt
+    starts computing the prefix first; the older one then waits for those chunks, and the scheduler must run
+    the younger one meanwhile (it used to give every unit to the oldest prefill: both stalled)."""
+    engine = Engine(config)
+    prompt = list(range(3, 3 + 5 * 32 + 7))
+    worker = ComputeWorker(engine, max_queue=8, io_threads=0, on_finished=lambda metrics, cancelled: None, max_batch=4)
+    echoed, plain = _Collector(), _Collector()
+    request = _greedy(prompt, "cake", tokens=2)
+    worker.submit(Job(request=request, planned=engine.check(request), emit=echoed.emit, logprobs=0, prompt_logprobs=True))
+    worker.submit(Job(request=request, planned=engine.check(request), emit=plain.emit))
+    assert echoed.done.wait(120) and plain.done.wait(120), "neither request may stall"
+    worker.close()
+    assert echoed.outcome[0] == plain.outcome[0] == "done" and echoed.tokens == plain.tokens
     engine.close()
 
 

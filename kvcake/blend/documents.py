@@ -21,7 +21,7 @@ from kvcake.blend.selective import BlendFallback, BlendPrefill
 from kvcake.chunk import ChunkKV
 from kvcake.model import CachePool, KVCache
 from kvcake.model.segments import PromptLayout
-from kvcake.schedule import BlendReport, Filled, PrefixPlan, PrefixPrefetch, PrefixReport, PrefixReuse, ReuseChoice, Strategy
+from kvcake.schedule import WAITING, BlendReport, Filled, PrefixPlan, PrefixPrefetch, PrefixReport, PrefixReuse, ReuseChoice, Strategy, Waiting
 
 
 @dataclass(frozen=True)
@@ -72,17 +72,17 @@ class DocumentReuse:
     def document_key(self, tenant: str, preamble: Sequence[int], token_ids: Sequence[int], layout: str | None = None) -> str:
         return self.keys.document(tenant, preamble, token_ids, layout or self.layout)
 
-    def _claim(self, keys: list[str]) -> Generator[None, None, list[bool]]:
-        """Which of `keys` are stored, once no other call is computing a missing one. A key another warm call
-        is computing is waited for, pausing so that call runs, and is then found stored: identical calls
+    def _claim(self, keys: list[str]) -> Generator[Waiting, None, list[bool]]:
+        """Which of `keys` are stored, once no other call is computing any of them. A key another warm call
+        is computing is waited for (pausing, so that call runs) and is then found stored: identical calls
         compute each document once. The missing keys are this call's to compute until `_release`."""
         while True:
             with self._in_flight_lock:
-                present = [self.store.contains(key) for key in keys]
-                if not any(key in self._in_flight for key, stored in zip(keys, present) if not stored):
+                if not self._in_flight.intersection(keys):
+                    present = [self.store.contains(key) for key in keys]
                     self._in_flight.update(key for key, stored in zip(keys, present) if not stored)
                     return present
-            yield
+            yield WAITING
 
     def _release(self, keys: list[str]) -> None:
         with self._in_flight_lock:

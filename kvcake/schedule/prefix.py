@@ -377,10 +377,20 @@ class PrefixPrefill:
             return None
 
 
-def drain(steps: Generator[None, None, T]) -> T:
-    """Run a pausing generator to its end without pausing; its return value."""
+class Waiting:
+    """What a pausing generator yields instead of a bare pause when it did no work: it waits for chunks
+    another request is computing. A scheduler runs other work first; a lone driver sleeps `WAIT_S`."""
+
+
+WAITING = Waiting()
+WAIT_S = 0.002
+
+
+def drain(steps: Generator[Waiting | None, None, T]) -> T:
+    """Run a pausing generator to its end without pausing (but for a short sleep while it waits); its return value."""
     while True:
         try:
-            next(steps)
+            if next(steps) is WAITING:
+                time.sleep(WAIT_S)
         except StopIteration as done:
             return done.value

@@ -21,7 +21,7 @@ from kvcake.model import KVCache, Transformer
 from kvcake.model.segments import PromptLayout
 from kvcake.schedule.contract import Filled, ReuseChoice
 from kvcake.schedule.prefetch import ByteBudget, PrefixPrefetch
-from kvcake.schedule.prefix import ChunkLoader, CostProfile, PrefixPrefill, PrefixReport, Strategy
+from kvcake.schedule.prefix import WAITING, ChunkLoader, CostProfile, PrefixPrefill, PrefixReport, Strategy, Waiting
 from kvcake.schedule.writeback import WriteBack
 from kvcake.store import KeyRules, KVStore
 
@@ -98,7 +98,7 @@ class PrefixReuse:
             self._release(claimed)
         return Filled(logits, report)
 
-    def _after_identical_work(self, plan: PrefixPlan) -> Generator[None, None, PrefixPlan]:
+    def _after_identical_work(self, plan: PrefixPlan) -> Generator[Waiting, None, PrefixPlan]:
         """The plan once no other request is computing chunks it could load: identical cold prompts (eight
         clients asking the same long question at once) compute their shared prefix once. While another
         request computes or writes back such chunks this one pauses (so the other runs), then finds them
@@ -107,7 +107,7 @@ class PrefixReuse:
         if plan.strategy.name == "compute" or not self._claimed_elsewhere(reusable):
             return plan
         while self._claimed_elsewhere(reusable):
-            yield
+            yield WAITING
         return dataclasses.replace(plan, num_stored=self.store.stored_prefix(plan.keys[: (len(plan.token_ids) - 1) // self.chunk_size]))
 
     def _claimed_elsewhere(self, keys: list[str]) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ import torch
 
 from kvcake.engine import Engine
 from kvcake.requests import DecodeStep, GenerateRequest, RequestMetrics, Step, WarmRequest, Work
-from kvcake.schedule import PrefixPrefetch
+from kvcake.schedule import WAIT_S, WAITING, PrefixPrefetch
 from kvcake.model.segments import PromptLayout
 from kvcake.server.stops import StopMatcher
 
@@ -179,9 +180,17 @@ class ComputeWorker:
             running.remove(entry)
 
     def _prefill_unit(self, running: list[_Running]) -> None:
-        """One chunk of the oldest prefill, so prefills advance in arrival order between decode steps."""
+        """One chunk of the oldest prefill, so prefills advance in arrival order between decode steps. A prefill
+        waiting for another request's chunks (`WAITING`) lets the next one go first, so the request it waits
+        for can finish them; with only waiting ones it looks again after a short sleep (unless tokens decode)."""
         entry = next((r for r in running if r.pending is None), None)
-        if entry is not None and not self._advance(entry, None):
+        if entry is None:
+            entry = next((r for r in running if r.pending is WAITING), None)
+            if entry is None:
+                return
+            if not any(isinstance(r.pending, DecodeStep) for r in running):
+                time.sleep(WAIT_S)
+        if not self._advance(entry, None):
             running.remove(entry)
 
     def _decode_step(self, running: list[_Running]) -> None:
