@@ -110,7 +110,7 @@ class KvcakeConfig(BaseSettings):
     def _check_ranges(self) -> KvcakeConfig:
         for name, allowed in CHOICES.items():
             value = getattr(self, name)
-            if value not in allowed and not (name == "reuse" and re.fullmatch(r"split:\d+", value)):
+            if value == "split:M" or (value not in allowed and not (name == "reuse" and re.fullmatch(r"split:\d+", value))):
                 raise ConfigError(f"setting {name!r} must be one of {', '.join(allowed)}; got {value!r}")
         for name in ("chunk_size", "max_tokens", "max_queue", "max_batch", "max_body_bytes", "max_documents"):
             if getattr(self, name) < 1:

@@ -23,6 +23,7 @@ from typing import BinaryIO, Iterator
 from tqdm import tqdm
 
 READ_BLOCK = 1 << 20
+INDEX_TIMEOUT_S = 120
 
 
 class FetchError(RuntimeError):
@@ -177,7 +178,10 @@ def check_served(package: str, version: str) -> IndexAnswer:
     """Asks the configured package index (pip's own settings) which versions of `package` it serves,
     without downloading any file."""
     command = [sys.executable, "-m", "pip", "index", "versions", "--disable-pip-version-check", package]
-    result = subprocess.run(command, capture_output=True, text=True)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=INDEX_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return IndexAnswer(package, version, False, f"no answer: the index did not answer within {INDEX_TIMEOUT_S} s")
     listed = next((line for line in result.stdout.splitlines() if line.startswith("Available versions:")), None)
     if result.returncode != 0 or listed is None:
         reason = next((line for line in result.stderr.splitlines() if line.startswith("ERROR")), result.stderr.strip()[-300:])

@@ -6,9 +6,9 @@ of a chain is stored usable:
 - **Head first.** A prefix's new chunks are written in chain order, so a write-back cut
   short (a stop whose grace period ran out, a full store that refuses puts) leaves a
   head, never tails that can never hit.
-- **Head most recent.** Before and after each write the chain up to it is touched from
-  the tail to the head, so in a store that evicts by recency the chain's head is always
-  its most recently used entry, and eviction takes the tail first.
+- **Head most recent.** Before each write the chain up to it is touched from the tail to
+  the head (and the whole chain once at the end), so in a store that evicts by recency
+  the chain's head is its most recently used entry, and eviction takes the tail first.
 - **No orphans.** A chain larger than the store's budget stops at the first write that
   evicts one of its own earlier chunks (that write and anything after the gap are
   deleted), and at the first put the store refuses (a full Redis with `noeviction`): the
@@ -94,7 +94,7 @@ class WriteBack:
             self._out_of_time.set()
         unwritten = self.pending
         if unwritten:
-            log.warning("stopped with %d chunk(s) not written back after the %.1f s grace period", unwritten, grace_s)
+            log.warning("stopped with %d chunk(s) not written back after the %s s grace period", unwritten, grace_s)
         return unwritten
 
     def _run(self) -> None:
@@ -115,9 +115,14 @@ class WriteBack:
     def _write(self, chain: list[str], computed: dict[str, ChunkKV], done: list[str]) -> None:
         """Store the chain's computed chunks head first, then any others; `done` collects the keys dealt with."""
         in_chain = set(chain)
+        wrote = False
         for index, key in enumerate(chain):
-            if key in computed and not self._write_link(chain, index, computed[key], done):
-                return
+            if key in computed:
+                if not self._write_link(chain, index, computed[key], done):
+                    break
+                wrote = True
+        if wrote and not self._out_of_time.is_set():
+            self.store.touch(list(reversed(chain)))
         for key in (key for key in computed if key not in in_chain):
             if self._out_of_time.is_set():
                 return
@@ -138,13 +143,23 @@ class WriteBack:
         if not self.store.contains(key) and not self.store.put(key, chunk.to_cpu()):
             return False
         self._done(key, done)
+        gap = self._gap_before(chain, index)
+        if gap is None:
+            return True
+        for orphan in set(chain[gap + 1 : index + 1]).intersection(done):  # only what this write-back wrote
+            self.store.delete(orphan)
+        return False
+
+    def _gap_before(self, chain: list[str], index: int) -> int | None:
+        """The first of chain[:index + 1] that is missing, confirmed: a store with writes of its own still
+        queued (a tiered store writing back) lands them first, and a read error is not taken for a gap."""
+        if self.store.stored_prefix(chain[: index + 1]) > index:
+            return None
+        self.store.flush()
         intact = self.store.stored_prefix(chain[: index + 1])
-        if intact <= index:
-            for orphan in chain[intact + 1 : index + 1]:
-                self.store.delete(orphan)
-            return False
-        self.store.touch(list(reversed(chain[: index + 1])))
-        return True
+        if intact > index or self.store.contains(chain[intact]):
+            return None
+        return intact
 
     def _done(self, key: str, done: list[str]) -> None:
         done.append(key)
