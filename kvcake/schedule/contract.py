@@ -8,8 +8,9 @@ Cake, split:M; `kvcake.schedule.reuse`) and the document strategies (blend, tune
   load or compute; it reads the store's index, moves no KV;
 - `fill(plan, cache, prefetched)` fills an empty request cache from that plan and
   reports what it did (`Filled`). It is a generator that pauses (a bare ``yield``)
-  after each unit of work, so a scheduler can interleave other requests' work;
-  `drain` runs one without pausing.
+  after each unit of work, so a scheduler can interleave other requests' work, and
+  yields `WAITING` instead while it waits for chunks another request is computing (a
+  scheduler then runs others first); `drain` runs one without pausing.
 
 `prefetch(prompt, choice)` hands a loader of the stored prefix to a request that waits
 its turn (or None); it reads no more of the store's index than that needs. A
