@@ -32,7 +32,7 @@ from kvcake.requests import (
     parse_reuse,
 )
 from kvcake.runtime import keep_freed_memory
-from kvcake.schedule import WAIT_S, WAITING, ByteBudget, CostProfile, PrefixPrefetch, PrefixReuse, Reuse, ReuseChoice, Strategy, WriteBack, drain
+from kvcake.schedule import WAIT_S, WAITING, Waiting, ByteBudget, CostProfile, PrefixPrefetch, PrefixReuse, Reuse, ReuseChoice, Strategy, WriteBack, drain
 from kvcake.store import KeyRules, KVStore, StoreStats, model_fingerprint, open_store
 
 
@@ -210,7 +210,7 @@ class Engine:
         with torch.inference_mode():
             return drain(self.warm_steps(WarmRequest(documents, tenant, chat, system), scored))
 
-    def warm_steps(self, request: WarmRequest, scored: bool | None = None) -> Generator[None, None, list[tuple[str, int, bool]]]:
+    def warm_steps(self, request: WarmRequest, scored: bool | None = None) -> Generator[Waiting | None, None, list[tuple[str, int, bool]]]:
         """`warm`, pausing after every pass of documents (a scheduler's unit of work)."""
         preamble, ids = self.planner.plan_documents(request.documents, request.chat, request.system)
         if scored is None:

@@ -10,7 +10,6 @@ instead, and the report says why. `TuneReuse` (kvcake.blend.tune) shares this ma
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from kvcake.chunk import ChunkKV
 from kvcake.model import CachePool, KVCache
 from kvcake.model.segments import PromptLayout
 from kvcake.schedule import WAITING, BlendReport, Filled, PrefixPlan, PrefixPrefetch, PrefixReport, PrefixReuse, ReuseChoice, Strategy, Waiting
+from kvcake.schedule.inflight import InFlight
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,8 @@ class DocumentReuse:
         self.model, self.store, self.writeback, self.keys = prefix.model, prefix.store, prefix.writeback, prefix.keys
         self.pool = pool
         self.settings = settings
-        self._in_flight: set[str] = set()
-        self._in_flight_lock = threading.Lock()
+        self.in_flight = InFlight()
+        """Document keys some warm call is computing now (identical calls at once compute once)."""
 
     def prefetch(self, prompt: PromptLayout, choice: ReuseChoice) -> PrefixPrefetch | None:
         """The exact prefix's stored chunks (taken with Cake); the documents load when the request runs."""
@@ -75,18 +75,12 @@ class DocumentReuse:
     def _claim(self, keys: list[str]) -> Generator[Waiting, None, list[bool]]:
         """Which of `keys` are stored, once no other call is computing any of them. A key another warm call
         is computing is waited for (pausing, so that call runs) and is then found stored: identical calls
-        compute each document once. The missing keys are this call's to compute until `_release`."""
-        while True:
-            with self._in_flight_lock:
-                if not self._in_flight.intersection(keys):
-                    present = [self.store.contains(key) for key in keys]
-                    self._in_flight.update(key for key, stored in zip(keys, present) if not stored)
-                    return present
+        compute each document once. The missing keys stay this call's to compute until it releases them."""
+        while not self.in_flight.claim_all(keys):
             yield WAITING
-
-    def _release(self, keys: list[str]) -> None:
-        with self._in_flight_lock:
-            self._in_flight.difference_update(keys)
+        present = [self.store.contains(key) for key in keys]
+        self.in_flight.release(key for key, stored in zip(keys, present) if stored)
+        return present
 
     def _plan_prefix(self, prompt: PromptLayout, choice: ReuseChoice) -> PrefixPlan | None:
         """The exact prefix before the documents, taken with Cake."""
@@ -212,7 +206,7 @@ class BlendReuse(DocumentReuse):
 
     def store_documents(
         self, documents: list[list[int]], preamble: tuple[int, ...], tenant: str
-    ) -> Generator[None, None, list[tuple[str, bool]]]:
+    ) -> Generator[Waiting | None, None, list[tuple[str, bool]]]:
         """Compute and store the documents not stored yet, pausing after every pass; each one's key
         and whether it was stored before. Entries are written here, not queued, so they are stored
         once this returns (a write-back queue could drop them)."""
@@ -223,7 +217,7 @@ class BlendReuse(DocumentReuse):
             for index, chunk in zip(missing, (yield from self.compute([documents[i] for i in missing], preamble))):
                 self.store.put(keys[index], chunk)
         finally:
-            self._release([keys[i] for i in missing])
+            self.in_flight.release(keys[i] for i in missing)
         return list(zip(keys, present))
 
     def _source(self, plan: DocumentPlan) -> Generator[None, None, LayerSource]:

@@ -28,7 +28,7 @@ from kvcake.blend.selective import BlendPrefill
 from kvcake.chunk import ChunkKV
 from kvcake.model import CachePool, KVCache
 from kvcake.model.segments import PromptLayout
-from kvcake.schedule import Filled, PrefixPrefetch, PrefixReuse, ReuseChoice
+from kvcake.schedule import Filled, PrefixPrefetch, PrefixReuse, ReuseChoice, Waiting
 
 ORDER_DIGITS = 3
 ORDER_BASE = 128
@@ -156,7 +156,7 @@ class TuneReuse(DocumentReuse):
 
     def store_documents(
         self, documents: list[list[int]], preamble: tuple[int, ...], tenant: str
-    ) -> Generator[None, None, list[tuple[str, bool]]]:
+    ) -> Generator[Waiting | None, None, list[tuple[str, bool]]]:
         """Compute, score and store the documents not stored yet, pausing after every pass; each one's
         key and whether it was stored before."""
         keys = self._keys(tenant, preamble, documents)
@@ -167,7 +167,7 @@ class TuneReuse(DocumentReuse):
                     self.store.put(document.key, document.computed)
                     self.store.put(document.order_key, document.stored_order)
         finally:
-            self._release([key for (key, _), stored in zip(keys, present) if not stored])
+            self.in_flight.release(key for (key, _), stored in zip(keys, present) if not stored)
         return [(key, stored) for (key, _), stored in zip(keys, present)]
 
     def _keys(self, tenant: str, preamble: tuple[int, ...], documents: list[list[int]]) -> list[tuple[str, str]]:

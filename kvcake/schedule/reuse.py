@@ -9,7 +9,6 @@ prompt token are reused, since the first token's logits need that token computed
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from kvcake.chunk import ChunkKV
 from kvcake.model import KVCache, Transformer
 from kvcake.model.segments import PromptLayout
 from kvcake.schedule.contract import Filled, ReuseChoice
+from kvcake.schedule.inflight import InFlight
 from kvcake.schedule.prefetch import ByteBudget, PrefixPrefetch
 from kvcake.schedule.prefix import WAITING, ChunkLoader, CostProfile, PrefixPrefill, PrefixReport, Strategy, Waiting
 from kvcake.schedule.writeback import WriteBack
@@ -61,8 +61,8 @@ class PrefixReuse:
         self.prefill_chunk = prefill_chunk
         self.profile = profile
         self.prefetch_budget = prefetch_budget
-        self._in_flight: set[str] = set()
-        self._in_flight_lock = threading.Lock()
+        self.in_flight = InFlight()
+        """Chunk keys some request is computing or writing back now (identical prompts at once compute once)."""
 
     def plan(self, prompt: PromptLayout, choice: ReuseChoice) -> PrefixPlan:
         """The whole of `prompt.token_ids` as an exact prefix."""
@@ -78,13 +78,13 @@ class PrefixReuse:
         plan = self.plan(prompt, choice)
         return PrefixPrefetch(self._loader(plan.keys), plan.num_stored, self.prefetch_budget) if plan.num_stored else None
 
-    def fill(self, plan: PrefixPlan, cache: KVCache, prefetched: PrefixPrefetch | None = None) -> Generator[None, None, Filled]:
+    def fill(self, plan: PrefixPlan, cache: KVCache, prefetched: PrefixPrefetch | None = None) -> Generator[Waiting | None, None, Filled]:
         """The stored chunks by the plan's strategy, then the rest computed; pauses after every computed chunk or pass.
 
         Chunks `prefetched` while the request waited are used as loaded (Cake, load). Chunks another
         request is computing right now are waited for and then loaded (see `_after_identical_work`)."""
         plan = yield from self._after_identical_work(plan)
-        claimed = self._claim(plan.keys[plan.num_stored :])
+        claimed = self.in_flight.claim_free(plan.keys[plan.num_stored :])
         try:
             num_stored = plan.num_stored
             ready = prefetched.take_back(num_stored) if prefetched is not None and plan.strategy.name in PREFETCHING else {}
@@ -93,9 +93,9 @@ class PrefixReuse:
             logits, computed = yield from self._compute_rest(plan, cache, report)
             computed.update({plan.keys[index]: kv for index, kv in prefix.computed_kv.items()})
             written, claimed = claimed, []
-            self.writeback.submit_chain(plan.keys, computed, lambda: self._release(written))
+            self.writeback.submit_chain(plan.keys, computed, lambda: self.in_flight.release(written))
         finally:
-            self._release(claimed)
+            self.in_flight.release(claimed)
         return Filled(logits, report)
 
     def _after_identical_work(self, plan: PrefixPlan) -> Generator[Waiting, None, PrefixPlan]:
@@ -103,27 +103,12 @@ class PrefixReuse:
         clients asking the same long question at once) compute their shared prefix once. While another
         request computes or writes back such chunks this one pauses (so the other runs), then finds them
         stored. A strategy that loads nothing (compute) does not wait."""
-        reusable = plan.keys[plan.num_stored : (len(plan.token_ids) - 1) // self.chunk_size]
-        if plan.strategy.name == "compute" or not self._claimed_elsewhere(reusable):
+        reusable = plan.keys[: (len(plan.token_ids) - 1) // self.chunk_size]
+        if plan.strategy.name == "compute" or not self.in_flight.any_of(reusable[plan.num_stored :]):
             return plan
-        while self._claimed_elsewhere(reusable):
+        while self.in_flight.any_of(reusable[plan.num_stored :]):
             yield WAITING
-        return dataclasses.replace(plan, num_stored=self.store.stored_prefix(plan.keys[: (len(plan.token_ids) - 1) // self.chunk_size]))
-
-    def _claimed_elsewhere(self, keys: list[str]) -> bool:
-        with self._in_flight_lock:
-            return any(key in self._in_flight for key in keys)
-
-    def _claim(self, keys: list[str]) -> list[str]:
-        """Mark the chunks this request will compute as in flight (those no other request claimed)."""
-        with self._in_flight_lock:
-            mine = [key for key in keys if key not in self._in_flight]
-            self._in_flight.update(mine)
-        return mine
-
-    def _release(self, keys: list[str]) -> None:
-        with self._in_flight_lock:
-            self._in_flight.difference_update(keys)
+        return dataclasses.replace(plan, num_stored=self.store.stored_prefix(reusable))
 
     def _loader(self, keys: list[str]) -> ChunkLoader:
         """Reads chunk `index` of `keys`; an entry of another shape (layers, tokens) is a miss."""
