@@ -48,7 +48,7 @@ class KvcakeConfig(BaseSettings):
 
     model: str = _setting("smollm2-135m", "Registry name (smollm2-135m, qwen2.5-0.5b, qwen2.5-1.5b), a .gguf file or a HF safetensors folder.", "model")
     device: str = _setting("auto", "torch device: auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...", "model")
-    dtype: str = _setting("auto", "Compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16.", "model")
+    dtype: str = _setting("auto", "Compute dtype: auto (bfloat16 on CUDA and on CPUs with native bf16, AVX512-BF16 or AMX; float32 elsewhere), float32, float16, bfloat16.", "model")
     threads: int = _setting(0, "CPU threads for torch; 0 keeps torch's default (all cores).", "model")
     chunk_size: int = _setting(256, "Tokens per stored KV chunk (the unit of prefix keys and reuse).", "model")
     compute_chunk: int = _setting(

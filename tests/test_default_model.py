@@ -37,7 +37,8 @@ def test_logits_match_transformers_on_a_long_prompt(default_model, hf_default_mo
     with torch.no_grad():
         reference = hf_default_model(ids[None]).logits[0]
     ours = default_model.forward(ids, torch.arange(len(ids)), default_model.new_cache(len(ids)), all_logits=True).logits
-    assert (ours - reference).abs().max().item() <= 1e-4
+    # float32 rounding only: oneDNN and the BLAS sum the products in other orders (measured 3.6e-6 of the largest logit)
+    assert (ours - reference).abs().max().item() <= 5e-6 * reference.abs().max().item()
 
 
 def test_chunked_prefill_matches_one_shot_on_the_real_model(engine, long_prompt) -> None:

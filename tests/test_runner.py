@@ -10,7 +10,7 @@ from tiny import FAMILY_CONFIGS
 from transformers import AutoModelForCausalLM
 
 from kvcake.model import Transformer
-from kvcake.model.transformer import TailCausal, attend_with_mask, causal_mask
+from kvcake.model.transformer import TailCausal, attend_with_mask, causal_mask, linear
 
 TOLERANCE = 1e-4
 
@@ -124,3 +124,21 @@ def test_rope_at_shifted_positions_is_a_relative_rotation(tiny_folders: dict[str
         return float((model.apply_rope(q, cos_q, sin_q) * model.apply_rope(k, cos_k, sin_k)).sum())
 
     assert score(10, 3) == pytest.approx(score(1010, 1003), abs=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_one_decode_query_in_half_precision_matches_float32_attention(test_device: torch.device, dtype: torch.dtype) -> None:
+    """A single query in bf16/fp16 takes the three-product path on a CPU: same result as float32 SDPA, up to the dtype's rounding."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(heads, tokens, 16, generator=generator) for heads, tokens in ((6, 1), (2, 40), (2, 40)))
+    reference = attend_with_mask(q, k, v, None)
+    low = attend_with_mask(q.to(test_device, dtype), k.to(test_device, dtype), v.to(test_device, dtype), None)
+    assert low.shape == reference.shape
+    assert (low.float().cpu() - reference).abs().max().item() <= 2e-2
+
+
+def test_linear_equals_the_reference_product() -> None:
+    generator = torch.Generator().manual_seed(0)
+    x, weight, bias = torch.randn(5, 24, generator=generator), torch.randn(12, 24, generator=generator), torch.randn(12, generator=generator)
+    assert torch.allclose(linear(x, weight, bias), x @ weight.T + bias, atol=1e-5)
+    assert torch.allclose(linear(x, weight), x @ weight.T, atol=1e-5)

@@ -48,6 +48,21 @@ class ForwardOutput:
     kv: ChunkKV
 
 
+_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias``, through oneDNN on a CPU build that has it.
+
+    On a CPU, `F.linear` in float32 goes to the BLAS, which reads a weight matrix for one token at
+    about a third of the memory's speed; oneDNN's kernel reads it twice as fast (decode) and
+    multiplies 10-20% faster (prefill). Elsewhere (CUDA, a build without oneDNN) it is `F.linear`.
+    """
+    if x.device.type == "cpu" and _ONEDNN_LINEAR is not None:
+        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
 def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in fp32 whatever the activation dtype, as the reference models do."""
     hidden32 = hidden.float()
@@ -156,7 +171,7 @@ class Transformer:
         """Normalise and project: q (H, T, d), k (Hkv, T, d) before RoPE, v (Hkv, T, d)."""
         weights = self.layers[layer]
         normed = rms_norm(hidden, weights.input_norm, self.config.rms_norm_eps)
-        projected = F.linear(normed, weights.qkv, weights.qkv_bias)
+        projected = linear(normed, weights.qkv, weights.qkv_bias)
         q, k, v = projected.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         head_dim = self.config.head_dim
         num_tokens = hidden.shape[0]
@@ -168,18 +183,18 @@ class Transformer:
 
     def attention_output(self, layer: int, attended: torch.Tensor) -> torch.Tensor:
         weights = self.layers[layer]
-        return F.linear(attended, weights.o, weights.o_bias)
+        return linear(attended, weights.o, weights.o_bias)
 
     def mlp(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """The residual branch after attention: norm, SwiGLU, down projection."""
         weights = self.layers[layer]
         normed = rms_norm(hidden, weights.post_norm, self.config.rms_norm_eps)
-        gate, up = F.linear(normed, weights.gate_up, weights.gate_up_bias).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, weights.down, weights.down_bias)
+        gate, up = linear(normed, weights.gate_up, weights.gate_up_bias).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, weights.down, weights.down_bias)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         normed = rms_norm(hidden, self.final_norm, self.config.rms_norm_eps)
-        return F.linear(normed, self.lm_head).float()
+        return linear(normed, self.lm_head).float()
 
     # ---- composed passes -----------------------------------------------------------
 
@@ -366,6 +381,8 @@ def causal_mask(q_positions: torch.Tensor, kv_positions: torch.Tensor) -> Mask:
 
 def attend_with_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask) -> torch.Tensor:
     """q: (H, Tq, d); k, v: (Hkv, Tk, d) with H a multiple of Hkv (GQA). Returns (Tq, H * d)."""
+    if q.shape[1] == 1 and mask is None and q.dtype != torch.float32 and q.device.type == "cpu":
+        return _attend_one_query(q, k, v)
     q, k, v = q[None], k[None], v[None]
     if mask is True:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -374,6 +391,16 @@ def attend_with_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Ma
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     return out[0].transpose(0, 1).reshape(q.shape[2], -1)
+
+
+def _attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One decode token over all of k, v as three small products: on a CPU, SDPA's flash kernel in
+    bf16/fp16 takes 4-13x longer for a single query (0.7 ms at 1k keys, 2.4 ms at 4k) than this."""
+    kv_heads, group = k.shape[0], q.shape[0] // k.shape[0]
+    grouped = q.reshape(kv_heads, group, q.shape[2])
+    scores = torch.matmul(grouped, k.transpose(1, 2)).float() * q.shape[2] ** -0.5
+    weights = scores.softmax(dim=-1).to(v.dtype)
+    return torch.matmul(weights, v).reshape(1, -1)
 
 
 def _attend_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: TailCausal) -> torch.Tensor:
