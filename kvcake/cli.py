@@ -25,6 +25,7 @@ BENCHMARKS = {
               "and continuous batching (--workload decode|stall|batching).", ALL),
     "tune": ("kvcake.bench.tune", "TTFT of full prefill, blend and CacheTune at ~4k tokens with the store in memory, on disk, and behind 10 and 1 Gbps links.", MODEL_AND_REUSE),
     "blend": ("kvcake.bench.blend", "TTFT of full prefill, naive reuse and blend on a ~4k-token multi-document prompt, in memory and throttled.", MODEL_AND_REUSE),
+    "peers": ("kvcake.bench.peers", "kvcake against vLLM's CPU build (its own venv; --install-vllm): cold prefill, reuse, restart and decode on the same token ids.", MODEL),
     "load": ("kvcake.bench.load", "TTFT of a load-only request whose prefix is stored, against its floor (memcpy of the bytes + one forward).", MODEL),
 }
 EVALUATIONS = {
