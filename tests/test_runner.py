@@ -10,7 +10,7 @@ from tiny import FAMILY_CONFIGS
 from transformers import AutoModelForCausalLM
 
 from kvcake.model import Transformer
-from kvcake.model.transformer import TailCausal, attend_with_mask, causal_mask, linear
+from kvcake.model.transformer import TailCausal, attend_with_mask, causal_mask, linear, pack_weight
 
 TOLERANCE = 1e-4
 
@@ -142,3 +142,8 @@ def test_linear_equals_the_reference_product() -> None:
     x, weight, bias = torch.randn(5, 24, generator=generator), torch.randn(12, 24, generator=generator), torch.randn(12, generator=generator)
     assert torch.allclose(linear(x, weight, bias), x @ weight.T + bias, atol=1e-5)
     assert torch.allclose(linear(x, weight), x @ weight.T, atol=1e-5)
+    packed = pack_weight(weight)
+    for rows in (1, 5, 300):
+        x = torch.randn(rows, 24, generator=generator)
+        assert torch.allclose(linear(x, packed, bias), x @ weight.T + bias, atol=1e-5), f"packed weight, {rows} rows"
+    assert torch.allclose(linear(x.T.contiguous().T, packed), x @ weight.T, atol=1e-5), "a transposed (non-contiguous) input"
