@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from kvcake.config import SCOPES, ConfigError, KvcakeConfig, add_config_flags, config_from_args, markdown_table
-from kvcake.runtime import keep_freed_memory
+from kvcake.runtime import in_fresh_thread, keep_freed_memory
 
 MODEL, MODEL_AND_REUSE, ALL = ("model",), ("model", "reuse"), SCOPES
 # name -> (module, summary, the setting scopes whose flags it shows); a module is imported
@@ -181,10 +181,11 @@ def _run_and_print(engine, request) -> None:
 
 
 @contextmanager
-def _engine(config: KvcakeConfig) -> Iterator:
+def _engine(config: KvcakeConfig, *, computes_here: bool = True) -> Iterator:
+    """An engine closed on exit; built on a thread of its own when another thread will compute (a server)."""
     from kvcake.engine import Engine
 
-    engine = Engine(config)
+    engine = Engine(config) if computes_here else in_fresh_thread(lambda: Engine(config))
     try:
         yield engine
     finally:
@@ -231,7 +232,7 @@ def _serve(args: argparse.Namespace) -> int:
     from kvcake.server.foreground import serve
 
     config = config_from_args(args)
-    with _engine(config) as engine:
+    with _engine(config, computes_here=False) as engine:
         serve(engine, config.host, config.port)
     return 0
 

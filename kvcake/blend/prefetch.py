@@ -21,6 +21,7 @@ from typing import Protocol
 import torch
 
 from kvcake.chunk import ChunkKV
+from kvcake.runtime import confine_torch_to_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ class LayerPrefetcher:
             return next(self._next, None)
 
     def _run(self) -> None:
+        confine_torch_to_this_thread()
         copy_stream = torch.cuda.Stream(self._device) if self._device is not None else None
         while True:
             self._room.acquire()

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 
 from kvcake.chunk import ChunkKV
+from kvcake.runtime import confine_torch_to_this_thread
 from kvcake.store import KVStore
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class WriteBack:
         return unwritten
 
     def _run(self) -> None:
+        confine_torch_to_this_thread()
         while (item := self._queue.get()) is not None:
             chain, computed, when_done = item
             done: list[str] = []

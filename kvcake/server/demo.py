@@ -19,6 +19,7 @@ from kvcake.config import KvcakeConfig
 from kvcake.data import long_text
 from kvcake.engine import Engine
 from kvcake.requests import GenerateRequest
+from kvcake.runtime import in_fresh_thread
 from kvcake.server.background import BackgroundServer
 from kvcake.store import prefix_chunk_keys
 
@@ -32,7 +33,7 @@ def run_demo(config: KvcakeConfig, document_chars: int) -> None:
     config = config.replace(tenant=f"demo-{uuid.uuid4().hex[:12]}")
     document = long_text(config.cache_path(), document_chars)
     conversations = [[{"role": "user", "content": f"{document}\n\n{question}"}] for question in QUESTIONS]
-    engine = Engine(config)
+    engine = in_fresh_thread(lambda: Engine(config))  # the server's compute thread is the one that computes
     try:
         with BackgroundServer(engine) as server:
             print(f"[kvcake] serving {config.model} at {server.url}/v1, store {config.effective_store_url()}", file=sys.stderr)

@@ -34,6 +34,7 @@ from kvcake.engine import Engine
 from kvcake.requests import DecodeStep, GenerateRequest, RequestMetrics, Step, WarmRequest, Work
 from kvcake.schedule import WAIT_S, WAITING, PrefixPrefetch
 from kvcake.model.segments import PromptLayout
+from kvcake.runtime import confine_torch_to_this_thread
 from kvcake.server.stops import StopMatcher
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class ComputeWorker:
         self.decode_steps = 0
         """Batched decode forwards run so far; with `decode_rows` (tokens they produced) the mean batch size."""
         self.decode_rows = 0
-        self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="kvcake-prefetch") if io_threads else None
+        self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="kvcake-prefetch", initializer=confine_torch_to_this_thread) if io_threads else None
         self._queue: queue.Queue[Job | None] = queue.Queue(max_queue)
         self._thread = threading.Thread(target=self._run, name="kvcake-compute", daemon=True)
         self._thread.start()

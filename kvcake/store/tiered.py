@@ -25,6 +25,7 @@ import torch
 from kvcake.store import codec
 from kvcake.store.base import KVStore, StatsCounter, StoreStats
 from kvcake.store.codec import ChunkKV
+from kvcake.runtime import confine_torch_to_this_thread
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +191,7 @@ class TieredStore(KVStore):
 
     def _drain(self) -> None:
         """Write-back worker: oldest queued entry first."""
+        confine_torch_to_this_thread()
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._pending or self._closed)
