@@ -239,7 +239,7 @@ class Engine:
                 metrics.ttft_s = time.perf_counter() - started
                 decode_started = time.perf_counter()
             metrics.generated_tokens += 1
-            stopped = token in self.tokenizer.stop_ids or sampler.finished
+            stopped = (token in self.tokenizer.stop_ids and not sampler.params.ignore_eos) or sampler.finished
             last = stopped or index == budget - 1
             if (yield Step(token, logits, ("stop" if stopped else "length") if last else None, choice)) or last:
                 break

@@ -73,6 +73,16 @@ def test_logit_bias_forces_a_token(live: LiveServer, config: KvcakeConfig) -> No
     assert all(token == forced for token in _tokens(live, "hi", 5, logit_bias=((forced, 100.0),)))
 
 
+def test_ignore_eos_generates_max_tokens_past_the_stop_token(live: LiveServer, config: KvcakeConfig) -> None:
+    eos = min(live.engine.tokenizer.stop_ids)
+    forced = {str(eos): 100}
+    stopped = live.client().completions.create(model=config.model, prompt="hi", max_tokens=5, temperature=0, logit_bias=forced)
+    assert (stopped.usage.completion_tokens, stopped.choices[0].finish_reason) == (1, "stop")
+    going_on = live.client().completions.create(model=config.model, prompt="hi", max_tokens=5, temperature=0, logit_bias=forced,
+                                                extra_body={"ignore_eos": True})
+    assert (going_on.usage.completion_tokens, going_on.choices[0].finish_reason) == (5, "length")
+
+
 def test_a_frequency_penalty_stops_a_greedy_repeat(live: LiveServer) -> None:
     plain = _tokens(live, "make make make", 12)
     assert len(set(plain)) < len(plain), "the tiny model repeats itself greedily"

@@ -264,9 +264,7 @@ def _workloads(servers: _Servers, prompts: _Prompts, args: argparse.Namespace) -
     by_name = {"kvcake": servers.kvcake, "vllm": servers.vllm}
 
     def timed(server: _ServerProcess, prompt: list[int] | str, max_tokens: int = 1, **extra: object) -> tuple[float, int]:
-        body = dict(extra)
-        if server is servers.vllm and max_tokens > 1:
-            body["ignore_eos"] = True
+        body = dict(extra) | ({"ignore_eos": True} if max_tokens > 1 else {})
         started = time.perf_counter()
         reply = server.client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body=body or None)
         return time.perf_counter() - started, reply.usage.completion_tokens

@@ -22,6 +22,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    ignore_eos: bool = False
+    """Generate `max_tokens` tokens, going on past the model's stop tokens (for benchmarks, as in vLLM)."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

@@ -140,7 +140,7 @@ def _sampling(body: SamplingFields, max_tokens: int | None, config: KvcakeConfig
         return SamplingParams(
             max_tokens=max_tokens or config.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
             presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-            logit_bias=_logit_bias(body.logit_bias),
+            logit_bias=_logit_bias(body.logit_bias), ignore_eos=bool(body.ignore_eos),
         )
     except ValueError as error:
         raise ApiError(400, str(error)) from None

@@ -110,6 +110,7 @@ class SamplingFields(_Body):
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
         default=None, description="Token id (as a string) -> bias added to its logit."
     )
+    ignore_eos: bool | None = Field(default=None, description="vLLM's extension: generate max_tokens tokens, past the model's stop tokens.")
 
 
 class CompletionBody(SamplingFields):
