@@ -67,7 +67,9 @@ class Engine:
         self.cache_pool = CachePool(int(config.kv_pool_gb * 1e9))
         keys = KeyRules(self.fingerprint, config.chunk_size, config.document_gap, config.shared_documents)
         budget = ByteBudget(int(config.prefetch_gb * 1e9))
-        self.prefix = PrefixReuse(self.model, self.store, self.writeback, keys, config.prefill_chunk, CostProfile(), budget)
+        profile = CostProfile()
+        profile.calibrate(self.model, config.prefill_chunk)
+        self.prefix = PrefixReuse(self.model, self.store, self.writeback, keys, config.prefill_chunk, profile, budget)
         try:
             check_layers = parse_check_layers(config.blend_check_layers, model_config.num_layers)
             settings = DocumentSettings(config.prefill_chunk, check_layers, config.load_streams, config.load_timeout_s)

@@ -127,6 +127,19 @@ class CostProfile:
             elif index == len(self.compute_s):
                 self.compute_s.append(seconds)
 
+    def calibrate(self, model: Transformer, chunk_size: int) -> None:
+        """Seed chunk 0's compute time with a timed forward of one chunk (the second of two: the first
+        sets up the kernels), so a fresh engine's first Cake request has a cost to weigh its first
+        read against instead of computing a chunk the store would have delivered sooner."""
+        ids, positions = torch.zeros(chunk_size, dtype=torch.long), torch.arange(chunk_size)
+        seconds = 0.0
+        with torch.inference_mode():
+            for _ in range(2):
+                started = time.perf_counter()
+                model.forward(ids, positions, model.new_cache(chunk_size)).logits.sum().item()
+                seconds = time.perf_counter() - started
+        self.record_compute(0, seconds)
+
     def record_load(self, seconds: float) -> None:
         with self._lock:
             self.load_s = seconds if self.load_s is None else self.load_s + self.smoothing * (seconds - self.load_s)
@@ -143,7 +156,9 @@ class _Meeting:
     - the compute side waits if the loader, at its observed rate, would load every chunk
       still unclaimed before one more chunk could be computed;
     - the loader waits if the compute side would compute every chunk still unclaimed
-      before one more chunk could be loaded.
+      before one more chunk could be loaded;
+    - before any read has been timed (a fresh engine's first hit), the compute side gives
+      the first read as long as one chunk takes to compute (`CostProfile.calibrate`).
 
     A waiting side re-checks as time passes, so a stall on the other side ends the wait.
     Both cannot wait at once: that needs load < compute and compute <= load per chunk.
@@ -154,6 +169,7 @@ class _Meeting:
     loader_floor: int
     profile: CostProfile
     lock: threading.Condition = field(default_factory=threading.Condition)
+    started_at: float = field(default_factory=time.perf_counter)
     front: int = 0
     lowest_claimed: int = 0
     loader_done: bool = False
@@ -196,9 +212,13 @@ class _Meeting:
             return None
         load_s = self._load_estimate()
         compute_s = self._compute_estimate(self.front)
-        if load_s is None or compute_s is None:
+        if compute_s is None:
             return None
         now = time.perf_counter()
+        if load_s is None:
+            # No read timed yet, in this run or before: the first one may take as long as a chunk computes.
+            waited = now - self.started_at
+            return compute_s - waited if waited < compute_s else None
         busy_until = now if self.load_started_at is None else max(now, self.load_started_at + load_s)
         loader_done_at = busy_until + (self.lowest_claimed - self.front) * load_s
         return loader_done_at - now if loader_done_at < now + compute_s else None
