@@ -65,6 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    signal.signal(signal.SIGTERM, _stop_servers_and_exit)
     config = config_from_args(args)
     vllm = vllm_python(config.cache_path(), args.install_vllm)
     folder = resolve_model(config.model, config.cache_path())
@@ -86,6 +87,11 @@ def run(args: argparse.Namespace) -> None:
         "rows": rows,
     }
     _report(args.out, record)
+
+
+def _stop_servers_and_exit(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so the servers (in process groups of their own) are stopped on the way out."""
+    raise SystemExit(128 + signum)
 
 
 def vllm_python(cache: Path, install: bool) -> Path:
