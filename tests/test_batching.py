@@ -44,6 +44,27 @@ def test_each_row_of_a_batched_decode_step_equals_its_own_forward(tiny_folders: 
                 assert torch.allclose(cache.keys[layer][:, : cache.length], caches[row].keys[layer][:, : cache.length], atol=1e-5)
 
 
+def test_half_precision_rows_of_different_lengths_batched_equal_their_own_forward(tiny_folders: dict[str, Path]) -> None:
+    """bf16 rows attend as one padded batch on a CPU: the padding must not leak into any row."""
+    model = Transformer.from_folder(tiny_folders["qwen2"], TEST_DEVICE, dtype=torch.bfloat16)
+    generator = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(0, 512, (length,), generator=generator) for length in (3, 29, 50, 11)]
+    with torch.inference_mode():
+        caches = []
+        for prompt in prompts:
+            caches.append(model.new_cache(64))
+            model.forward(prompt, torch.arange(len(prompt)), caches[-1])
+        alone = [cache.fork() for cache in caches]
+        tokens, positions = torch.tensor([7, 300, 45, 2]), torch.tensor([len(p) for p in prompts])
+        batched = model.decode_batch(tokens, positions, caches)
+        for row, cache in enumerate(alone):
+            single = model.forward(tokens[row : row + 1], positions[row : row + 1], cache).logits[-1]
+            torch.testing.assert_close(batched[row], single, atol=3e-2, rtol=3e-2)
+        shuffled = model.decode_batch(tokens[[2, 0, 3, 1]], positions[[2, 0, 3, 1]] + 1, [alone[i] for i in (2, 0, 3, 1)])
+        again = model.decode_batch(tokens, positions + 1, caches)
+        torch.testing.assert_close(shuffled, again[[2, 0, 3, 1]], atol=3e-2, rtol=3e-2)
+
+
 class _Collector:
     """A job's events, and an event set when it is done."""
 
