@@ -18,6 +18,7 @@ import statistics
 from pathlib import Path
 
 from kvcake.bench.blend_eval import SYSTEM, build_items
+from kvcake.bench.cake import SharedBackend
 from kvcake.bench.report import machine_description, write_report
 from kvcake.config import KvcakeConfig, config_from_args
 from kvcake.data import DEFAULT_TASK, TASKS
@@ -42,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     config = config_from_args(args)
-    backend = MemoryBackend(16 << 30)
+    backend = SharedBackend(MemoryBackend(16 << 30))
     engine = Engine(config, store=ByteStore(backend))
     item_args = argparse.Namespace(questions=1, prompt_tokens=args.prompt_tokens, per_passage=1, seed=args.seed)
     [item], _ = build_items(engine, TASKS[DEFAULT_TASK](config.cache_path()), item_args)
@@ -65,6 +66,7 @@ def run(args: argparse.Namespace) -> None:
         record["ttft_over_bound"] = record["ttft_s"] / record["bound_s"]
         print(json.dumps(record), flush=True)
         throttled.append(record)
+    backend.release()
     results = {"settings": _settings(config, engine, args, in_memory), "in_memory": in_memory, "throttled": throttled}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "blend-ttft.json").write_text(json.dumps(results, indent=2))

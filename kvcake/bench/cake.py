@@ -74,10 +74,27 @@ def run(args: argparse.Namespace) -> None:
     _report(args.out_dir, name, config, records, args)
 
 
+class SharedBackend:
+    """One in-memory backend seen by several engines in turn: closing an engine (which drops an in-memory
+    store's entries, as its owner ends) leaves the entries for the next engine; `release` drops them."""
+
+    def __init__(self, backend: MemoryBackend) -> None:
+        self._backend = backend
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._backend, name)
+
+    def close(self) -> None:
+        """Kept open for the next engine."""
+
+    def release(self) -> None:
+        self._backend.close()
+
+
 def _bench_length(config: KvcakeConfig, length: int, factors: list[float], repeats: int) -> list[dict]:
     if length % config.chunk_size:
         raise ValueError(f"prefix length {length} is not a multiple of the chunk size {config.chunk_size}")
-    backend = MemoryBackend(64 << 30)
+    backend = SharedBackend(MemoryBackend(64 << 30))
     engine = Engine(config, store=ByteStore(backend))
     prompt = _prompt(engine, config, length)
     num_chunks = length // config.chunk_size
@@ -112,6 +129,7 @@ def _bench_length(config: KvcakeConfig, length: int, factors: list[float], repea
         }
         print(json.dumps(record), flush=True)
         records.append(record)
+    backend.release()
     return records
 
 
