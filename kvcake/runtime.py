@@ -8,7 +8,7 @@ import functools
 import logging
 import re
 import sys
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
@@ -101,18 +101,5 @@ def in_fresh_thread(build: Callable[[], T]) -> T:
     For work done once before serving (loading a model) by a thread that will not compute: its
     team would otherwise outlive it and slow the compute thread (see `confine_torch_to_this_thread`).
     """
-    result: list[T] = []
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            result.append(build())
-        except BaseException as error:  # re-raised on the caller's thread
-            errors.append(error)
-
-    thread = threading.Thread(target=run, name="kvcake-load")
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-    return result[0]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcake-load") as one_thread:
+        return one_thread.submit(build).result()

@@ -446,8 +446,11 @@ class _PaddedRows:
         sample = caches[0].keys[0]
         shape = (len(caches), sample.shape[0], max(lengths), sample.shape[2])
         self.caches, self.lengths = caches, lengths
-        self.keys = torch.zeros(shape, dtype=torch.float32, device=sample.device)
-        self.values = torch.zeros(shape, dtype=torch.float32, device=sample.device)
+        self.keys = torch.empty(shape, dtype=torch.float32, device=sample.device)
+        self.values = torch.empty(shape, dtype=torch.float32, device=sample.device)
+        for row, length in enumerate(lengths):  # masked out, but must be finite: 0 x NaN is NaN
+            self.keys[row, :, length:] = 0
+            self.values[row, :, length:] = 0
         key_index = torch.arange(shape[2], device=sample.device)
         self.mask = (key_index[None, :] < torch.tensor(lengths, device=sample.device)[:, None])[:, None, None, :]
 
