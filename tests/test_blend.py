@@ -17,6 +17,7 @@ from kvcake.engine import Engine
 from kvcake.requests import GenerateRequest, GenerateResult, RequestError
 from kvcake.model import SamplingParams
 from kvcake.model.segments import document_preamble, document_token_ids
+from kvcake.store import TAIL_BLOCK
 
 SYSTEM = "You answer questions about the documents."
 DOCUMENTS = [
@@ -103,7 +104,7 @@ def test_partial_ratio_recomputes_the_top_fraction(engine: Engine) -> None:
 
 
 def test_a_document_at_two_positions_is_read_from_one_entry(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
-    engine = tiny_engine(tiny_folders["llama"], tmp_path, chunk_size=128)  # the prefix is no full chunk: no prefix reads
+    engine = tiny_engine(tiny_folders["llama"], tmp_path, chunk_size=128)  # the prefix is no full chunk: it reads tail blocks only
     loaded_layers = engine.model.config.num_layers - engine.blend.settings.check_layers[0]
     [(key, tokens, present), _] = engine.warm([DOCUMENTS[0], DOCUMENTS[1]], system=SYSTEM)
     preamble = document_preamble(engine.tokenizer, chat=True, system=SYSTEM)
@@ -115,10 +116,12 @@ def test_a_document_at_two_positions_is_read_from_one_entry(tiny_folders: dict[s
         after = engine.store.stats()
         spans.append(engine.plan_prompt(GenerateRequest(query=QUERY, documents=documents, system=SYSTEM)).document_spans[-1])
         assert result.metrics.blend.documents_stored == len(documents)
-        assert after.hits - before.hits == len(documents) * loaded_layers
+        tail_blocks = result.metrics.prefix.tail_tokens_loaded // TAIL_BLOCK
+        assert after.hits - before.hits == len(documents) * loaded_layers + tail_blocks
         assert after.misses == before.misses
-        bytes_read.append(after.bytes_read - before.bytes_read)
+        bytes_read.append(after.bytes_read - before.bytes_read - result.metrics.prefix.bytes_loaded)
         assert bytes_read[-1] >= result.metrics.blend.bytes_loaded > 0
+    assert tail_blocks, "the second request loads the preamble's tail blocks the first one stored"
     assert spans[0][0] != spans[1][0] and spans[0][1] - spans[0][0] == spans[1][1] - spans[1][0] == tokens
     assert bytes_read[1] == result.metrics.blend.bytes_loaded, "the second read reuses the cached entry header"
     engine.close()

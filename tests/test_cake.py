@@ -13,7 +13,7 @@ from kvcake.data import long_text
 from kvcake.engine import Engine
 from kvcake.requests import GenerateRequest, GenerateResult, RequestMetrics
 from kvcake.model import SamplingParams
-from kvcake.store import open_store
+from kvcake.store import TAIL_BLOCK, ChunkKV, open_store
 
 CHUNK = 256
 METHODS = ["load", "cake", "split:1", "split:3"]
@@ -46,7 +46,7 @@ def engine(default_config: KvcakeConfig, tmp_path: Path) -> Engine:
 def test_every_strategy_equals_full_compute_on_many_chunks(engine: Engine, prompt: list[int]) -> None:
     reference = ask(engine, prompt, "compute")
     assert reference.metrics.prefix.hit_chunks == 0
-    assert engine.store.stats().puts == 5
+    assert engine.store.stats().puts == 5 + 40 // TAIL_BLOCK  # the chunks, then the tail's full blocks
     again = ask(engine, prompt, "compute")
     assert_same(again, reference)
     assert again.metrics.prefix.hit_chunks == 5 and again.metrics.tokens_loaded == 0
@@ -56,6 +56,7 @@ def test_every_strategy_equals_full_compute_on_many_chunks(engine: Engine, promp
         report = result.metrics.prefix
         assert report.hit_chunks == 5
         assert report.chunks_computed + report.chunks_loaded == 5
+        assert report.tail_tokens_loaded == 40 // TAIL_BLOCK * TAIL_BLOCK
         assert result.metrics.tokens_computed == len(prompt) - report.tokens_loaded
     assert ask(engine, prompt, "load").metrics.prefix.chunks_loaded == 5
     split = ask(engine, prompt, "split:3").metrics.prefix
@@ -93,8 +94,9 @@ def test_a_fresh_engines_first_cake_hit_loads_what_the_store_delivers_sooner(eng
 @pytest.mark.real_model
 def test_corrupt_or_missing_chunk_in_the_middle_stays_exact(engine: Engine, prompt: list[int], tmp_path: Path) -> None:
     reference = ask(engine, prompt, "compute")
-    keys = sorted((tmp_path / "kv").rglob("*.kv"), key=lambda p: p.stat().st_mtime_ns)
-    assert len(keys) == 5
+    entries = sorted((tmp_path / "kv").rglob("*.kv"), key=lambda p: p.stat().st_mtime_ns)
+    assert len(entries) == 5 + 40 // TAIL_BLOCK
+    keys = entries[:5]  # written head first: the chunks, then the tail's blocks
     data = bytearray(keys[3].read_bytes())
     data[len(data) // 2] ^= 0xFF
     keys[3].write_bytes(bytes(data))
@@ -210,3 +212,38 @@ def test_a_pass_that_is_no_multiple_of_the_chunk_is_refused(tiny_folders: dict[s
 
     with pytest.raises(ConfigError, match="compute_chunk"):
         KvcakeConfig(model=str(tiny_folders["llama"]), chunk_size=32, compute_chunk=48)
+
+
+@pytest.mark.parametrize("method", ["load", "cake", "split:1"])
+def test_a_new_question_on_a_stored_document_loads_the_shared_tail_blocks(tiny_folders: dict[str, Path], tmp_path: Path, method: str) -> None:
+    """The tokens after the last full chunk are stored in blocks: a prompt that shares the chunks and part of the
+    tail (the document's end) loads the shared blocks and computes only the rest, with the full prefill's result;
+    a short chat's next turn reuses the last one's blocks with no full chunk at all; a block of another shape is computed."""
+    config = KvcakeConfig(model=str(tiny_folders["qwen2"]), device=TEST_DEVICE, dtype="float32", chunk_size=64, cache_dir=str(tmp_path))
+    engine = Engine(config, store=open_store("memory://"))
+    fresh = Engine(config, store=open_store("memory://"))
+    ids = torch.randint(3, 512, (400,), generator=torch.Generator().manual_seed(5)).tolist()
+    document, first_question, second_question = ids[: 2 * 64 + 2 * TAIL_BLOCK + 5], ids[300:310], ids[350:362]
+    ask(engine, document + first_question, "compute")
+    prompt = document + second_question
+    result = ask(engine, prompt, method)
+    assert_same(result, ask(fresh, prompt, "compute"))
+    assert result.metrics.prefix.hit_chunks == 2
+    assert result.metrics.prefix.tail_tokens_loaded == 2 * TAIL_BLOCK
+    assert result.metrics.tokens_loaded == result.metrics.prefix.chunks_loaded * 64 + 2 * TAIL_BLOCK
+
+    turn = ids[:20]
+    ask(engine, turn, "compute")
+    next_turn = turn + ids[200:210]
+    result = ask(engine, next_turn, method)
+    assert_same(result, ask(fresh, next_turn, "compute"))
+    assert (result.metrics.prefix.hit_chunks, result.metrics.prefix.tail_tokens_loaded) == (0, TAIL_BLOCK)
+
+    block_key = engine.prefix.keys.prefix_tail("", prompt, engine.prefix.keys.prefix_chunks("", prompt))[1]
+    block = engine.store.get(block_key)
+    engine.store.put(block_key, ChunkKV(block.keys[:1], block.values[:1]))  # bytes of another shape under the key
+    result = ask(engine, prompt, method)
+    assert_same(result, ask(fresh, prompt, "compute"))
+    assert result.metrics.prefix.tail_tokens_loaded == TAIL_BLOCK
+    engine.close()
+    fresh.close()

@@ -78,7 +78,9 @@ class PrefixReport:
     """What a prefix prefill did: the accounting every response carries.
 
     `stored_chunks` were found by the lookup; `hit_chunks` of them were usable: all of
-    them, unless a load failed, when only the chunks actually loaded count.
+    them, unless a load failed, when only the chunks actually loaded count. `tail_tokens_loaded`
+    of the tokens after the last full chunk came from stored tail blocks (they are part of
+    `tokens_loaded` and `bytes_loaded`).
     """
 
     strategy: str = "compute"
@@ -88,6 +90,7 @@ class PrefixReport:
     chunks_loaded: int = 0
     tokens_computed: int = 0
     tokens_loaded: int = 0
+    tail_tokens_loaded: int = 0
     bytes_loaded: int = 0
     meet_chunk: int | None = None
     chunks_prefetched: int = 0

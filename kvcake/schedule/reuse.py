@@ -4,6 +4,13 @@ The plan finds the longest stored run of the prompt's prefix chunks; the fill sc
 those chunks by the request's strategy (`PrefixPrefill`), computes the rest of the prompt
 and queues its computed full chunks for write-back. Only chunks that end before the last
 prompt token are reused, since the first token's logits need that token computed.
+
+The tokens after the last full chunk (the tail: the end of a document and the question)
+are stored too, in `TAIL_BLOCK`-token blocks chained to that chunk like chunks to each
+other. A later prompt that shares the chunks and part of the tail (the same document,
+another question; the next turn of a short chat) loads the blocks they share and
+computes only what differs, as a prefix cache with small blocks does, while chunks stay
+the unit that is scheduled by Cake and stored in bulk.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from kvcake.schedule.inflight import InFlight
 from kvcake.schedule.prefetch import ByteBudget, PrefixPrefetch
 from kvcake.schedule.prefix import WAITING, ChunkLoader, CostProfile, PrefixPrefill, PrefixReport, Strategy, Waiting
 from kvcake.schedule.writeback import WriteBack
-from kvcake.store import KeyRules, KVStore
+from kvcake.store import TAIL_BLOCK, KeyRules, KVStore
 
 PREFETCHING = ("cake", "load")
 """Strategies that use chunks loaded while the request waited (the others fix their own split)."""
@@ -32,12 +39,21 @@ PREFETCHING = ("cake", "load")
 @dataclass(frozen=True)
 class PrefixPlan:
     """A prompt's tokens, the keys of its full chunks (head first), and how many leading
-    reusable chunks the store holds, to be taken by `strategy`."""
+    reusable chunks the store holds, to be taken by `strategy`; then the keys of its tail's
+    blocks (after the last full chunk, head first)."""
 
     token_ids: list[int]
     keys: list[str]
     num_stored: int
     strategy: Strategy
+    tail_keys: list[str] = dataclasses.field(default_factory=list)
+
+    def entries(self, chunk_size: int) -> list[tuple[str, int, int]]:
+        """(key, first token, end token) of every entry the prompt's K/V is stored as: full chunks, then tail blocks."""
+        tail_start = len(self.keys) * chunk_size
+        chunks = [(key, index * chunk_size, (index + 1) * chunk_size) for index, key in enumerate(self.keys)]
+        blocks = [(key, tail_start + index * TAIL_BLOCK, tail_start + (index + 1) * TAIL_BLOCK) for index, key in enumerate(self.tail_keys)]
+        return chunks + blocks
 
 
 class PrefixReuse:
@@ -69,7 +85,8 @@ class PrefixReuse:
         token_ids = prompt.token_ids
         keys = self.keys.prefix_chunks(choice.tenant, token_ids)
         reusable = keys[: (len(token_ids) - 1) // self.chunk_size]
-        return PrefixPlan(token_ids, keys, self.store.stored_prefix(reusable), choice.prefix)
+        tail_keys = self.keys.prefix_tail(choice.tenant, token_ids, keys)
+        return PrefixPlan(token_ids, keys, self.store.stored_prefix(reusable), choice.prefix, tail_keys)
 
     def prefetch(self, prompt: PromptLayout, choice: ReuseChoice) -> PrefixPrefetch | None:
         """A loader of the prompt's stored chunks for a request that waits its turn (run it on an I/O thread)."""
@@ -84,16 +101,18 @@ class PrefixReuse:
         Chunks `prefetched` while the request waited are used as loaded (Cake, load). Chunks another
         request is computing right now are waited for and then loaded (see `_after_identical_work`)."""
         plan = yield from self._after_identical_work(plan)
-        claimed = self.in_flight.claim_free(plan.keys[plan.num_stored :])
+        chain = plan.keys + plan.tail_keys
+        claimed = self.in_flight.claim_free(chain[plan.num_stored :])
         try:
             num_stored = plan.num_stored
             ready = prefetched.take_back(num_stored) if prefetched is not None and plan.strategy.name in PREFETCHING else {}
             prefix = PrefixPrefill(self.model, self.chunk_size, plan.token_ids, self._loader(plan.keys), self.profile)
             report = yield from prefix.steps(cache, num_stored, plan.strategy, ready)
+            self._load_tail(plan, cache, report)
             logits, computed = yield from self._compute_rest(plan, cache, report)
             computed.update({plan.keys[index]: kv for index, kv in prefix.computed_kv.items()})
             written, claimed = claimed, []
-            self.writeback.submit_chain(plan.keys, computed, lambda: self.in_flight.release(written))
+            self.writeback.submit_chain(chain, computed, lambda: self.in_flight.release(written))
         finally:
             self.in_flight.release(claimed)
         return Filled(logits, report)
@@ -122,33 +141,48 @@ class PrefixReuse:
 
         return load
 
+    def _load_tail(self, plan: PrefixPlan, cache: KVCache, report: PrefixReport) -> None:
+        """Place the stored blocks of the prompt's tail that end before its last token: only after every
+        full chunk was reused (the blocks follow the last one) and by a strategy that loads. A block that
+        fails to load ends the run; the tokens from it on are computed."""
+        layers = self.model.config.num_layers
+        tail_start = len(plan.keys) * self.chunk_size
+        if plan.strategy.name == "compute" or plan.num_stored < len(plan.keys) or cache.length != tail_start:
+            return
+        reusable = plan.tail_keys[: (len(plan.token_ids) - 1 - tail_start) // TAIL_BLOCK]
+        started = time.perf_counter()
+        for key in reusable[: self.store.stored_prefix(reusable)]:
+            block = self.store.get(key)
+            if block is None or block.num_layers != layers or block.num_tokens != TAIL_BLOCK:
+                break
+            self.model.load_kv(cache, block, torch.arange(cache.length, cache.length + TAIL_BLOCK))
+            report.bytes_loaded += block.nbytes
+            report.tail_tokens_loaded += TAIL_BLOCK
+        report.load_s += time.perf_counter() - started
+        report.tokens_loaded += report.tail_tokens_loaded
+
     def _compute_rest(
         self, plan: PrefixPlan, cache: KVCache, report: PrefixReport
     ) -> Generator[None, None, tuple[torch.Tensor, dict[str, ChunkKV]]]:
-        """Compute the tokens after the cache: the last token's logits, and the full chunks' K/V by key (to store).
+        """Compute the tokens after the cache: the last token's logits, and the K/V of the stored entries
+        (full chunks, tail blocks) the computed tokens make up, by key.
 
         Passes are `prefill_chunk` tokens (several store chunks at once, when it is larger),
-        cut at multiples of it from position 0 whatever was reused, so a token is always
+        cut at multiples of it from position 0 whatever was reused, so a token is mostly
         computed in the same pass shape as in a full prefill; each pass's K/V is cut into
-        store chunks. The trailing partial chunk is never stored, so its K/V is not kept.
+        entries. A trailing partial block is never stored, so its K/V is not kept.
         Pauses after each pass; its compute time goes to `report.compute_s`.
         """
-        chunk_size = self.chunk_size
-        full_end = len(plan.keys) * chunk_size
+        entries = plan.entries(self.chunk_size)
         logits = None
         computed: dict[str, ChunkKV] = {}
-        first = plan.num_stored * chunk_size
-        assert cache.length == first, "the stored chunks fill the cache up to the first computed token"
-        for start, end in passes(first, len(plan.token_ids), self.prefill_chunk):
+        for start, end in passes(cache.length, len(plan.token_ids), self.prefill_chunk):
             started = time.perf_counter()
             ids, positions = torch.tensor(plan.token_ids[start:end]), torch.arange(start, end)
-            stored_end = min(end, full_end)
-            out = self.model.forward(ids, positions, cache, keep_kv=stored_end > start, rotated_keys=True)
-            if stored_end > start:
-                keys_by_chunk = zip(*(k[:, : stored_end - start].split(chunk_size, dim=1) for k in out.kv.keys))
-                values_by_chunk = zip(*(v[:, : stored_end - start].split(chunk_size, dim=1) for v in out.kv.values))
-                for offset, (chunk_keys, chunk_values) in enumerate(zip(keys_by_chunk, values_by_chunk)):
-                    computed[plan.keys[start // chunk_size + offset]] = ChunkKV(list(chunk_keys), list(chunk_values))
+            inside = [(key, first, last) for key, first, last in entries if start <= first and last <= end]
+            out = self.model.forward(ids, positions, cache, keep_kv=bool(inside), rotated_keys=True)
+            for key, first, last in inside:
+                computed[key] = ChunkKV([k[:, first - start : last - start] for k in out.kv.keys], [v[:, first - start : last - start] for v in out.kv.values])
             logits = out.logits
             report.compute_s += time.perf_counter() - started
             yield

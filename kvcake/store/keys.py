@@ -21,6 +21,8 @@ from kvcake.store.codec import CODEC_VERSION
 
 _DIGEST_SIZE = 16
 _PERSON = b"kvcake.keys.v1"
+TAIL_BLOCK = 16
+"""Tokens per block of a prefix's tail (the tokens after its last full chunk), the unit it is reused in."""
 SHARED_DOCUMENTS_SALT = "kvcake-shared-documents"
 """Salt of document keys when documents are shared: one corpus for every tenant."""
 
@@ -66,20 +68,21 @@ def model_fingerprint(arch: Mapping[str, Any], weights_id: str, dtype: str) -> s
 
 
 def prefix_chunk_keys(
-    fingerprint: str, tenant_salt: str, token_ids: Sequence[int], chunk_size: int
+    fingerprint: str, tenant_salt: str, token_ids: Sequence[int], chunk_size: int, *, after: str = "", tag: bytes = b"prefix"
 ) -> list[str]:
     """One key per full chunk; key i hashes key i-1, so it names the whole prefix.
 
-    A trailing partial chunk gets no key.
+    A trailing partial chunk gets no key. `after` is the key of what precedes `token_ids`
+    (a tail's blocks follow the prefix's last full chunk); `tag` keeps kinds of entry apart.
     """
     if chunk_size <= 0:
         raise ValueError("chunk_size must be positive")
     tokens = _token_bytes(token_ids)
     step = 8 * chunk_size
     keys: list[str] = []
-    parent = b""
+    parent = after.encode()
     for start in range(0, len(tokens) - step + 1, step):
-        key = _digest(b"prefix", fingerprint.encode(), tenant_salt.encode(), parent, tokens[start : start + step])
+        key = _digest(tag, fingerprint.encode(), tenant_salt.encode(), parent, tokens[start : start + step])
         keys.append(key)
         parent = key.encode()
     return keys
@@ -113,6 +116,11 @@ class KeyRules:
 
     def prefix_chunks(self, tenant: str, token_ids: Sequence[int]) -> list[str]:
         return prefix_chunk_keys(self.fingerprint, tenant, token_ids, self.chunk_size)
+
+    def prefix_tail(self, tenant: str, token_ids: Sequence[int], chunk_keys: Sequence[str]) -> list[str]:
+        """Keys of the `TAIL_BLOCK`-token blocks after the prompt's full chunks (`chunk_keys`), chained to the last of them."""
+        after = chunk_keys[-1] if chunk_keys else ""
+        return prefix_chunk_keys(self.fingerprint, tenant, token_ids[len(chunk_keys) * self.chunk_size :], TAIL_BLOCK, after=after, tag=b"tail")
 
     def document(self, tenant: str, preamble: Sequence[int], token_ids: Sequence[int], layout: str = "plain") -> str:
         salt = SHARED_DOCUMENTS_SALT if self.shared_documents else tenant
