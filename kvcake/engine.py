@@ -1,6 +1,6 @@
 """One request from text to tokens: plan the prompt, pick a reuse strategy, fill the cache, decode, account.
 
-The mechanisms live below, each behind the `Reuse` contract (kvcake.schedule.contract):
+The mechanisms live below, each behind the `Reuse` contract (kvcake.reuse.contract):
 `PrefixReuse` (compute, load, Cake, split:M) and the document strategies `BlendReuse`
 and `TuneReuse`. The engine builds them once, routes each request to one, and decodes.
 """
@@ -14,7 +14,6 @@ from typing import Any, Generator
 
 import torch
 
-from kvcake.blend import BlendReuse, DocumentSettings, TuneReuse, parse_check_layers
 from kvcake.config import ConfigError, KvcakeConfig
 from kvcake.model import CachePool, KVCache, Sampler, load_model, resolve_device, resolve_dtype, weights_identity
 from kvcake.model.segments import PromptLayout
@@ -32,7 +31,10 @@ from kvcake.requests import (
     parse_reuse,
 )
 from kvcake.runtime import keep_freed_memory
-from kvcake.schedule import WAIT_S, WAITING, Waiting, ByteBudget, CostProfile, PrefixPrefetch, PrefixReuse, Reuse, ReuseChoice, Strategy, WriteBack, drain
+from kvcake.reuse import (
+    WAIT_S, WAITING, BlendReuse, ByteBudget, CostProfile, DocumentSettings, PrefixPrefetch, PrefixReuse, Reuse, ReuseChoice, Strategy, TuneReuse,
+    Waiting, WriteBack, drain, parse_check_layers,
+)
 from kvcake.store import KeyRules, KVStore, StoreStats, model_fingerprint, open_store
 
 

@@ -14,7 +14,7 @@ import torch
 from kvcake.model import KVCache, SamplingParams, Tokenizer
 from kvcake.model.grammar import GrammarError, JsonConstraint
 from kvcake.model.segments import PromptLayout, Segments, document_preamble, document_token_ids, layout, split_prompt
-from kvcake.schedule import BlendReport, PrefixReport, Strategy, Waiting
+from kvcake.reuse import BlendReport, PrefixReport, Strategy, Waiting
 
 BLEND = "blend"
 TUNE = "tune"

@@ -10,7 +10,7 @@ from live import LiveServer
 from kvcake.config import KvcakeConfig
 from kvcake.requests import GenerateRequest, RequestMetrics
 from kvcake.model import SamplingParams
-from kvcake.schedule import drain
+from kvcake.reuse import drain
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 

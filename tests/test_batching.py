@@ -9,13 +9,13 @@ import pytest
 import torch
 from tiny import TEST_DEVICE
 
-from kvcake.blend.documents import packs
+from kvcake.reuse.documents import packs
 from kvcake.config import KvcakeConfig
 from kvcake.engine import Engine
 from kvcake.requests import GenerateRequest, RequestMetrics, WarmRequest
 from kvcake.model import SamplingParams, Transformer
 from kvcake.model.kv import CachePool
-from kvcake.schedule import drain
+from kvcake.reuse import drain
 from kvcake.server.worker import ComputeWorker, Job
 
 FAMILIES = ["llama", "llama3-rope", "qwen2", "mistral"]

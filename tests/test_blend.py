@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny import FAMILY_CONFIGS, TEST_DEVICE
 
-from kvcake.blend import LayerPrefetcher, selective
+from kvcake.reuse import LayerPrefetcher, selective
 from kvcake.chunk import ChunkKV
 from kvcake.cli import main
 from kvcake.config import ConfigError, KvcakeConfig

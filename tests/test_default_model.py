@@ -14,7 +14,7 @@ from kvcake.engine import Engine
 from kvcake.requests import GenerateRequest, RequestError, RequestMetrics
 from kvcake.model import SamplingParams
 from kvcake.model.segments import PromptLayout
-from kvcake.schedule import ReuseChoice, Strategy, drain
+from kvcake.reuse import ReuseChoice, Strategy, drain
 from kvcake.server.worker import ComputeWorker, Job
 
 pytestmark = pytest.mark.real_model

@@ -19,12 +19,12 @@ import pytest
 import torch
 from live import LiveServer
 
-from kvcake.blend import LayerPrefetcher
+from kvcake.reuse import LayerPrefetcher
 from kvcake.config import ConfigError, KvcakeConfig, load_config
 from kvcake.engine import Engine
 from kvcake.requests import GenerateRequest, RequestError
 from kvcake.model import SamplingParams
-from kvcake.schedule import drain
+from kvcake.reuse import drain
 from kvcake.store import ChunkKV, prefix_chunk_keys
 from kvcake.store.backend import BackendError
 from kvcake.store.bytestore import ByteStore

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).parent.parent / "kvcake"
 LAYERS = [
     {"kvcake.config", "kvcake.runtime", "kvcake.fetch", "kvcake.chunk"},
     {"kvcake.model", "kvcake.store", "kvcake.data"},
-    {"kvcake.schedule", "kvcake.blend", "kvcake.requests"},
+    {"kvcake.reuse", "kvcake.requests"},
     {"kvcake.engine"},
     {"kvcake.server", "kvcake.bench", "kvcake.cli"},
 ]

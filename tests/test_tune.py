@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny import TEST_DEVICE
 
-from kvcake.blend import TuneProfile, token_scores
+from kvcake.reuse import TuneProfile, token_scores
 from kvcake.config import KvcakeConfig
 from kvcake.engine import Engine
 from kvcake.requests import GenerateRequest, GenerateResult

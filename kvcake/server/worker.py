@@ -32,7 +32,7 @@ import torch
 
 from kvcake.engine import Engine
 from kvcake.requests import DecodeStep, GenerateRequest, RequestMetrics, Step, WarmRequest, Work
-from kvcake.schedule import WAIT_S, WAITING, PrefixPrefetch
+from kvcake.reuse import WAIT_S, WAITING, PrefixPrefetch
 from kvcake.model.segments import PromptLayout
 from kvcake.runtime import confine_torch_to_this_thread
 from kvcake.server.stops import StopMatcher

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conftest import MakeChunk
 
-from kvcake.schedule.writeback import WriteBack
+from kvcake.reuse.writeback import WriteBack
 from kvcake.store import open_store
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 
 from kvcake.chunk import ChunkKV
-from kvcake.schedule.prefix import ChunkLoader
+from kvcake.reuse.cake import ChunkLoader
 
 
 class ByteBudget:

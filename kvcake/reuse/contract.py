@@ -1,8 +1,8 @@
 """The contract every reuse strategy keeps, and the reports it gives.
 
 A strategy is one way to obtain a prompt's KV: the prefix strategies (compute, load,
-Cake, split:M; `kvcake.schedule.reuse`) and the document strategies (blend, tune;
-`kvcake.blend`). Each has two sides, in the style of vLLM's KV connector:
+Cake, split:M; `kvcake.reuse.prefix`) and the document strategies (blend, tune;
+`kvcake.reuse`). Each has two sides, in the style of vLLM's KV connector:
 
 - `plan(prompt, choice)` says what is stored for this prompt and what the strategy will
   load or compute; it reads the store's index, moves no KV;
@@ -28,8 +28,8 @@ import torch
 
 from kvcake.model import KVCache
 from kvcake.model.segments import PromptLayout
-from kvcake.schedule.prefetch import PrefixPrefetch
-from kvcake.schedule.prefix import PrefixReport, Strategy
+from kvcake.reuse.prefetch import PrefixPrefetch
+from kvcake.reuse.cake import PrefixReport, Strategy
 
 Plan = TypeVar("Plan")
 

@@ -21,14 +21,17 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcake.blend.documents import DocumentPlan, DocumentReuse, DocumentSettings
-from kvcake.blend.prefetch import LayerSource
-from kvcake.blend.scores import RULES, token_scores
-from kvcake.blend.selective import BlendPrefill
+from kvcake.reuse.documents import DocumentPlan, DocumentReuse, DocumentSettings
+from kvcake.reuse.layers import LayerSource
+from kvcake.reuse.scores import RULES, token_scores
+from kvcake.reuse.selective import BlendPrefill
 from kvcake.chunk import ChunkKV
 from kvcake.model import CachePool, KVCache
 from kvcake.model.segments import PromptLayout
-from kvcake.schedule import Filled, PrefixPrefetch, PrefixReuse, ReuseChoice, Waiting
+from kvcake.reuse.cake import Waiting
+from kvcake.reuse.contract import Filled, ReuseChoice
+from kvcake.reuse.prefetch import PrefixPrefetch
+from kvcake.reuse.prefix import PrefixReuse
 
 ORDER_DIGITS = 3
 ORDER_BASE = 128

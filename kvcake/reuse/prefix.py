@@ -25,11 +25,11 @@ import torch
 from kvcake.chunk import ChunkKV
 from kvcake.model import KVCache, Transformer
 from kvcake.model.segments import PromptLayout
-from kvcake.schedule.contract import Filled, ReuseChoice
-from kvcake.schedule.inflight import InFlight
-from kvcake.schedule.prefetch import ByteBudget, PrefixPrefetch
-from kvcake.schedule.prefix import WAITING, ChunkLoader, CostProfile, PrefixPrefill, PrefixReport, Strategy, Waiting
-from kvcake.schedule.writeback import WriteBack
+from kvcake.reuse.contract import Filled, ReuseChoice
+from kvcake.reuse.inflight import InFlight
+from kvcake.reuse.prefetch import ByteBudget, PrefixPrefetch
+from kvcake.reuse.cake import WAITING, ChunkLoader, CostProfile, PrefixPrefill, PrefixReport, Strategy, Waiting
+from kvcake.reuse.writeback import WriteBack
 from kvcake.store import TAIL_BLOCK, KeyRules, KVStore
 
 PREFETCHING = ("cake", "load")

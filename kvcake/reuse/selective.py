@@ -22,10 +22,10 @@ from collections.abc import Generator
 
 import torch
 
-from kvcake.blend.prefetch import LayerPrefetcher
+from kvcake.reuse.layers import LayerPrefetcher
 from kvcake.model import KVCache, Transformer
 from kvcake.model.transformer import Mask, attend_with_mask, causal_mask
-from kvcake.schedule.contract import BlendReport
+from kvcake.reuse.contract import BlendReport
 
 
 ATTENTION_BLOCK = 512

@@ -1,0 +1,68 @@
+"""Every way kvcake obtains a prompt's KV, one file per mechanism behind one contract.
+
+| file | holds |
+|---|---|
+| `contract.py` | the `Reuse` protocol every strategy keeps, `ReuseChoice`, the reports, `Filled` |
+| `prefix.py` | `PrefixReuse`: a prompt's exact prefix (chunks and tail blocks), the rest computed, write-back queued |
+| `cake.py` | when each prefix chunk is computed or loaded: compute, load, Cake, split:M |
+| `documents.py` | `DocumentReuse`: documents stored once, placed anywhere (shared by blend and tune) |
+| `blend.py` | `BlendReuse`: CacheBlend |
+| `selective.py` | `BlendPrefill`: the layer-wise selective recompute blend and tune run |
+| `tune.py` | `TuneReuse`: CacheTune's stored order and adaptive ratio |
+| `scores.py` | CacheTune's offline token scores |
+| `layers.py` | documents' stored layers loaded ahead on threads |
+| `prefetch.py` | a waiting request's stored prefix loaded ahead |
+| `writeback.py` | computed entries written to the store off the request's path |
+| `inflight.py` | keys some request is computing now, so identical work runs once |
+"""
+
+from kvcake.reuse.blend import BlendReuse
+from kvcake.reuse.cake import STRATEGIES, WAIT_S, WAITING, ChunkLoader, CostProfile, PrefixPrefill, PrefixReport, Strategy, Waiting, drain
+from kvcake.reuse.contract import BlendReport, Filled, Reuse, ReuseChoice
+from kvcake.reuse.documents import DocumentPlan, DocumentReuse, DocumentSettings
+from kvcake.reuse.layers import LayerPrefetcher, LayerSource
+from kvcake.reuse.prefetch import ByteBudget, PrefixPrefetch
+from kvcake.reuse.prefix import PrefixPlan, PrefixReuse
+from kvcake.reuse.scores import RULES, token_scores
+from kvcake.reuse.selective import BlendFallback, BlendPrefill, kept_fractions, parse_check_layers
+from kvcake.reuse.tune import ScoredDocument, TuneProfile, TuneReuse, order_entry, order_from_entry
+from kvcake.reuse.writeback import WriteBack
+
+__all__ = [
+    "RULES",
+    "STRATEGIES",
+    "WAITING",
+    "WAIT_S",
+    "BlendFallback",
+    "BlendPrefill",
+    "BlendReport",
+    "BlendReuse",
+    "ByteBudget",
+    "ChunkLoader",
+    "CostProfile",
+    "DocumentPlan",
+    "DocumentReuse",
+    "DocumentSettings",
+    "Filled",
+    "LayerPrefetcher",
+    "LayerSource",
+    "PrefixPlan",
+    "PrefixPrefetch",
+    "PrefixPrefill",
+    "PrefixReport",
+    "PrefixReuse",
+    "Reuse",
+    "ReuseChoice",
+    "ScoredDocument",
+    "Strategy",
+    "TuneProfile",
+    "TuneReuse",
+    "Waiting",
+    "WriteBack",
+    "drain",
+    "kept_fractions",
+    "order_entry",
+    "order_from_entry",
+    "parse_check_layers",
+    "token_scores",
+]
