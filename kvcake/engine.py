@@ -18,8 +18,6 @@ from kvcake.config import ConfigError, KvcakeConfig
 from kvcake.model import CachePool, KVCache, Sampler, load_model, resolve_device, resolve_dtype, weights_identity
 from kvcake.model.segments import PromptLayout
 from kvcake.requests import (
-    DOCUMENT_MODES,
-    TUNE,
     DecodeStep,
     GenerateRequest,
     GenerateResult,
@@ -32,8 +30,8 @@ from kvcake.requests import (
 )
 from kvcake.runtime import keep_freed_memory
 from kvcake.reuse import (
-    WAIT_S, WAITING, BlendReuse, ByteBudget, CostProfile, DocumentSettings, PrefixPrefetch, PrefixReuse, Reuse, ReuseChoice, Strategy, TuneReuse,
-    Waiting, WriteBack, drain, parse_check_layers,
+    BLEND, PREFIX, TUNE, WAIT_S, WAITING, BlendReuse, ByteBudget, CostProfile, DocumentSettings, PrefixPrefetch, PrefixReuse, Reuse, ReuseChoice,
+    TuneReuse, Waiting, WriteBack, document_mode, drain, parse_check_layers, route,
 )
 from kvcake.store import KeyRules, KVStore, StoreStats, model_fingerprint, open_store
 
@@ -80,6 +78,8 @@ class Engine:
             self.tune = TuneReuse(*shared, scoring=config.tune_scoring, ratio=config.tune_ratio, min_ratio=config.tune_min_ratio)
         except ValueError as error:
             raise ConfigError(str(error)) from None
+        self.strategies: dict[str, Reuse[Any]] = {PREFIX: self.prefix, BLEND: self.blend, TUNE: self.tune}
+        """The routing table: `route` names the row a request goes to."""
         self._closer = weakref.finalize(self, _shut_down, self.writeback, self.store, self.cache_pool, config.shutdown_grace_s)
 
     def close(self) -> None:
@@ -112,14 +112,10 @@ class Engine:
     def strategy(self, request: GenerateRequest, planned: PromptLayout) -> tuple[Reuse[Any], ReuseChoice]:
         """The strategy a request's prompt goes to, and what it asked of it. Blend and tune take
         the exact prefix with Cake; without documents their prompt is all exact prefix."""
-        reuse = parse_reuse(request.reuse) if request.reuse else self.default_reuse
+        mode = parse_reuse(request.reuse) if request.reuse else self.default_reuse
         tenant = self.config.tenant if request.tenant is None else request.tenant
-        if reuse not in DOCUMENT_MODES:
-            return self.prefix, ReuseChoice(tenant, reuse)
-        choice = ReuseChoice(tenant, Strategy("cake"), request.ratio)
-        if not planned.document_spans:
-            return self.prefix, choice
-        return (self.tune if reuse == TUNE else self.blend), choice
+        row, choice = route(mode, tenant, request.ratio, bool(planned.document_spans))
+        return self.strategies[row], choice
 
     def prefetch_prefix(self, request: GenerateRequest, planned: PromptLayout | None = None) -> PrefixPrefetch | None:
         """For a request that waits its turn: a loader of its stored prefix chunks (run it on an I/O thread)."""
@@ -217,9 +213,8 @@ class Engine:
     def warm_steps(self, request: WarmRequest, scored: bool | None = None) -> Generator[Waiting | None, None, list[tuple[str, int, bool]]]:
         """`warm`, pausing after every pass of documents (a scheduler's unit of work)."""
         preamble, ids = self.planner.plan_documents(request.documents, request.chat, request.system)
-        if scored is None:
-            scored = (request.reuse or self.config.reuse) == TUNE
-        strategy = self.tune if scored else self.blend
+        mode = document_mode(request.reuse, self.config.reuse) if scored is None else (TUNE if scored else BLEND)
+        strategy = self.strategies[mode]
         stored = yield from strategy.store_documents(ids, preamble, self.config.tenant if request.tenant is None else request.tenant)
         return [(key, len(doc), present) for (key, present), doc in zip(stored, ids)]
 

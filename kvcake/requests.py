@@ -14,11 +14,7 @@ import torch
 from kvcake.model import KVCache, SamplingParams, Tokenizer
 from kvcake.model.grammar import GrammarError, JsonConstraint
 from kvcake.model.segments import PromptLayout, Segments, document_preamble, document_token_ids, layout, split_prompt
-from kvcake.reuse import BlendReport, PrefixReport, Strategy, Waiting
-
-BLEND = "blend"
-TUNE = "tune"
-DOCUMENT_MODES = (BLEND, TUNE)
+from kvcake.reuse import BlendReport, PrefixReport, Strategy, Waiting, parse_mode
 MAX_CHOICES = 16
 """Most choices (`n`) one request may ask for: each holds its own copy of the prompt's KV."""
 
@@ -124,12 +120,10 @@ in which it did nothing, waiting for another request's chunks (send None, after 
 
 def parse_reuse(text: str) -> Strategy | str:
     """A prefix strategy, `blend` or `tune`; a bad value is the request's fault."""
-    if text in DOCUMENT_MODES:
-        return text
     try:
-        return Strategy.parse(text)
+        return parse_mode(text)
     except ValueError as error:
-        raise RequestError(f"{error} (or {BLEND}, {TUNE})") from None
+        raise RequestError(str(error)) from None
 
 
 SAMPLE_CHARS_PER_TOKEN = 8

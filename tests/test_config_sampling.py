@@ -142,7 +142,7 @@ def test_a_setting_outside_its_choices_is_refused_at_construction_naming_it(name
 
 def test_the_config_choices_are_what_the_mechanisms_parse() -> None:
     from kvcake.reuse.scores import RULES
-    from kvcake.requests import DOCUMENT_MODES
+    from kvcake.reuse import DOCUMENT_MODES
     from kvcake.reuse.cake import STRATEGIES
 
     assert set(CHOICES["tune_scoring"]) == set(RULES)

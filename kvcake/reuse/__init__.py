@@ -18,7 +18,7 @@
 
 from kvcake.reuse.blend import BlendReuse
 from kvcake.reuse.cake import STRATEGIES, WAIT_S, WAITING, ChunkLoader, CostProfile, PrefixPrefill, PrefixReport, Strategy, Waiting, drain
-from kvcake.reuse.contract import BlendReport, Filled, Reuse, ReuseChoice
+from kvcake.reuse.contract import BLEND, DOCUMENT_MODES, PREFIX, TUNE, BlendReport, Filled, Reuse, ReuseChoice, document_mode, parse_mode, route
 from kvcake.reuse.documents import DocumentPlan, DocumentReuse, DocumentSettings
 from kvcake.reuse.layers import LayerPrefetcher, LayerSource
 from kvcake.reuse.prefetch import ByteBudget, PrefixPrefetch
@@ -29,6 +29,13 @@ from kvcake.reuse.tune import ScoredDocument, TuneProfile, TuneReuse, order_entr
 from kvcake.reuse.writeback import WriteBack
 
 __all__ = [
+    "BLEND",
+    "DOCUMENT_MODES",
+    "PREFIX",
+    "TUNE",
+    "document_mode",
+    "parse_mode",
+    "route",
     "RULES",
     "STRATEGIES",
     "WAITING",

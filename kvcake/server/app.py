@@ -26,9 +26,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvcake.config import KvcakeConfig
 from kvcake.engine import Engine
-from kvcake.requests import BLEND, DOCUMENT_MODES, GenerateRequest, RequestError, RequestMetrics, WarmRequest
+from kvcake.requests import GenerateRequest, RequestError, RequestMetrics, WarmRequest
 from kvcake.model import SamplingParams
 from kvcake.model.segments import PromptLayout
+from kvcake.reuse import document_mode
 from kvcake.server.guard import CLIENT_GONE, ApiError, Guard
 from kvcake.server.metrics import ServerMetrics
 from kvcake.server.schemas import ChatBody, CompletionBody, JsonObjectFormat, JsonSchemaFormat, SamplingFields, WarmBody
@@ -170,7 +171,7 @@ def _completion_request(body: CompletionBody, prompt: str | list[int], config: K
     if body.kv_documents is not None:
         if not isinstance(prompt, str):
             raise ApiError(400, "with kv_documents the prompt must be text (the query)", param="prompt")
-        return GenerateRequest(query=prompt, documents=body.kv_documents, system=body.kv_system, reuse=body.reuse or _document_reuse(config), **common)
+        return GenerateRequest(query=prompt, documents=body.kv_documents, system=body.kv_system, reuse=body.reuse or document_mode(None, config.reuse), **common)
     if isinstance(prompt, list):
         return GenerateRequest(token_ids=prompt, reuse=body.reuse, **common)
     return GenerateRequest(prompt=prompt, reuse=body.reuse, **common)
@@ -186,11 +187,6 @@ def _json_output(body: ChatBody) -> dict[str, Any]:
     return {}
 
 
-def _document_reuse(config: KvcakeConfig) -> str:
-    """Requests with documents reuse them: by the configured mode if it is one (blend, tune), else blend."""
-    return config.reuse if config.reuse in DOCUMENT_MODES else BLEND
-
-
 def _chat_request(body: ChatBody, config: KvcakeConfig, tenant: str) -> GenerateRequest:
     _check_model(body.model, config)
     sampling = _sampling(body, body.max_completion_tokens or body.max_tokens, config)
@@ -202,7 +198,7 @@ def _chat_request(body: ChatBody, config: KvcakeConfig, tenant: str) -> Generate
     turns = [m for m in messages if m["role"] != "system"]
     if len(turns) != 1 or turns[0]["role"] != "user" or len(system) > 1:
         raise ApiError(400, "with kv_documents the messages must be at most one system message and one user message", param="messages")
-    return GenerateRequest(query=turns[0]["content"], documents=body.kv_documents, system=system[0] if system else None, reuse=body.reuse or _document_reuse(config), **common)
+    return GenerateRequest(query=turns[0]["content"], documents=body.kv_documents, system=system[0] if system else None, reuse=body.reuse or document_mode(None, config.reuse), **common)
 
 
 def _logprobs_wanted(body: SamplingFields) -> int | None:
