@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import time
 import weakref
-from typing import Any, Generator
+from collections.abc import Generator, Sequence
+from typing import Any
 
 import torch
 
@@ -101,6 +102,12 @@ class Engine:
     def stats(self) -> EngineStats:
         """The store's counters and the write-back queue's state, for an operator's view."""
         return EngineStats(self.store.stats(), self.writeback.pending, self.writeback.dropped)
+
+    def decode(self, steps: Sequence[DecodeStep]) -> torch.Tensor:
+        """The next token's logits for each of several requests' pending decode steps, in one forward: (B, vocab)."""
+        token_ids = torch.tensor([step.token_id for step in steps])
+        positions = torch.tensor([step.position for step in steps])
+        return self.model.decode_batch(token_ids, positions, [step.cache for step in steps])
 
     def plan_prompt(self, request: GenerateRequest) -> PromptLayout:
         return self.planner.plan(request)

@@ -8,6 +8,7 @@ work starts: a server calls `check` when a request arrives, so a bad one costs n
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -79,6 +80,28 @@ class RequestMetrics:
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
+
+    def accounting(self) -> dict[str, Any]:
+        """How the prompt's KV was obtained, in the one form every renderer shows (the HTTP response's
+        `kvcake` field, the CLI's summary line)."""
+        blend, prefix = self.blend, self.prefix
+        return {
+            "ttft_s": self.ttft_s,
+            "prompt_tokens": self.prompt_tokens,
+            "tokens_computed": self.tokens_computed,
+            "tokens_loaded": self.tokens_loaded,
+            "tokens_recomputed": blend.tokens_recomputed if blend else 0,
+            "reuse": blend.mode if blend else prefix.strategy,
+            "prefix_stored_chunks": prefix.stored_chunks,
+            "prefix_hit_chunks": prefix.hit_chunks,
+            "prefix_tail_tokens_loaded": prefix.tail_tokens_loaded,
+            "prefix_load_failures": prefix.load_failures,
+            "meet_chunk": prefix.meet_chunk,
+            "ratio": blend.ratio if blend else None,
+            "documents_stored": blend.documents_stored if blend else 0,
+            "documents_computed": blend.documents_computed if blend else 0,
+            "fallback": blend.fallback if blend else "",
+        }
 
 
 @dataclass

@@ -16,7 +16,7 @@ from kvcake.requests import GenerateRequest, RequestMetrics, WarmRequest
 from kvcake.model import SamplingParams, Transformer
 from kvcake.model.kv import CachePool
 from kvcake.reuse import drain
-from kvcake.server.worker import ComputeWorker, Job
+from kvcake.server.worker import Cancelled, ComputeWorker, Done, Event, Failed, Job, PromptLogprobs, TokenEvent
 
 FAMILIES = ["llama", "llama3-rope", "qwen2", "mistral"]
 
@@ -74,14 +74,17 @@ class _Collector:
         self.done = threading.Event()
         self.outcome: tuple[str, object] | None = None
 
-    def emit(self, event: tuple[str, object]) -> None:
-        kind, payload = event
-        if kind == "token":
-            self.tokens.append(payload.step.token_id)
-            self.logits.append(payload.step.logits)
-        elif kind != "prompt_logprobs":
-            self.outcome = event
+    def emit(self, event: Event) -> None:
+        if isinstance(event, TokenEvent):
+            self.tokens.append(event.step.token_id)
+            self.logits.append(event.step.logits)
+        elif not isinstance(event, PromptLogprobs):
+            self.outcome = (_kind(event), event.result if isinstance(event, Done) else None)
             self.done.set()
+
+
+def _kind(event: Event) -> str:
+    return {TokenEvent: "token", PromptLogprobs: "prompt_logprobs", Done: "done", Failed: "error", Cancelled: "cancelled"}[type(event)]
 
 
 def _serve_together(engine: Engine, requests: list[GenerateRequest], max_batch: int) -> tuple[list[_Collector], ComputeWorker]:
@@ -243,7 +246,7 @@ def test_a_warm_call_runs_pass_by_pass_beside_a_decoding_request(config: KvcakeC
     worker = ComputeWorker(engine, max_queue=8, io_threads=0, on_finished=lambda metrics, cancelled: None, max_batch=2)
     finished: list[str] = []
     decoding, warming = _Collector(), _Collector()
-    worker.submit(Job(request=_greedy(list(range(3, 20)), tokens=10), planned=None, emit=lambda e: (decoding.emit(e), e[0] == "done" and finished.append("decode"))))
+    worker.submit(Job(request=_greedy(list(range(3, 20)), tokens=10), planned=None, emit=lambda e: (decoding.emit(e), isinstance(e, Done) and finished.append("decode"))))
     worker.submit(Job(request=WarmRequest(documents), planned=None, emit=lambda e: (warming.emit(e), finished.append("warm"))))
     assert decoding.done.wait(120) and warming.done.wait(120)
     worker.close()
@@ -274,18 +277,18 @@ def test_an_echoed_prompt_s_log_probabilities_come_first_and_match_a_full_forwar
     engine = Engine(config)
     prompt = list(range(3, 90))
     worker = ComputeWorker(engine, max_queue=8, io_threads=0, on_finished=lambda metrics, cancelled: None, max_batch=2)
-    events: list[tuple[str, object]] = []
+    events: list[Event] = []
     done = threading.Event()
-    job = Job(request=_greedy(prompt, tokens=3), planned=engine.check(_greedy(prompt, tokens=3)), emit=lambda e: (events.append(e), e[0] == "done" and done.set()),
+    job = Job(request=_greedy(prompt, tokens=3), planned=engine.check(_greedy(prompt, tokens=3)), emit=lambda e: (events.append(e), isinstance(e, Done) and done.set()),
               logprobs=0, prompt_logprobs=True)
     worker.submit(job)
     assert done.wait(120)
     worker.close()
-    assert [kind for kind, _ in events] == ["prompt_logprobs", "token", "token", "token", "done"]
+    assert [_kind(event) for event in events] == ["prompt_logprobs", "token", "token", "token", "done"]
     model = engine.model
     with torch.inference_mode():
         full = torch.log_softmax(model.forward(torch.tensor(prompt), torch.arange(len(prompt)), model.new_cache(len(prompt)), all_logits=True).logits, dim=-1)
-    served = [entry.logprob for entry in events[0][1][1:]]
+    served = [entry.logprob for entry in events[0].entries[1:]]
     expected = [float(full[i, token]) for i, token in enumerate(prompt[1:])]
     assert max(abs(a - b) for a, b in zip(served, expected)) <= 1e-4
     engine.close()

@@ -15,7 +15,7 @@ from kvcake.requests import GenerateRequest, RequestError, RequestMetrics
 from kvcake.model import SamplingParams
 from kvcake.model.segments import PromptLayout
 from kvcake.reuse import ReuseChoice, Strategy, drain
-from kvcake.server.worker import ComputeWorker, Job
+from kvcake.server.worker import ComputeWorker, Event, Job, TokenEvent
 
 pytestmark = pytest.mark.real_model
 
@@ -106,9 +106,9 @@ def test_requests_served_together_give_what_they_give_alone_on_the_real_model(en
     served: list[list[tuple[int, torch.Tensor]]] = [[] for _ in requests]
     finished = [threading.Event() for _ in requests]
 
-    def emit(index: int, event: tuple[str, object]) -> None:
-        if event[0] == "token":
-            served[index].append((event[1].step.token_id, event[1].step.logits))
+    def emit(index: int, event: Event) -> None:
+        if isinstance(event, TokenEvent):
+            served[index].append((event.step.token_id, event.step.logits))
         else:
             finished[index].set()
 

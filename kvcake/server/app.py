@@ -33,7 +33,7 @@ from kvcake.reuse import document_mode
 from kvcake.server.guard import CLIENT_GONE, ApiError, Guard
 from kvcake.server.metrics import ServerMetrics
 from kvcake.server.schemas import ChatBody, CompletionBody, JsonObjectFormat, JsonSchemaFormat, SamplingFields, WarmBody
-from kvcake.server.worker import ComputeWorker, Job, QueueFull, TokenEvent, TokenLogprob
+from kvcake.server.worker import Cancelled, ComputeWorker, Done, Event, Failed, Job, PromptLogprobs, QueueFull, TokenEvent, TokenLogprob
 
 DISCONNECT_POLL_S = 0.25
 MAX_PROMPTS = 16
@@ -107,12 +107,12 @@ def create_app(engine: Engine) -> FastAPI:
             raise ApiError(400, f"{len(body.documents)} documents; the limit is max_documents = {config.max_documents}", param="documents")
         job, events = _submit(request.app.state.worker, WarmRequest(body.documents, request.state.tenant, body.chat, body.system, body.reuse), None)
         async with _cancelled_on_disconnect(request, [job]):
-            name, value = await events.get()
-        if name == "error":
-            raise _as_api_error(value)
-        if name == "cancelled":
+            event = await events.get()
+        if isinstance(event, Failed):
+            raise _as_api_error(event.error)
+        if not isinstance(event, Done):
             return Response(status_code=CLIENT_GONE)
-        return {"object": "list", "data": [{"key": key, "tokens": tokens, "already_stored": present} for key, tokens, present in value]}
+        return {"object": "list", "data": [{"key": key, "tokens": tokens, "already_stored": present} for key, tokens, present in event.result]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
@@ -232,10 +232,10 @@ def _submit(
     stop: tuple[str, ...] = (),
     logprobs: int | None = None,
     prompt_logprobs: bool = False,
-) -> tuple[Job, asyncio.Queue]:
+) -> tuple[Job, asyncio.Queue[Event]]:
     """Queue a job whose events arrive on the returned asyncio queue; 429 when the compute queue is full."""
     loop = asyncio.get_running_loop()
-    events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    events: asyncio.Queue[Event] = asyncio.Queue()
     job = Job(request, planned, lambda event: loop.call_soon_threadsafe(events.put_nowait, event), stop=stop, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
     try:
         worker.submit(job)
@@ -289,49 +289,59 @@ async def _respond(generates: list[GenerateRequest], body: SamplingFields, kind:
         return StreamingResponse(_stream(submitted, reply, body.n), media_type="text/event-stream")
     metrics: list[RequestMetrics] = []
     async with _cancelled_on_disconnect(request, [job for job, _ in submitted]):
-        for prompt_index, (_, events) in enumerate(submitted):
-            while True:
-                name, value = await events.get()
-                if name == "token":
-                    reply.add(value, prompt_index * body.n)
-                elif name == "prompt_logprobs":
-                    reply.add_prompt(value, prompt_index * body.n, body.n)
-                elif name == "error":
-                    raise _as_api_error(value)
-                elif name == "cancelled":
-                    return Response(status_code=CLIENT_GONE)
-                else:
-                    metrics.append(value)
-                    break
+        try:
+            async for item in _dispatch(submitted, reply, body.n):
+                if isinstance(item, RequestMetrics):
+                    metrics.append(item)
+        except _ClientGone:
+            return Response(status_code=CLIENT_GONE)
     return reply.complete(metrics)
 
 
-async def _stream(submitted: list[tuple[Job, asyncio.Queue]], reply: _Reply, n: int) -> AsyncIterator[str]:
+class _ClientGone(Exception):
+    """A job was cancelled because its client left."""
+
+
+async def _dispatch(submitted: list[tuple[Job, asyncio.Queue[Event]]], reply: _Reply, n: int) -> AsyncIterator[dict[str, Any] | RequestMetrics]:
+    """The one reader of jobs' events: each prompt's events, in prompt order, applied to `reply`. Yields every
+    stream chunk the reply makes and each prompt's metrics when it is done; a failed job raises its error as
+    an `ApiError`, a cancelled one `_ClientGone`."""
+    for prompt_index, (_, events) in enumerate(submitted):
+        while True:
+            event = await events.get()
+            if isinstance(event, TokenEvent):
+                if (chunk := reply.add(event, prompt_index * n)) is not None:
+                    yield chunk
+            elif isinstance(event, PromptLogprobs):
+                reply.add_prompt(event.entries, prompt_index * n, n)
+            elif isinstance(event, Failed):
+                raise _as_api_error(event.error)
+            elif isinstance(event, Cancelled):
+                raise _ClientGone
+            else:
+                assert isinstance(event.result, RequestMetrics)
+                yield event.result
+                break
+
+
+async def _stream(submitted: list[tuple[Job, asyncio.Queue[Event]]], reply: _Reply, n: int) -> AsyncIterator[str]:
     """SSE chunks; an error before the first token is sent as an error event. A disconnect cancels the jobs."""
     metrics: list[RequestMetrics] = []
     try:
         if (echoed := reply.echo_chunk()) is not None:
             yield _sse(echoed)
-        for prompt_index, (_, events) in enumerate(submitted):
-            while True:
-                name, value = await events.get()
-                if name == "token":
-                    chunk = reply.add(value, prompt_index * n)
-                    if chunk is not None:
-                        yield _sse(chunk)
-                elif name == "prompt_logprobs":
-                    reply.add_prompt(value, prompt_index * n, n)
-                elif name == "error":
-                    yield _sse(_as_api_error(value).body())
-                    yield "data: [DONE]\n\n"
-                    return
-                elif name == "cancelled":
-                    return
-                else:
-                    metrics.append(value)
-                    break
+        async for item in _dispatch(submitted, reply, n):
+            if isinstance(item, RequestMetrics):
+                metrics.append(item)
+            else:
+                yield _sse(item)
         yield _sse(reply.final_chunk(metrics))
         yield "data: [DONE]\n\n"
+    except ApiError as error:
+        yield _sse(error.body())
+        yield "data: [DONE]\n\n"
+    except _ClientGone:
+        return
     finally:
         for job, _ in submitted:
             job.cancelled.set()
@@ -456,25 +466,6 @@ def _usage(metrics: list[RequestMetrics]) -> dict[str, int]:
 
 def _accountings(metrics: list[RequestMetrics]) -> dict[str, Any] | list[dict[str, Any]]:
     """The `kvcake` field: one prompt's accounting, or a list of them (one per prompt) for several prompts."""
-    return accounting(metrics[0]) if len(metrics) == 1 else [accounting(m) for m in metrics]
+    return metrics[0].accounting() if len(metrics) == 1 else [m.accounting() for m in metrics]
 
 
-def accounting(metrics: RequestMetrics) -> dict[str, Any]:
-    """The response's `kvcake` field: how the prompt's KV was obtained."""
-    blend = metrics.blend
-    return {
-        "ttft_s": metrics.ttft_s,
-        "prompt_tokens": metrics.prompt_tokens,
-        "tokens_computed": metrics.tokens_computed,
-        "tokens_loaded": metrics.tokens_loaded,
-        "tokens_recomputed": blend.tokens_recomputed if blend else 0,
-        "reuse": blend.mode if blend else metrics.prefix.strategy,
-        "prefix_stored_chunks": metrics.prefix.stored_chunks,
-        "prefix_hit_chunks": metrics.prefix.hit_chunks,
-        "prefix_load_failures": metrics.prefix.load_failures,
-        "meet_chunk": metrics.prefix.meet_chunk,
-        "ratio": blend.ratio if blend else None,
-        "documents_stored": blend.documents_stored if blend else 0,
-        "documents_computed": blend.documents_computed if blend else 0,
-        "fallback": blend.fallback if blend else "",
-    }

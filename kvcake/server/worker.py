@@ -64,22 +64,49 @@ class TokenEvent:
     logprob: TokenLogprob | None = None
 
 
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """The prompt's tokens' log probabilities (echo), sent before the first token."""
+
+    entries: list[TokenLogprob]
+
+
+@dataclass(frozen=True)
+class Done:
+    """A job's last event: a generation's metrics, or what a warm call stored ((key, tokens, already stored) per document)."""
+
+    result: RequestMetrics | list[tuple[str, int, bool]]
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A job's last event when it failed: a `ValueError` is the request's fault, anything else the server's."""
+
+    error: Exception
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """A job's last event when its client left before it ran (or during a warm call)."""
+
+
+Event = TokenEvent | PromptLogprobs | Done | Failed | Cancelled
+"""What a job emits: tokens (after `PromptLogprobs` when asked for), then one of `Done`, `Failed`, `Cancelled`."""
+
+
 @dataclass
 class Job:
-    """A request and where its events go: ("token", TokenEvent) ..., then ("done", RequestMetrics) or ("error", Exception).
-
-    A warm job's only event is ("done", what `Engine.warm` returned) or ("error", ...). A job
-    skipped because its client had already left gets ("cancelled", None).
-    """
+    """A request and where its events go (see `Event`). A warm job's only event is its `Done`,
+    `Failed` or `Cancelled`."""
 
     request: GenerateRequest | WarmRequest
     planned: PromptLayout | None
-    emit: Callable[[tuple[str, Any]], None]
+    emit: Callable[[Event], None]
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
     """None: no log probabilities; k: the chosen token's and the k most likely ones'."""
     prompt_logprobs: bool = False
-    """Also the prompt's tokens' log probabilities (echo), sent first as ("prompt_logprobs", [TokenLogprob])."""
+    """Also the prompt's tokens' log probabilities (echo), sent first as `PromptLogprobs`."""
     cancelled: threading.Event = field(default_factory=threading.Event)
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     prefetch: PrefixPrefetch | None = None
@@ -201,9 +228,7 @@ class ComputeWorker:
             return
         steps: list[DecodeStep] = [r.pending for r in decoding]  # type: ignore[misc]
         try:
-            logits = self.engine.model.decode_batch(
-                torch.tensor([s.token_id for s in steps]), torch.tensor([s.position for s in steps]), [s.cache for s in steps]
-            )
+            logits = self.engine.decode(steps)
         except Exception as error:
             log.exception("a batched decode step failed")
             for entry in decoding:
@@ -224,7 +249,7 @@ class ComputeWorker:
             job.started = True
         try:
             if job.cancelled.is_set():
-                job.emit(("cancelled", None))
+                job.emit(Cancelled())
             elif isinstance(job.request, WarmRequest):
                 entry = _Running(job, self.engine.warm_steps(job.request), [], [])
                 return entry if self._advance(entry, None) else None
@@ -237,7 +262,7 @@ class ComputeWorker:
         except Exception as error:
             if not isinstance(error, ValueError):
                 log.exception("request failed")
-            job.emit(("error", error))
+            job.emit(Failed(error))
         self._release_prefetch(job)
         return None
 
@@ -267,7 +292,7 @@ class ComputeWorker:
         logprob = None if job.logprobs is None else self._logprob(step, job.logprobs)
         if not stopped and step.finish_reason is not None:
             text += stops.flush()
-        job.emit(("token", TokenEvent(step, text, "stop" if stopped else step.finish_reason, logprob)))
+        job.emit(TokenEvent(step, text, "stop" if stopped else step.finish_reason, logprob))
         return stopped
 
     def _finish(self, entry: _Running, warmed: list | None = None) -> None:
@@ -276,15 +301,15 @@ class ComputeWorker:
         if isinstance(job.request, WarmRequest):
             if warmed is None:
                 self._on_finished(None, True)
-            job.emit(("cancelled", None) if warmed is None else ("done", warmed))
+            job.emit(Cancelled() if warmed is None else Done(warmed))
             return
         self._on_finished(job.metrics, job.cancelled.is_set())
-        job.emit(("done", job.metrics))
+        job.emit(Done(job.metrics))
         self._release_prefetch(job)
 
     def _fail(self, entry: _Running, error: Exception) -> None:
         entry.work.close()
-        entry.job.emit(("error", error))
+        entry.job.emit(Failed(error))
         self._release_prefetch(entry.job)
 
     @staticmethod
@@ -302,7 +327,7 @@ class ComputeWorker:
             token_ids = job.planned.token_ids
             rows = yield from self.engine.prompt_logprobs(token_ids)
             first = TokenLogprob(self.engine.tokenizer.decode([token_ids[0]]), None, ())
-            job.emit(("prompt_logprobs", [first, *(self._entry(token, row, job.logprobs or 0) for token, row in zip(token_ids[1:], rows))]))
+            job.emit(PromptLogprobs([first, *(self._entry(token, row, job.logprobs or 0) for token, row in zip(token_ids[1:], rows))]))
         yield from self.engine.run(request, job.metrics, job.prefetch, job.planned)
 
     def _entry(self, token: int, logprobs: torch.Tensor, top: int) -> TokenLogprob:
