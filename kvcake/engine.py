@@ -73,7 +73,9 @@ class Engine:
         self.prefix = PrefixReuse(self.model, self.store, self.writeback, keys, config.prefill_chunk, profile, budget)
         try:
             check_layers = parse_check_layers(config.blend_check_layers, model_config.num_layers)
-            settings = DocumentSettings(config.prefill_chunk, check_layers, config.load_streams, config.load_timeout_s)
+            settings = DocumentSettings(
+                config.prefill_chunk, check_layers, config.load_streams, config.load_timeout_s, config.blend_selection, config.blend_correction
+            )
             shared = (self.prefix, self.cache_pool, settings)
             self.blend = BlendReuse(*shared, default_ratio=config.blend_ratio)
             self.tune = TuneReuse(*shared, scoring=config.tune_scoring, ratio=config.tune_ratio, min_ratio=config.tune_min_ratio)

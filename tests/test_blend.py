@@ -257,3 +257,41 @@ def test_default_model_blend_matches_full_prefill_at_ratio_one(default_config: K
     again = answer("blend", 0.15)
     assert again.metrics.blend.documents_stored == 4 and again.token_ids == blended.token_ids
     engine.close()
+
+
+@pytest.mark.parametrize(("selection", "correction"), [("question", "none"), ("deviation", "offset"), ("question", "offset")])
+def test_question_selection_and_offset_correction_keep_ratio_one_exact(tiny_folders: dict[str, Path], tmp_path: Path, selection: str, correction: str) -> None:
+    engine = tiny_engine(tiny_folders["qwen2"], tmp_path, blend_selection=selection, blend_correction=correction)
+    full = ask(engine, DOCUMENTS, "compute")
+    blended = ask(engine, DOCUMENTS, "blend", 1.0)
+    assert blended.token_ids == full.token_ids
+    assert (blended.first_token_logits - full.first_token_logits).abs().max().item() <= 1e-5
+    partial = ask(engine, DOCUMENTS, "blend", 0.25).metrics.blend
+    assert partial.tokens_recomputed == math.ceil(0.25 * partial.document_tokens)
+    assert 0 < partial.compute_share < 1 and blended.metrics.blend.compute_share == 1.0
+    engine.close()
+
+
+def test_question_attention_ranks_the_keys_the_question_points_at() -> None:
+    """Hand-built: every head of the question's queries points at keys 3 and 5 (5 the most); key 7 lies after
+    the question's position, so it gets nothing whatever it holds."""
+    keys = torch.zeros(2, 8, 4)
+    keys[:, 3, 0], keys[:, 5, 0], keys[:, 7, 0] = 4.0, 8.0, 50.0
+    queries = torch.zeros(4, 2, 4)
+    queries[..., 0] = 2.0
+    weights = selective.question_attention(queries, keys, torch.tensor([5, 6]), torch.arange(8))
+    assert weights.argsort(descending=True)[:2].tolist() == [5, 3]
+    assert float(weights[7]) == 0.0 and abs(float(weights.sum()) - 1.0) < 1e-6
+
+
+def test_offset_correction_moves_each_documents_reused_rows_by_its_recomputed_rows_mean_gap() -> None:
+    """Hand-built: document 0's recomputed rows (0, 1) sit +1 and +3 (K) and -2 (V) from their stored K/V, so its
+    reused row 2 moves by +2 and -2; document 1 has no recomputed row and stays as stored."""
+    stored_keys, stored_values = torch.zeros(1, 5, 2), torch.ones(1, 5, 2)
+    fresh_keys = torch.tensor([[[1.0, 1.0], [3.0, 3.0], [9.0, 9.0]]])  # active tokens: stored rows 0, 1 and a query token
+    fresh_values = torch.full((1, 3, 2), -1.0)
+    rows = torch.tensor([0, 1, -1])
+    document_of = torch.tensor([0, 0, 0, 1, 1])
+    keys, values = selective._shifted(stored_keys, stored_values, fresh_keys, fresh_values, rows, document_of)
+    assert keys[0, 2].tolist() == [2.0, 2.0] and values[0, 2].tolist() == [-1.0, -1.0]
+    assert torch.equal(keys[:, 3:], stored_keys[:, 3:]) and torch.equal(values[:, 3:], stored_values[:, 3:])

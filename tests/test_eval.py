@@ -111,3 +111,26 @@ def test_bench_load_reports_ttft_against_its_floor(tiny_folders: dict[str, Path]
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [row["store"] for row in rows] == ["memory", "file"]
     assert all(row["floor / TTFT"] > 0 and row["loaded MB"] > 0 for row in rows)
+
+
+def test_methods_at_a_cost_spend_it_and_are_paired_with_current_blend(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
+    flags = ["--model", str(tiny_folders["llama"]), "--dtype", "float32", "--chunk-size", "32", "--cache-dir", str(tmp_path / "cache")]
+    run = ["eval", "blend", "--data", str(FIXTURE), "--questions", "2", "--prompt-tokens", "400", "--answer-tokens", "2", "--ratios", "0.15"]
+    assert main([*run, "--costs", "0.8", "--variants", "deviation,question+offset", "--out-dir", str(tmp_path), "--name", "cost", *flags]) == 0
+    results = json.loads((tmp_path / "cost.json").read_text())
+    for record in results["records"]:
+        assert record["full"]["compute_share"] == 1.0
+        for name in ("deviation cost=0.80", "question+offset cost=0.80"):
+            assert abs(record[name]["compute_share"] - 0.8) < 0.02, record[name]
+    report = (tmp_path / "cost.md").read_text()
+    assert "| question+offset cost=0.80 | blend r=0.15 |" in report
+
+
+def test_the_ratio_for_a_cost_inverts_the_compute_share() -> None:
+    from kvcake.bench.blend_eval import ratio_for_cost
+
+    # 28 layers, check layer 1, 2000 tokens of which 1800 in documents: r = 0.15 computes
+    # (2 * 2000 + 26 * (200 + 270)) / (28 * 2000) of the full prefill
+    share = (2 * 2000 + 26 * (200 + 0.15 * 1800)) / (28 * 2000)
+    assert abs(ratio_for_cost(share, 28, 1, 2000, 1800) - 0.15) < 1e-9
+    assert ratio_for_cost(0.01, 28, 1, 2000, 1800) == 1 / 1800 and ratio_for_cost(2.0, 28, 1, 2000, 1800) == 1.0

@@ -21,6 +21,7 @@ skips warming them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import re
@@ -43,6 +44,9 @@ from kvcake.model.segments import document_token_ids
 
 SYSTEM = "Answer the question using the documents. Reply with only the answer: a short span copied from the documents."
 BOOTSTRAP_SAMPLES = 2000
+VARIANTS = ("deviation", "question", "deviation+offset", "question+offset")
+CURRENT_BLEND = "blend r=0.15"
+"""The method every new one is compared with, paired per question: today's default blend."""
 POOL_PROMPTS = 3
 """The passage pool holds at least this many prompts' worth of tokens, so distractors vary."""
 
@@ -70,6 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ratios", default="0.05,0.15,0.30", help="Blend ratios to evaluate besides full (1) and naive (0).")
     parser.add_argument("--tune-ratios", default="", help="CacheTune ratios to evaluate (empty: none).")
     parser.add_argument("--scorings", default="highpass", help="CacheTune scoring rules to compare, e.g. highpass,lowpass,norm.")
+    parser.add_argument(
+        "--costs", default="", help="Total prefill compute shares (of the full prefill) at which to run each --variants method; its ratio is set per question to spend that.")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS),
+        help="Blend variants run at each --costs: SELECTION[+offset] with SELECTION deviation (CacheBlend) or question; +offset adds the offset correction.")
     parser.add_argument("--per-passage", type=int, default=2, help="At most this many questions per passage.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--answer-tokens", type=int, default=16, help="Tokens generated per answer (greedy).")
@@ -88,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     source = args.task if args.data is None else args.data.stem
     stem = args.name or f"blend-eval-{Path(config.model).name.removesuffix('.gguf')}-{args.prompt_tokens // 1000}k-{source}"
     results_path = args.out_dir / f"{stem}.json"
-    methods = _methods(args.ratios, args.tune_ratios, args.scorings)
+    methods = _methods(args.ratios, args.tune_ratios, args.scorings, args.costs, args.variants)
     if args.report_only:
         _report(json.loads(results_path.read_text()), methods, args.out_dir, stem)
         return 0
@@ -132,15 +141,33 @@ class Method:
     reuse: str
     ratio: float
     scoring: str | None = None
+    selection: str = "deviation"
+    correction: str = "none"
+    cost: float | None = None
+    """If set, the ratio is chosen per question so that the prefill computes this share of the full prefill's token-layers."""
 
 
-def _methods(ratios: str, tune_ratios: str = "", scorings: str = "highpass") -> dict[str, Method]:
-    """Full prefill (blend at r = 1), naive reuse (r = 0), blend at each ratio, tune at each ratio and scoring rule."""
+def _methods(ratios: str, tune_ratios: str = "", scorings: str = "highpass", costs: str = "", variants: str = "") -> dict[str, Method]:
+    """Full prefill (blend at r = 1), naive reuse (r = 0), blend at each ratio, tune at each ratio and scoring rule,
+    and each blend variant at each total compute cost."""
     methods = {"full": Method("blend", 1.0), "naive": Method("blend", 0.0)}
     methods.update({f"blend r={float(r):.2f}": Method("blend", float(r)) for r in ratios.split(",") if r.strip()})
     for scoring in (rule.strip() for rule in scorings.split(",") if rule.strip()):
         methods.update({f"tune r={float(r):.2f} {scoring}": Method("tune", float(r), scoring) for r in tune_ratios.split(",") if r.strip()})
+    for variant in (v.strip() for v in variants.split(",") if v.strip()):
+        selection, _, correction = variant.partition("+")
+        for cost in (float(c) for c in costs.split(",") if c.strip()):
+            methods[f"{variant} cost={cost:.2f}"] = Method("blend", cost, None, selection, correction or "none", cost)
     return methods
+
+
+def ratio_for_cost(cost: float, num_layers: int, check_layer: int, tokens: int, document_tokens: int) -> float:
+    """The blend ratio whose prefill computes `cost` of the full prefill's token-layers: layers up to and including
+    the check layer compute every token after the prefix, later ones the non-document tokens and r of the
+    document tokens (`BlendPrefill`'s `compute_share`). Clamped to [1 / document tokens, 1]."""
+    later = num_layers - check_layer - 1
+    ratio = (cost * num_layers * tokens - (check_layer + 1) * tokens - later * (tokens - document_tokens)) / (later * document_tokens)
+    return min(1.0, max(1.0 / document_tokens, ratio))
 
 
 def build_items(engine: Engine, questions: list[QAQuestion], args: argparse.Namespace) -> tuple[list[Item], list[str]]:
@@ -224,6 +251,7 @@ def _answer(engine: Engine, item: Item, methods: dict[str, Method], answer_token
     if record is None:
         record = {"index": item.index, "question": item.question, "answers": list(item.answers), "gold_document": item.gold_document}
     full_logits, full_text = torch.empty(0), ""
+    default_settings = engine.blend.settings
     for name in ["full", *(name for name in methods if name != "full" and name not in record)]:
         method = methods[name]
         if method.scoring:
@@ -236,7 +264,13 @@ def _answer(engine: Engine, item: Item, methods: dict[str, Method], answer_token
             ratio=method.ratio,
             sampling=SamplingParams(max_tokens=answer_tokens, temperature=0.0),
         )
-        result = engine.generate(request)
+        if method.cost is not None:
+            request.ratio = _cost_ratio(engine, request, method.cost)
+        engine.blend.settings = dataclasses.replace(default_settings, selection=method.selection, correction=method.correction)
+        try:
+            result = engine.generate(request)
+        finally:
+            engine.blend.settings = default_settings
         if name == "full":
             full_logits = result.first_token_logits
             if "full" in record:
@@ -253,9 +287,18 @@ def _answer(engine: Engine, item: Item, methods: dict[str, Method], answer_token
             "ttft_s": result.metrics.ttft_s,
             "prompt_tokens": result.metrics.prompt_tokens,
             "tokens_recomputed": blend.tokens_recomputed if blend else None,
+            "ratio": request.ratio,
+            "compute_share": blend.compute_share if blend else 1.0,
             "fallback": blend.fallback if blend else "",
         }
     return record
+
+
+def _cost_ratio(engine: Engine, request: GenerateRequest, cost: float) -> float:
+    planned = engine.plan_prompt(request)
+    tokens = len(planned.token_ids) - planned.prefix_length
+    document_tokens = sum(end - start for start, end in planned.document_spans)
+    return ratio_for_cost(cost, engine.model.config.num_layers, engine.blend.settings.check_layers[0], tokens, document_tokens)
 
 
 def normalize(text: str) -> str:
@@ -314,6 +357,7 @@ def summarize(records: list[dict], methods: dict[str, Method]) -> list[dict]:
             "method": name,
             "ratio": method.ratio,
             "recomputed": sum(recompute_share(r, name) for r in records) / len(records),
+            "compute share": _mean_share(records, name),
             "F1": mean,
             "F1 95% CI": f"[{low:.3f}, {high:.3f}]",
             "F1 - full": gap,
@@ -326,6 +370,12 @@ def summarize(records: list[dict], methods: dict[str, Method]) -> list[dict]:
     return rows
 
 
+def _mean_share(records: list[dict], name: str) -> float | None:
+    """Mean total compute share of `name` (None where records predate it)."""
+    shares = [r[name].get("compute_share") for r in records]
+    return None if None in shares else sum(shares) / len(shares)
+
+
 def paired_comparisons(records: list[dict], methods: dict[str, Method]) -> list[dict]:
     """Paired per question: naive and tune minus the blend they are compared with.
 
@@ -333,14 +383,17 @@ def paired_comparisons(records: list[dict], methods: dict[str, Method]) -> list[
     the run's ratio nearest that one if it was not run, so "worse" and "better" are
     numbers with a 95% CI, not impressions.
     """
-    blends = {m.ratio: name for name, m in methods.items() if m.reuse == "blend" and 0 < m.ratio < 1}
+    blends = {m.ratio: name for name, m in methods.items() if m.reuse == "blend" and m.cost is None and 0 < m.ratio < 1}
     if not blends:
         return []
     rows = []
     for name, method in methods.items():
-        if name != "naive" and method.reuse != "tune":
+        if name != "naive" and method.reuse != "tune" and method.cost is None:
             continue
-        reference = blends.get(method.ratio if method.reuse == "tune" else 0.15) or blends[min(blends, key=lambda r: abs(r - 0.15))]
+        if method.cost is not None:
+            reference = CURRENT_BLEND if CURRENT_BLEND in methods else blends[min(blends, key=lambda r: abs(r - 0.15))]
+        else:
+            reference = blends.get(method.ratio if method.reuse == "tune" else 0.15) or blends[min(blends, key=lambda r: abs(r - 0.15))]
         f1_gap, f1_low, f1_high = mean_with_ci([r[name]["f1"] - r[reference]["f1"] for r in records])
         kl_gap, kl_low, kl_high = mean_with_ci([r[name]["first_token_kl"] - r[reference]["first_token_kl"] for r in records])
         rows.append({
@@ -413,7 +466,9 @@ def _report(results: dict, methods: dict[str, Method], out_dir: Path, stem: str)
         "",
         "`full` is the full prefill (blend at r = 1 computes every token; tests check it equals the full prefill).",
         "CIs are 95% bootstrap intervals over questions; `F1 - full` is paired per question. `recomputed`: the mean share",
-        "of document tokens recomputed.",
+        "of document tokens recomputed; `compute share`: the mean token-layers computed after the exact prefix over the full",
+        "prefill's (layers up to the check layer count in full). Methods named `VARIANT cost=C` set their ratio per question",
+        "to spend C: `deviation` is CacheBlend's selection, `question` the question's attention, `+offset` the offset correction.",
     ]
     paired = paired_comparisons(records, methods)
     comparison = ["## Paired differences", "", "Per question, method minus the blend it is compared with (negative F1 / positive KL: worse).", "", *markdown_rows(paired), ""]
@@ -448,9 +503,11 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     for row in rows:
         families.setdefault(_family(row["method"]), []).append(row)
     figure, (quality, divergence, agreement) = plt.subplots(1, 3, figsize=(14, 4))
+    by_cost = all(row["compute share"] is not None for row in rows)
     for family, members in families.items():
-        members = sorted(members, key=lambda row: row["recomputed"])
-        shares = [row["recomputed"] for row in members]
+        shares = [row["compute share"] if by_cost else row["recomputed"] for row in members]
+        members = [row for _, row in sorted(zip(shares, members), key=lambda pair: pair[0])]
+        shares = sorted(shares)
         quality.plot(shares, [row["F1"] for row in members], "o-", label=f"{family}: token F1")
         divergence.plot(shares, [row["first-token KL"] for row in members], "o-", label=family)
         agreement.plot(shares, [row["agrees with full"] for row in members], "o-", label=family)
@@ -458,7 +515,7 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     divergence.set_title("first-token KL to the full prefill")
     agreement.set_title("answer equal to the full prefill's")
     for axis in (quality, divergence, agreement):
-        axis.set_xlabel("share of document tokens recomputed")
+        axis.set_xlabel("prefill compute, share of the full prefill's" if by_cost else "share of document tokens recomputed")
         axis.legend(fontsize="small")
     figure.suptitle(title)
     figure.tight_layout()
@@ -467,7 +524,9 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def _family(method: str) -> str:
-    """`blend` for full, naive and fixed ratios; `tune (RULE)` for tune."""
+    """`blend` for full, naive and fixed ratios; `tune (RULE)` for tune; the variant for methods at a cost."""
     if method.startswith("tune"):
         return f"tune ({method.split(' ', 2)[2]})"
+    if " cost=" in method:
+        return method.split(" cost=")[0]
     return "blend"

@@ -43,10 +43,13 @@ class BlendReuse(DocumentReuse):
         for start, end in prompt.document_spans:
             is_document[start - prompt.prefix_length : end - prompt.prefix_length] = True
         source = (yield from self._source(plan)) if plan.ratio < 1.0 else (lambda layer: None)
-        from_store = torch.cat([torch.full((end - start,), present) for (start, end), present in zip(prompt.document_spans, plan.stored)] or [torch.empty(0, dtype=torch.bool)])
-        blender = BlendPrefill(self.model, plan.ratio, list(self.settings.check_layers))
+        spans = prompt.document_spans
+        from_store = torch.cat([torch.full((end - start,), present) for (start, end), present in zip(spans, plan.stored)] or [torch.empty(0, dtype=torch.bool)])
+        document_of = torch.cat([torch.full((end - start,), index) for index, (start, end) in enumerate(spans)] or [torch.empty(0, dtype=torch.long)])
+        settings = self.settings
+        blender = BlendPrefill(self.model, plan.ratio, list(settings.check_layers), settings.selection, settings.correction)
         loaded_layers = blender.loaded_layers(int(is_document.sum()))
-        filled, blend = yield from self._blend(plan, cache, prefetched, blender, source, loaded_layers, is_document.nonzero().squeeze(1), from_store)
+        filled, blend = yield from self._blend(plan, cache, prefetched, blender, source, loaded_layers, is_document.nonzero().squeeze(1), from_store, document_of)
         blend.documents = len(prompt.document_spans)
         blend.documents_stored = sum(plan.stored)
         blend.documents_computed = blend.documents - blend.documents_stored

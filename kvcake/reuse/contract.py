@@ -100,6 +100,8 @@ class BlendReport:
     load_s: float = 0.0
     load_wait_s: float = 0.0
     compute_s: float = 0.0
+    compute_share: float = 1.0
+    """Token-layers computed over those of a full prefill of the tokens after the exact prefix."""
     fallback: str = ""
 
     def as_dict(self) -> dict[str, object]:

@@ -29,12 +29,15 @@ from kvcake.reuse.inflight import InFlight
 
 @dataclass(frozen=True)
 class DocumentSettings:
-    """How documents are computed and blended: pass size, check layers, loader threads and their bound."""
+    """How documents are computed and blended: pass size, check layers, loader threads and their bound, and
+    how blend selects the tokens it recomputes and corrects the ones it reuses (see `BlendPrefill`)."""
 
     prefill_chunk: int
     check_layers: tuple[int, ...]
     load_streams: int = 1
     load_timeout_s: float | None = None
+    selection: str = "deviation"
+    correction: str = "none"
 
 
 @dataclass(frozen=True)
@@ -152,13 +155,14 @@ class DocumentReuse:
         loaded_layers: range,
         stored_tokens: torch.Tensor,
         from_store: torch.Tensor,
+        document_of: torch.Tensor | None = None,
     ) -> Generator[None, None, tuple[Filled, BlendReport]]:
         """Start loading, fill the exact prefix, then blend; a failed layer read computes the rest instead.
         Pauses after every chunk of the prefix and every blended layer.
 
         `stored_tokens` are the indices (after the prefix) of the tokens `source` yields, in
         its row order; `from_store[i]` says whether row i comes from the store (else it was
-        computed in this request), for the accounting."""
+        computed in this request), for the accounting; `document_of[i]` its document."""
         prompt = plan.prompt
         rest = torch.tensor(prompt.token_ids[prompt.prefix_length :], dtype=torch.long)
         positions = torch.arange(prompt.prefix_length, len(prompt.token_ids))
@@ -167,7 +171,7 @@ class DocumentReuse:
         try:
             prefix = PrefixReport() if plan.prefix is None else (yield from self.prefix.fill(plan.prefix, cache, prefetched)).prefix
             try:
-                logits, blend = yield from blender.run(cache, rest, positions, stored_tokens, prefetcher, from_store)
+                logits, blend = yield from blender.run(cache, rest, positions, stored_tokens, prefetcher, from_store, document_of)
             except BlendFallback as failure:
                 logits = self.model.prefill(rest.tolist(), cache, settings.prefill_chunk, prompt.prefix_length)
                 document_tokens = sum(end - start for start, end in prompt.document_spans)

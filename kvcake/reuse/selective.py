@@ -12,6 +12,14 @@ rest. With several check layers the active set shrinks gradually.
 ratio = 1 recomputes everything and loads nothing: exactly the full prefill.
 ratio = 0 loads every layer of every document and computes only the query: the
 stored caches concatenated, with no check pass.
+
+Which tokens stay (`selection`): `deviation` ranks them by how far their fresh V at the
+check layer lies from the stored V (CacheBlend); `question` by how much attention the
+question (the tokens after the last document) pays them at the check layer, over every key
+it sees, averaged over heads and question tokens and smoothed over a few neighbours.
+`correction = offset` shifts the stored K/V of the tokens that are not recomputed, per
+document, layer and KV head, by the mean difference between fresh and stored K/V of the
+document's tokens that are (a shared offset: what the missing cross-attention moved).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import time
 from collections.abc import Generator
 
 import torch
+import torch.nn.functional as F
 
 from kvcake.reuse.layers import LayerPrefetcher
 from kvcake.model import KVCache, Transformer
@@ -32,6 +41,12 @@ ATTENTION_BLOCK = 512
 """Active tokens attend in blocks of this many rows, as in a chunked prefill: a block only
 reads the cache up to its last position (about half the attention work of all rows at
 once over the whole cache), and one block's mask and scores exist at a time."""
+
+
+SELECTIONS = ("deviation", "question")
+CORRECTIONS = ("none", "offset")
+QUESTION_SMOOTHING = 5
+"""Tokens a question score is averaged over: the evidence is a span, and a span's middle tokens need their neighbours."""
 
 
 class BlendFallback(RuntimeError):
@@ -59,9 +74,11 @@ def token_deviation(
 class BlendPrefill:
     """Runs the tokens after an exact prefix through every layer, blending stored document KV."""
 
-    def __init__(self, model: Transformer, ratio: float, check_layers: list[int]):
+    def __init__(self, model: Transformer, ratio: float, check_layers: list[int], selection: str = "deviation", correction: str = "none"):
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"blend ratio must lie in [0, 1], got {ratio}")
+        if selection not in SELECTIONS or correction not in CORRECTIONS:
+            raise ValueError(f"blend selection must be one of {SELECTIONS} and correction one of {CORRECTIONS}, got {selection!r}, {correction!r}")
         if not check_layers or sorted(set(check_layers)) != list(check_layers):
             raise ValueError(f"check layers must be increasing and distinct, got {check_layers}")
         if check_layers[0] < 0 or check_layers[-1] >= model.config.num_layers:
@@ -69,6 +86,8 @@ class BlendPrefill:
         self.model = model
         self.ratio = ratio
         self.check_layers = check_layers
+        self.selection = selection
+        self.correction = correction
 
     def loaded_layers(self, num_doc_tokens: int) -> range:
         """The layers whose stored KV the blend reads: from the first check layer on (all of them at r = 0, none at r = 1)."""
@@ -85,6 +104,7 @@ class BlendPrefill:
         stored_tokens: torch.Tensor,
         prefetcher: LayerPrefetcher,
         from_store: torch.Tensor | None = None,
+        document_of: torch.Tensor | None = None,
     ) -> Generator[None, None, tuple[torch.Tensor, BlendReport]]:
         """Append `token_ids` (at `positions`) to `cache`; returns the last token's logits.
 
@@ -95,8 +115,11 @@ class BlendPrefill:
         in the order of its rows, layer by layer over `loaded_layers`; the caller starts
         it as early as it can. Every other token is computed. The last token must not be
         stored. `from_store` marks the rows read from the store (default all; the others
-        were computed in isolation for this request): reused ones count as `tokens_loaded`. Raises `BlendFallback` when a layer cannot be loaded; the cache is then
-        left as it was (nothing committed).
+        were computed in isolation for this request): reused ones count as `tokens_loaded`.
+        `document_of[i]` is the document of stored row i (default: one document), the unit of
+        the offset correction. Raises `BlendFallback` when a layer cannot be loaded; the cache
+        is then left as it was (nothing committed). The report's `compute_share` is the
+        token-layers computed over those of a full prefill of these tokens.
         """
         if bool((stored_tokens == len(token_ids) - 1).any()):
             raise ValueError("the last token must belong to the query, not to a document")
@@ -104,12 +127,13 @@ class BlendPrefill:
         doc_tokens = stored_tokens.to(device)
         doc_row = torch.full((len(token_ids),), -1, dtype=torch.long, device=device)
         doc_row[doc_tokens] = torch.arange(len(doc_tokens), device=device)
+        document_of = torch.zeros(len(doc_tokens), dtype=torch.long) if document_of is None else document_of
         report = BlendReport(ratio=self.ratio, check_layers=list(self.check_layers), document_tokens=len(doc_tokens))
         checks = self._checks(len(doc_tokens))
         first_loaded = self.loaded_layers(len(doc_tokens)).start
         started = time.perf_counter()
         waited_before = prefetcher.wait_s
-        layers = self._layers(cache, token_ids, positions, doc_tokens, doc_row, checks, first_loaded, prefetcher, report)
+        layers = self._layers(cache, token_ids, positions, doc_tokens, doc_row, document_of.to(device), checks, first_loaded, prefetcher, report)
         paused_s = 0.0
         while True:
             try:
@@ -145,6 +169,7 @@ class BlendPrefill:
         positions: torch.Tensor,
         doc_tokens: torch.Tensor,
         doc_row: torch.Tensor,
+        document_of: torch.Tensor,
         checks: dict[int, int],
         first_loaded: int,
         prefetcher: LayerPrefetcher,
@@ -158,7 +183,9 @@ class BlendPrefill:
         active = torch.arange(len(token_ids), device=device) if self.ratio > 0 else (doc_row < 0).nonzero().squeeze(1)
         hidden = model.embed(token_ids.to(device)[active])
         mask = self._mask(cache, slot, positions, active)
+        token_layers = 0
         for layer in range(model.config.num_layers):
+            token_layers += len(active)
             q, k, v = model.qkv(layer, hidden)
             fresh_written = False
             if layer >= first_loaded:
@@ -167,12 +194,21 @@ class BlendPrefill:
                     why = "did not arrive in time" if prefetcher.timed_out else "could not be read"
                     raise BlendFallback(f"layer {layer} of the stored documents {why}")
                 stored_keys, stored_values = loaded.keys[0].to(device), loaded.values[0].to(device)
+                if self.correction == "offset":
+                    stored_keys, stored_values = _shifted(stored_keys, stored_values, k, v, doc_row[active], document_of)
                 self._write(cache, layer, slot, doc_tokens, stored_keys, stored_values, cos, sin)
                 if layer in checks:
-                    keep = self._select(active, k, v, stored_keys, stored_values, doc_row, checks[layer])
-                    report.kept_per_check.append(int((doc_row[active[keep]] >= 0).sum()))
                     self._write(cache, layer, slot, active, k, v, cos, sin)
                     fresh_written = True
+                    if self.selection == "question":
+                        scores = self._question_scores(cache, layer, slot, positions, active, doc_tokens, model.apply_rope(q, cos[active], sin[active]))
+                    else:
+                        rows = doc_row[active]
+                        in_doc = rows >= 0
+                        scores = torch.zeros(len(doc_tokens), device=device)
+                        scores[rows[in_doc]] = token_deviation(k[:, in_doc], v[:, in_doc], stored_keys, stored_values, rows[in_doc])
+                    keep = _top(active, doc_row, scores, checks[layer])
+                    report.kept_per_check.append(int((doc_row[active[keep]] >= 0).sum()))
                     active, q, hidden = active[keep], q[:, keep], hidden[keep]
                     mask = self._mask(cache, slot, positions, active)
             if not fresh_written:
@@ -184,7 +220,20 @@ class BlendPrefill:
             hidden = hidden + model.mlp(layer, hidden)
             yield
         cache.commit(slot)
+        report.compute_share = token_layers / (model.config.num_layers * len(token_ids))
         return active, hidden
+
+    def _question_scores(
+        self, cache: KVCache, layer: int, slot: slice, positions: torch.Tensor, active: torch.Tensor, doc_tokens: torch.Tensor, rotated_q: torch.Tensor
+    ) -> torch.Tensor:
+        """Per stored row: the attention the question's tokens (the active ones after the last document) pay it at
+        `layer`, normalised over every key each sees, averaged over heads and question tokens, then smoothed over
+        `QUESTION_SMOOTHING` neighbouring rows. Call after the layer's fresh K is in the cache."""
+        question = (active > doc_tokens.max()).nonzero().squeeze(1)
+        keys, _ = cache.layer(layer, slot.stop)
+        weights = question_attention(rotated_q[:, question], keys, positions[active[question]], cache.positions[: slot.stop])
+        scores = weights[slot.start + doc_tokens]
+        return F.avg_pool1d(scores[None, None], QUESTION_SMOOTHING, stride=1, padding=QUESTION_SMOOTHING // 2, count_include_pad=False)[0, 0]
 
     @staticmethod
     def _mask(cache: KVCache, slot: slice, positions: torch.Tensor, active: torch.Tensor) -> list[tuple[slice, int, Mask]]:
@@ -216,23 +265,45 @@ class BlendPrefill:
         cache.keys[layer].index_copy_(1, rows + slot.start, rotated)
         cache.values[layer].index_copy_(1, rows + slot.start, values.to(dtype))
 
-    @staticmethod
-    def _select(
-        active: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        stored_keys: torch.Tensor,
-        stored_values: torch.Tensor,
-        doc_row: torch.Tensor,
-        num_keep: int,
-    ) -> torch.Tensor:
-        """Indices into `active` of the tokens that stay: non-document tokens and the `num_keep` top deviating document tokens."""
-        rows = doc_row[active]
-        in_doc = (rows >= 0).nonzero().squeeze(1)
-        deviation = token_deviation(keys[:, in_doc], values[:, in_doc], stored_keys, stored_values, rows[in_doc])
-        order = deviation.argsort(descending=True)
-        top = in_doc[order[: min(num_keep, len(in_doc))]]
-        return torch.cat([(rows < 0).nonzero().squeeze(1), top]).sort().values
+
+def question_attention(rotated_q: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+    """Per key (Hkv, S, d after RoPE): the attention probability the queries (H, Tq, d after RoPE) give it, each
+    query's softmax over the keys at or before its position, averaged over heads and queries: (S,)."""
+    query = rotated_q.float()
+    group = query.shape[0] // keys.shape[0]
+    logits = query @ keys.float().repeat_interleave(group, dim=0).transpose(1, 2) * query.shape[-1] ** -0.5
+    hidden_keys = key_positions[None, :] > query_positions[:, None]
+    return logits.masked_fill(hidden_keys, float("-inf")).softmax(dim=-1).mean(dim=(0, 1))
+
+
+def _top(active: torch.Tensor, doc_row: torch.Tensor, scores: torch.Tensor, num_keep: int) -> torch.Tensor:
+    """Indices into `active` of the tokens that stay: every non-document token and the `num_keep` active
+    document tokens of highest score (`scores` per stored row)."""
+    rows = doc_row[active]
+    in_doc = (rows >= 0).nonzero().squeeze(1)
+    order = scores[rows[in_doc]].argsort(descending=True)
+    top = in_doc[order[: min(num_keep, len(in_doc))]]
+    return torch.cat([(rows < 0).nonzero().squeeze(1), top]).sort().values
+
+
+def _shifted(
+    stored_keys: torch.Tensor, stored_values: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, document_of: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored K/V (per KV head, stored row, dim) moved, per document and KV head, by the mean difference between
+    the fresh K/V (`keys`, `values` of the active tokens, whose stored rows are `rows`, -1 for none) and the stored
+    K/V of that document's active rows; a document with no active row is left as stored."""
+    fresh = (rows >= 0).nonzero().squeeze(1)
+    if len(fresh) == 0:
+        return stored_keys, stored_values
+    stored_rows = rows[fresh]
+    documents = document_of[stored_rows]
+    count = torch.bincount(documents, minlength=int(document_of.max()) + 1).clamp(min=1).to(torch.float32)
+    moved = []
+    for fresh_kv, stored in ((keys, stored_keys), (values, stored_values)):
+        gap = fresh_kv[:, fresh].float() - stored[:, stored_rows].float()
+        total = torch.zeros(stored.shape[0], len(count), stored.shape[2], device=stored.device).index_add_(1, documents, gap)
+        moved.append(stored + (total / count[None, :, None])[:, document_of].to(stored.dtype))
+    return moved[0], moved[1]
 
 
 def parse_check_layers(text: str, num_layers: int) -> tuple[int, ...]:
