@@ -33,7 +33,7 @@ CHOICES = {
     "reuse": ("compute", "load", "cake", "split:M", "blend", "tune"),
     "dtype": ("auto", "float32", "float16", "bfloat16"),
     "tune_scoring": ("highpass", "lowpass", "norm"),
-    "blend_selection": ("deviation", "question"),
+    "blend_selection": ("deviation", "question", "probe"),
     "blend_correction": ("none", "offset"),
 }
 """The values these settings may take (M: a chunk count), checked when the config is built; the
@@ -68,7 +68,7 @@ class KvcakeConfig(BaseSettings):
     blend_check_layers: str = _setting(
         "1", "With reuse=blend: layer(s) where tokens are selected by KV deviation; several (e.g. 1,4,8) filter gradually.", "reuse")
     blend_selection: str = _setting(
-        "deviation", "With reuse=blend: how the recomputed tokens are picked at the check layer: deviation (fresh vs stored V, CacheBlend) or question (the question's attention to them).", "reuse")
+        "deviation", "With reuse=blend: how the recomputed tokens are picked: deviation (fresh vs stored V at the check layer, CacheBlend), question (the question's attention to them there) or probe (that attention over the first half of the layers, from a pass of the non-document tokens first).", "reuse")
     blend_correction: str = _setting(
         "none", "With reuse=blend: none, or offset (the reused tokens' stored K/V shifted per document by the mean fresh - stored gap of its recomputed tokens).", "reuse")
     tune_ratio: str = _setting("auto", "With reuse=tune: recompute ratio, or auto = max(tune_min_ratio, C_io / (C_io + C_comp)) from measured costs.", "reuse")

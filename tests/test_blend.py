@@ -259,7 +259,7 @@ def test_default_model_blend_matches_full_prefill_at_ratio_one(default_config: K
     engine.close()
 
 
-@pytest.mark.parametrize(("selection", "correction"), [("question", "none"), ("deviation", "offset"), ("question", "offset")])
+@pytest.mark.parametrize(("selection", "correction"), [("question", "none"), ("probe", "none"), ("deviation", "offset"), ("probe", "offset")])
 def test_question_selection_and_offset_correction_keep_ratio_one_exact(tiny_folders: dict[str, Path], tmp_path: Path, selection: str, correction: str) -> None:
     engine = tiny_engine(tiny_folders["qwen2"], tmp_path, blend_selection=selection, blend_correction=correction)
     full = ask(engine, DOCUMENTS, "compute")

@@ -44,7 +44,7 @@ from kvcake.model.segments import document_token_ids
 
 SYSTEM = "Answer the question using the documents. Reply with only the answer: a short span copied from the documents."
 BOOTSTRAP_SAMPLES = 2000
-VARIANTS = ("deviation", "question", "deviation+offset", "question+offset")
+VARIANTS = ("deviation", "question", "probe", "deviation+offset", "question+offset", "probe+offset")
 CURRENT_BLEND = "blend r=0.15"
 """The method every new one is compared with, paired per question: today's default blend."""
 POOL_PROMPTS = 3
@@ -468,7 +468,8 @@ def _report(results: dict, methods: dict[str, Method], out_dir: Path, stem: str)
         "CIs are 95% bootstrap intervals over questions; `F1 - full` is paired per question. `recomputed`: the mean share",
         "of document tokens recomputed; `compute share`: the mean token-layers computed after the exact prefix over the full",
         "prefill's (layers up to the check layer count in full). Methods named `VARIANT cost=C` set their ratio per question",
-        "to spend C: `deviation` is CacheBlend's selection, `question` the question's attention, `+offset` the offset correction.",
+        "to spend C: `deviation` is CacheBlend's selection, `question` the question's attention at the check layer, `probe` over",
+        "the first half of the layers (its pass counts in the cost), `+offset` the offset correction.",
     ]
     paired = paired_comparisons(records, methods)
     comparison = ["## Paired differences", "", "Per question, method minus the blend it is compared with (negative F1 / positive KL: worse).", "", *markdown_rows(paired), ""]

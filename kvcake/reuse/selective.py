@@ -16,7 +16,11 @@ stored caches concatenated, with no check pass.
 Which tokens stay (`selection`): `deviation` ranks them by how far their fresh V at the
 check layer lies from the stored V (CacheBlend); `question` by how much attention the
 question (the tokens after the last document) pays them at the check layer, over every key
-it sees, averaged over heads and question tokens and smoothed over a few neighbours.
+it sees, averaged over heads and question tokens and smoothed over a few neighbours;
+`probe` by the same attention summed over the first half of the layers, from a pass of
+only the tokens outside the documents over the stored KV before the blend (middle layers
+locate the evidence better than early ones; the pass costs those tokens' share of half the
+layers, and needs those layers loaded before the blend starts).
 `correction = offset` shifts the stored K/V of the tokens that are not recomputed, per
 document, layer and KV head, by the mean difference between fresh and stored K/V of the
 document's tokens that are (a shared offset: what the missing cross-attention moved).
@@ -32,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from kvcake.reuse.layers import LayerPrefetcher
+from kvcake.chunk import ChunkKV
 from kvcake.model import KVCache, Transformer
 from kvcake.model.transformer import Mask, attend_with_mask, causal_mask
 from kvcake.reuse.contract import BlendReport
@@ -43,10 +48,12 @@ reads the cache up to its last position (about half the attention work of all ro
 once over the whole cache), and one block's mask and scores exist at a time."""
 
 
-SELECTIONS = ("deviation", "question")
+SELECTIONS = ("deviation", "question", "probe")
 CORRECTIONS = ("none", "offset")
 QUESTION_SMOOTHING = 5
 """Tokens a question score is averaged over: the evidence is a span, and a span's middle tokens need their neighbours."""
+PROBE_DEPTH = 0.5
+"""`probe` runs the tokens outside the documents through this share of the layers before the blend."""
 
 
 class BlendFallback(RuntimeError):
@@ -92,7 +99,7 @@ class BlendPrefill:
     def loaded_layers(self, num_doc_tokens: int) -> range:
         """The layers whose stored KV the blend reads: from the first check layer on (all of them at r = 0, none at r = 1)."""
         num_layers = self.model.config.num_layers
-        if self.ratio == 0.0:
+        if self.ratio == 0.0 or (self.selection == "probe" and self._checks(num_doc_tokens)):
             return range(num_layers)
         return range(min(self._checks(num_doc_tokens), default=num_layers), num_layers)
 
@@ -184,12 +191,15 @@ class BlendPrefill:
         hidden = model.embed(token_ids.to(device)[active])
         mask = self._mask(cache, slot, positions, active)
         token_layers = 0
+        probe_scores, held = None, {}
+        if self.selection == "probe" and checks:
+            probe_scores, held, token_layers = yield from self._probe(cache, slot, token_ids, positions, doc_tokens, doc_row, prefetcher, cos, sin)
         for layer in range(model.config.num_layers):
             token_layers += len(active)
             q, k, v = model.qkv(layer, hidden)
             fresh_written = False
             if layer >= first_loaded:
-                loaded = prefetcher.get(layer)
+                loaded = held.pop(layer) if layer in held else prefetcher.get(layer)
                 if loaded is None:
                     why = "did not arrive in time" if prefetcher.timed_out else "could not be read"
                     raise BlendFallback(f"layer {layer} of the stored documents {why}")
@@ -200,7 +210,9 @@ class BlendPrefill:
                 if layer in checks:
                     self._write(cache, layer, slot, active, k, v, cos, sin)
                     fresh_written = True
-                    if self.selection == "question":
+                    if probe_scores is not None:
+                        scores = probe_scores
+                    elif self.selection == "question":
                         scores = self._question_scores(cache, layer, slot, positions, active, doc_tokens, model.apply_rope(q, cos[active], sin[active]))
                     else:
                         rows = doc_row[active]
@@ -232,8 +244,51 @@ class BlendPrefill:
         question = (active > doc_tokens.max()).nonzero().squeeze(1)
         keys, _ = cache.layer(layer, slot.stop)
         weights = question_attention(rotated_q[:, question], keys, positions[active[question]], cache.positions[: slot.stop])
-        scores = weights[slot.start + doc_tokens]
-        return F.avg_pool1d(scores[None, None], QUESTION_SMOOTHING, stride=1, padding=QUESTION_SMOOTHING // 2, count_include_pad=False)[0, 0]
+        return _smoothed(weights[slot.start + doc_tokens])
+
+    def _probe(
+        self,
+        cache: KVCache,
+        slot: slice,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        doc_tokens: torch.Tensor,
+        doc_row: torch.Tensor,
+        prefetcher: LayerPrefetcher,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> Generator[None, None, tuple[torch.Tensor, dict[int, ChunkKV], int]]:
+        """`probe` selection's pass: the tokens outside the documents through the first `PROBE_DEPTH` of the layers
+        over the stored document KV (as naive reuse computes them), summing per stored row the attention the
+        question pays it at each layer. Returns the smoothed scores, the layers it loaded (the blend reuses
+        them) and the token-layers it computed; pauses after every layer. The slot's K/V it writes are all
+        overwritten by the blend."""
+        model = self.model
+        device = model.device
+        active = (doc_row < 0).nonzero().squeeze(1)
+        question = (active > doc_tokens.max()).nonzero().squeeze(1)
+        hidden = model.embed(token_ids.to(device)[active])
+        mask = self._mask(cache, slot, positions, active)
+        depth = max(1, round(PROBE_DEPTH * model.config.num_layers))
+        scores = torch.zeros(len(doc_tokens), device=device)
+        held: dict[int, ChunkKV] = {}
+        for layer in range(depth):
+            loaded = prefetcher.get(layer)
+            if loaded is None:
+                why = "did not arrive in time" if prefetcher.timed_out else "could not be read"
+                raise BlendFallback(f"layer {layer} of the stored documents {why}")
+            held[layer] = loaded
+            q, k, v = model.qkv(layer, hidden)
+            self._write(cache, layer, slot, doc_tokens, loaded.keys[0].to(device), loaded.values[0].to(device), cos, sin)
+            self._write(cache, layer, slot, active, k, v, cos, sin)
+            rotated = model.apply_rope(q, cos[active], sin[active])
+            keys, values = cache.layer(layer, slot.stop)
+            scores += question_attention(rotated[:, question], keys, positions[active[question]], cache.positions[: slot.stop])[slot.start + doc_tokens]
+            attended = torch.cat([attend_with_mask(rotated[:, rows], keys[:, :end], values[:, :end], block_mask) for rows, end, block_mask in mask])
+            hidden = hidden + model.attention_output(layer, attended)
+            hidden = hidden + model.mlp(layer, hidden)
+            yield
+        return _smoothed(scores), held, depth * len(active)
 
     @staticmethod
     def _mask(cache: KVCache, slot: slice, positions: torch.Tensor, active: torch.Tensor) -> list[tuple[slice, int, Mask]]:
@@ -274,6 +329,11 @@ def question_attention(rotated_q: torch.Tensor, keys: torch.Tensor, query_positi
     logits = query @ keys.float().repeat_interleave(group, dim=0).transpose(1, 2) * query.shape[-1] ** -0.5
     hidden_keys = key_positions[None, :] > query_positions[:, None]
     return logits.masked_fill(hidden_keys, float("-inf")).softmax(dim=-1).mean(dim=(0, 1))
+
+
+def _smoothed(scores: torch.Tensor) -> torch.Tensor:
+    """Each stored row's score averaged with its neighbours' (`QUESTION_SMOOTHING` rows)."""
+    return F.avg_pool1d(scores[None, None], QUESTION_SMOOTHING, stride=1, padding=QUESTION_SMOOTHING // 2, count_include_pad=False)[0, 0]
 
 
 def _top(active: torch.Tensor, doc_row: torch.Tensor, scores: torch.Tensor, num_keep: int) -> torch.Tensor:
