@@ -295,3 +295,11 @@ def test_offset_correction_moves_each_documents_reused_rows_by_its_recomputed_ro
     keys, values = selective._shifted(stored_keys, stored_values, fresh_keys, fresh_values, rows, document_of)
     assert keys[0, 2].tolist() == [2.0, 2.0] and values[0, 2].tolist() == [-1.0, -1.0]
     assert torch.equal(keys[:, 3:], stored_keys[:, 3:]) and torch.equal(values[:, 3:], stored_values[:, 3:])
+
+
+def test_the_offset_sample_is_every_stride_th_token_of_each_document() -> None:
+    stride = selective.OFFSET_STRIDE
+    document_of = torch.tensor([0] * (2 * stride + 1) + [1] * stride)
+    first = stride // 2
+    expected = [first, first + stride, 2 * stride + 1 + first]
+    assert selective._offset_sample(document_of).nonzero().squeeze(1).tolist() == expected
