@@ -353,9 +353,10 @@ def summarize(records: list[dict], methods: dict[str, Method]) -> list[dict]:
         f1 = [r[name]["f1"] for r in records]
         mean, low, high = mean_with_ci(f1)
         gap, gap_low, gap_high = mean_with_ci([a - b for a, b in zip(f1, full_f1)])
+        ratios = [r[name].get("ratio") for r in records]
         rows.append({
             "method": name,
-            "ratio": method.ratio,
+            "ratio": method.ratio if None in ratios else sum(ratios) / len(ratios),
             "recomputed": sum(recompute_share(r, name) for r in records) / len(records),
             "compute share": _mean_share(records, name),
             "F1": mean,
