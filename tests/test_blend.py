@@ -303,3 +303,13 @@ def test_the_offset_sample_is_every_stride_th_token_of_each_document() -> None:
     first = stride // 2
     expected = [first, first + stride, 2 * stride + 1 + first]
     assert selective._offset_sample(document_of).nonzero().squeeze(1).tolist() == expected
+
+
+def test_a_stored_layer_whose_rows_do_not_match_the_stored_tokens_falls_back() -> None:
+    """The layer reader and the blend share one row order (`DocumentRows`); a layer with another number of rows is
+    never blended into the wrong tokens."""
+    prefetcher = LayerPrefetcher(lambda layer: (ChunkKV([torch.zeros(1, 3, 4)], [torch.zeros(1, 3, 4)]), 96), range(2))
+    assert selective._checked(prefetcher, 0, 3).num_tokens == 3
+    with pytest.raises(selective.BlendFallback, match="3 rows for 5 stored tokens"):
+        selective._checked(prefetcher, 1, 5)
+    prefetcher.close()

@@ -15,7 +15,7 @@ from kvcake.model import CachePool, KVCache
 from kvcake.model.segments import PromptLayout
 from kvcake.reuse.cake import Waiting
 from kvcake.reuse.contract import Filled, ReuseChoice
-from kvcake.reuse.documents import DocumentPlan, DocumentReuse, DocumentSettings
+from kvcake.reuse.documents import DocumentPlan, DocumentReuse, DocumentRows, DocumentSettings
 from kvcake.reuse.layers import LayerSource
 from kvcake.reuse.prefetch import PrefixPrefetch
 from kvcake.reuse.prefix import PrefixReuse
@@ -39,17 +39,12 @@ class BlendReuse(DocumentReuse):
     def fill(self, plan: DocumentPlan, cache: KVCache, prefetched: PrefixPrefetch | None = None) -> Generator[None, None, Filled]:
         """Documents missing from the store are computed in isolation first and queued for write-back."""
         prompt = plan.prompt
-        is_document = torch.zeros(len(prompt.token_ids) - prompt.prefix_length, dtype=torch.bool)
-        for start, end in prompt.document_spans:
-            is_document[start - prompt.prefix_length : end - prompt.prefix_length] = True
+        rows = DocumentRows.of(plan)
         source = (yield from self._source(plan)) if plan.ratio < 1.0 else (lambda layer: None)
-        spans = prompt.document_spans
-        from_store = torch.cat([torch.full((end - start,), present) for (start, end), present in zip(spans, plan.stored)] or [torch.empty(0, dtype=torch.bool)])
-        document_of = torch.cat([torch.full((end - start,), index) for index, (start, end) in enumerate(spans)] or [torch.empty(0, dtype=torch.long)])
         settings = self.settings
         blender = BlendPrefill(self.model, plan.ratio, list(settings.check_layers), settings.selection, settings.correction)
-        loaded_layers = blender.loaded_layers(int(is_document.sum()))
-        filled, blend = yield from self._blend(plan, cache, prefetched, blender, source, loaded_layers, is_document.nonzero().squeeze(1), from_store, document_of)
+        loaded_layers = blender.loaded_layers(len(rows.tokens))
+        filled, blend = yield from self._blend(plan, cache, prefetched, blender, source, loaded_layers, rows.tokens, rows.from_store, rows.document_of)
         blend.documents = len(prompt.document_spans)
         blend.documents_stored = sum(plan.stored)
         blend.documents_computed = blend.documents - blend.documents_stored
@@ -72,8 +67,8 @@ class BlendReuse(DocumentReuse):
         return list(zip(keys, present))
 
     def _source(self, plan: DocumentPlan) -> Generator[None, None, LayerSource]:
-        """A layer reader over the prompt's documents; the missing ones are computed now (pausing after
-        every pass) and queued for write-back."""
+        """A layer reader over the prompt's documents, in `DocumentRows` order; the missing ones are computed
+        now (pausing after every pass) and queued for write-back."""
         documents = plan.prompt.documents()
         missing = [i for i, present in enumerate(plan.stored) if not present]
         computed = dict(zip(missing, (yield from self.compute([documents[i] for i in missing], plan.prompt.preamble))))

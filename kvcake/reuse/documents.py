@@ -54,6 +54,30 @@ class DocumentPlan:
     order_keys: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class DocumentRows:
+    """The one row order of a prompt's documents: every document's tokens, documents in prompt order.
+    A layer read from the store (`LayerSource`) concatenates the documents in this order, and `BlendPrefill`
+    takes these rows: per row its token index after the exact prefix, its document, and whether its KV
+    comes from the store (else it was computed for this request)."""
+
+    tokens: torch.Tensor
+    document_of: torch.Tensor
+    from_store: torch.Tensor
+
+    @classmethod
+    def of(cls, plan: DocumentPlan) -> DocumentRows:
+        prompt = plan.prompt
+        spans = [(start - prompt.prefix_length, end - prompt.prefix_length) for start, end in prompt.document_spans]
+        if not spans:
+            return cls(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.bool))
+        return cls(
+            torch.cat([torch.arange(start, end) for start, end in spans]),
+            torch.cat([torch.full((end - start,), index) for index, (start, end) in enumerate(spans)]),
+            torch.cat([torch.full((end - start,), present) for (start, end), present in zip(spans, plan.stored)]),
+        )
+
+
 class DocumentReuse:
     """What blend and tune share: the exact prefix, isolated document compute, the blended run."""
 

@@ -207,10 +207,7 @@ class BlendPrefill:
             q, k, v = model.qkv(layer, hidden)
             fresh_written = False
             if layer >= first_loaded:
-                loaded = held.pop(layer) if layer in held else prefetcher.get(layer)
-                if loaded is None:
-                    why = "did not arrive in time" if prefetcher.timed_out else "could not be read"
-                    raise BlendFallback(f"layer {layer} of the stored documents {why}")
+                loaded = held.pop(layer) if layer in held else _checked(prefetcher, layer, len(doc_tokens))
                 stored_keys, stored_values = loaded.keys[0].to(device), loaded.values[0].to(device)
                 if self.correction == "offset":
                     rows = doc_row[active]
@@ -283,11 +280,7 @@ class BlendPrefill:
         scores = torch.zeros(len(doc_tokens), device=device)
         held: dict[int, ChunkKV] = {}
         for layer in range(depth):
-            loaded = prefetcher.get(layer)
-            if loaded is None:
-                why = "did not arrive in time" if prefetcher.timed_out else "could not be read"
-                raise BlendFallback(f"layer {layer} of the stored documents {why}")
-            held[layer] = loaded
+            loaded = held[layer] = _checked(prefetcher, layer, len(doc_tokens))
             q, k, v = model.qkv(layer, hidden)
             self._write(cache, layer, slot, doc_tokens, loaded.keys[0].to(device), loaded.values[0].to(device), cos, sin)
             self._write(cache, layer, slot, active, k, v, cos, sin)
@@ -329,6 +322,17 @@ class BlendPrefill:
         rotated = self.model.apply_rope(keys.to(dtype), cos[rows], sin[rows])
         cache.keys[layer].index_copy_(1, rows + slot.start, rotated)
         cache.values[layer].index_copy_(1, rows + slot.start, values.to(dtype))
+
+
+def _checked(prefetcher: LayerPrefetcher, layer: int, rows: int) -> ChunkKV:
+    """The stored layer, holding one row per stored token; `BlendFallback` when it cannot be read or its rows do not match."""
+    loaded = prefetcher.get(layer)
+    if loaded is None:
+        why = "did not arrive in time" if prefetcher.timed_out else "could not be read"
+        raise BlendFallback(f"layer {layer} of the stored documents {why}")
+    if loaded.num_tokens != rows:
+        raise BlendFallback(f"layer {layer} of the stored documents holds {loaded.num_tokens} rows for {rows} stored tokens")
+    return loaded
 
 
 def question_attention(rotated_q: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
