@@ -88,6 +88,7 @@ class BlendReport:
     ratio: float = 0.0
     mode: str = "blend"
     check_layers: list[int] = field(default_factory=list)
+    """The layers where tokens were selected (none at ratio 0 or 1, and for tune, whose stored order selects)."""
     documents: int = 0
     documents_stored: int = 0
     documents_computed: int = 0
