@@ -9,10 +9,12 @@ of a chain is stored usable:
 - **Head most recent.** Before each write the chain up to it is touched from the tail to
   the head (and the whole chain once at the end), so in a store that evicts by recency
   the chain's head is its most recently used entry, and eviction takes the tail first.
-- **No orphans.** A chain larger than the store's budget stops at the first write that
-  evicts one of its own earlier chunks (that write and anything after the gap are
-  deleted), and at the first put the store refuses (a full Redis with `noeviction`): the
-  stored part is always a head, and the same head hits on every repeat.
+- **No orphans.** A chain larger than the store's budget stops at the first put the store
+  refuses: one that does not fit beside the chain's earlier chunks (Redis, whose eviction
+  is approximate, says so before writing), or a full Redis with `noeviction`; and at the
+  first write that evicted one of its own earlier chunks anyway (that write and anything
+  after the gap are deleted). The stored part is always a head, and the same head hits on
+  every repeat.
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ class WriteBack:
         key = chain[index]
         if index:
             self.store.touch(list(reversed(chain[:index])))
-        if not self.store.contains(key) and not self.store.put(key, chunk.to_cpu()):
+        if not self.store.contains(key) and not self.store.put(key, chunk.to_cpu(), beside=chain[:index]):
             return False
         self._done(key, done)
         gap = self._gap_before(chain, index)

@@ -86,6 +86,12 @@ class Backend(ABC):
     def touch(self, keys: Sequence[str]) -> None:  # noqa: B027 - a backend that evicts by itself may ignore it
         """Mark present entries as used in this order (the last most recently); absent ones are skipped."""
 
+    def fits(self, keys: Sequence[str], nbytes: int) -> bool:
+        """Whether the entries `keys` and a new one of `nbytes` fit in the backend's budget together, so that
+        writing it need not evict any of them. True where the backend keeps its own budget exactly (memory and
+        files evict by the recency order ``touch`` sets) or cannot tell."""
+        return True
+
     def route(self, key: str) -> str:
         """Which server/device serves the key: outages are tracked per route."""
         return self.name

@@ -80,16 +80,17 @@ class KVStore(ABC):
         """Tokens [start, end) of every layer (or of `layers`, in that order), reading only the pages that cover them."""
 
     @abstractmethod
-    def put(self, key: str, chunk: ChunkKV) -> bool:
-        """Store a chunk; False when the write was skipped (counted in stats)."""
+    def put(self, key: str, chunk: ChunkKV, beside: Sequence[str] | None = None) -> bool:
+        """Store a chunk; False when the write was skipped (counted in stats). With `beside` (a chain's entries
+        before this one), the write is skipped when the store could only make room for it by evicting them."""
 
     @abstractmethod
     def get_encoded(self, key: str) -> bytes | None:
         """The verified encoded entry (used to move entries between tiers without re-encoding)."""
 
     @abstractmethod
-    def put_encoded(self, key: str, data: bytes) -> bool:
-        """Store an already encoded entry."""
+    def put_encoded(self, key: str, data: bytes, beside: Sequence[str] | None = None) -> bool:
+        """Store an already encoded entry (`beside` as in `put`)."""
 
     @abstractmethod
     def contains(self, key: str) -> bool:

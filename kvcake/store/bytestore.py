@@ -126,12 +126,13 @@ class ByteStore(KVStore):
         return next((index for index, found in enumerate(present) if not found), len(keys))
 
     # -- writes --------------------------------------------------------------------------
-    def put(self, key: str, chunk: ChunkKV) -> bool:
+    def put(self, key: str, chunk: ChunkKV, beside: Sequence[str] | None = None) -> bool:
         check_key(key)
-        return self.put_encoded(key, codec.encode(chunk, self._dtype, self.page_tokens, key))
+        return self.put_encoded(key, codec.encode(chunk, self._dtype, self.page_tokens, key), beside)
 
-    def put_encoded(self, key: str, data: bytes) -> bool:
-        """Store an encoded entry; one bound to another key is refused (``errors[foreign_key]``)."""
+    def put_encoded(self, key: str, data: bytes, beside: Sequence[str] | None = None) -> bool:
+        """Store an encoded entry; one bound to another key is refused (``errors[foreign_key]``), and one that
+        does not fit in the backend's budget beside the entries `beside` is skipped (``errors[over_budget]``)."""
         check_key(key)
         self._forget_header(key)
         try:
@@ -143,6 +144,9 @@ class ByteStore(KVStore):
             return False
 
         def write() -> bool:
+            if beside is not None and not self.backend.fits(beside, len(data)):
+                self._stats.error("over_budget")
+                return False
             self.backend.write(key, data)
             return True
 

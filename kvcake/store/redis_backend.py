@@ -111,6 +111,26 @@ class RedisBackend(Backend):
     def remove(self, key: str) -> None:
         self._client().delete(self._k(key))
 
+    def fits(self, keys: Sequence[str], nbytes: int) -> bool:
+        """False when Redis could only make room for `nbytes` more by evicting `keys` (a chain's head): it holds
+        no other keys, and ``used_memory`` plus the new entry (allocator rounding included) and as much again for
+        the reply buffer that reads it back exceeds ``maxmemory``. Redis evicts by an approximate LRU whose clock ticks once a second, so
+        which of a chain's entries it would drop is a coin toss; refusing the write keeps the same head on every
+        repeat. A cluster, a server without ``maxmemory``, or one that refuses ``CONFIG`` cannot tell: True."""
+        if self._cluster:
+            return True
+        pipe = self._client().pipeline(transaction=False)
+        pipe.config_get("maxmemory")
+        pipe.info("memory")
+        pipe.dbsize()
+        try:
+            config, memory, stored = pipe.execute()
+        except ResponseError:
+            return True
+        maxmemory = int(config.get("maxmemory", 0))
+        room_needed = 2 * _allocated(nbytes)  # the entry, and a reply buffer to read it back
+        return not maxmemory or int(memory["used_memory"]) + room_needed <= maxmemory or int(stored) > len(keys)
+
     def touch(self, keys: Sequence[str]) -> None:
         """TOUCH in order (Redis's own LRU clock is coarse, so order within a second is approximate)."""
         pipe = self._client().pipeline(transaction=False)
@@ -171,3 +191,12 @@ def redis_cluster_backend(nodes: list[tuple[str, int]], options: RedisOptions) -
 
     names = ",".join(f"{h}:{p}" for h, p in nodes)
     return RedisBackend(connect, name=f"redis-cluster({names})", cluster=True, options=options)
+
+
+def _allocated(nbytes: int) -> int:
+    """What jemalloc (Redis's allocator) takes for a large value: sizes between two powers of two come in
+    four classes (8, 10, 12, 14, 16 MiB), so an entry of 8.5 MiB takes 10."""
+    if nbytes <= 16384:
+        return nbytes
+    step = 1 << (nbytes - 1).bit_length() - 3
+    return -(-nbytes // step) * step

@@ -84,13 +84,14 @@ class TensorStore(KVStore):
         return self._entries.leading(keys)
 
     # -- writes --------------------------------------------------------------------------
-    def put(self, key: str, chunk: ChunkKV) -> bool:
+    def put(self, key: str, chunk: ChunkKV, beside: Sequence[str] | None = None) -> bool:
+        """`beside` needs no check: this tier evicts in the exact recency order `touch` sets."""
         check_key(key)
         if self._dtype not in (None, "keep"):
             chunk = codec.decode(codec.encode(chunk, self._dtype, self.page_tokens, key), key=key)
         return self._store(key, chunk)
 
-    def put_encoded(self, key: str, data: bytes) -> bool:
+    def put_encoded(self, key: str, data: bytes, beside: Sequence[str] | None = None) -> bool:
         """Verify and decode bytes from another tier once; foreign or corrupt ones are refused (counted)."""
         check_key(key)
         try:

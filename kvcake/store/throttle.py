@@ -131,6 +131,9 @@ class ThrottledBackend(Backend):
         self.inner.touch(keys)
         self.write_link.transfer(0, started)
 
+    def fits(self, keys: Sequence[str], nbytes: int) -> bool:
+        return self.inner.fits(keys, nbytes)
+
     def route(self, key: str) -> str:
         return self.inner.route(key)
 

@@ -104,12 +104,13 @@ class TieredStore(KVStore):
         return found
 
     # -- writes --------------------------------------------------------------------------
-    def put(self, key: str, chunk: ChunkKV) -> bool:
-        return self.put_encoded(key, codec.encode(chunk, self._dtype, self.page_tokens, key))
+    def put(self, key: str, chunk: ChunkKV, beside: Sequence[str] | None = None) -> bool:
+        return self.put_encoded(key, codec.encode(chunk, self._dtype, self.page_tokens, key), beside)
 
-    def put_encoded(self, key: str, data: bytes) -> bool:
-        """True when the first tier stored it, or (write-through) any tier did, or it was queued."""
-        first = self.tiers[0].put_encoded(key, data)
+    def put_encoded(self, key: str, data: bytes, beside: Sequence[str] | None = None) -> bool:
+        """True when the first tier stored it, or (write-through) any tier did, or it was queued. `beside` is
+        checked by the first tier; lower tiers are written later and rely on the write-back's gap check."""
+        first = self.tiers[0].put_encoded(key, data, beside)
         lower = self._write_lower(key, data, range(1, len(self.tiers)))
         if first or lower:
             self._stats.add(puts=1)

@@ -102,6 +102,23 @@ def test_write_refused_when_redis_is_out_of_memory(redis_factory, make_chunk) ->
     assert store.stats().errors == {"oom": 1} and store.stats().puts_failed == 1
 
 
+def test_a_chain_put_that_only_fits_by_evicting_its_head_is_skipped(redis_factory, make_chunk) -> None:
+    """With `beside`, a put Redis could make room for only by evicting those entries is skipped, not written;
+    once another key exists, Redis evicts that one as usual."""
+    server = redis_factory("--maxmemory", "4mb", "--maxmemory-policy", "allkeys-lru")
+    store = open_store(server.url)
+    chunk = make_chunk(layers=4, tokens=256, heads=2, dim=16)  # ~260 KB encoded
+    chain = [f"c{i}" for i in range(40)]
+    stored = 0
+    while store.put(chain[stored], chunk, beside=chain[:stored]):
+        stored += 1
+    assert 0 < stored < 16
+    assert [store.contains(key) for key in chain] == [True] * stored + [False] * (40 - stored)
+    assert store.stats().errors == {"over_budget": 1} and store.stats().puts_failed == 1
+    assert store.put("other", chunk)  # no `beside`: Redis evicts as it always does
+    assert store.put(chain[stored], chunk, beside=chain[:stored]), "another key can make room"
+
+
 @pytest.mark.parametrize("read", ["get", "get_layer", "get_tokens"])
 def test_corrupted_entry_is_a_miss_and_is_removed(redis_server, make_chunk, read) -> None:
     store = open_store(redis_server.url)

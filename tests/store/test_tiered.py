@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 from kvcake.store import TieredStore, open_store, tiered_url
 from kvcake.store.bytestore import ByteStore
@@ -15,10 +16,10 @@ class GatedTier(ByteStore):
         self.gate = threading.Event()
         self.writing = threading.Event()
 
-    def put_encoded(self, key: str, data: bytes) -> bool:
+    def put_encoded(self, key: str, data: bytes, beside: Sequence[str] | None = None) -> bool:
         self.writing.set()
         self.gate.wait()
-        return super().put_encoded(key, data)
+        return super().put_encoded(key, data, beside)
 
 
 def test_read_through_promotes_into_faster_tiers(tmp_path, make_chunk, same) -> None:

@@ -16,10 +16,10 @@ def test_a_full_write_back_queue_drops_and_counts(tmp_path: Path, make_chunk: Ma
     writing, may_write = threading.Event(), threading.Event()
     put = store.put
 
-    def held_put(key, chunk):  # the writer thread waits here, so the queue behind it fills
+    def held_put(key, chunk, beside=None):  # the writer thread waits here, so the queue behind it fills
         writing.set()
         assert may_write.wait(30)
-        return put(key, chunk)
+        return put(key, chunk, beside)
 
     store.put = held_put
     writeback = WriteBack(store, max_pending=2)
@@ -45,11 +45,11 @@ def test_a_stop_past_its_grace_period_leaves_a_usable_head(tmp_path: Path, make_
     put = store.put
     chain = [f"{i:064x}" for i in range(5)]
 
-    def slow_third_put(key, chunk):
+    def slow_third_put(key, chunk, beside=None):
         if key == chain[2]:
             third_started.set()
             assert may_finish.wait(30)
-        return put(key, chunk)
+        return put(key, chunk, beside)
 
     store.put = slow_third_put
     writeback = WriteBack(store)
