@@ -85,7 +85,8 @@ def test_attention_over_any_subset_uses_positions(test_device: torch.device) -> 
 
 def test_tail_chunk_mask_gives_the_position_mask_result(test_device: torch.device) -> None:
     """A chunk at the tail of a contiguous cache gets the lower-right causal form (CUDA's flash
-    kernel in half precision) with the same result as the boolean mask; a gap keeps the mask."""
+    kernel in half precision; on a CPU the earlier tokens and the chunk's own apart, joined by their
+    log-sum-exps) with the same result as the boolean mask; a gap keeps the mask."""
     dtype = torch.bfloat16 if test_device.type == "cuda" else torch.float32
     generator = torch.Generator().manual_seed(6)
     q = torch.randn(4, 5, 16, generator=generator).to(test_device, dtype)
