@@ -159,22 +159,21 @@ def _run_and_print(engine, request) -> None:
     result = engine.generate(request)
     engine.flush()
     print(result.text)
-    metrics = result.metrics
-    prefix = metrics.prefix
+    shown = result.metrics.accounting()
     print(
-        f"\n[kvcake] model={engine.config.model} prompt_tokens={metrics.prompt_tokens} ttft={metrics.ttft_s:.3f}s "
-        f"generated={metrics.generated_tokens} decode={metrics.decode_s:.3f}s finish={result.finish_reason}\n"
-        f"[kvcake] reuse={prefix.strategy} stored_chunks={prefix.stored_chunks} hit_chunks={prefix.hit_chunks} computed={metrics.tokens_computed} "
-        f"loaded={metrics.tokens_loaded} ({prefix.bytes_loaded / 1e6:.1f} MB) meet_chunk={prefix.meet_chunk} "
-        f"compute={prefix.compute_s:.3f}s io_wait={prefix.io_wait_s:.3f}s",
+        f"\n[kvcake] model={engine.config.model} prompt_tokens={shown['prompt_tokens']} ttft={shown['ttft_s']:.3f}s "
+        f"generated={shown['generated_tokens']} decode={shown['decode_s']:.3f}s finish={result.finish_reason}\n"
+        f"[kvcake] reuse={shown['prefix_strategy']} stored_chunks={shown['prefix_stored_chunks']} hit_chunks={shown['prefix_hit_chunks']} "
+        f"computed={shown['tokens_computed']} loaded={shown['tokens_loaded']} ({shown['prefix_bytes_loaded'] / 1e6:.1f} MB) "
+        f"meet_chunk={shown['meet_chunk']} compute={shown['prefix_compute_s']:.3f}s io_wait={shown['prefix_io_wait_s']:.3f}s",
         file=sys.stderr,
     )
-    if (blend := metrics.blend) is not None:
+    if shown["ratio"] is not None:
         print(
-            f"[kvcake] blend ratio={blend.ratio} documents={blend.documents} (stored {blend.documents_stored}, "
-            f"computed {blend.documents_computed}) recomputed={blend.tokens_recomputed} reused={blend.tokens_reused} "
-            f"loaded={blend.bytes_loaded / 1e6:.1f} MB load_wait={blend.load_wait_s:.3f}s"
-            + (f" fallback: {blend.fallback}" if blend.fallback else ""),
+            f"[kvcake] {shown['reuse']} ratio={shown['ratio']} documents={shown['documents']} (stored {shown['documents_stored']}, "
+            f"computed {shown['documents_computed']}) recomputed={shown['tokens_recomputed']} reused={shown['documents_tokens_reused']} "
+            f"loaded={shown['documents_bytes_loaded'] / 1e6:.1f} MB load_wait={shown['documents_load_wait_s']:.3f}s"
+            + (f" fallback: {shown['fallback']}" if shown["fallback"] else ""),
             file=sys.stderr,
         )
     print(file=sys.stderr)

@@ -188,7 +188,7 @@ class Engine:
             metrics.prompt_tokens = prompt_length
             metrics.tokens_loaded = filled.tokens_loaded
             metrics.tokens_computed = prompt_length - metrics.tokens_loaded
-            metrics.prefix, metrics.blend = filled.prefix, filled.blend
+            metrics.prefix, metrics.documents = filled.prefix, filled.documents
             metrics.prefill_s = time.perf_counter() - started
             for index in range(request.n):
                 own = cache if index == request.n - 1 else cache.fork()

@@ -15,7 +15,7 @@ import torch
 from kvcake.model import KVCache, SamplingParams, Tokenizer
 from kvcake.model.grammar import GrammarError, JsonConstraint
 from kvcake.model.segments import PromptLayout, Segments, document_preamble, document_token_ids, layout, split_prompt
-from kvcake.reuse import BlendReport, PrefixReport, Strategy, Waiting, parse_mode
+from kvcake.reuse import DocumentReport, PrefixReport, Strategy, Waiting, parse_mode
 MAX_CHOICES = 16
 """Most choices (`n`) one request may ask for: each holds its own copy of the prompt's KV."""
 
@@ -66,7 +66,7 @@ class WarmRequest:
 
 @dataclass
 class RequestMetrics:
-    """A request's accounting: `prefix` says how the stored prefix was reused, `blend` how the documents were."""
+    """A request's accounting: `prefix` says how the stored prefix was reused, `documents` how the documents were."""
 
     prompt_tokens: int = 0
     ttft_s: float = 0.0
@@ -76,31 +76,44 @@ class RequestMetrics:
     tokens_loaded: int = 0
     generated_tokens: int = 0
     prefix: PrefixReport = field(default_factory=PrefixReport)
-    blend: BlendReport | None = None
+    documents: DocumentReport | None = None
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
     def accounting(self) -> dict[str, Any]:
-        """How the prompt's KV was obtained, in the one form every renderer shows (the HTTP response's
-        `kvcake` field, the CLI's summary line)."""
-        blend, prefix = self.blend, self.prefix
+        """How the prompt's KV was obtained, in the one form every renderer shows: the HTTP response's `kvcake`
+        field (and so the demo), the CLI's summary lines, the Prometheus counters. `reuse` names the mode that
+        served the request, `prefix_strategy` the one that served its exact prefix; the `documents_` fields stay
+        0 (and `ratio` None) without documents."""
+        documents, prefix = self.documents, self.prefix
         return {
             "ttft_s": self.ttft_s,
             "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "decode_s": self.decode_s,
             "tokens_computed": self.tokens_computed,
             "tokens_loaded": self.tokens_loaded,
-            "tokens_recomputed": blend.tokens_recomputed if blend else 0,
-            "reuse": blend.mode if blend else prefix.strategy,
+            "tokens_recomputed": documents.tokens_recomputed if documents else 0,
+            "reuse": documents.mode if documents else prefix.strategy,
+            "prefix_strategy": prefix.strategy,
             "prefix_stored_chunks": prefix.stored_chunks,
             "prefix_hit_chunks": prefix.hit_chunks,
             "prefix_tail_tokens_loaded": prefix.tail_tokens_loaded,
             "prefix_load_failures": prefix.load_failures,
+            "prefix_chunks_prefetched": prefix.chunks_prefetched,
+            "prefix_bytes_loaded": prefix.bytes_loaded,
+            "prefix_compute_s": prefix.compute_s,
+            "prefix_io_wait_s": prefix.io_wait_s,
             "meet_chunk": prefix.meet_chunk,
-            "ratio": blend.ratio if blend else None,
-            "documents_stored": blend.documents_stored if blend else 0,
-            "documents_computed": blend.documents_computed if blend else 0,
-            "fallback": blend.fallback if blend else "",
+            "ratio": documents.ratio if documents else None,
+            "documents": documents.documents if documents else 0,
+            "documents_stored": documents.documents_stored if documents else 0,
+            "documents_computed": documents.documents_computed if documents else 0,
+            "documents_tokens_reused": documents.tokens_reused if documents else 0,
+            "documents_bytes_loaded": documents.bytes_loaded if documents else 0,
+            "documents_load_wait_s": documents.load_wait_s if documents else 0.0,
+            "fallback": documents.fallback if documents else "",
         }
 
 

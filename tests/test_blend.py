@@ -52,8 +52,8 @@ def test_ratio_one_equals_full_prefill(engine: Engine) -> None:
     blended = ask(engine, DOCUMENTS, "blend", 1.0)
     assert blended.token_ids == full.token_ids
     assert (blended.first_token_logits - full.first_token_logits).abs().max().item() <= 1e-5
-    assert blended.metrics.blend.tokens_recomputed == blended.metrics.blend.document_tokens
-    assert blended.metrics.blend.tokens_reused == 0 and blended.metrics.blend.bytes_loaded == 0
+    assert blended.metrics.documents.tokens_recomputed == blended.metrics.documents.document_tokens
+    assert blended.metrics.documents.tokens_reused == 0 and blended.metrics.documents.bytes_loaded == 0
 
 
 def test_attention_in_row_blocks_gives_the_same_result(tiny_folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -70,7 +70,7 @@ def test_attention_in_row_blocks_gives_the_same_result(tiny_folders: dict[str, P
 def test_ratio_zero_equals_concatenated_stored_caches(engine: Engine) -> None:
     engine.warm(DOCUMENTS, system=SYSTEM)
     naive = ask(engine, DOCUMENTS, "blend", 0.0)
-    assert naive.metrics.blend.documents_stored == 3 and naive.metrics.blend.tokens_recomputed == 0
+    assert naive.metrics.documents.documents_stored == 3 and naive.metrics.documents.tokens_recomputed == 0
 
     planned = engine.plan_prompt(GenerateRequest(query=QUERY, documents=DOCUMENTS, system=SYSTEM))
     model = engine.model
@@ -91,14 +91,14 @@ def test_ratio_zero_equals_concatenated_stored_caches(engine: Engine) -> None:
 
 def test_partial_ratio_recomputes_the_top_fraction(engine: Engine) -> None:
     result = ask(engine, DOCUMENTS, "blend", 0.25)
-    blend = result.metrics.blend
+    blend = result.metrics.documents
     assert blend.documents_computed == 3 and blend.documents_stored == 0
     assert blend.tokens_recomputed == math.ceil(0.25 * blend.document_tokens) == blend.kept_per_check[0]
     assert blend.tokens_reused == blend.document_tokens - blend.tokens_recomputed
     assert result.metrics.tokens_loaded == 0, "documents computed in this request are not loaded"
     again = ask(engine, DOCUMENTS, "blend", 0.25)
-    assert again.metrics.blend.documents_stored == 3
-    assert again.metrics.tokens_loaded - again.metrics.prefix.tokens_loaded == again.metrics.blend.tokens_reused == blend.tokens_reused
+    assert again.metrics.documents.documents_stored == 3
+    assert again.metrics.tokens_loaded - again.metrics.prefix.tokens_loaded == again.metrics.documents.tokens_reused == blend.tokens_reused
     assert again.token_ids == result.token_ids
     assert (again.first_token_logits - result.first_token_logits).abs().max().item() <= 1e-5
 
@@ -115,27 +115,27 @@ def test_a_document_at_two_positions_is_read_from_one_entry(tiny_folders: dict[s
         result = ask(engine, documents, "blend", 0.2)
         after = engine.store.stats()
         spans.append(engine.plan_prompt(GenerateRequest(query=QUERY, documents=documents, system=SYSTEM)).document_spans[-1])
-        assert result.metrics.blend.documents_stored == len(documents)
+        assert result.metrics.documents.documents_stored == len(documents)
         tail_blocks = result.metrics.prefix.tail_tokens_loaded // TAIL_BLOCK
         assert after.hits - before.hits == len(documents) * loaded_layers + tail_blocks
         assert after.misses == before.misses
         bytes_read.append(after.bytes_read - before.bytes_read - result.metrics.prefix.bytes_loaded)
-        assert bytes_read[-1] >= result.metrics.blend.bytes_loaded > 0
+        assert bytes_read[-1] >= result.metrics.documents.bytes_loaded > 0
     assert tail_blocks, "the second request loads the preamble's tail blocks the first one stored"
     assert spans[0][0] != spans[1][0] and spans[0][1] - spans[0][0] == spans[1][1] - spans[1][0] == tokens
-    assert bytes_read[1] == result.metrics.blend.bytes_loaded, "the second read reuses the cached entry header"
+    assert bytes_read[1] == result.metrics.documents.bytes_loaded, "the second read reuses the cached entry header"
     engine.close()
 
 
 def test_documents_are_stored_per_system_text(engine: Engine) -> None:
     engine.warm(DOCUMENTS, system=SYSTEM)
-    assert ask(engine, DOCUMENTS, "blend", 0.0).metrics.blend.documents_stored == 3
-    assert ask(engine, DOCUMENTS, "blend", 0.0, system="Other instructions.").metrics.blend.documents_stored == 0
+    assert ask(engine, DOCUMENTS, "blend", 0.0).metrics.documents.documents_stored == 3
+    assert ask(engine, DOCUMENTS, "blend", 0.0, system="Other instructions.").metrics.documents.documents_stored == 0
 
 
 def test_gradual_filtering_keeps_fewer_tokens_at_each_check(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
     engine = tiny_engine(tiny_folders["qwen2"], tmp_path, blend_check_layers="0,1,2")
-    blend = ask(engine, DOCUMENTS, "blend", 0.1).metrics.blend
+    blend = ask(engine, DOCUMENTS, "blend", 0.1).metrics.documents
     assert blend.kept_per_check == sorted(blend.kept_per_check, reverse=True)
     assert blend.kept_per_check[-1] == blend.tokens_recomputed == math.ceil(0.1 * blend.document_tokens)
     engine.close()
@@ -151,7 +151,7 @@ def test_corrupt_document_entry_falls_back_to_computing(tiny_folders: dict[str, 
             data[len(data) // 2 :] = bytes(len(data) - len(data) // 2)
             entry.write_bytes(bytes(data))
     result = ask(engine, DOCUMENTS, "blend", 0.15)
-    assert "could not be read" in result.metrics.blend.fallback
+    assert "could not be read" in result.metrics.documents.fallback
     assert result.token_ids == full.token_ids
     assert (result.first_token_logits - full.first_token_logits).abs().max().item() <= 1e-5
     engine.close()
@@ -165,7 +165,7 @@ def test_a_foreign_document_entry_falls_back_to_computing(tiny_folders: dict[str
     entry = lambda key: tmp_path / "kv" / key[:2] / f"{key}.kv"  # noqa: E731
     entry(keys[0]).write_bytes(entry(keys[1]).read_bytes())
     result = ask(engine, DOCUMENTS, "blend", 0.15)
-    assert "could not be read" in result.metrics.blend.fallback
+    assert "could not be read" in result.metrics.documents.fallback
     assert result.token_ids == full.token_ids
     assert (result.first_token_logits - full.first_token_logits).abs().max().item() <= 1e-5
     assert engine.store.stats().errors.get("foreign_key", 0) >= 1
@@ -253,9 +253,9 @@ def test_default_model_blend_matches_full_prefill_at_ratio_one(default_config: K
     # accumulate by row block: only fp32 rounding differs (logits are ~10, measured up to 5.2e-5).
     assert (exact.first_token_logits - one_pass).abs().max().item() <= 1e-4, "the same partition as a full prefill"
     blended = answer("blend", 0.15)
-    assert blended.metrics.blend.documents_computed == 4 and not blended.metrics.blend.fallback
+    assert blended.metrics.documents.documents_computed == 4 and not blended.metrics.documents.fallback
     again = answer("blend", 0.15)
-    assert again.metrics.blend.documents_stored == 4 and again.token_ids == blended.token_ids
+    assert again.metrics.documents.documents_stored == 4 and again.token_ids == blended.token_ids
     engine.close()
 
 
@@ -266,9 +266,9 @@ def test_question_selection_and_offset_correction_keep_ratio_one_exact(tiny_fold
     blended = ask(engine, DOCUMENTS, "blend", 1.0)
     assert blended.token_ids == full.token_ids
     assert (blended.first_token_logits - full.first_token_logits).abs().max().item() <= 1e-5
-    partial = ask(engine, DOCUMENTS, "blend", 0.25).metrics.blend
+    partial = ask(engine, DOCUMENTS, "blend", 0.25).metrics.documents
     assert partial.tokens_recomputed == math.ceil(0.25 * partial.document_tokens)
-    assert 0 < partial.compute_share < 1 and blended.metrics.blend.compute_share == 1.0
+    assert 0 < partial.compute_share < 1 and blended.metrics.documents.compute_share == 1.0
     engine.close()
 
 

@@ -327,13 +327,13 @@ def test_many_small_documents_are_computed_in_few_passes(config: KvcakeConfig) -
     documents = [f"Note {i}: the bell rang {i} times." for i in range(120)]
     request = GenerateRequest(query="How often?", documents=documents, system="Be brief.", reuse="blend", ratio=0.2, sampling=SamplingParams(max_tokens=1))
     result = engine.generate(request)
-    document_tokens = result.metrics.blend.document_tokens
-    assert result.metrics.blend.documents_computed == 120
+    document_tokens = result.metrics.documents.document_tokens
+    assert result.metrics.documents.documents_computed == 120
     assert passes.count("isolated") <= -(-document_tokens // 256) + len(documents) // 10, "documents are packed, not computed one by one"
     passes.clear()
     engine.flush()
     again = engine.generate(request)
-    assert again.metrics.blend.documents_stored == 120 and "isolated" not in passes
+    assert again.metrics.documents.documents_stored == 120 and "isolated" not in passes
     with pytest.raises(RequestError, match="max_documents"):
         engine.generate(GenerateRequest(query="q", documents=["d"] * 201))
     engine.close()
@@ -566,7 +566,7 @@ def test_a_hanging_store_makes_blend_compute_instead(config: KvcakeConfig) -> No
     request = GenerateRequest(query="Which book?", documents=DOCUMENTS, reuse="blend", ratio=0.2, sampling=SamplingParams(max_tokens=2))
     result = engine.generate(request)
     store.release.set()
-    assert "did not arrive in time" in result.metrics.blend.fallback
+    assert "did not arrive in time" in result.metrics.documents.fallback
     full = engine.generate(GenerateRequest(query="Which book?", documents=DOCUMENTS, reuse="compute", sampling=SamplingParams(max_tokens=2)))
     assert result.token_ids == full.token_ids
     engine.close()

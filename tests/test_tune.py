@@ -53,13 +53,13 @@ def test_ratio_one_recomputes_everything_and_equals_the_full_prefill(engine: Eng
     tuned = ask(engine, "tune", 1.0)
     assert tuned.token_ids == full.token_ids
     assert (tuned.first_token_logits - full.first_token_logits).abs().max().item() <= 1e-5
-    assert tuned.metrics.blend.mode == "tune" and tuned.metrics.blend.tokens_reused == 0
+    assert tuned.metrics.documents.mode == "tune" and tuned.metrics.documents.tokens_reused == 0
 
 
 def test_only_the_reused_rows_are_read(engine: Engine) -> None:
     """Per request the store reads the reused rows' bytes and the small order entries, nothing else (headers are cached)."""
     first = ask(engine, "tune", 0.25)
-    assert first.metrics.blend.documents_computed == 2
+    assert first.metrics.documents.documents_computed == 2
     assert ask(engine, "tune", 0.25).token_ids == first.token_ids
     planned = engine.plan_prompt(GenerateRequest(query=QUERY, documents=DOCUMENTS, system=SYSTEM))
     order_keys = [engine.tune.document_key(engine.config.tenant, planned.preamble, planned.documents()[i], "scored-highpass-order") for i in range(2)]
@@ -67,7 +67,7 @@ def test_only_the_reused_rows_are_read(engine: Engine) -> None:
     before = engine.store.stats()
     again = ask(engine, "tune", 0.25)
     read = engine.store.stats().bytes_read - before.bytes_read
-    blend = again.metrics.blend
+    blend = again.metrics.documents
     assert blend.documents_stored == 2 and again.token_ids == first.token_ids
     lengths = [end - start for start, end in planned.document_spans]
     page = engine.store.page_tokens
@@ -97,10 +97,10 @@ def test_auto_ratio_follows_the_measured_costs() -> None:
 
 def test_auto_ratio_is_reported_per_request(engine: Engine) -> None:
     first = ask(engine, "tune")
-    assert first.metrics.blend.ratio == engine.config.tune_min_ratio
+    assert first.metrics.documents.ratio == engine.config.tune_min_ratio
     assert engine.tune.profile.compute_s_per_token is not None and engine.tune.profile.io_s_per_token is not None
     expected = engine.tune.ratio()
-    assert ask(engine, "tune").metrics.blend.ratio == expected >= engine.config.tune_min_ratio
+    assert ask(engine, "tune").metrics.documents.ratio == expected >= engine.config.tune_min_ratio
 
 
 def test_warm_stores_the_scored_layout_for_tune(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
@@ -109,7 +109,7 @@ def test_warm_stores_the_scored_layout_for_tune(tiny_folders: dict[str, Path], t
     assert [present for _, _, present in engine.warm(DOCUMENTS, system=SYSTEM)] == [False, False]
     assert [present for _, _, present in engine.warm(DOCUMENTS, system=SYSTEM)] == [True, True]
     result = ask(engine, "tune", 0.5)
-    assert result.metrics.blend.documents_stored == 2 and result.metrics.blend.tokens_reused > 0
+    assert result.metrics.documents.documents_stored == 2 and result.metrics.documents.tokens_reused > 0
     engine.close()
 
 
@@ -144,13 +144,13 @@ def test_a_damaged_or_missing_entry_is_computed_instead(tiny_folders: dict[str, 
     if damage in ("corrupt", "foreign"):
         assert result.token_ids == full.token_ids
         assert (result.first_token_logits - full.first_token_logits).abs().max().item() <= 1e-5
-        assert "could not be read" in result.metrics.blend.fallback
+        assert "could not be read" in result.metrics.documents.fallback
     else:  # as if the first document had never been stored: it is computed, the second is reused, and both are stored again
         control = Engine(config.replace(store_url="memory://"))
         control.warm(DOCUMENTS[1:], system=SYSTEM, scored=True)
         expected = ask(control, "tune", 0.5)
         control.close()
-        assert result.metrics.blend.documents_computed == 1 and not result.metrics.blend.fallback
+        assert result.metrics.documents.documents_computed == 1 and not result.metrics.documents.fallback
         assert result.token_ids == expected.token_ids
         assert (result.first_token_logits - expected.first_token_logits).abs().max().item() <= 1e-5
         assert engine.store.contains(keys[0]) and engine.store.contains(order_keys[0])

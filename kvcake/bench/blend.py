@@ -80,7 +80,7 @@ def _measure(engine: Engine, request: GenerateRequest, methods: dict[str, float]
     for _ in range(repeats):
         for name, ratio in methods.items():
             metrics = engine.generate(_with_ratio(request, ratio)).metrics
-            blend = metrics.blend
+            blend = metrics.documents
             runs[name].append({
                 "ttft_s": metrics.ttft_s,
                 "prompt_tokens": metrics.prompt_tokens,

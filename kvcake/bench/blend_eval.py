@@ -277,7 +277,7 @@ def _answer(engine: Engine, item: Item, methods: dict[str, Method], answer_token
                 full_text = record["full"]["answer"]
                 continue
             full_text = result.text
-        blend = result.metrics.blend
+        blend = result.metrics.documents
         record[name] = {
             "answer": result.text,
             "f1": max(token_f1(result.text, gold) for gold in item.answers),

@@ -117,7 +117,7 @@ def _ttft(engine: Engine, item, reuse: str, ratio: float | None) -> tuple[float,
     request = GenerateRequest(query=f"Question: {item.question}", documents=list(item.documents), system=SYSTEM, reuse=reuse,
                               ratio=ratio, sampling=SamplingParams(max_tokens=1))
     metrics = engine.generate(request).metrics
-    return metrics.ttft_s, metrics.blend.ratio
+    return metrics.ttft_s, metrics.documents.ratio
 
 
 def _report(out_dir: Path, record: dict) -> None:

@@ -18,7 +18,7 @@
 
 from kvcake.reuse.blend import BlendReuse
 from kvcake.reuse.cake import STRATEGIES, WAIT_S, WAITING, ChunkLoader, CostProfile, PrefixPrefill, PrefixReport, Strategy, Waiting, drain
-from kvcake.reuse.contract import BLEND, DOCUMENT_MODES, PREFIX, TUNE, BlendReport, Filled, Reuse, ReuseChoice, document_mode, parse_mode, route
+from kvcake.reuse.contract import BLEND, DOCUMENT_MODES, PREFIX, TUNE, DocumentReport, Filled, Reuse, ReuseChoice, document_mode, parse_mode, route
 from kvcake.reuse.documents import DocumentPlan, DocumentReuse, DocumentRows, DocumentSettings
 from kvcake.reuse.layers import LayerPrefetcher, LayerSource
 from kvcake.reuse.prefetch import ByteBudget, PrefixPrefetch
@@ -42,7 +42,7 @@ __all__ = [
     "WAIT_S",
     "BlendFallback",
     "BlendPrefill",
-    "BlendReport",
+    "DocumentReport",
     "BlendReuse",
     "ByteBudget",
     "ChunkLoader",

@@ -82,7 +82,7 @@ class ReuseChoice:
 
 
 @dataclass
-class BlendReport:
+class DocumentReport:
     """What a blended prefill (blend, tune) did; rides on the request's metrics."""
 
     ratio: float = 0.0
@@ -116,11 +116,11 @@ class Filled:
 
     logits: torch.Tensor
     prefix: PrefixReport
-    blend: BlendReport | None = None
+    documents: DocumentReport | None = None
 
     @property
     def tokens_loaded(self) -> int:
-        return self.prefix.tokens_loaded + (self.blend.tokens_loaded if self.blend else 0)
+        return self.prefix.tokens_loaded + (self.documents.tokens_loaded if self.documents else 0)
 
 
 class Reuse(Protocol[Plan]):

@@ -21,7 +21,7 @@ from kvcake.chunk import ChunkKV
 from kvcake.model import CachePool, KVCache
 from kvcake.model.segments import PromptLayout
 from kvcake.reuse.cake import WAITING, PrefixReport, Strategy, Waiting
-from kvcake.reuse.contract import BlendReport, Filled, ReuseChoice
+from kvcake.reuse.contract import DocumentReport, Filled, ReuseChoice
 from kvcake.reuse.prefetch import PrefixPrefetch
 from kvcake.reuse.prefix import PrefixPlan, PrefixReuse
 from kvcake.reuse.inflight import InFlight
@@ -180,7 +180,7 @@ class DocumentReuse:
         stored_tokens: torch.Tensor,
         from_store: torch.Tensor,
         document_of: torch.Tensor | None = None,
-    ) -> Generator[None, None, tuple[Filled, BlendReport]]:
+    ) -> Generator[None, None, tuple[Filled, DocumentReport]]:
         """Start loading, fill the exact prefix, then blend; a failed layer read computes the rest instead.
         Pauses after every chunk of the prefix and every blended layer.
 
@@ -199,7 +199,7 @@ class DocumentReuse:
             except BlendFallback as failure:
                 logits = self.model.prefill(rest.tolist(), cache, settings.prefill_chunk, prompt.prefix_length)
                 document_tokens = sum(end - start for start, end in prompt.document_spans)
-                blend = BlendReport(ratio=blender.ratio, document_tokens=document_tokens, tokens_recomputed=document_tokens, fallback=str(failure))
+                blend = DocumentReport(ratio=blender.ratio, document_tokens=document_tokens, tokens_recomputed=document_tokens, fallback=str(failure))
         finally:
             prefetcher.close()
         return Filled(logits, prefix, blend), blend

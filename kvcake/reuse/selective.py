@@ -44,7 +44,7 @@ from kvcake.reuse.layers import LayerPrefetcher
 from kvcake.chunk import ChunkKV
 from kvcake.model import KVCache, Transformer
 from kvcake.model.transformer import Mask, attend_with_mask, causal_mask
-from kvcake.reuse.contract import BlendReport
+from kvcake.reuse.contract import DocumentReport
 
 
 ATTENTION_BLOCK = 512
@@ -119,7 +119,7 @@ class BlendPrefill:
         prefetcher: LayerPrefetcher,
         from_store: torch.Tensor | None = None,
         document_of: torch.Tensor | None = None,
-    ) -> Generator[None, None, tuple[torch.Tensor, BlendReport]]:
+    ) -> Generator[None, None, tuple[torch.Tensor, DocumentReport]]:
         """Append `token_ids` (at `positions`) to `cache`; returns the last token's logits.
 
         Pauses (``yield``) after every layer, so a scheduler can run other requests'
@@ -143,7 +143,7 @@ class BlendPrefill:
         doc_row[doc_tokens] = torch.arange(len(doc_tokens), device=device)
         document_of = torch.zeros(len(doc_tokens), dtype=torch.long) if document_of is None else document_of
         checks = self._checks(len(doc_tokens))
-        report = BlendReport(ratio=self.ratio, check_layers=list(checks), document_tokens=len(doc_tokens))
+        report = DocumentReport(ratio=self.ratio, check_layers=list(checks), document_tokens=len(doc_tokens))
         first_loaded = self.loaded_layers(len(doc_tokens)).start
         started = time.perf_counter()
         waited_before = prefetcher.wait_s
@@ -187,7 +187,7 @@ class BlendPrefill:
         checks: dict[int, int],
         first_loaded: int,
         prefetcher: LayerPrefetcher,
-        report: BlendReport,
+        report: DocumentReport,
     ) -> Generator[None, None, tuple[torch.Tensor, torch.Tensor]]:
         model = self.model
         device = model.device

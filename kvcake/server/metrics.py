@@ -40,18 +40,16 @@ class ServerMetrics:
             self.cancelled.inc()
         if metrics is None:
             return
-        if metrics.generated_tokens:
-            self.ttft.observe(metrics.ttft_s)
-        recomputed = metrics.blend.tokens_recomputed if metrics.blend else 0
-        self.tokens.labels("computed").inc(metrics.tokens_computed)
-        self.tokens.labels("loaded").inc(metrics.tokens_loaded)
-        self.tokens.labels("recomputed").inc(recomputed)
-        self.tokens.labels("generated").inc(metrics.generated_tokens)
-        self.prefix_lookups.labels("hit" if metrics.prefix.hit_chunks else "miss").inc()
-        self.prefetched_chunks.inc(metrics.prefix.chunks_prefetched)
-        if metrics.blend:
-            self.documents.labels("stored").inc(metrics.blend.documents_stored)
-            self.documents.labels("computed").inc(metrics.blend.documents_computed)
+        shown = metrics.accounting()
+        if shown["generated_tokens"]:
+            self.ttft.observe(shown["ttft_s"])
+        for kind, count in (("computed", "tokens_computed"), ("loaded", "tokens_loaded"), ("recomputed", "tokens_recomputed"),
+                            ("generated", "generated_tokens")):
+            self.tokens.labels(kind).inc(shown[count])
+        self.prefix_lookups.labels("hit" if shown["prefix_hit_chunks"] else "miss").inc()
+        self.prefetched_chunks.inc(shown["prefix_chunks_prefetched"])
+        self.documents.labels("stored").inc(shown["documents_stored"])
+        self.documents.labels("computed").inc(shown["documents_computed"])
 
     def render(self, engine: EngineStats, queue_depth: int) -> bytes:
         store = engine.store
