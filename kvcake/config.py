@@ -70,7 +70,7 @@ class KvcakeConfig(BaseSettings):
     blend_selection: str = _setting(
         "deviation", "With reuse=blend: how the recomputed tokens are picked: deviation (fresh vs stored V at the check layer, CacheBlend), question (the question's attention to them there) or probe (that attention over the first half of the layers, from a pass of the non-document tokens first).", "reuse")
     blend_correction: str = _setting(
-        "none", "With reuse=blend: none, or offset (the reused tokens' stored K/V shifted per document by the mean fresh - stored gap of its recomputed tokens).", "reuse")
+        "none", "With reuse=blend or tune: none, or offset (the reused tokens' stored K/V shifted per document by the mean fresh - stored gap of an even 3% sample of its tokens, recomputed).", "reuse")
     tune_ratio: str = _setting("auto", "With reuse=tune: recompute ratio, or auto = max(tune_min_ratio, C_io / (C_io + C_comp)) from measured costs.", "reuse")
     tune_min_ratio: float = _setting(0.15, "With reuse=tune: the smallest ratio auto may pick (quality floor).", "reuse")
     tune_scoring: str = _setting("highpass", "With reuse=tune: offline token score (highpass, lowpass, norm; see docs/tune.md).", "reuse")

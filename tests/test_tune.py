@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny import TEST_DEVICE
 
-from kvcake.reuse import TuneProfile, token_scores
+from kvcake.reuse import TuneProfile, selective, token_scores
 from kvcake.config import KvcakeConfig
 from kvcake.engine import Engine
 from kvcake.requests import GenerateRequest, GenerateResult
@@ -79,6 +79,32 @@ def test_only_the_reused_rows_are_read(engine: Engine) -> None:
     assert blend.tokens_reused == reused_rows and blend.tokens_recomputed == sum(recomputed)
     assert blend.bytes_loaded == reused_rows * row_bytes
     assert read == blend.bytes_loaded + order_bytes + again.metrics.prefix.bytes_loaded  # prefix: the preamble's tail blocks
+
+
+def test_the_offset_correction_recomputes_its_sample_and_shifts_the_reused_rows(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
+    """With blend_correction=offset, tune also computes each document's even sample of its reused rows (read as
+    before), shifts the other reused rows by the sample's gap, and stays exact at ratio 1."""
+    config = KvcakeConfig(model=str(tiny_folders["qwen2"]), device=TEST_DEVICE, dtype="float32", chunk_size=32, store_url="memory://", cache_dir=str(tmp_path))
+    plain, corrected = Engine(config), Engine(config.replace(blend_correction="offset"))
+    for engine in (plain, corrected):  # computes and stores the documents
+        ask(engine, "tune", 0.25)
+    uncorrected, shifted = ask(plain, "tune", 0.25), ask(corrected, "tune", 0.25)
+    before, after = uncorrected.metrics.documents, shifted.metrics.documents
+    planned = corrected.plan_prompt(GenerateRequest(query=QUERY, documents=DOCUMENTS, system=SYSTEM))
+    page = corrected.store.page_tokens
+    lengths = [end - start for start, end in planned.document_spans]
+    reused = [n - min(n, math.ceil(math.ceil(0.25 * n) / page) * page) for n in lengths]
+    assert sum(reused) == before.tokens_reused
+    document_of = torch.cat([torch.full((n,), i) for i, n in enumerate(reused)])
+    sample = int(selective._offset_sample(document_of).sum())
+    assert sample > 0 and after.bytes_loaded == before.bytes_loaded
+    assert after.tokens_recomputed == before.tokens_recomputed + sample and after.tokens_reused == before.tokens_reused - sample
+    assert (shifted.first_token_logits - uncorrected.first_token_logits).abs().max().item() > 1e-4, "the correction changed the answer's logits"
+    full, tuned = ask(corrected, "compute"), ask(corrected, "tune", 1.0)
+    assert tuned.token_ids == full.token_ids
+    assert (tuned.first_token_logits - full.first_token_logits).abs().max().item() <= 1e-5
+    plain.close()
+    corrected.close()
 
 
 def test_auto_ratio_follows_the_measured_costs() -> None:

@@ -24,7 +24,9 @@ layers, and needs those layers loaded before the blend starts).
 `correction = offset` shifts the stored K/V of the tokens that are not recomputed, per
 document, layer and KV head, by the mean difference between fresh and stored K/V of an
 evenly spaced sample of the document's tokens (every `OFFSET_STRIDE`-th, 3%), which stays
-recomputed within the ratio: a shared offset, what the missing cross-attention moved. The
+recomputed within the ratio (at ratio 0, and so for CacheTune, whose recomputed tokens are
+not among the stored rows, the sample is computed besides them): a shared offset, what the
+missing cross-attention moved. The
 sample must be even: the selected tokens deviate most or matter most to the question, and
 an offset taken from them moved the other tokens' K/V 1.3-3.5x further from fresh than no
 correction (qwen2.5-0.5b, Disfl-QA prompts), where an even sample brought K to 0.28-0.87
@@ -194,11 +196,16 @@ class BlendPrefill:
         positions = positions.to(device)
         slot = cache.reserve(positions)
         cos, sin = model.rope_tables(positions)
-        active = torch.arange(len(token_ids), device=device) if self.ratio > 0 else (doc_row < 0).nonzero().squeeze(1)
+        sampled = _offset_sample(document_of) if self.correction == "offset" else torch.zeros(len(doc_tokens), dtype=torch.bool, device=device)
+        if self.ratio > 0:
+            active = torch.arange(len(token_ids), device=device)
+        else:  # every stored token reused but the offset's sample (tune: the recomputed ones are not stored)
+            computed = doc_row < 0
+            computed[doc_tokens] = sampled
+            active = computed.nonzero().squeeze(1)
         hidden = model.embed(token_ids.to(device)[active])
         mask = self._mask(cache, slot, positions, active)
         token_layers = 0
-        sampled = _offset_sample(document_of) if self.correction == "offset" else torch.zeros(len(doc_tokens), dtype=torch.bool, device=device)
         probe_scores, held = None, {}
         if self.selection == "probe" and checks:
             probe_scores, held, token_layers = yield from self._probe(cache, slot, token_ids, positions, doc_tokens, doc_row, prefetcher, cos, sin)
@@ -209,7 +216,7 @@ class BlendPrefill:
             if layer >= first_loaded:
                 loaded = held.pop(layer) if layer in held else _checked(prefetcher, layer, len(doc_tokens))
                 stored_keys, stored_values = loaded.keys[0].to(device), loaded.values[0].to(device)
-                if self.correction == "offset":
+                if self.correction == "offset" and len(doc_tokens):
                     rows = doc_row[active]
                     sample_rows = torch.where(rows >= 0, torch.where(sampled[rows.clamp(min=0)], rows, -1), -1)
                     stored_keys, stored_values = _shifted(stored_keys, stored_values, k, v, sample_rows, document_of)

@@ -134,22 +134,25 @@ class TuneReuse(DocumentReuse):
             if document.computed is not None and document.stored_order is not None:
                 self.writeback.submit(document.key, document.computed)
                 self.writeback.submit(document.order_key, document.stored_order)
-        stored_rows, row_from_store, reads = [], [], []
-        for (start, _), document in zip(prompt.document_spans, documents):
+        stored_rows, row_from_store, row_document, reads = [], [], [], []
+        for index, ((start, _), document) in enumerate(zip(prompt.document_spans, documents)):
             recomputed = self._recomputed_rows(plan.ratio, document.length)
             stored_rows.append(document.order[recomputed:] + start - prompt.prefix_length)
             row_from_store.append(torch.full((document.length - recomputed,), document.computed is None))
+            row_document.append(torch.full((document.length - recomputed,), index))
             reads.append((document, recomputed))
         stored_tokens = torch.cat(stored_rows) if stored_rows else torch.empty(0, dtype=torch.long)
         from_store = torch.cat(row_from_store) if row_from_store else torch.empty(0, dtype=torch.bool)
-        blender = BlendPrefill(self.model, 0.0, list(self.settings.check_layers))
+        document_of = torch.cat(row_document) if row_document else torch.empty(0, dtype=torch.long)
+        blender = BlendPrefill(self.model, 0.0, list(self.settings.check_layers), correction=self.settings.correction)
         all_layers = range(self.model.config.num_layers)
-        filled, blend = yield from self._blend(plan, cache, prefetched, blender, self._source(reads), all_layers, stored_tokens, from_store)
+        filled, blend = yield from self._blend(plan, cache, prefetched, blender, self._source(reads), all_layers, stored_tokens, from_store, document_of)
         document_tokens = sum(d.length for d in documents)
         if not blend.fallback:
-            blend.tokens_recomputed = document_tokens - len(stored_tokens)
-            blend.tokens_reused = len(stored_tokens)
-            computed_tokens = len(prompt.token_ids) - prompt.prefix_length - len(stored_tokens)
+            sampled = blend.tokens_recomputed  # stored rows computed anyway: the offset correction's sample
+            blend.tokens_recomputed = document_tokens - len(stored_tokens) + sampled
+            blend.tokens_reused = len(stored_tokens) - sampled
+            computed_tokens = len(prompt.token_ids) - prompt.prefix_length - len(stored_tokens) + sampled
             self.profile.record(blend.compute_s, computed_tokens, blend.load_s, len(stored_tokens))
         blend.ratio, blend.mode, blend.document_tokens = plan.ratio, "tune", document_tokens
         blend.documents = len(documents)
