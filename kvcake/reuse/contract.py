@@ -29,14 +29,16 @@ import torch
 from kvcake.model import KVCache
 from kvcake.model.segments import PromptLayout
 from kvcake.reuse.prefetch import PrefixPrefetch
-from kvcake.reuse.cake import PrefixReport, Strategy
+from kvcake.config import CHOICES
+from kvcake.reuse.cake import STRATEGIES, PrefixReport, Strategy
 
 Plan = TypeVar("Plan")
 
 PREFIX, BLEND, TUNE = "prefix", "blend", "tune"
 """The rows of an engine's strategy table: the exact prefix, CacheBlend, CacheTune."""
-DOCUMENT_MODES = (BLEND, TUNE)
-"""Modes that place documents; every other mode names how the exact prefix is taken (compute, load, cake, split:M)."""
+DOCUMENT_MODES = tuple(mode for mode in CHOICES["reuse"] if mode not in STRATEGIES and not mode.startswith("split:"))
+"""Modes that place documents: the config's `reuse` choices (the one list of mode names) other than the ways
+the exact prefix is taken (compute, load, cake, split:M)."""
 
 
 def parse_mode(text: str) -> Strategy | str:
