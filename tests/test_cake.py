@@ -247,3 +247,17 @@ def test_a_new_question_on_a_stored_document_loads_the_shared_tail_blocks(tiny_f
     assert result.metrics.prefix.tail_tokens_loaded == TAIL_BLOCK
     engine.close()
     fresh.close()
+
+
+@pytest.mark.parametrize(("shares_cores", "loader_cpu_s", "compute_waits"), [(True, 0.01, True), (True, 0.0, False), (False, 0.01, False)])
+def test_a_loader_busy_on_the_cpu_takes_turns_with_the_compute_side(shares_cores: bool, loader_cpu_s: float, compute_waits: bool) -> None:
+    """200 chunks, 1 s to compute one, 10 ms to read one: overlapped, the loader needs 2 s, so computing chunk 0
+    beside it looks free. When the reads spend their time on the CPU the compute side runs on, the sides take
+    turns instead, and the compute side leaves every chunk to the faster loader; reads that wait on a link do not."""
+    from kvcake.reuse.cake import CostProfile, _Meeting
+
+    profile = CostProfile()
+    profile.record_compute(0, 1.0)
+    meeting = _Meeting(200, 200, 0, profile, shares_cores=shares_cores)
+    meeting.loaded(0.01, loader_cpu_s)
+    assert (meeting._loader_finishes_first_by() is not None) == compute_waits

@@ -36,6 +36,9 @@ T = TypeVar("T")
 STRATEGIES = ("compute", "load", "cake")
 RECHECK_S = 0.005
 """How often a waiting side re-checks its decision when nothing has notified it."""
+LOADER_CPU_SHARE = 0.5
+"""A loader whose reads take more CPU time than this share of their wall time competes with the compute side for
+the cores (see `_Meeting`)."""
 log = logging.getLogger(__name__)
 
 
@@ -115,6 +118,8 @@ class CostProfile:
         self.smoothing = smoothing
         self.compute_s: list[float] = []
         self.load_s: float | None = None
+        self.load_cpu_share: float | None = None
+        """The loader thread's CPU time over its wall time, over earlier requests' reads."""
         self._lock = threading.Lock()
 
     def compute_estimate(self, index: int) -> float | None:
@@ -143,9 +148,11 @@ class CostProfile:
                 seconds = time.perf_counter() - started
         self.record_compute(0, seconds)
 
-    def record_load(self, seconds: float) -> None:
+    def record_load(self, seconds: float, cpu_seconds: float) -> None:
         with self._lock:
             self.load_s = seconds if self.load_s is None else self.load_s + self.smoothing * (seconds - self.load_s)
+            share = cpu_seconds / seconds if seconds > 0 else 0.0
+            self.load_cpu_share = share if self.load_cpu_share is None else self.load_cpu_share + self.smoothing * (share - self.load_cpu_share)
 
 
 @dataclass
@@ -161,7 +168,16 @@ class _Meeting:
     - the loader waits if the compute side would compute every chunk still unclaimed
       before one more chunk could be loaded;
     - before any read has been timed (a fresh engine's first hit), the compute side gives
-      the first read as long as one chunk takes to compute (`CostProfile.calibrate`).
+      the first read as long as one chunk takes to compute (`CostProfile.calibrate`);
+    - when the two sides share the CPU's cores (`shares_cores`: the model runs on the CPU)
+      and the reads keep the loader busy on them (its thread's CPU time over half its wall
+      time: page-cache files, memory), they do not overlap but take turns, so the compute
+      side takes a chunk only if it computes one faster than the loader reads one (the
+      loader never waits then). On 2 cores a first Cake hit after a
+      restart computed chunk 0 in 0.80 s beside the loader (0.33 s alone) and slowed the
+      loads from 13 to 20-48 ms each: 1.0 s where loading everything took 0.2-0.3 s.
+      Reads that wait on a network or a throttled link leave the cores to compute, and the
+      sides overlap as before.
 
     A waiting side re-checks as time passes, so a stall on the other side ends the wait.
     Both cannot wait at once: that needs load < compute and compute <= load per chunk.
@@ -171,6 +187,7 @@ class _Meeting:
     compute_limit: int
     loader_floor: int
     profile: CostProfile
+    shares_cores: bool = False
     lock: threading.Condition = field(default_factory=threading.Condition)
     started_at: float = field(default_factory=time.perf_counter)
     front: int = 0
@@ -178,6 +195,7 @@ class _Meeting:
     loader_done: bool = False
     load_started_at: float | None = None
     load_times: list[float] = field(default_factory=list)
+    load_cpu_times: list[float] = field(default_factory=list)
     compute_started_at: float | None = None
     last_computed: tuple[int, float] | None = None
     abandoned: bool = False
@@ -224,6 +242,8 @@ class _Meeting:
             return compute_s - waited if waited < compute_s else None
         busy_until = now if self.load_started_at is None else max(now, self.load_started_at + load_s)
         loader_done_at = busy_until + (self.lowest_claimed - self.front) * load_s
+        if self._sides_take_turns():
+            return None if compute_s < load_s else max(loader_done_at - now, RECHECK_S)
         return loader_done_at - now if loader_done_at < now + compute_s else None
 
     # ---- loader -------------------------------------------------------------------
@@ -255,11 +275,23 @@ class _Meeting:
         if self.compute_started_at is not None and self.last_computed is not None:
             busy_until = max(now, self.compute_started_at + (self._compute_estimate(self.front - 1) or 0.0))
         compute_done_at = busy_until + sum(e for e in estimates if e is not None)
+        if self._sides_take_turns():
+            return None  # the compute side alone decides whether to take a turn, so both never wait
         return compute_done_at - now if compute_done_at <= now + load_s else None
 
-    def loaded(self, seconds: float) -> None:
+    def _sides_take_turns(self) -> bool:
+        """The reads (this run's, else earlier requests') keep the loader on the cores the compute side needs (see
+        the class docstring)."""
+        if not self.shares_cores:
+            return False
+        if self.load_times:
+            return sum(self.load_cpu_times) > LOADER_CPU_SHARE * sum(self.load_times)
+        return self.profile.load_cpu_share is not None and self.profile.load_cpu_share > LOADER_CPU_SHARE
+
+    def loaded(self, seconds: float, cpu_seconds: float = 0.0) -> None:
         with self.lock:
             self.load_times.append(seconds)
+            self.load_cpu_times.append(cpu_seconds)
             self.load_started_at = None
             self.lock.notify_all()
 
@@ -324,7 +356,7 @@ class PrefixPrefill:
         prefetched = prefetched or {}
         scheduled = num_chunks - len(prefetched)
         compute_limit, loader_floor = strategy.limits(scheduled)
-        meeting = _Meeting(scheduled, compute_limit, loader_floor, self.profile)
+        meeting = _Meeting(scheduled, compute_limit, loader_floor, self.profile, shares_cores=self.model.device.type == "cpu")
         report = PrefixReport(strategy=str(strategy), stored_chunks=num_chunks, chunks_prefetched=len(prefetched))
         loaded: dict[int, ChunkKV] = dict(prefetched)
         loader = threading.Thread(target=self._load_from_back, args=(meeting, loaded, report), name="kvcake-loader", daemon=True)
@@ -351,8 +383,8 @@ class PrefixPrefill:
         """Teach the profile after the run, so within a run it stays the prior the live times scale."""
         for index, seconds in self._observed_compute:
             self.profile.record_compute(index, seconds)
-        for seconds in meeting.load_times:
-            self.profile.record_load(seconds)
+        for seconds, cpu_seconds in zip(meeting.load_times, meeting.load_cpu_times):
+            self.profile.record_load(seconds, cpu_seconds)
 
     def _positions(self, index: int) -> torch.Tensor:
         return torch.arange(index * self.chunk_size, (index + 1) * self.chunk_size)
@@ -377,9 +409,9 @@ class PrefixPrefill:
     def _load_from_back(self, meeting: _Meeting, loaded: dict[int, ChunkKV], report: PrefixReport) -> None:
         try:
             while (index := meeting.claim_load()) is not None:
-                started = time.perf_counter()
+                started, started_cpu = time.perf_counter(), time.thread_time()
                 result = self._load(index)
-                elapsed = time.perf_counter() - started
+                elapsed, cpu_s = time.perf_counter() - started, time.thread_time() - started_cpu
                 report.load_s += elapsed
                 if result is None:
                     report.load_failures += 1
@@ -387,7 +419,7 @@ class PrefixPrefill:
                     return
                 loaded[index] = result
                 report.bytes_loaded += result.nbytes
-                meeting.loaded(elapsed)
+                meeting.loaded(elapsed, cpu_s)
         finally:
             meeting.finish_loading()
 
