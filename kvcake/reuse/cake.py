@@ -173,11 +173,11 @@ class _Meeting:
       and the reads keep the loader busy on them (its thread's CPU time over half its wall
       time: page-cache files, memory), they do not overlap but take turns, so the compute
       side takes a chunk only if it computes one faster than the loader reads one (the
-      loader never waits then). On 2 cores a first Cake hit after a
-      restart computed chunk 0 in 0.80 s beside the loader (0.33 s alone) and slowed the
-      loads from 13 to 20-48 ms each: 1.0 s where loading everything took 0.2-0.3 s.
-      Reads that wait on a network or a throttled link leave the cores to compute, and the
-      sides overlap as before.
+      loader never waits then). On 2 cores a first Cake hit after a restart computed
+      chunk 0 in 0.80 s beside the loader (0.34 s alone) and slowed the loads from 13 to
+      20-48 ms each: 1.0 s, where loading everything takes 0.73-0.78 s. Reads that wait on
+      a network or a throttled link leave the cores to compute, and the sides overlap as
+      before.
 
     A waiting side re-checks as time passes, so a stall on the other side ends the wait.
     Both cannot wait at once: that needs load < compute and compute <= load per chunk.
@@ -264,8 +264,8 @@ class _Meeting:
 
     def _compute_finishes_first_by(self, candidate: int) -> float | None:
         """Seconds until the compute side would have computed chunks front..candidate, if before one load."""
-        if self.front >= self.compute_limit:
-            return None
+        if self.front >= self.compute_limit or self._sides_take_turns():
+            return None  # taking turns, the compute side alone decides, so both never wait
         load_s = self._load_estimate()
         estimates = [self._compute_estimate(i) for i in range(self.front, candidate + 1)]
         if load_s is None or None in estimates:
@@ -275,8 +275,6 @@ class _Meeting:
         if self.compute_started_at is not None and self.last_computed is not None:
             busy_until = max(now, self.compute_started_at + (self._compute_estimate(self.front - 1) or 0.0))
         compute_done_at = busy_until + sum(e for e in estimates if e is not None)
-        if self._sides_take_turns():
-            return None  # the compute side alone decides whether to take a turn, so both never wait
         return compute_done_at - now if compute_done_at <= now + load_s else None
 
     def _sides_take_turns(self) -> bool:
@@ -288,7 +286,7 @@ class _Meeting:
             return sum(self.load_cpu_times) > LOADER_CPU_SHARE * sum(self.load_times)
         return self.profile.load_cpu_share is not None and self.profile.load_cpu_share > LOADER_CPU_SHARE
 
-    def loaded(self, seconds: float, cpu_seconds: float = 0.0) -> None:
+    def loaded(self, seconds: float, cpu_seconds: float) -> None:
         with self.lock:
             self.load_times.append(seconds)
             self.load_cpu_times.append(cpu_seconds)
