@@ -114,9 +114,10 @@ class RedisBackend(Backend):
     def fits(self, keys: Sequence[str], nbytes: int) -> bool:
         """False when Redis could only make room for `nbytes` more by evicting `keys` (a chain's head): it holds
         no other keys, and ``used_memory`` plus the new entry (allocator rounding included) and as much again for
-        the reply buffer that reads it back exceeds ``maxmemory``. Redis evicts by an approximate LRU whose clock ticks once a second, so
-        which of a chain's entries it would drop is a coin toss; refusing the write keeps the same head on every
-        repeat. A cluster, a server without ``maxmemory``, or one that refuses ``CONFIG`` cannot tell: True."""
+        the reply buffer that reads it back exceeds ``maxmemory``. Redis evicts by an approximate LRU whose clock
+        ticks once a second, so which of a chain's entries it would drop is a coin toss; refusing the write keeps
+        the same head on every repeat. A cluster, a server without ``maxmemory``, or one that refuses ``CONFIG``
+        cannot tell: True."""
         if self._cluster:
             return True
         pipe = self._client().pipeline(transaction=False)
