@@ -9,7 +9,7 @@ import torch
 from tiny import FAMILY_CONFIGS
 from transformers import AutoModelForCausalLM
 
-from kvcake.model import Transformer
+from kvcake.model import Transformer, transformer
 from kvcake.model.transformer import TailCausal, attend_with_mask, causal_mask, linear, pack_weight
 
 TOLERANCE = 1e-4
@@ -97,6 +97,25 @@ def test_tail_chunk_mask_gives_the_position_mask_result(test_device: torch.devic
     tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-6
     torch.testing.assert_close(attend_with_mask(q, k, v, mask), attend_with_mask(q, k, v, mask.dense), atol=tolerance, rtol=tolerance)
     assert isinstance(causal_mask(kv_positions[-5:], torch.cat([kv_positions[:3], kv_positions[4:]])), torch.Tensor)
+
+
+def test_bf16_prefill_attention_on_a_cpu_is_the_same_wherever_a_pass_splits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU's bfloat16 prefill attention (one matmul per grid cell, scores in bfloat16) is causal attention within
+    bfloat16 rounding, and gives a query the same bits whether its pass starts at 0 or mid-cell, and however its
+    scores are blocked."""
+    generator = torch.Generator().manual_seed(8)
+    length, split = 600, 300
+    q = torch.randn(9, length, 64, generator=generator).bfloat16()
+    k, v = (torch.randn(3, length, 64, generator=generator).bfloat16() for _ in range(2))
+    positions = torch.arange(length)
+    one_pass = attend_with_mask(q, k, v, causal_mask(positions, positions))
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        q.double()[None], k.double()[None], v.double()[None], is_causal=True, enable_gqa=True)[0].transpose(0, 1).reshape(length, -1)
+    torch.testing.assert_close(one_pass.double(), reference, atol=2e-2, rtol=2e-2)
+    second_pass = attend_with_mask(q[:, split:], k, v, causal_mask(positions[split:], positions))
+    assert torch.equal(second_pass, one_pass[split:])
+    monkeypatch.setattr(transformer, "SCORE_BLOCK_BYTES", 40_000)
+    assert torch.equal(attend_with_mask(q, k, v, causal_mask(positions, positions)), one_pass)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
