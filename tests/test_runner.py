@@ -102,7 +102,7 @@ def test_tail_chunk_mask_gives_the_position_mask_result(test_device: torch.devic
 def test_bf16_prefill_attention_on_a_cpu_is_the_same_wherever_a_pass_splits(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CPU's bfloat16 prefill attention (one matmul per grid cell, scores in bfloat16) is causal attention within
     bfloat16 rounding, and gives a query the same bits whether its pass starts at 0 or mid-cell, and however its
-    scores are blocked."""
+    scores are blocked; scattered queries over shuffled keys (a dense mask) get the same rows."""
     generator = torch.Generator().manual_seed(8)
     length, split = 600, 300
     q = torch.randn(9, length, 64, generator=generator).bfloat16()
@@ -116,6 +116,10 @@ def test_bf16_prefill_attention_on_a_cpu_is_the_same_wherever_a_pass_splits(monk
     assert torch.equal(second_pass, one_pass[split:])
     monkeypatch.setattr(transformer, "SCORE_BLOCK_BYTES", 40_000)
     assert torch.equal(attend_with_mask(q, k, v, causal_mask(positions, positions)), one_pass)
+    chosen = torch.tensor([3, 17, 290, 599])
+    order = torch.randperm(length, generator=generator)
+    scattered = attend_with_mask(q[:, chosen], k[:, order], v[:, order], causal_mask(chosen, order))
+    torch.testing.assert_close(scattered.double(), reference[chosen], atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

@@ -420,6 +420,8 @@ def attend_with_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Ma
         out = _attend_causal_bf16_cpu(q, k, v)
     elif (mask is True or isinstance(mask, TailCausal)) and q.device.type == "cpu" and _CPU_FLASH is not None:
         out = _attend_causal_cpu(q, k, v)
+    elif (mask is None or isinstance(mask, torch.Tensor)) and q.device.type == "cpu" and q.dtype == torch.bfloat16 and _ONEDNN_BF16:
+        out = _attend_bf16_cpu(q, k, v, mask)
     elif mask is True:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     elif isinstance(mask, TailCausal):
@@ -532,39 +534,68 @@ def _attend_causal_bf16_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
 
     SDPA's CPU flash kernel multiplies half precision through MKL, which on this machine (AMD, AVX512-BF16)
     converts to float32 and runs at the float32 rate (~145 GFLOP/s, the same as in float32); oneDNN's bfloat16
-    matmul runs at 300-420. So the scores are one matmul per grid cell (`CAUSAL_GRID`), each KV head's query
-    heads stacked, rounded to bfloat16 as in Hugging Face's eager attention (product in the model's dtype,
-    softmax computed in float32), the keys after each query filled with -inf, then softmax and a second matmul:
-    a 2k prefill 18% faster, a 6k one 28%. A query's row covers the keys up to the end of its cell or of the
-    pass, and the keys after it add exact zeros, so its result does not depend on where its pass starts or ends.
-
-    The cache's first key is subtracted from every key first. That shifts each query's scores by one constant,
-    which softmax ignores, and takes away what all keys share (Qwen2's key bias makes it large), so the scores'
-    rounding is relative to their differences: on qwen2.5-1.5b the next-token KL to float32 is 0.0078 without
-    it and 0.00053 with it, as with the flash kernel (0.00050).
+    matmul runs at 300-420. So the scores are one matmul per grid cell (`CAUSAL_GRID`) over the keys up to the
+    cell's end (`_attend_bf16_block`), the keys after each query filled with -inf: a 2k prefill 18% faster, a 6k
+    one 28%. A query's row covers the keys up to the end of its cell or of the pass, and the keys after it add
+    exact zeros, so its result does not depend on where its pass starts or ends.
     """
     heads, num_queries, head_dim = q.shape[1], q.shape[2], q.shape[3]
-    kv_heads, total = k.shape[1], k.shape[2]
-    group = heads // kv_heads
+    total = k.shape[2]
     first = total - num_queries
-    scaled_q, values = q[0] * head_dim**-0.5, v[0]
-    keys = k[0] - k[0, :, :1]
+    scaled_q, keys, values = _bf16_operands(q, k, v)
     positions = torch.arange(total, device=q.device)
     out = torch.empty(heads, num_queries, head_dim, dtype=q.dtype, device=q.device)
     row = 0
     while row < num_queries:
         line = (first + row) // CAUSAL_GRID * CAUSAL_GRID
         seen = min(total, line + CAUSAL_GRID)
-        rows_in_budget = max(1, SCORE_BLOCK_BYTES // (group * seen * q.element_size()))
-        end = min(num_queries, line + CAUSAL_GRID - first, row + rows_in_budget)
-        stacked = scaled_q[:, row:end].reshape(kv_heads, group * (end - row), head_dim)
-        scores = torch.matmul(stacked, keys[:, :seen].transpose(1, 2))
+        end = min(num_queries, line + CAUSAL_GRID - first, row + _rows_in_budget(heads, seen, q.element_size()))
         future = positions[line:seen][None, :] > positions[first + row : first + end, None]
-        scores[:, :, line:].view(kv_heads, group, end - row, seen - line).masked_fill_(future, float("-inf"))
-        attended = torch.matmul(torch.softmax(scores, dim=-1), values[:, :seen])
-        out[:, row:end] = attended.view(heads, end - row, head_dim)
+        out[:, row:end] = _attend_bf16_block(scaled_q[:, row:end], keys[:, :seen], values[:, :seen], future)
         row = end
     return out[None]
+
+
+def _attend_bf16_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """Attention of bfloat16 queries under a boolean mask `allowed` (Tq, Tk) or none, on a CPU whose oneDNN
+    multiplies bfloat16 natively (why: `_attend_causal_bf16_cpu`); q (1, H, Tq, d), k, v (1, Hkv, Tk, d)."""
+    heads, num_queries, head_dim = q.shape[1], q.shape[2], q.shape[3]
+    scaled_q, keys, values = _bf16_operands(q, k, v)
+    out = torch.empty(heads, num_queries, head_dim, dtype=q.dtype, device=q.device)
+    step = _rows_in_budget(heads, k.shape[2], q.element_size())
+    for row in range(0, num_queries, step):
+        end = min(num_queries, row + step)
+        hidden = None if allowed is None else ~allowed[row:end]
+        out[:, row:end] = _attend_bf16_block(scaled_q[:, row:end], keys, values, hidden)
+    return out[None]
+
+
+def _bf16_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scaled queries (H, Tq, d), keys less the first key, values (Hkv, Tk, d).
+
+    Subtracting one key from every key shifts each query's scores by one constant, which softmax ignores, and
+    takes away what all keys share (Qwen2's key bias makes it large), so the bfloat16 rounding of the scores
+    (as in Hugging Face's eager attention) is relative to their differences: on qwen2.5-1.5b the next-token KL
+    to float32 is 0.0078 without it and 0.00053 with it, as with the flash kernel (0.00050).
+    """
+    return q[0] * q.shape[3] ** -0.5, k[0] - k[0, :, :1], v[0]
+
+
+def _rows_in_budget(heads: int, num_keys: int, itemsize: int) -> int:
+    """Query rows whose scores over `num_keys` keys fit `SCORE_BLOCK_BYTES`."""
+    return max(1, SCORE_BLOCK_BYTES // (heads * num_keys * itemsize))
+
+
+def _attend_bf16_block(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
+    """q (H, n, d) over keys, values (Hkv, Tk, d), each KV head's query heads stacked into one product; `hidden`
+    (n, m) marks keys a query must not see among the last m. Returns (H, n, d)."""
+    heads, num_queries, head_dim = q.shape
+    kv_heads = keys.shape[0]
+    group = heads // kv_heads
+    scores = torch.matmul(q.reshape(kv_heads, group * num_queries, head_dim), keys.transpose(1, 2))
+    if hidden is not None:
+        scores.view(kv_heads, group, num_queries, -1)[..., scores.shape[-1] - hidden.shape[1] :].masked_fill_(hidden, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), values).view(heads, num_queries, head_dim)
 
 
 def _attend_first_cell(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
