@@ -65,6 +65,28 @@ def test_half_precision_rows_of_different_lengths_batched_equal_their_own_forwar
         torch.testing.assert_close(shuffled, again[[2, 0, 3, 1]], atol=3e-2, rtol=3e-2)
 
 
+def test_half_precision_rows_decoding_step_after_step_equal_their_own_forward(tiny_folders: dict[str, Path]) -> None:
+    """The padded bf16 batch kept from step to step (new tokens as one column) gives each row its own forward's
+    logits at every step, until a row leaves and the batch is rebuilt."""
+    model = Transformer.from_folder(tiny_folders["qwen2"], TEST_DEVICE, dtype=torch.bfloat16)
+    generator = torch.Generator().manual_seed(10)
+    prompts = [torch.randint(0, 512, (length,), generator=generator) for length in (5, 40, 17)]
+    with torch.inference_mode():
+        caches, alone = [], []
+        for prompt in prompts:
+            caches.append(model.new_cache(128))
+            model.forward(prompt, torch.arange(len(prompt)), caches[-1])
+            alone.append(caches[-1].fork())
+        positions = torch.tensor([len(p) for p in prompts])
+        for step in range(6):
+            rows = 3 if step < 4 else 2
+            tokens = torch.randint(0, 512, (rows,), generator=generator)
+            batched = model.decode_batch(tokens, positions[:rows] + step, caches[:rows])
+            for row in range(rows):
+                single = model.forward(tokens[row : row + 1], positions[row : row + 1] + step, alone[row]).logits[-1]
+                torch.testing.assert_close(batched[row], single, atol=3e-2, rtol=3e-2)
+
+
 class _Collector:
     """A job's events, and an event set when it is done."""
 

@@ -130,6 +130,8 @@ class Transformer:
         self.inv_freq = rope_inverse_frequencies(config.rope, config.head_dim).to(device)
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
+        self._padded_rows: _PaddedRows | None = None
+        """The last decode step's rows (`decode_batch`), whose float32 copy of their K/V the next step extends."""
 
     @classmethod
     def from_folder(cls, folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
@@ -289,7 +291,8 @@ class Transformer:
         """
         slots = [cache.reserve(positions[i : i + 1].to(self.device)) for i, cache in enumerate(caches)]
         masks = [causal_mask(cache.positions[slot], cache.positions[: slot.stop]) for cache, slot in zip(caches, slots)]
-        padded = _PaddedRows.when_it_pays(caches, slots, masks, self.dtype)
+        padded = _PaddedRows.for_step(self._padded_rows, caches, slots, masks, self.dtype, self.config.num_layers)
+        self._padded_rows = padded
         cos, sin = self.rope_tables(positions)
         hidden = self.embed(token_ids)
         for layer in range(self.config.num_layers):
@@ -298,7 +301,7 @@ class Transformer:
             for row, (cache, slot) in enumerate(zip(caches, slots)):
                 cache.write(layer, slot, rotated_k[:, row : row + 1], v[:, row : row + 1])
             if padded is not None:
-                attended = padded.attend(rotated_q, layer)
+                attended = padded.attend(rotated_q, rotated_k, v, layer)
             else:
                 attended = torch.cat([
                     attend_with_mask(rotated_q[:, row : row + 1], *cache.layer(layer, slot.stop), mask)
@@ -440,42 +443,77 @@ def _attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
 
 
 class _PaddedRows:
-    """Several decode rows' caches as one float32 batch, padded to the longest, for one SDPA call per layer.
+    """Several decode rows' caches as one float32 batch per layer, padded, for one SDPA call per layer; kept from
+    one step to the next while the same caches decode, each step's new tokens written as one column.
 
-    Half-precision decode attention on a CPU runs in float32 anyway (see `_attend_one_query`), so
-    each row's keys and values are converted every layer; converting them into one padded buffer
-    instead costs no more bytes and replaces a row's conversions, SDPA call and concatenation by two
-    copies: an 8-row step spent more on these small calls than on reading the weights.
+    Half-precision decode attention on a CPU runs in float32 anyway (see `_attend_one_query`), so each row's keys
+    and values were converted every layer of every step: in an 8-row step of short chats those 480 small copies
+    took 18% of the step, and their cost is per call, not per byte. A batch keeps every layer's buffer: the rows'
+    histories at its start left-aligned (`history`), then one column per step for all rows at once (attention
+    does not depend on the order of the keys, whose positions are in their rotation), with room for
+    `PADDED_ROWS_HEADROOM` steps. Batches over `PADDED_ROWS_BYTES` refill one buffer per layer instead.
     """
 
-    def __init__(self, caches: Sequence[KVCache], lengths: list[int]):
+    def __init__(self, caches: Sequence[KVCache], lengths: list[int], num_layers: int):
         sample = caches[0].keys[0]
-        shape = (len(caches), sample.shape[0], max(lengths), sample.shape[2])
-        self.caches, self.lengths = caches, lengths
-        self.keys = torch.empty(shape, dtype=torch.float32, device=sample.device)
-        self.values = torch.empty(shape, dtype=torch.float32, device=sample.device)
-        for row, length in enumerate(lengths):  # masked out, but must be finite: 0 x NaN is NaN
-            self.keys[row, :, length:] = 0
-            self.values[row, :, length:] = 0
-        key_index = torch.arange(shape[2], device=sample.device)
-        self.mask = (key_index[None, :] < torch.tensor(lengths, device=sample.device)[:, None])[:, None, None, :]
+        self.history = torch.tensor(lengths, device=sample.device)
+        self.column = max(lengths) - 1
+        """The column of this step's tokens (in the first step, the longest history's last)."""
+        shape = (len(caches), sample.shape[0], max(lengths) + PADDED_ROWS_HEADROOM, sample.shape[2])
+        self.kept = 2 * math.prod(shape) * 4 * num_layers <= PADDED_ROWS_BYTES
+        buffers = num_layers if self.kept else 1
+        # masked out, but must be finite: 0 x NaN is NaN
+        keys = [torch.zeros(shape, dtype=torch.float32, device=sample.device) for _ in range(buffers)]
+        values = [torch.zeros(shape, dtype=torch.float32, device=sample.device) for _ in range(buffers)]
+        self.keys, self.values = (keys, values) if self.kept else (keys * num_layers, values * num_layers)
+        self.caches, self.lengths = list(caches), lengths
+        self.filled = [False] * num_layers
+        self.columns = torch.arange(shape[2], device=sample.device)
+        self.mask = (self.columns[None, :] < self.history[:, None])[:, None, None, :]
 
     @classmethod
-    def when_it_pays(cls, caches: Sequence[KVCache], slots: list[slice], masks: list[Mask], dtype: torch.dtype) -> _PaddedRows | None:
-        """Rows in half precision on a CPU, each attending to its whole cache (no mask), several of them."""
+    def for_step(cls, kept: _PaddedRows | None, caches: Sequence[KVCache], slots: list[slice], masks: list[Mask],
+                 dtype: torch.dtype, num_layers: int) -> _PaddedRows | None:
+        """Rows in half precision on a CPU, each attending to its whole cache (no mask), several of them: the
+        batch `kept` from the last step if the same caches have each grown by this step's token only, else a
+        new one (None where per-row attention applies)."""
         if len(caches) < 2 or dtype == torch.float32 or caches[0].keys[0].device.type != "cpu" or any(m is not None for m in masks):
             return None
-        return cls(caches, [slot.stop for slot in slots])
+        lengths = [slot.stop for slot in slots]
+        if kept is not None and kept.extends(caches, slots):
+            kept.next_step(lengths)
+            return kept
+        return cls(caches, lengths, num_layers)
 
-    def attend(self, rotated_q: torch.Tensor, layer: int) -> torch.Tensor:
-        """rotated_q: (H, B, d), one query per row. Returns (B, H * d) in the queries' dtype."""
-        for row, (cache, length) in enumerate(zip(self.caches, self.lengths)):
-            keys, values = cache.layer(layer, length)
-            self.keys[row, :, :length].copy_(keys)
-            self.values[row, :, :length].copy_(values)
+    def extends(self, caches: Sequence[KVCache], slots: list[slice]) -> bool:
+        return (self.kept and self.column + 1 < self.keys[0].shape[2] and len(self.caches) == len(caches)
+                and all(old is new and slot.start == length for old, new, slot, length in zip(self.caches, caches, slots, self.lengths)))
+
+    def next_step(self, lengths: list[int]) -> None:
+        self.lengths = lengths
+        self.column += 1
+        added = (self.columns >= self.history.max()) & (self.columns <= self.column)
+        self.mask = ((self.columns[None, :] < self.history[:, None]) | added[None, :])[:, None, None, :]
+
+    def attend(self, rotated_q: torch.Tensor, rotated_k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        """rotated_q, rotated_k, v: (H or Hkv, B, d), this step's token of each row, which the rows' caches also
+        hold. Returns (B, H * d) in the queries' dtype."""
+        keys, values = self.keys[layer], self.values[layer]
+        if self.filled[layer]:
+            keys[:, :, self.column] = rotated_k.transpose(0, 1)
+            values[:, :, self.column] = v.transpose(0, 1)
+        else:
+            for row, (cache, length) in enumerate(zip(self.caches, self.lengths)):
+                keys[row, :, :length].copy_(cache.keys[layer][:, :length])
+                values[row, :, :length].copy_(cache.values[layer][:, :length])
+            self.filled[layer] = self.kept
         queries = rotated_q.transpose(0, 1).unsqueeze(2).float()
-        out = F.scaled_dot_product_attention(queries, self.keys, self.values, attn_mask=self.mask, enable_gqa=True)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=self.mask, enable_gqa=True)
         return out.reshape(len(self.caches), -1).to(rotated_q.dtype)
+
+
+PADDED_ROWS_BYTES = 256 << 20
+PADDED_ROWS_HEADROOM = 64
 
 
 def _attend_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: TailCausal) -> torch.Tensor:
