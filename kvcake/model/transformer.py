@@ -507,8 +507,9 @@ class _PaddedRows:
                 keys[row, :, :length].copy_(cache.keys[layer][:, :length])
                 values[row, :, :length].copy_(cache.values[layer][:, :length])
             self.filled[layer] = self.kept
+        used = self.column + 1
         queries = rotated_q.transpose(0, 1).unsqueeze(2).float()
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=self.mask, enable_gqa=True)
+        out = F.scaled_dot_product_attention(queries, keys[:, :, :used], values[:, :, :used], attn_mask=self.mask[..., :used], enable_gqa=True)
         return out.reshape(len(self.caches), -1).to(rotated_q.dtype)
 
 
