@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from kvcake.config import ConfigError, KvcakeConfig
-from kvcake.model import CachePool, KVCache, Sampler, load_model, resolve_device, resolve_dtype, weights_identity
+from kvcake.model import CachePool, KVCache, Sampler, Transformer, load_model, resolve_device, resolve_dtype, weights_identity
 from kvcake.model.segments import PromptLayout
 from kvcake.requests import (
     DecodeStep,
@@ -83,7 +83,7 @@ class Engine:
             raise ConfigError(str(error)) from None
         self.strategies: dict[str, Reuse[Any]] = {PREFIX: self.prefix, BLEND: self.blend, TUNE: self.tune}
         """The routing table: `route` names the row a request goes to."""
-        self._closer = weakref.finalize(self, _shut_down, self.writeback, self.store, self.cache_pool, config.shutdown_grace_s)
+        self._closer = weakref.finalize(self, _shut_down, self.writeback, self.store, self.cache_pool, self.model, config.shutdown_grace_s)
 
     def close(self) -> None:
         """Write back what is pending (within `shutdown_grace_s`), close the store and drop the pooled cache
@@ -104,6 +104,10 @@ class Engine:
     def stats(self) -> EngineStats:
         """The store's counters and the write-back queue's state, for an operator's view."""
         return EngineStats(self.store.stats(), self.writeback.pending, self.writeback.dropped)
+
+    def idle(self) -> None:
+        """Nothing runs: let go of what only the next decode step would use (the kept decode batch)."""
+        self.model.forget_decode_rows()
 
     def decode(self, steps: Sequence[DecodeStep]) -> torch.Tensor:
         """The next token's logits for each of several requests' pending decode steps, in one forward: (B, vocab)."""
@@ -256,8 +260,9 @@ class Engine:
         metrics.decode_s = time.perf_counter() - decode_started
 
 
-def _shut_down(writeback: WriteBack, store: KVStore, pool: CachePool, grace_s: float) -> None:
+def _shut_down(writeback: WriteBack, store: KVStore, pool: CachePool, model: Transformer, grace_s: float) -> None:
     """What closing an engine does; a module function, so the finalizer that runs it at exit does not keep the engine alive."""
     writeback.close(grace_s)
     store.close()
     pool.clear()
+    model.forget_decode_rows()

@@ -13,7 +13,7 @@ from kvcake.reuse.documents import packs
 from kvcake.config import KvcakeConfig
 from kvcake.engine import Engine
 from kvcake.requests import GenerateRequest, RequestMetrics, WarmRequest
-from kvcake.model import SamplingParams, Transformer
+from kvcake.model import SamplingParams, Transformer, transformer
 from kvcake.model.kv import CachePool
 from kvcake.reuse import drain
 from kvcake.server.worker import Cancelled, ComputeWorker, Done, Event, Failed, Job, PromptLogprobs, TokenEvent
@@ -65,9 +65,15 @@ def test_half_precision_rows_of_different_lengths_batched_equal_their_own_forwar
         torch.testing.assert_close(shuffled, again[[2, 0, 3, 1]], atol=3e-2, rtol=3e-2)
 
 
-def test_half_precision_rows_decoding_step_after_step_equal_their_own_forward(tiny_folders: dict[str, Path]) -> None:
+@pytest.mark.parametrize("headroom, kept_bytes", [(64, 256 << 20), (2, 256 << 20), (64, 0)], ids=["kept", "rebuilt", "refilled"])
+def test_half_precision_rows_decoding_step_after_step_equal_their_own_forward(
+    tiny_folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch, headroom: int, kept_bytes: int
+) -> None:
     """The padded bf16 batch kept from step to step (new tokens as one column) gives each row its own forward's
-    logits at every step, until a row leaves and the batch is rebuilt."""
+    logits at every step, also when it runs out of room and is rebuilt, when it is too big to keep, and after a
+    row leaves; a cache truncated and grown back to the same length is not mistaken for the kept one."""
+    monkeypatch.setattr(transformer, "PADDED_ROWS_HEADROOM", headroom)
+    monkeypatch.setattr(transformer, "PADDED_ROWS_BYTES", kept_bytes)
     model = Transformer.from_folder(tiny_folders["qwen2"], TEST_DEVICE, dtype=torch.bfloat16)
     generator = torch.Generator().manual_seed(10)
     prompts = [torch.randint(0, 512, (length,), generator=generator) for length in (5, 40, 17)]
@@ -85,6 +91,20 @@ def test_half_precision_rows_decoding_step_after_step_equal_their_own_forward(ti
             for row in range(rows):
                 single = model.forward(tokens[row : row + 1], positions[row : row + 1] + step, alone[row]).logits[-1]
                 torch.testing.assert_close(batched[row], single, atol=3e-2, rtol=3e-2)
+        replaced = torch.randint(0, 512, (2,), generator=generator)
+        for cache, copy in zip(caches[:2], alone[:2]):
+            for kv_cache in (cache, copy):
+                kv_cache.truncate(kv_cache.length - 1)
+        last = positions[:2] + 5
+        model.forward(replaced[:1], last[:1], caches[0])
+        model.forward(replaced[1:], last[1:], caches[1])
+        for copy, token, position in zip(alone[:2], replaced, last):
+            model.forward(token[None], position[None], copy)
+        tokens = torch.randint(0, 512, (2,), generator=generator)
+        batched = model.decode_batch(tokens, last + 1, caches[:2])
+        for row in range(2):
+            single = model.forward(tokens[row : row + 1], last[row : row + 1] + 1, alone[row]).logits[-1]
+            torch.testing.assert_close(batched[row], single, atol=3e-2, rtol=3e-2)
 
 
 class _Collector:

@@ -99,10 +99,11 @@ def test_tail_chunk_mask_gives_the_position_mask_result(test_device: torch.devic
     assert isinstance(causal_mask(kv_positions[-5:], torch.cat([kv_positions[:3], kv_positions[4:]])), torch.Tensor)
 
 
+@pytest.mark.skipif(not transformer._ONEDNN_BF16, reason="the CPU has no bf16 instructions: SDPA's kernel runs instead")
 def test_bf16_prefill_attention_on_a_cpu_is_the_same_wherever_a_pass_splits(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CPU's bfloat16 prefill attention (one matmul per grid cell, scores in bfloat16) is causal attention within
-    bfloat16 rounding, and gives a query the same bits whether its pass starts at 0 or mid-cell, and however its
-    scores are blocked; scattered queries over shuffled keys (a dense mask) get the same rows."""
+    bfloat16 rounding, and gives a query the same bits wherever its pass starts or ends (mid-cell, one row before
+    a grid line), and however its scores are blocked; scattered queries over shuffled keys (a dense mask) get the same rows."""
     generator = torch.Generator().manual_seed(8)
     length, split = 600, 300
     q = torch.randn(9, length, 64, generator=generator).bfloat16()
@@ -114,6 +115,9 @@ def test_bf16_prefill_attention_on_a_cpu_is_the_same_wherever_a_pass_splits(monk
     torch.testing.assert_close(one_pass.double(), reference, atol=2e-2, rtol=2e-2)
     second_pass = attend_with_mask(q[:, split:], k, v, causal_mask(positions[split:], positions))
     assert torch.equal(second_pass, one_pass[split:])
+    for start, end in ((0, 450), (255, 470), (511, 513), (256, 600)):
+        part = attend_with_mask(q[:, start:end], k[:, :end], v[:, :end], causal_mask(positions[start:end], positions[:end]))
+        assert torch.equal(part, one_pass[start:end]), (start, end)
     monkeypatch.setattr(transformer, "SCORE_BLOCK_BYTES", 40_000)
     assert torch.equal(attend_with_mask(q, k, v, causal_mask(positions, positions)), one_pass)
     chosen = torch.tensor([3, 17, 290, 599])

@@ -11,7 +11,7 @@ from kvcake.model.kv import CachePool, KVCache
 from kvcake.model.registry import DEFAULT_MODEL, REGISTRY, UnknownModelError, resolve_model, weights_identity
 from kvcake.model.sampling import Sampler, SamplingParams
 from kvcake.model.tokenizer import Tokenizer
-from kvcake.model.transformer import ForwardOutput, Transformer
+from kvcake.model.transformer import ForwardOutput, Transformer, native_bf16_cpu
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -44,17 +44,10 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" or _native_bf16_cpu() else torch.float32
+        return torch.bfloat16 if device.type == "cuda" or native_bf16_cpu() else torch.float32
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-def _native_bf16_cpu() -> bool:
-    """The CPU multiplies bf16 in hardware (AVX512-BF16 or AMX): there bf16 prefills ~1.5x faster than
-    float32 at the answers' quality of bf16-trained models; without it bf16 is emulated and slower."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
 
 
 def load_model(model: str, cache_root: Path, device: torch.device, dtype: torch.dtype) -> tuple[Transformer, Tokenizer, Path]:

@@ -29,6 +29,8 @@ class KVCache:
         self.positions = torch.empty(capacity, device=device, dtype=torch.long)
         self.capacity = capacity
         self.length = 0
+        self.truncations = 0
+        """How often tokens were forgotten (`truncate`): a copy of the K/V made before then may be stale."""
         self._pool = pool
 
     def release(self) -> None:
@@ -77,6 +79,7 @@ class KVCache:
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
         self.length = length
+        self.truncations += 1
 
 
 def copy_into(target: torch.Tensor, source: torch.Tensor) -> None:

@@ -131,7 +131,8 @@ class Transformer:
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
         self._padded_rows: _PaddedRows | None = None
-        """The last decode step's rows (`decode_batch`), whose float32 copy of their K/V the next step extends."""
+        """The last decode step's rows (`decode_batch`), whose float32 copy of their K/V the next step extends.
+        One decoding thread per model (the server's compute thread): two would rebuild it at every step."""
 
     @classmethod
     def from_folder(cls, folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
@@ -291,7 +292,8 @@ class Transformer:
         """
         slots = [cache.reserve(positions[i : i + 1].to(self.device)) for i, cache in enumerate(caches)]
         masks = [causal_mask(cache.positions[slot], cache.positions[: slot.stop]) for cache, slot in zip(caches, slots)]
-        padded = _PaddedRows.for_step(self._padded_rows, caches, slots, masks, self.dtype, self.config.num_layers)
+        kept, self._padded_rows = self._padded_rows, None
+        padded = _PaddedRows.for_step(kept, caches, slots, masks, self.dtype, self.config.num_layers)
         self._padded_rows = padded
         cos, sin = self.rope_tables(positions)
         hidden = self.embed(token_ids)
@@ -312,6 +314,10 @@ class Transformer:
         for cache, slot in zip(caches, slots):
             cache.commit(slot)
         return self.logits(hidden)
+
+    def forget_decode_rows(self) -> None:
+        """Drop the last decode step's kept batch (`decode_batch`): its float32 K/V and its rows' caches."""
+        self._padded_rows = None
 
     def forward_isolated(
         self, segments: Sequence[Sequence[int]], first_positions: Sequence[int], cache: KVCache
@@ -461,12 +467,17 @@ class _PaddedRows:
         """The column of this step's tokens (in the first step, the longest history's last)."""
         shape = (len(caches), sample.shape[0], max(lengths) + PADDED_ROWS_HEADROOM, sample.shape[2])
         self.kept = 2 * math.prod(shape) * 4 * num_layers <= PADDED_ROWS_BYTES
+        if not self.kept:
+            shape = (*shape[:2], max(lengths), shape[3])
         buffers = num_layers if self.kept else 1
-        # masked out, but must be finite: 0 x NaN is NaN
-        keys = [torch.zeros(shape, dtype=torch.float32, device=sample.device) for _ in range(buffers)]
-        values = [torch.zeros(shape, dtype=torch.float32, device=sample.device) for _ in range(buffers)]
+        keys = [torch.empty(shape, dtype=torch.float32, device=sample.device) for _ in range(buffers)]
+        values = [torch.empty(shape, dtype=torch.float32, device=sample.device) for _ in range(buffers)]
+        for buffer in (*keys, *values):  # masked out, but must be finite: 0 x NaN is NaN
+            for row, length in enumerate(lengths):
+                buffer[row, :, length:] = 0
         self.keys, self.values = (keys, values) if self.kept else (keys * num_layers, values * num_layers)
         self.caches, self.lengths = list(caches), lengths
+        self.truncations = [cache.truncations for cache in caches]
         self.filled = [False] * num_layers
         self.columns = torch.arange(shape[2], device=sample.device)
         self.mask = (self.columns[None, :] < self.history[:, None])[:, None, None, :]
@@ -486,8 +497,11 @@ class _PaddedRows:
         return cls(caches, lengths, num_layers)
 
     def extends(self, caches: Sequence[KVCache], slots: list[slice]) -> bool:
-        return (self.kept and self.column + 1 < self.keys[0].shape[2] and len(self.caches) == len(caches)
-                and all(old is new and slot.start == length for old, new, slot, length in zip(self.caches, caches, slots, self.lengths)))
+        """The same caches, in the same order, each grown by this step's token only since the last step, and room."""
+        if not self.kept or self.column + 1 >= self.keys[0].shape[2] or len(self.caches) != len(caches):
+            return False
+        rows = zip(self.caches, caches, slots, self.lengths, self.truncations)
+        return all(old is new and slot.start == length and new.truncations == truncations for old, new, slot, length, truncations in rows)
 
     def next_step(self, lengths: list[int]) -> None:
         self.lengths = lengths
@@ -533,7 +547,7 @@ from the keys after it (`_attend_causal_cpu`)."""
 
 
 def _attend_causal_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention of a float32 prefill pass on a CPU (or half precision where oneDNN has no native bfloat16):
+    """Causal attention of a float32 prefill pass on a CPU (or float16, or bfloat16 where the CPU has no bf16 instructions):
     q (1, H, Tq, d) are the last Tq of the Tk tokens of k, v (1, Hkv, Tk, d), each attending to itself and the
     tokens before it.
 
@@ -560,11 +574,19 @@ def _attend_causal_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     return torch.cat([cell.float() for cell in cells], dim=2).to(q.dtype)
 
 
-_ONEDNN_BF16 = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+def native_bf16_cpu() -> bool:
+    """The CPU multiplies bf16 in hardware (AVX512-BF16 or AMX): there bf16 prefills ~1.5x faster than
+    float32 at the answers' quality of bf16-trained models; without it bf16 is emulated and slower."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+
+
+_ONEDNN_BF16 = torch.backends.mkldnn.is_available() and native_bf16_cpu()
+"""oneDNN multiplies bfloat16 with the CPU's own bf16 instructions (it emulates them elsewhere)."""
 
 SCORE_BLOCK_BYTES = 16 << 20
-"""At most this many bytes of bfloat16 scores at once in `_attend_causal_bf16_cpu` (a 32k context's cell would
-otherwise hold 150 MB); at 6k tokens, blocks of 4-16 MB run at the same speed."""
+"""At most this many bytes of bfloat16 scores at once in the bf16 attention (their softmax as much again; a 32k
+context's cell would otherwise hold 150 MB); at 6k tokens, blocks of 4-16 MB run at the same speed."""
 
 
 def _attend_causal_bf16_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -575,20 +597,23 @@ def _attend_causal_bf16_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     converts to float32 and runs at the float32 rate (~145 GFLOP/s, the same as in float32); oneDNN's bfloat16
     matmul runs at 300-420. So the scores are one matmul per grid cell (`CAUSAL_GRID`) over the keys up to the
     cell's end (`_attend_bf16_block`), the keys after each query filled with -inf: a 2k prefill 18% faster, a 6k
-    one 28%. A query's row covers the keys up to the end of its cell or of the pass, and the keys after it add
-    exact zeros, so its result does not depend on where its pass starts or ends.
+    one 28%. A query's row covers the keys up to the end of its cell, and the keys after it add
+    exact zeros; a pass that ends inside a cell has its keys padded with zeros to the cell's end, so every query
+    of a cell sums over the same keys and its result does not depend on where its pass starts or ends (for
+    passes of two or more tokens: a single token goes to `_attend_one_query`).
     """
     heads, num_queries, head_dim = q.shape[1], q.shape[2], q.shape[3]
     total = k.shape[2]
     first = total - num_queries
-    scaled_q, keys, values = _bf16_operands(q, k, v)
-    positions = torch.arange(total, device=q.device)
+    cell_end = -(-total // CAUSAL_GRID) * CAUSAL_GRID
+    scaled_q, keys, values = _bf16_operands(q, k, v, cell_end)
+    positions = torch.arange(cell_end, device=q.device)
     out = torch.empty(heads, num_queries, head_dim, dtype=q.dtype, device=q.device)
     row = 0
     while row < num_queries:
         line = (first + row) // CAUSAL_GRID * CAUSAL_GRID
-        seen = min(total, line + CAUSAL_GRID)
-        end = min(num_queries, line + CAUSAL_GRID - first, row + _rows_in_budget(heads, seen, q.element_size()))
+        seen = line + CAUSAL_GRID
+        end = min(num_queries, seen - first, row + _rows_in_budget(heads, seen, q.element_size()))
         future = positions[line:seen][None, :] > positions[first + row : first + end, None]
         out[:, row:end] = _attend_bf16_block(scaled_q[:, row:end], keys[:, :seen], values[:, :seen], future)
         row = end
@@ -599,7 +624,7 @@ def _attend_bf16_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed:
     """Attention of bfloat16 queries under a boolean mask `allowed` (Tq, Tk) or none, on a CPU whose oneDNN
     multiplies bfloat16 natively (why: `_attend_causal_bf16_cpu`); q (1, H, Tq, d), k, v (1, Hkv, Tk, d)."""
     heads, num_queries, head_dim = q.shape[1], q.shape[2], q.shape[3]
-    scaled_q, keys, values = _bf16_operands(q, k, v)
+    scaled_q, keys, values = _bf16_operands(q, k, v, k.shape[2])
     out = torch.empty(heads, num_queries, head_dim, dtype=q.dtype, device=q.device)
     step = _rows_in_budget(heads, k.shape[2], q.element_size())
     for row in range(0, num_queries, step):
@@ -609,15 +634,21 @@ def _attend_bf16_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed:
     return out[None]
 
 
-def _bf16_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scaled queries (H, Tq, d), keys less the first key, values (Hkv, Tk, d).
+def _bf16_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scaled queries (H, Tq, d); keys less the first key and values (Hkv, length, d), zeros after the Tk given.
 
     Subtracting one key from every key shifts each query's scores by one constant, which softmax ignores, and
     takes away what all keys share (Qwen2's key bias makes it large), so the bfloat16 rounding of the scores
     (as in Hugging Face's eager attention) is relative to their differences: on qwen2.5-1.5b the next-token KL
     to float32 is 0.0078 without it and 0.00053 with it, as with the flash kernel (0.00050).
     """
-    return q[0] * q.shape[3] ** -0.5, k[0] - k[0, :, :1], v[0]
+    keys, values = k[0], v[0]
+    centred = torch.empty((keys.shape[0], length, keys.shape[2]), dtype=keys.dtype, device=keys.device)
+    torch.sub(keys, keys[:, :1], out=centred[:, : keys.shape[1]])
+    centred[:, keys.shape[1] :] = 0
+    if length > values.shape[1]:
+        values = F.pad(values, (0, 0, 0, length - values.shape[1]))
+    return q[0] * q.shape[3] ** -0.5, centred, values
 
 
 def _rows_in_budget(heads: int, num_keys: int, itemsize: int) -> int:

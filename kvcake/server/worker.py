@@ -189,6 +189,8 @@ class ComputeWorker:
     def _admit(self, running: list[_Running]) -> bool:
         """Start queued jobs while a slot is free (waiting only when nothing runs); False once closed and drained."""
         while not self._closing and len(running) < self._max_batch:
+            if not running:
+                self.engine.idle()
             try:
                 job = self._queue.get(block=not running)
             except queue.Empty:
