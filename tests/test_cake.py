@@ -12,7 +12,7 @@ from kvcake.config import KvcakeConfig
 from kvcake.data import long_text
 from kvcake.engine import Engine
 from kvcake.requests import GenerateRequest, GenerateResult, RequestMetrics
-from kvcake.model import SamplingParams
+from kvcake.model import SamplingParams, transformer
 from kvcake.store import TAIL_BLOCK, ChunkKV, open_store
 
 CHUNK = 256
@@ -245,6 +245,26 @@ def test_a_new_question_on_a_stored_document_loads_the_shared_tail_blocks(tiny_f
     result = ask(engine, prompt, method)
     assert_same(result, ask(fresh, prompt, "compute"))
     assert result.metrics.prefix.tail_tokens_loaded == TAIL_BLOCK
+    engine.close()
+    fresh.close()
+
+
+@pytest.mark.skipif(not transformer._ONEDNN_BF16, reason="the CPU has no bf16 instructions: SDPA's kernel runs instead")
+@pytest.mark.parametrize("method", ["load", "cake", "split:2"])
+def test_bf16_prefix_reuse_gives_the_full_prefill_s_bits(tiny_folders: dict[str, Path], tmp_path: Path, method: str) -> None:
+    """In bf16 on a CPU with bf16 instructions, stored chunks and tail blocks across a 256-token grid line, then the
+    new question's pass starting mid-cell, give the same logits to the bit as a full prefill in a fresh engine."""
+    config = KvcakeConfig(model=str(tiny_folders["qwen2"]), device=TEST_DEVICE, dtype="bfloat16", chunk_size=64, cache_dir=str(tmp_path))
+    engine = Engine(config, store=open_store("memory://"))
+    fresh = Engine(config, store=open_store("memory://"))
+    ids = torch.randint(3, 512, (500,), generator=torch.Generator().manual_seed(6)).tolist()
+    document = ids[: 5 * 64 + 2 * TAIL_BLOCK + 3]
+    ask(engine, document + ids[400:410], "compute")
+    prompt = document + ids[450:463]
+    result, reference = ask(engine, prompt, method), ask(fresh, prompt, "compute")
+    assert result.metrics.prefix.hit_chunks == 5
+    assert result.token_ids == reference.token_ids
+    assert torch.equal(result.first_token_logits, reference.first_token_logits)
     engine.close()
     fresh.close()
 
