@@ -425,11 +425,13 @@ def attend_with_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Ma
     if q.shape[1] == 1 and mask is None and q.dtype != torch.float32 and q.device.type == "cpu":
         return _attend_one_query(q, k, v)
     q, k, v = q[None], k[None], v[None]
-    if (mask is True or isinstance(mask, TailCausal)) and q.device.type == "cpu" and q.dtype == torch.bfloat16 and _ONEDNN_BF16:
+    causal = mask is True or isinstance(mask, TailCausal)
+    bf16_products = q.device.type == "cpu" and q.dtype == torch.bfloat16 and _ONEDNN_BF16
+    if causal and bf16_products:
         out = _attend_causal_bf16_cpu(q, k, v)
-    elif (mask is True or isinstance(mask, TailCausal)) and q.device.type == "cpu" and _CPU_FLASH is not None:
+    elif causal and q.device.type == "cpu" and _CPU_FLASH is not None:
         out = _attend_causal_cpu(q, k, v)
-    elif (mask is None or isinstance(mask, torch.Tensor)) and q.device.type == "cpu" and q.dtype == torch.bfloat16 and _ONEDNN_BF16:
+    elif bf16_products:
         out = _attend_bf16_cpu(q, k, v, mask)
     elif mask is True:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
