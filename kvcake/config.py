@@ -20,6 +20,8 @@ from typing import Any
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
+from kvcake.modes import MODES
+
 ENV_PREFIX = "KVCAKE_"
 _YAML_FILE: ContextVar[Path | None] = ContextVar("kvcake_yaml_file", default=None)
 
@@ -29,8 +31,9 @@ class ConfigError(ValueError):
 
 
 SCOPES = ("model", "store", "reuse", "serve")
+"""What a setting is about; a subcommand shows the flags of the scopes it uses."""
 CHOICES = {
-    "reuse": ("compute", "load", "cake", "split:M", "blend", "tune"),
+    "reuse": MODES,
     "dtype": ("auto", "float32", "float16", "bfloat16"),
     "tune_scoring": ("highpass", "lowpass", "norm"),
     "blend_selection": ("deviation", "question", "probe"),
@@ -38,7 +41,6 @@ CHOICES = {
 }
 """The values these settings may take (M: a chunk count), checked when the config is built; the
 mechanisms that read them parse the same names (a test keeps the lists in step)."""
-"""What a setting is about; a subcommand shows the flags of the scopes it uses."""
 
 
 def _setting(default: Any, help: str, scope: str) -> Any:

@@ -1,8 +1,8 @@
 """One request from text to tokens: plan the prompt, pick a reuse strategy, fill the cache, decode, account.
 
 The mechanisms live below, each behind the `Reuse` contract (kvcake.reuse.contract):
-`PrefixReuse` (compute, load, Cake, split:M) and the document strategies `BlendReuse`
-and `TuneReuse`. The engine builds them once, routes each request to one, and decodes.
+`PrefixReuse` (compute, load, Cake, split:M) and the document mechanisms that
+`kvcake.modes` lists (blend, tune). The engine builds one of each, routes each request to one, and decodes.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from kvcake.requests import (
 )
 from kvcake.runtime import keep_freed_memory
 from kvcake.reuse import (
-    BLEND, PREFIX, TUNE, WAIT_S, WAITING, BlendReuse, ByteBudget, CostProfile, DocumentSettings, PrefixPrefetch, PrefixReuse, Reuse, ReuseChoice,
-    TuneReuse, Waiting, WriteBack, document_mode, drain, parse_check_layers, route,
+    BLEND, PREFIX, TUNE, WAIT_S, WAITING, ByteBudget, CostProfile, DocumentSettings, PrefixPrefetch, PrefixReuse, Reuse,
+    ReuseChoice, Waiting, WriteBack, document_mode, document_strategies, drain, parse_check_layers, route,
 )
 from kvcake.store import KeyRules, KVStore, StoreStats, model_fingerprint, open_store
 
@@ -74,14 +74,15 @@ class Engine:
         try:
             check_layers = parse_check_layers(config.blend_check_layers, model_config.num_layers)
             settings = DocumentSettings(
-                config.prefill_chunk, check_layers, config.load_streams, config.load_timeout_s, config.blend_selection, config.blend_correction
+                prefill_chunk=config.prefill_chunk, check_layers=check_layers, load_streams=config.load_streams,
+                load_timeout_s=config.load_timeout_s, selection=config.blend_selection, correction=config.blend_correction,
+                blend_ratio=config.blend_ratio, tune_scoring=config.tune_scoring, tune_ratio=config.tune_ratio,
+                tune_min_ratio=config.tune_min_ratio,
             )
-            shared = (self.prefix, self.cache_pool, settings)
-            self.blend = BlendReuse(*shared, default_ratio=config.blend_ratio)
-            self.tune = TuneReuse(*shared, scoring=config.tune_scoring, ratio=config.tune_ratio, min_ratio=config.tune_min_ratio)
+            documents = {mode: mechanism(self.prefix, self.cache_pool, settings) for mode, mechanism in document_strategies().items()}
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        self.strategies: dict[str, Reuse[Any]] = {PREFIX: self.prefix, BLEND: self.blend, TUNE: self.tune}
+        self.strategies: dict[str, Reuse[Any]] = {PREFIX: self.prefix, **documents}
         """The routing table: `route` names the row a request goes to."""
         self._closer = weakref.finalize(self, _shut_down, self.writeback, self.store, self.cache_pool, self.model, config.shutdown_grace_s)
 

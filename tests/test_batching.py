@@ -250,7 +250,7 @@ def test_a_document_longer_than_a_pass_pauses_after_each_of_its_passes(config: K
     passes = -(-len(ids) // 16)
     assert passes > 3 and pauses == passes and tokens == len(ids) and not present
     stored = engine.store.get(key)
-    whole = Engine(config.replace(chunk_size=4096)).blend.compute([ids], preamble)
+    whole = Engine(config.replace(chunk_size=4096)).strategies["blend"].compute([ids], preamble)
     with torch.inference_mode():
         [one_go] = drain(whole)
     assert all((a - b).abs().max().item() <= 1e-5 for a, b in zip(stored.keys + stored.values, one_go.keys + one_go.values))

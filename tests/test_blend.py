@@ -78,7 +78,7 @@ def test_ratio_zero_equals_concatenated_stored_caches(engine: Engine) -> None:
     with torch.inference_mode():
         model.prefill(planned.token_ids[: planned.prefix_length], cache, engine.config.chunk_size)
         for index, (start, end) in enumerate(planned.document_spans):
-            stored = engine.store.get(engine.blend.document_key(engine.config.tenant, planned.preamble, planned.documents()[index]))
+            stored = engine.store.get(engine.strategies["blend"].document_key(engine.config.tenant, planned.preamble, planned.documents()[index]))
             positions = torch.arange(start, end)
             cos, sin = model.rope_tables(positions)  # a document's K is stored before RoPE
             model.load_kv(cache, ChunkKV([model.apply_rope(k, cos, sin) for k in stored.keys], stored.values), positions)
@@ -105,10 +105,10 @@ def test_partial_ratio_recomputes_the_top_fraction(engine: Engine) -> None:
 
 def test_a_document_at_two_positions_is_read_from_one_entry(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
     engine = tiny_engine(tiny_folders["llama"], tmp_path, chunk_size=128)  # the prefix is no full chunk: it reads tail blocks only
-    loaded_layers = engine.model.config.num_layers - engine.blend.settings.check_layers[0]
+    loaded_layers = engine.model.config.num_layers - engine.strategies["blend"].settings.check_layers[0]
     [(key, tokens, present), _] = engine.warm([DOCUMENTS[0], DOCUMENTS[1]], system=SYSTEM)
     preamble = document_preamble(engine.tokenizer, chat=True, system=SYSTEM)
-    assert not present and key == engine.blend.document_key(engine.config.tenant, preamble, document_token_ids(engine.tokenizer, DOCUMENTS[0]))
+    assert not present and key == engine.strategies["blend"].document_key(engine.config.tenant, preamble, document_token_ids(engine.tokenizer, DOCUMENTS[0]))
     spans, bytes_read = [], []
     for documents in ([DOCUMENTS[1], DOCUMENTS[0]], [DOCUMENTS[0]]):
         before = engine.store.stats()

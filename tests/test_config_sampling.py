@@ -150,3 +150,11 @@ def test_the_config_choices_are_what_the_mechanisms_parse() -> None:
     assert CHOICES["blend_selection"] == SELECTIONS and CHOICES["blend_correction"] == CORRECTIONS
     assert set(CHOICES["reuse"]) == {*STRATEGIES, *DOCUMENT_MODES, "split:M"} - {"split"}
     assert KvcakeConfig(reuse="split:2").reuse == "split:2"
+
+
+def test_every_mechanism_row_names_a_document_strategy() -> None:
+    from kvcake.reuse import DocumentReuse, document_strategies
+
+    classes = document_strategies()
+    assert list(classes) == ["blend", "tune"]
+    assert all(issubclass(mechanism, DocumentReuse) for mechanism in classes.values())

@@ -205,7 +205,7 @@ def test_a_warm_call_whose_client_leaves_stops_at_its_next_pass(config: KvcakeCo
         gate.release()
         _wait_for(lambda: _metric(_metrics(live.url), "kvcake_requests_cancelled_total") == 1.0, "the warm call to be cancelled")
         preamble, ids = engine.planner.plan_documents(documents, True, None)
-        stored = [engine.store.contains(engine.blend.document_key(config.tenant, preamble, doc)) for doc in ids]
+        stored = [engine.store.contains(engine.strategies["blend"].document_key(config.tenant, preamble, doc)) for doc in ids]
         assert not any(stored), "a call stopped before its last pass stores nothing of it"
     engine.close()
 
@@ -343,9 +343,9 @@ def test_a_packed_document_equals_the_document_computed_alone(config: KvcakeConf
     engine = Engine(config)
     preamble = (1, 7, 9, 11)
     documents = [_prompt(i, n) for i, n in enumerate([5, 9, 3, 40])]
-    packed = drain(engine.blend.compute(documents, preamble))
+    packed = drain(engine.strategies["blend"].compute(documents, preamble))
     for document, together in zip(documents, packed):
-        [alone] = drain(engine.blend.compute([document], preamble))
+        [alone] = drain(engine.strategies["blend"].compute([document], preamble))
         for a, b in zip(alone.keys + alone.values, together.keys + together.values):
             assert torch.allclose(a, b, atol=1e-5)
     engine.close()

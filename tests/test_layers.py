@@ -9,7 +9,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).parent.parent / "kvcake"
 LAYERS = [
-    {"kvcake.config", "kvcake.runtime", "kvcake.fetch", "kvcake.chunk"},
+    {"kvcake.config", "kvcake.modes", "kvcake.runtime", "kvcake.fetch", "kvcake.chunk"},
     {"kvcake.model", "kvcake.store", "kvcake.data"},
     {"kvcake.reuse", "kvcake.requests"},
     {"kvcake.engine"},

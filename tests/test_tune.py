@@ -62,7 +62,7 @@ def test_only_the_reused_rows_are_read(engine: Engine) -> None:
     assert first.metrics.documents.documents_computed == 2
     assert ask(engine, "tune", 0.25).token_ids == first.token_ids
     planned = engine.plan_prompt(GenerateRequest(query=QUERY, documents=DOCUMENTS, system=SYSTEM))
-    order_keys = [engine.tune.document_key(engine.config.tenant, planned.preamble, planned.documents()[i], "scored-highpass-order") for i in range(2)]
+    order_keys = [engine.strategies["tune"].document_key(engine.config.tenant, planned.preamble, planned.documents()[i], "scored-highpass-order") for i in range(2)]
     order_bytes = sum(engine.store.get(key).nbytes for key in order_keys)  # the memory tier reads tensor bytes, no header
     before = engine.store.stats()
     again = ask(engine, "tune", 0.25)
@@ -124,8 +124,8 @@ def test_auto_ratio_follows_the_measured_costs() -> None:
 def test_auto_ratio_is_reported_per_request(engine: Engine) -> None:
     first = ask(engine, "tune")
     assert first.metrics.documents.ratio == engine.config.tune_min_ratio
-    assert engine.tune.profile.compute_s_per_token is not None and engine.tune.profile.io_s_per_token is not None
-    expected = engine.tune.ratio()
+    assert engine.strategies["tune"].profile.compute_s_per_token is not None and engine.strategies["tune"].profile.io_s_per_token is not None
+    expected = engine.strategies["tune"].ratio()
     assert ask(engine, "tune").metrics.documents.ratio == expected >= engine.config.tune_min_ratio
 
 
@@ -154,7 +154,8 @@ def test_a_damaged_or_missing_entry_is_computed_instead(tiny_folders: dict[str, 
     full = ask(engine, "compute")
     keys = [key for key, _, _ in engine.warm(DOCUMENTS, system=SYSTEM, scored=True)]
     planned = engine.plan_prompt(GenerateRequest(query=QUERY, documents=DOCUMENTS, system=SYSTEM))
-    order_keys = [engine.tune.document_key(config.tenant, planned.preamble, ids, f"{engine.tune.layout}-order") for ids in planned.documents()]
+    tune = engine.strategies["tune"]
+    order_keys = [tune.document_key(config.tenant, planned.preamble, ids, f"{tune.layout}-order") for ids in planned.documents()]
     first, second = _entry_file(store_dir, keys[0]), _entry_file(store_dir, keys[1])
     if damage == "corrupt":
         data = bytearray(first.read_bytes())

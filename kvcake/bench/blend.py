@@ -104,7 +104,7 @@ def _settings(config: KvcakeConfig, engine: Engine, args: argparse.Namespace, in
     return {
         "model": config.model,
         "dtype": str(engine.model.dtype),
-        "check_layers": list(engine.blend.settings.check_layers),
+        "check_layers": list(engine.strategies["blend"].settings.check_layers),
         "prompt_tokens": statistics.median(r["prompt_tokens"] for r in in_memory.values()),
         "repeats": args.repeats,
         "machine": machine_description(),

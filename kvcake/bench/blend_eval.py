@@ -214,7 +214,7 @@ def _settings(args: argparse.Namespace, config: KvcakeConfig, engine: Engine, po
         "data": source,
         "model": config.model,
         "dtype": str(engine.model.dtype),
-        "check_layers": list(engine.blend.settings.check_layers),
+        "check_layers": list(engine.strategies["blend"].settings.check_layers),
         "questions": args.questions,
         "prompt_tokens": args.prompt_tokens,
         "per_passage": args.per_passage,
@@ -251,7 +251,7 @@ def _answer(engine: Engine, item: Item, methods: dict[str, Method], answer_token
     if record is None:
         record = {"index": item.index, "question": item.question, "answers": list(item.answers), "gold_document": item.gold_document}
     full_logits, full_text = torch.empty(0), ""
-    default_settings = engine.blend.settings
+    default_settings = engine.strategies["blend"].settings
     for name in ["full", *(name for name in methods if name != "full" and name not in record)]:
         method = methods[name]
         if method.scoring:
@@ -266,11 +266,11 @@ def _answer(engine: Engine, item: Item, methods: dict[str, Method], answer_token
         )
         if method.cost is not None:
             request.ratio = _cost_ratio(engine, request, method.cost)
-        engine.blend.settings = dataclasses.replace(default_settings, selection=method.selection, correction=method.correction)
+        engine.strategies["blend"].settings = dataclasses.replace(default_settings, selection=method.selection, correction=method.correction)
         try:
             result = engine.generate(request)
         finally:
-            engine.blend.settings = default_settings
+            engine.strategies["blend"].settings = default_settings
         if name == "full":
             full_logits = result.first_token_logits
             if "full" in record:
@@ -298,7 +298,7 @@ def _cost_ratio(engine: Engine, request: GenerateRequest, cost: float) -> float:
     planned = engine.plan_prompt(request)
     tokens = len(planned.token_ids) - planned.prefix_length
     document_tokens = sum(end - start for start, end in planned.document_spans)
-    return ratio_for_cost(cost, engine.model.config.num_layers, engine.blend.settings.check_layers[0], tokens, document_tokens)
+    return ratio_for_cost(cost, engine.model.config.num_layers, engine.strategies["blend"].settings.check_layers[0], tokens, document_tokens)
 
 
 def normalize(text: str) -> str:

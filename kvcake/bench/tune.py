@@ -86,7 +86,7 @@ def _auto_ratio(config, args: argparse.Namespace) -> dict:
     base = config.replace(reuse="tune")
     fast = Engine(base.replace(store_url="memory://"))
     fast_ratio = _settled_ratio(fast, args)
-    compute_s_per_token = fast.tune.profile.compute_s_per_token
+    compute_s_per_token = fast.strategies["tune"].profile.compute_s_per_token
     model = fast.model.config
     row_bytes = model.num_layers * 2 * model.num_kv_heads * model.head_dim * fast.model.dtype.itemsize
     fast.close()
@@ -110,7 +110,7 @@ def _settled_ratio(engine: Engine, args: argparse.Namespace, requests: int = 4) 
     engine.warm(list(item.documents), scored=True, system=SYSTEM)
     for _ in range(requests):
         _ttft(engine, item, "tune", None)
-    return engine.tune.ratio()
+    return engine.strategies["tune"].ratio()
 
 
 def _ttft(engine: Engine, item, reuse: str, ratio: float | None) -> tuple[float, float]:

@@ -3,6 +3,7 @@
 | file | holds |
 |---|---|
 | `contract.py` | the `Reuse` protocol every strategy keeps, `ReuseChoice`, the reports, `Filled` |
+| `routing.py` | mode parsing, `route`, and the classes of `kvcake.modes`' document rows |
 | `prefix.py` | `PrefixReuse`: a prompt's exact prefix (chunks and tail blocks), the rest computed, write-back queued |
 | `cake.py` | when each prefix chunk is computed or loaded: compute, load, Cake, split:M |
 | `documents.py` | `DocumentReuse`: documents stored once, placed anywhere (shared by blend and tune) |
@@ -18,11 +19,12 @@
 
 from kvcake.reuse.blend import BlendReuse
 from kvcake.reuse.cake import STRATEGIES, WAIT_S, WAITING, ChunkLoader, CostProfile, PrefixPrefill, PrefixReport, Strategy, Waiting, drain
-from kvcake.reuse.contract import BLEND, DOCUMENT_MODES, PREFIX, TUNE, DocumentReport, Filled, Reuse, ReuseChoice, document_mode, parse_mode, route
+from kvcake.reuse.contract import PREFIX, DocumentReport, Filled, Reuse, ReuseChoice
 from kvcake.reuse.documents import DocumentPlan, DocumentReuse, DocumentRows, DocumentSettings
 from kvcake.reuse.layers import LayerPrefetcher, LayerSource
 from kvcake.reuse.prefetch import ByteBudget, PrefixPrefetch
 from kvcake.reuse.prefix import PrefixPlan, PrefixReuse
+from kvcake.reuse.routing import BLEND, DOCUMENT_MODES, TUNE, document_mode, document_strategies, parse_mode, route
 from kvcake.reuse.scores import RULES, token_scores
 from kvcake.reuse.selective import BlendFallback, BlendPrefill, kept_fractions, parse_check_layers
 from kvcake.reuse.tune import ScoredDocument, TuneProfile, TuneReuse, order_entry, order_from_entry
@@ -34,6 +36,7 @@ __all__ = [
     "PREFIX",
     "TUNE",
     "document_mode",
+    "document_strategies",
     "parse_mode",
     "route",
     "RULES",

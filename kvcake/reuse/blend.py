@@ -11,27 +11,22 @@ from collections.abc import Generator
 import torch
 
 from kvcake.chunk import ChunkKV
-from kvcake.model import CachePool, KVCache
+from kvcake.model import KVCache
 from kvcake.model.segments import PromptLayout
 from kvcake.reuse.cake import Waiting
 from kvcake.reuse.contract import Filled, ReuseChoice
-from kvcake.reuse.documents import DocumentPlan, DocumentReuse, DocumentRows, DocumentSettings
+from kvcake.reuse.documents import DocumentPlan, DocumentReuse, DocumentRows
 from kvcake.reuse.layers import LayerSource
 from kvcake.reuse.prefetch import PrefixPrefetch
-from kvcake.reuse.prefix import PrefixReuse
 from kvcake.reuse.selective import BlendPrefill
 
 
 class BlendReuse(DocumentReuse):
     """CacheBlend: the documents' stored KV, with the tokens that deviate most recomputed (the `Reuse` contract)."""
 
-    def __init__(self, prefix: PrefixReuse, pool: CachePool, settings: DocumentSettings, *, default_ratio: float):
-        super().__init__(prefix, pool, settings)
-        self.default_ratio = default_ratio
-
     def plan(self, prompt: PromptLayout, choice: ReuseChoice) -> DocumentPlan:
         """At ratio 1 nothing is read (the full prefill), so no document counts as stored."""
-        ratio = self.default_ratio if choice.ratio is None else choice.ratio
+        ratio = self.settings.blend_ratio if choice.ratio is None else choice.ratio
         keys = [self.document_key(choice.tenant, prompt.preamble, ids) for ids in prompt.documents()]
         stored = [ratio < 1.0 and self.store.contains(key) for key in keys]
         return DocumentPlan(prompt, self._plan_prefix(prompt, choice), keys, stored, ratio)

@@ -30,10 +30,11 @@ from typing import Protocol, TypeVar
 import torch
 
 from kvcake.chunk import ChunkKV
+from kvcake.modes import PREFIX_MODES
 from kvcake.model import KVCache, Transformer
 
 T = TypeVar("T")
-STRATEGIES = ("compute", "load", "cake")
+STRATEGIES = PREFIX_MODES
 RECHECK_S = 0.005
 """How often a waiting side re-checks its decision when nothing has notified it."""
 LOADER_CPU_SHARE = 0.5

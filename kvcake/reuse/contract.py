@@ -29,47 +29,12 @@ import torch
 from kvcake.model import KVCache
 from kvcake.model.segments import PromptLayout
 from kvcake.reuse.prefetch import PrefixPrefetch
-from kvcake.config import CHOICES
-from kvcake.reuse.cake import STRATEGIES, PrefixReport, Strategy
+from kvcake.reuse.cake import PrefixReport, Strategy
 
 Plan = TypeVar("Plan")
 
-PREFIX, BLEND, TUNE = "prefix", "blend", "tune"
-"""The rows of an engine's strategy table: the exact prefix, CacheBlend, CacheTune."""
-DOCUMENT_MODES = tuple(mode for mode in CHOICES["reuse"] if mode not in STRATEGIES and not mode.startswith("split:"))
-"""Modes that place documents: the config's `reuse` choices (the one list of mode names) other than the ways
-the exact prefix is taken (compute, load, cake, split:M)."""
-
-
-def parse_mode(text: str) -> Strategy | str:
-    """A prefix strategy, or a document mode by name; ValueError naming the allowed values."""
-    if text in DOCUMENT_MODES:
-        return text
-    try:
-        return Strategy.parse(text)
-    except ValueError as error:
-        raise ValueError(f"{error} (or {', '.join(DOCUMENT_MODES)})") from None
-
-
-def route(mode: Strategy | str, tenant: str, ratio: float | None, has_documents: bool) -> tuple[str, ReuseChoice]:
-    """The strategy-table row a request goes to, and what it asks of that strategy.
-
-    A prefix strategy, or a prompt without documents, goes to the prefix row; a document mode's
-    prompt with documents to that mode's row, which takes the exact prefix before them with Cake.
-    """
-    if mode not in DOCUMENT_MODES:
-        return PREFIX, ReuseChoice(tenant, mode)
-    choice = ReuseChoice(tenant, Strategy("cake"), ratio)
-    return (mode if has_documents else PREFIX), choice
-
-
-def document_mode(requested: str | None, default: str) -> str:
-    """The document mode a call with documents uses (a request's blend, a warm call's stored layout): the
-    `requested` mode if it is a document mode, else the engine's `default` if it is one, else blend."""
-    for candidate in (requested, default):
-        if candidate in DOCUMENT_MODES:
-            return candidate
-    return BLEND
+PREFIX = "prefix"
+"""The prefix row of an engine's strategy table (the document rows are named in `kvcake.reuse.routing`)."""
 
 
 @dataclass(frozen=True)

@@ -27,17 +27,22 @@ from kvcake.reuse.prefix import PrefixPlan, PrefixReuse
 from kvcake.reuse.inflight import InFlight
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DocumentSettings:
-    """How documents are computed and blended: pass size, check layers, loader threads and their bound, and
-    how blend selects the tokens it recomputes and corrects the ones it reuses (see `BlendPrefill`)."""
+    """How documents are computed and blended: pass size, check layers, loader threads and their bound, how
+    blend selects the tokens it recomputes and corrects the ones it reuses (see `BlendPrefill`), and each
+    mechanism's own settings (its config fields), so every mechanism is built the same way."""
 
     prefill_chunk: int
     check_layers: tuple[int, ...]
-    load_streams: int = 1
-    load_timeout_s: float | None = None
-    selection: str = "deviation"
-    correction: str = "none"
+    load_streams: int
+    load_timeout_s: float | None
+    selection: str
+    correction: str
+    blend_ratio: float
+    tune_scoring: str
+    tune_ratio: str
+    tune_min_ratio: float
 
 
 @dataclass(frozen=True)

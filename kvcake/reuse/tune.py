@@ -104,21 +104,19 @@ class TuneReuse(DocumentReuse):
     recomputed tokens.
     """
 
-    def __init__(self, prefix: PrefixReuse, pool: CachePool, settings: DocumentSettings, *, scoring: str, ratio: str, min_ratio: float):
+    def __init__(self, prefix: PrefixReuse, pool: CachePool, settings: DocumentSettings):
         super().__init__(prefix, pool, settings)
-        if scoring not in RULES:
-            raise ValueError(f"tune_scoring must be one of {', '.join(RULES)}, got {scoring!r}")
-        self.scoring = scoring
-        self.configured_ratio = ratio
-        self.min_ratio = min_ratio
+        if settings.tune_scoring not in RULES:
+            raise ValueError(f"tune_scoring must be one of {', '.join(RULES)}, got {settings.tune_scoring!r}")
+        self.scoring = settings.tune_scoring
         self.profile = TuneProfile()
-        self.layout = f"scored-{scoring}"
+        self.layout = f"scored-{self.scoring}"
 
     def ratio(self) -> float:
         """The ratio a request gets when it names none."""
-        if self.configured_ratio != "auto":
-            return float(self.configured_ratio)
-        return self.profile.ratio(self.min_ratio)
+        if self.settings.tune_ratio != "auto":
+            return float(self.settings.tune_ratio)
+        return self.profile.ratio(self.settings.tune_min_ratio)
 
     def plan(self, prompt: PromptLayout, choice: ReuseChoice) -> DocumentPlan:
         ratio = self.ratio() if choice.ratio is None else choice.ratio
