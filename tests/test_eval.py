@@ -134,3 +134,18 @@ def test_the_ratio_for_a_cost_inverts_the_compute_share() -> None:
     share = (2 * 2000 + 26 * (200 + 0.15 * 1800)) / (28 * 2000)
     assert abs(ratio_for_cost(share, 28, 1, 2000, 1800) - 0.15) < 1e-9
     assert ratio_for_cost(0.01, 28, 1, 2000, 1800) == 1 / 1800 and ratio_for_cost(2.0, 28, 1, 2000, 1800) == 1.0
+
+
+def test_each_tune_scoring_rule_is_stored_and_read_in_its_own_layout(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    flags = ["--model", str(tiny_folders["llama"]), "--dtype", "float32", "--chunk-size", "32", "--cache-dir", str(tmp_path / "cache")]
+    run = ["eval", "blend", "--data", str(FIXTURE), "--questions", "2", "--prompt-tokens", "400", "--ratios", "0.3", "--tune-ratios", "0.3"]
+    entries = {}
+    for scorings in ("highpass", "highpass,lowpass"):
+        out = tmp_path / scorings.replace(",", "-")
+        assert main([*run, "--scorings", scorings, "--answer-tokens", "2", "--out-dir", str(out), "--name", "r", "--store-url", f"file://{store}", *flags]) == 0
+        entries[scorings] = sum(1 for path in store.rglob("*") if path.is_file())
+        record = json.loads((out / "r.json").read_text())["records"][0]
+        assert {f"tune r=0.30 {rule}" for rule in scorings.split(",")} <= set(record)
+    passages = len({item.passage for item in jsonl_questions(FIXTURE)})
+    assert entries["highpass,lowpass"] == entries["highpass"] + 2 * passages, "lowpass adds its scored entry and order per passage"

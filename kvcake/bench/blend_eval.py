@@ -130,10 +130,13 @@ def _warm(engine: Engine, pool: list[str], methods: dict[str, Method]) -> None:
     """Stores every pool passage in isolation, then scored once per tune scoring rule the methods use."""
     for passage in tqdm(pool, desc="warming passages", unit="doc"):
         engine.warm([passage], scored=False, system=SYSTEM)
+    tune = engine.strategies["tune"]
+    default_settings = tune.settings
     for scoring in sorted({m.scoring for m in methods.values() if m.scoring}):
-        engine.config = engine.config.replace(tune_scoring=scoring)
+        tune.settings = dataclasses.replace(default_settings, tune_scoring=scoring)
         for passage in tqdm(pool, desc=f"warming passages, scored by {scoring}", unit="doc"):
             engine.warm([passage], scored=True, system=SYSTEM)
+    tune.settings = default_settings
 
 
 @dataclass(frozen=True)
@@ -251,11 +254,10 @@ def _answer(engine: Engine, item: Item, methods: dict[str, Method], answer_token
     if record is None:
         record = {"index": item.index, "question": item.question, "answers": list(item.answers), "gold_document": item.gold_document}
     full_logits, full_text = torch.empty(0), ""
-    default_settings = engine.strategies["blend"].settings
+    blend, tune = engine.strategies["blend"], engine.strategies["tune"]
+    blend_settings, tune_settings = blend.settings, tune.settings
     for name in ["full", *(name for name in methods if name != "full" and name not in record)]:
         method = methods[name]
-        if method.scoring:
-            engine.config = engine.config.replace(tune_scoring=method.scoring)
         request = GenerateRequest(
             query=f"Question: {item.question}",
             documents=list(item.documents),
@@ -266,11 +268,12 @@ def _answer(engine: Engine, item: Item, methods: dict[str, Method], answer_token
         )
         if method.cost is not None:
             request.ratio = _cost_ratio(engine, request, method.cost)
-        engine.strategies["blend"].settings = dataclasses.replace(default_settings, selection=method.selection, correction=method.correction)
+        blend.settings = dataclasses.replace(blend_settings, selection=method.selection, correction=method.correction)
+        tune.settings = dataclasses.replace(tune_settings, tune_scoring=method.scoring or tune_settings.tune_scoring)
         try:
             result = engine.generate(request)
         finally:
-            engine.strategies["blend"].settings = default_settings
+            blend.settings, tune.settings = blend_settings, tune_settings
         if name == "full":
             full_logits = result.first_token_logits
             if "full" in record:

@@ -108,9 +108,12 @@ class TuneReuse(DocumentReuse):
         super().__init__(prefix, pool, settings)
         if settings.tune_scoring not in RULES:
             raise ValueError(f"tune_scoring must be one of {', '.join(RULES)}, got {settings.tune_scoring!r}")
-        self.scoring = settings.tune_scoring
         self.profile = TuneProfile()
-        self.layout = f"scored-{self.scoring}"
+
+    @property
+    def layout(self) -> str:  # type: ignore[override]
+        """Documents scored by another rule are stored under another layout."""
+        return f"scored-{self.settings.tune_scoring}"
 
     def ratio(self) -> float:
         """The ratio a request gets when it names none."""
@@ -195,7 +198,7 @@ class TuneReuse(DocumentReuse):
                 found[index] = ScoredDocument(key, order_key, order_from_entry(entry), len(ids))
         missing = [i for i in range(len(documents)) if i not in found]
         for index, plain in zip(missing, (yield from self.compute([documents[i] for i in missing], preamble))):
-            scores = token_scores(plain.keys, plain.values, self.scoring)
+            scores = token_scores(plain.keys, plain.values, self.settings.tune_scoring)
             order = torch.argsort(scores, descending=True, stable=True)
             sorted_kv = ChunkKV([k[:, order] for k in plain.keys], [v[:, order] for v in plain.values])
             key, order_key = keys[index]
