@@ -9,7 +9,8 @@ strict (a number sent as a string is refused, not coerced), and text with an unp
 surrogate is refused (no tokenizer could encode it). The extensions (reachable
 from the `openai` client with `extra_body`): `kv_documents` (reusable documents placed
 before the prompt or the last user message), `kv_system` (system text of a completion
-with documents), `reuse` (compute, load, cake, split:M, blend) and `ratio` (blend).
+with documents), `reuse` (a mode of `kvcake.modes`: compute, load, cake, split:M, blend,
+tune) and `ratio` (blend, tune).
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from kvcake.modes import DOCUMENT_MECHANISMS
 from kvcake.requests import MAX_CHOICES
 
 SEED_RANGE = (-(2**63), 2**64 - 1)
 """What torch's generators accept as a seed."""
+DocumentMode = Literal[tuple(DOCUMENT_MECHANISMS)]  # type: ignore[valid-type]
+"""A document mode's name (`kvcake.modes`), as a warm call names the layout it stores."""
 
 
 def _no_lone_surrogates(text: str) -> str:
@@ -144,5 +148,5 @@ class WarmBody(_Body):
     model: Text | None = None
     chat: bool = Field(default=True, description="Warm for chat requests (true) or for plain completions (false).")
     system: Text | None = Field(default=None, description="The system text of the requests these documents will serve.")
-    reuse: Literal["blend", "tune"] | None = Field(
+    reuse: DocumentMode | None = Field(
         default=None, description="Store the layout of this document mode (tune: scored and sorted); default: the server's reuse setting.")
