@@ -2,12 +2,13 @@
 
 Both engines run as OpenAI servers in their own processes and are asked by the same
 client, one request (or one group of concurrent requests) at a time, taking turns in
-alternating order so a drift of the machine's speed weighs on both alike. vLLM comes
+alternating order so a drift of the machine's speed weighs on both alike; the engine not
+being measured is paused (SIGSTOP), as an idle vLLM still takes CPU. vLLM comes
 from the package index into its own virtual env under the cache dir (opt-in:
 `--install-vllm`, about 3.5 GB). Each workload's ratio is kvcake's speed over vLLM's
 (> 1: kvcake faster). The report also sets each cold prefill against the matmul peak
 and one client's decode against a copy of the weights' bytes, both measured in the
-same run with the servers idle.
+same run with the servers paused.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,9 +76,11 @@ def run(args: argparse.Namespace) -> None:
     limits: dict[str, dict] = {}
     for dtype in args.dtypes.split(","):
         with _Servers(config, folder, dtype, vllm, config.cache_path() / "peers" / "logs" / args.out.stem) as servers:
-            limits[dtype] = _machine_limits(dtype, prompts.model)
+            with servers.alone(None):
+                limits[dtype] = _machine_limits(dtype, prompts.model)
             rows += _run_workloads(servers, prompts, dtype, args)
-            limits[dtype]["matmul_gflops"] = max(limits[dtype]["matmul_gflops"], _matmul_gflops(dtype))
+            with servers.alone(None):
+                limits[dtype]["matmul_gflops"] = max(limits[dtype]["matmul_gflops"], _matmul_gflops(dtype))
         _add_shares(rows, limits[dtype], prompts.model, dtype)
     record = {
         "machine": machine_description(),
@@ -141,11 +145,21 @@ class _ServerProcess:
         except OSError:
             return False
 
+    def pause(self) -> None:
+        """Stop the group's processes (SIGSTOP) so that, idle, they take no CPU from the engine measured meanwhile."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGCONT)
+
     def stop(self) -> None:
         """SIGTERM to the group (kvcake flushes its write-back on it), then SIGKILL after two minutes."""
         if self.process is None or self.process.poll() is not None:
             return
         os.killpg(self.process.pid, signal.SIGTERM)
+        self.resume()
         try:
             self.process.wait(120)
         except subprocess.TimeoutExpired:
@@ -175,6 +189,7 @@ class _Servers:
         ], vllm_env, Path(f"{log_stem}-vllm-{dtype}.log"))
         self.kvcake = self._kvcake(config, dtype, "memory://?max_gb=4", Path(f"{log_stem}-kvcake-{dtype}.log"))
         self.kvcake_file = self._kvcake(config, dtype, self.file_store.as_uri(), Path(f"{log_stem}-kvcake-file-{dtype}.log"))
+        self.by_engine = {"kvcake": (self.kvcake, self.kvcake_file), "vllm": (self.vllm,)}
 
     @staticmethod
     def _kvcake(config: KvcakeConfig, dtype: str, store_url: str, log: Path) -> _ServerProcess:
@@ -194,6 +209,23 @@ class _Servers:
     def __exit__(self, *exc: object) -> None:
         for server in (self.vllm, self.kvcake, self.kvcake_file):
             server.stop()
+
+    @contextmanager
+    def alone(self, engine: str | None) -> Iterator[None]:
+        """Every server but `engine`'s (None: all of them) paused meanwhile.
+
+        An idle vLLM is not idle: its processes wake often enough that kvcake's 8-client decode ran at
+        148-169 tok/s beside it and at 194-213 with it stopped (same server, paired, 3 times); an idle
+        kvcake took 0.01 CPU-s. So each engine, and the machine's limits, are measured with the others
+        stopped."""
+        others = [server for name, servers in self.by_engine.items() if name != engine for server in servers]
+        for server in others:
+            server.pause()
+        try:
+            yield
+        finally:
+            for server in others:
+                server.resume()
 
 
 @dataclass(frozen=True)
@@ -249,7 +281,8 @@ def _run_workloads(servers: _Servers, prompts: _Prompts, dtype: str, args: argpa
         for repeat in range(args.repeats):
             inputs = measure.prepare()
             for engine in ("kvcake", "vllm") if repeat % 2 == 0 else ("vllm", "kvcake"):
-                results[engine].append(measure.run(engine, inputs))
+                with servers.alone(engine):
+                    results[engine].append(measure.run(engine, inputs))
         kvcake, vllm = statistics.median(results["kvcake"]), statistics.median(results["vllm"])
         speed = vllm / kvcake if unit == "s" else kvcake / vllm
         rows.append({"dtype": dtype, "workload": name, "unit": unit, "kvcake": round(kvcake, 3), "vllm": round(vllm, 3),
@@ -391,12 +424,12 @@ def _report(out: Path, record: dict) -> None:
     settings = record["settings"]
     intro = [
         "Both engines as OpenAI servers in their own processes, the same token ids, one client (or one group of "
-        f"{settings['clients']} concurrent clients) at a time, taking turns; {settings['repeats']} repeat(s) each, the median kept; "
+        f"{settings['clients']} concurrent clients) at a time, taking turns, the other engine paused (SIGSTOP); {settings['repeats']} repeat(s) each, the median kept; "
         f"decode requests generate {settings['decode_tokens']} tokens. Times in seconds (lower is better), decode in tokens/s "
         "(higher is better); the last column is kvcake's speed over vLLM's (> 1: kvcake faster).",
     ]
     write_report(out, f"kvcake against {record['peer']} ({record['model']}, {record['machine']})", intro, table)
-    extra = ["", "Limits measured in the same run (servers idle):", ""]
+    extra = ["", "Limits measured in the same run (servers paused):", ""]
     for dtype, limits in record["limits"].items():
         extra.append(f"- {dtype}: matmul {limits['matmul_gflops']:.0f} GFLOP/s (2048^3, the runner's kernel); "
                      f"memcpy of the {limits['weight_bytes'] / 1e6:.0f} MB of weights {limits['copy_gbps']:.1f} GB/s")
