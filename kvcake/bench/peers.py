@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -207,8 +208,10 @@ class _Servers:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Stops the servers and removes this run's file store (a run left 0.4-0.8 GB of it in the cache)."""
         for server in (self.vllm, self.kvcake, self.kvcake_file):
             server.stop()
+        shutil.rmtree(self.file_store, ignore_errors=True)
 
     @contextmanager
     def alone(self, engine: str | None) -> Iterator[None]:
