@@ -13,7 +13,10 @@ from kvcake.data import long_text
 from kvcake.engine import Engine
 from kvcake.requests import GenerateRequest, GenerateResult, RequestMetrics
 from kvcake.model import SamplingParams, transformer
-from kvcake.store import TAIL_BLOCK, ChunkKV, open_store
+from kvcake.store import TAIL_BLOCK, ChunkKV, codec, open_store
+from kvcake.store.buffers import BufferPool
+from kvcake.store.bytestore import ByteStore
+from kvcake.store.disk import FileBackend
 
 CHUNK = 256
 METHODS = ["load", "cake", "split:1", "split:3"]
@@ -124,6 +127,28 @@ def test_every_strategy_stays_exact_with_a_slow_store(tiny_folders: dict[str, Pa
     assert cake.chunks_computed + cake.chunks_loaded == 24
     assert cake.meet_chunk == cake.chunks_computed
     assert 0 < cake.chunks_computed < 24, "both sides took part: a 24-chunk load takes ~10x the compute here"
+    engine.close()
+
+
+def test_a_whole_context_of_read_buffers_is_mapped_up_front_and_then_read_into(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
+    """What `kvcake serve` does at start-up (`Engine.map_read_buffers`): a restarted engine's first load reads into
+    buffers mapped before it, and stays exact."""
+    pool = BufferPool(max_free_bytes=1 << 30)
+    store = ByteStore(FileBackend(tmp_path / "kv", None, pool=pool), pool=pool)
+    config = KvcakeConfig(model=str(tiny_folders["llama"]), device=TEST_DEVICE, dtype="float32", cache_dir=str(tmp_path))
+    prompt = torch.randint(3, 512, (CHUNK * 3 + 7,), generator=torch.Generator().manual_seed(0)).tolist()
+    writer = Engine(config, store=store)
+    reference = ask(writer, prompt, "compute")
+    writer.close()
+    pool = BufferPool(max_free_bytes=1 << 30)
+    engine = Engine(config, store=ByteStore(FileBackend(tmp_path / "kv", None, pool=pool), pool=pool))
+    model = engine.model.config
+    entry = codec.entry_bytes(model.num_layers, model.num_kv_heads, CHUNK, model.head_dim, engine.model.dtype)
+    assert engine.map_read_buffers() == engine.context_length // CHUNK * entry
+    result = ask(engine, prompt, "load")
+    assert_same(result, reference)
+    assert result.metrics.prefix.chunks_loaded == 3
+    assert pool.free_bytes == engine.context_length // CHUNK * entry, "the loads' buffers were mapped ones, back in the pool"
     engine.close()
 
 

@@ -144,6 +144,17 @@ class ComputeWorker:
         self._queue: queue.Queue[Job | None] = queue.Queue(max_queue)
         self._thread = threading.Thread(target=self._run, name="kvcake-compute", daemon=True)
         self._thread.start()
+        if self._io is not None:
+            self._io.submit(self._map_read_buffers)
+
+    def _map_read_buffers(self) -> None:
+        """At start-up, on an I/O thread: the store's read buffers, mapped before the first load needs them."""
+        try:
+            mapped = self.engine.map_read_buffers()
+        except Exception:
+            log.exception("mapping the store's read buffers failed; the first loads map their own")
+            return
+        log.info("mapped %d MB of read buffers for the store", mapped >> 20)
 
     @property
     def depth(self) -> int:

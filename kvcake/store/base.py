@@ -125,6 +125,12 @@ class KVStore(ABC):
     def flush(self) -> None:  # noqa: B027 - stores that write synchronously have nothing to wait for
         """Wait until asynchronous writes (write-back tiers) have landed."""
 
+    def map_read_buffers(self, chunk_shape: tuple[int, int, int, int], dtype: torch.dtype, count: int) -> int:
+        """Map now the buffers that reads of `count` entries of chunks shaped (layers, KV heads, tokens,
+        head dim) in `dtype` will copy into; the bytes mapped. Stores that hand out their own tensors
+        (memory://) read into nothing."""
+        return 0
+
     def __enter__(self) -> KVStore:
         return self
 

@@ -53,12 +53,32 @@ class BufferPool:
         with self._lock:
             return self._free_bytes
 
+    def reserve(self, nbytes: int, count: int) -> int:
+        """Map up to `count` free buffers of `nbytes` now, every page touched, within `max_free_bytes`;
+        returns the bytes mapped. Run before the reads that will lease them (at start-up), so they copy
+        into mapped memory: the first load of a process otherwise pays a page fault per 4 KiB."""
+        if nbytes < POOLED_MIN_BYTES:
+            return 0
+        mapped = 0
+        for _ in range(count):
+            with self._lock:
+                if self._free_bytes + nbytes > self.max_free_bytes:
+                    break
+            raw = self._allocate(nbytes)
+            raw.fill(0)
+            self._give_back(raw)
+            mapped += nbytes
+        return mapped
+
     def _take(self, nbytes: int) -> np.ndarray:
         with self._lock:
             free = self._free.get(nbytes)
             if free:
                 self._free_bytes -= nbytes
                 return free.pop()
+        return self._allocate(nbytes)
+
+    def _allocate(self, nbytes: int) -> np.ndarray:
         if self._pin:
             return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
         return np.empty(nbytes, dtype=np.uint8)

@@ -174,6 +174,11 @@ class ByteStore(KVStore):
         self._forget_header(key)
         self._guarded(key, lambda: self.backend.remove(key), None)
 
+    def map_read_buffers(self, chunk_shape: tuple[int, int, int, int], dtype: torch.dtype, count: int) -> int:
+        num_layers, n_heads, num_tokens, head_dim = chunk_shape
+        nbytes = codec.entry_bytes(num_layers, n_heads, num_tokens, head_dim, dtype, self._dtype, self.page_tokens)
+        return self._pool.reserve(nbytes, count)
+
     def stats(self) -> StoreStats:
         snap = self._stats.snapshot()
         snap.evictions = self.backend.evictions

@@ -172,6 +172,13 @@ def _code_of(dtype: torch.dtype) -> int:
     raise ValueError(f"unsupported KV dtype {dtype}; use float32, float16 or bfloat16")
 
 
+def entry_bytes(num_layers: int, n_heads: int, num_tokens: int, head_dim: int, dtype: torch.dtype,
+                store_dtype: str | None = None, page_tokens: int = DEFAULT_PAGE_TOKENS) -> int:
+    """Bytes `encode` writes for a chunk of this shape and dtype, without encoding one."""
+    code = dtype_code(store_dtype, dtype)
+    return Header(num_layers, num_tokens, n_heads, head_dim, page_tokens, code, _code_of(dtype), (), ()).total_bytes
+
+
 def _header_len(num_layers: int, crcs_per_block: int) -> int:
     return _FIXED.size + 4 * num_layers + 4 * 2 * num_layers * crcs_per_block + _CRC.size
 

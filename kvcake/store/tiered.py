@@ -133,6 +133,9 @@ class TieredStore(KVStore):
         with self._cond:
             self._cond.wait_for(lambda: not self._pending and not self._in_flight)
 
+    def map_read_buffers(self, chunk_shape: tuple[int, int, int, int], dtype: torch.dtype, count: int) -> int:
+        return sum(tier.map_read_buffers(chunk_shape, dtype, count) for tier in self.tiers)
+
     def stats(self) -> StoreStats:
         snap = self._stats.snapshot()
         for i, tier in enumerate(self.tiers):

@@ -9,6 +9,8 @@ import torch
 
 from kvcake.store import codec, open_store
 from kvcake.store.buffers import POOLED_MIN_BYTES, BufferPool, private_copy
+from kvcake.store.bytestore import ByteStore
+from kvcake.store.disk import FileBackend
 
 BIG = 4 * POOLED_MIN_BYTES
 
@@ -37,6 +39,28 @@ def test_the_pool_keeps_at_most_its_budget_of_free_buffers() -> None:
     del leases
     gc.collect()
     assert pool.free_bytes == 2 * BIG
+
+
+def test_reserved_buffers_are_what_the_next_leases_get_within_the_budget() -> None:
+    pool = BufferPool(max_free_bytes=3 * BIG)
+    assert pool.reserve(BIG, 5) == 3 * BIG and pool.free_bytes == 3 * BIG
+    assert pool.reserve(BIG, 1) == 0, "the budget is full"
+    assert pool.reserve(100, 4) == 0, "small buffers are not pooled"
+    leases = [pool.lease(BIG) for _ in range(3)]
+    assert pool.free_bytes == 0 and all(len(lease) == BIG for lease in leases)
+
+
+def test_a_store_maps_the_buffers_its_reads_lease(tmp_path, make_chunk, same) -> None:
+    """After `map_read_buffers`, reading an entry of that shape takes a mapped buffer instead of a fresh one."""
+    pool = BufferPool(max_free_bytes=64 * BIG)
+    store = ByteStore(FileBackend(tmp_path, None, pool=pool), pool=pool)
+    chunk = make_chunk(layers=4, heads=4, tokens=256, dim=32)
+    entry = len(codec.encode(chunk))
+    assert store.map_read_buffers((4, 4, 256, 32), torch.float32, 2) == 2 * entry
+    assert store.put("k", chunk)
+    got = store.get("k")
+    assert same(got, chunk) and pool.free_bytes == entry, "the read leased one of the two mapped buffers"
+    assert open_store("memory://").map_read_buffers((4, 4, 256, 32), torch.float32, 2) == 0, "memory:// reads into nothing"
 
 
 def test_small_buffers_and_private_copies() -> None:

@@ -18,6 +18,15 @@ def test_chunk_helpers(make_chunk) -> None:
     assert (chunk.num_layers, chunk.num_tokens, chunk.nbytes) == (3, 40, 2 * 3 * 2 * 40 * 8 * 4)
 
 
+@pytest.mark.parametrize(("dtype", "store_dtype", "page_tokens"), [
+    (torch.float32, None, 16), (torch.bfloat16, None, 7), (torch.float32, "fp16", 16), (torch.float16, "int8", 5), (torch.bfloat16, "fp32", 64),
+])
+def test_entry_bytes_is_the_length_encode_writes(make_chunk, dtype, store_dtype, page_tokens) -> None:
+    chunk = make_chunk(layers=3, heads=2, tokens=40, dim=8, dtype=dtype)
+    expected = len(codec.encode(chunk, store_dtype, page_tokens))
+    assert codec.entry_bytes(3, 2, 40, 8, dtype, store_dtype, page_tokens) == expected
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_round_trip_is_bit_exact_in_the_original_dtype(make_chunk, same, dtype) -> None:
     chunk = make_chunk(dtype=dtype)
