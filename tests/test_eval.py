@@ -116,12 +116,18 @@ def test_bench_load_reports_ttft_against_its_floor(tiny_folders: dict[str, Path]
 def test_methods_at_a_cost_spend_it_and_are_paired_with_current_blend(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
     flags = ["--model", str(tiny_folders["llama"]), "--dtype", "float32", "--chunk-size", "32", "--cache-dir", str(tmp_path / "cache")]
     run = ["eval", "blend", "--data", str(FIXTURE), "--questions", "2", "--prompt-tokens", "400", "--answer-tokens", "2", "--ratios", "0.15"]
-    assert main([*run, "--costs", "0.8", "--variants", "deviation,question+offset", "--out-dir", str(tmp_path), "--name", "cost", *flags]) == 0
+    variants = "question+offset,deviation,probe,question"
+    assert main([*run, "--costs", "0.8", "--variants", variants, "--out-dir", str(tmp_path), "--name", "cost", *flags]) == 0
     results = json.loads((tmp_path / "cost.json").read_text())
     for record in results["records"]:
         assert record["full"]["compute_share"] == 1.0
         for name in ("deviation cost=0.80", "question+offset cost=0.80"):
             assert abs(record[name]["compute_share"] - 0.8) < 0.02, record[name]
+        for variant in variants.split(","):
+            selection, _, correction = variant.partition("+")
+            applied = record[f"{variant} cost=0.80"]
+            assert (applied["selection"], applied["correction"]) == (selection, correction or "none"), "each method runs with its own settings"
+        assert (record["blend r=0.15"]["selection"], record["blend r=0.15"]["correction"]) == ("deviation", "none")
     report = (tmp_path / "cost.md").read_text()
     assert "| question+offset cost=0.80 | blend r=0.15 |" in report
 

@@ -27,8 +27,11 @@ import random
 import re
 import string
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +44,7 @@ from kvcake.engine import Engine
 from kvcake.requests import GenerateRequest
 from kvcake.model import SamplingParams
 from kvcake.model.segments import document_token_ids
+from kvcake.reuse import DocumentReuse
 
 SYSTEM = "Answer the question using the documents. Reply with only the answer: a short span copied from the documents."
 BOOTSTRAP_SAMPLES = 2000
@@ -129,14 +133,22 @@ def run(args: argparse.Namespace) -> int:
 def _warm(engine: Engine, pool: list[str], methods: dict[str, Method]) -> None:
     """Stores every pool passage in isolation, then scored once per tune scoring rule the methods use."""
     for passage in tqdm(pool, desc="warming passages", unit="doc"):
-        engine.warm([passage], scored=False, system=SYSTEM)
-    tune = engine.strategies["tune"]
-    default_settings = tune.settings
+        engine.warm([passage], reuse="blend", system=SYSTEM)
     for scoring in sorted({m.scoring for m in methods.values() if m.scoring}):
-        tune.settings = dataclasses.replace(default_settings, tune_scoring=scoring)
-        for passage in tqdm(pool, desc=f"warming passages, scored by {scoring}", unit="doc"):
-            engine.warm([passage], scored=True, system=SYSTEM)
-    tune.settings = default_settings
+        with _changed_settings(engine.strategies["tune"], tune_scoring=scoring):
+            for passage in tqdm(pool, desc=f"warming passages, scored by {scoring}", unit="doc"):
+                engine.warm([passage], reuse="tune", system=SYSTEM)
+
+
+@contextmanager
+def _changed_settings(strategy: DocumentReuse, **changes: Any) -> Iterator[None]:
+    """`strategy`'s settings with `changes` meanwhile: the eval runs every method on one engine."""
+    kept = strategy.settings
+    strategy.settings = dataclasses.replace(kept, **changes)
+    try:
+        yield
+    finally:
+        strategy.settings = kept
 
 
 @dataclass(frozen=True)
@@ -255,7 +267,6 @@ def _answer(engine: Engine, item: Item, methods: dict[str, Method], answer_token
         record = {"index": item.index, "question": item.question, "answers": list(item.answers), "gold_document": item.gold_document}
     full_logits, full_text = torch.empty(0), ""
     blend, tune = engine.strategies["blend"], engine.strategies["tune"]
-    blend_settings, tune_settings = blend.settings, tune.settings
     for name in ["full", *(name for name in methods if name != "full" and name not in record)]:
         method = methods[name]
         request = GenerateRequest(
@@ -268,19 +279,16 @@ def _answer(engine: Engine, item: Item, methods: dict[str, Method], answer_token
         )
         if method.cost is not None:
             request.ratio = _cost_ratio(engine, request, method.cost)
-        blend.settings = dataclasses.replace(blend_settings, selection=method.selection, correction=method.correction)
-        tune.settings = dataclasses.replace(tune_settings, tune_scoring=method.scoring or tune_settings.tune_scoring)
-        try:
+        scoring = method.scoring or tune.settings.tune_scoring
+        with _changed_settings(blend, selection=method.selection, correction=method.correction), _changed_settings(tune, tune_scoring=scoring):
             result = engine.generate(request)
-        finally:
-            blend.settings, tune.settings = blend_settings, tune_settings
         if name == "full":
             full_logits = result.first_token_logits
             if "full" in record:
                 full_text = record["full"]["answer"]
                 continue
             full_text = result.text
-        blend = result.metrics.documents
+        report = result.metrics.documents
         record[name] = {
             "answer": result.text,
             "f1": max(token_f1(result.text, gold) for gold in item.answers),
@@ -289,10 +297,12 @@ def _answer(engine: Engine, item: Item, methods: dict[str, Method], answer_token
             "first_token_kl": first_token_kl(full_logits, result.first_token_logits),
             "ttft_s": result.metrics.ttft_s,
             "prompt_tokens": result.metrics.prompt_tokens,
-            "tokens_recomputed": blend.tokens_recomputed if blend else None,
+            "tokens_recomputed": report.tokens_recomputed if report else None,
             "ratio": request.ratio,
-            "compute_share": blend.compute_share if blend else 1.0,
-            "fallback": blend.fallback if blend else "",
+            "compute_share": report.compute_share if report else 1.0,
+            "selection": report.selection if report else "",
+            "correction": report.correction if report else "",
+            "fallback": report.fallback if report else "",
         }
     return record
 

@@ -56,6 +56,9 @@ class DocumentReport:
     mode: str = "blend"
     check_layers: list[int] = field(default_factory=list)
     """The layers where tokens were selected (none at ratio 0 or 1, and for tune, whose stored order selects)."""
+    selection: str = ""
+    """How the blend ranked the tokens it recomputes (`blend_selection`), and how it corrected the others."""
+    correction: str = ""
     documents: int = 0
     documents_stored: int = 0
     documents_computed: int = 0

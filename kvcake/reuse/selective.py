@@ -145,7 +145,8 @@ class BlendPrefill:
         doc_row[doc_tokens] = torch.arange(len(doc_tokens), device=device)
         document_of = torch.zeros(len(doc_tokens), dtype=torch.long) if document_of is None else document_of
         checks = self._checks(len(doc_tokens))
-        report = DocumentReport(ratio=self.ratio, check_layers=list(checks), document_tokens=len(doc_tokens))
+        report = DocumentReport(
+            ratio=self.ratio, check_layers=list(checks), selection=self.selection, correction=self.correction, document_tokens=len(doc_tokens))
         first_loaded = self.loaded_layers(len(doc_tokens)).start
         started = time.perf_counter()
         waited_before = prefetcher.wait_s
