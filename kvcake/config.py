@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
-from kvcake.modes import MODES
+from kvcake.modes import DOCUMENT_MECHANISMS, MODES, PREFIX_MODES
 
 ENV_PREFIX = "KVCAKE_"
 _YAML_FILE: ContextVar[Path | None] = ContextVar("kvcake_yaml_file", default=None)
@@ -61,7 +61,8 @@ class KvcakeConfig(BaseSettings):
     cache_dir: str = _setting("~/.cache/kvcake", "Where converted models, downloaded packages and data sets are kept.", "model")
     store_url: str = _setting(
         "", "KV store URL (memory://, file:///dir, redis://, redis+cluster://, tiered://; see docs/store.md); empty = file store in cache_dir/kv.", "store")
-    reuse: str = _setting("cake", "Reuse strategy: compute, load, cake or split:M for the prefix; blend or tune also reuse documents.", "reuse")
+    reuse: str = _setting(
+        "cake", f"Reuse strategy: {', '.join(PREFIX_MODES)} or split:M for the prefix; {' or '.join(DOCUMENT_MECHANISMS)} also reuse documents.", "reuse")
     tenant: str = _setting("", "Tenant salt mixed into every cache key (requests of other tenants never hit these entries).", "reuse")
     separator: str = _setting("", "Cuts a plain prompt into documents and a query (the last part); empty = never cut.", "reuse")
     document_gap: int = _setting(

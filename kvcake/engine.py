@@ -31,7 +31,7 @@ from kvcake.requests import (
 )
 from kvcake.runtime import keep_freed_memory
 from kvcake.reuse import (
-    BLEND, PREFIX, TUNE, WAIT_S, WAITING, ByteBudget, CostProfile, DocumentSettings, PrefixPrefetch, PrefixReuse, Reuse,
+    PREFIX, WAIT_S, WAITING, ByteBudget, CostProfile, DocumentSettings, PrefixPrefetch, PrefixReuse, Reuse,
     ReuseChoice, Waiting, WriteBack, document_mode, document_strategies, drain, parse_check_layers, route,
 )
 from kvcake.store import KeyRules, KVStore, StoreStats, model_fingerprint, open_store
@@ -221,23 +221,22 @@ class Engine:
         return self.model.prompt_logprobs(token_ids, self.config.prefill_chunk)
 
     def warm(
-        self, documents: list[str], tenant: str | None = None, chat: bool = True, scored: bool | None = None, system: str | None = None
+        self, documents: list[str], tenant: str | None = None, chat: bool = True, reuse: str | None = None, system: str | None = None
     ) -> list[tuple[str, int, bool]]:
         """Compute and store documents in isolation; (key, tokens, was already stored) for each.
 
         They serve requests with the same `system` text (the preamble they are computed
-        after). `scored` stores CacheTune's layout (by `tune_scoring`, with its order)
-        instead of the plain one; by default it does when `reuse` is tune. The call returns
-        once the entries are stored.
+        after). Stored in the layout of the document mode `reuse` (tune: CacheTune's, by
+        `tune_scoring`, with its order); by default the engine's `reuse` setting if it is a
+        document mode, else blend's. The call returns once the entries are stored.
         """
         with torch.inference_mode():
-            return drain(self.warm_steps(WarmRequest(documents, tenant, chat, system), scored))
+            return drain(self.warm_steps(WarmRequest(documents, tenant, chat, system, reuse)))
 
-    def warm_steps(self, request: WarmRequest, scored: bool | None = None) -> Generator[Waiting | None, None, list[tuple[str, int, bool]]]:
+    def warm_steps(self, request: WarmRequest) -> Generator[Waiting | None, None, list[tuple[str, int, bool]]]:
         """`warm`, pausing after every pass of documents (a scheduler's unit of work)."""
         preamble, ids = self.planner.plan_documents(request.documents, request.chat, request.system)
-        mode = document_mode(request.reuse, self.config.reuse) if scored is None else (TUNE if scored else BLEND)
-        strategy = self.strategies[mode]
+        strategy = self.strategies[document_mode(request.reuse, self.config.reuse)]
         stored = yield from strategy.store_documents(ids, preamble, self.config.tenant if request.tenant is None else request.tenant)
         return [(key, len(doc), present) for (key, present), doc in zip(stored, ids)]
 

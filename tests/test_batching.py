@@ -221,7 +221,7 @@ def test_documents_missing_from_the_store_are_computed_pass_by_pass(config: Kvca
     documents = [f"Document {i} says the river bends {i} times near the old mill." for i in range(4)]
     request = GenerateRequest(query="How often does the river bend?", documents=documents, reuse=reuse, ratio=0.5, sampling=SamplingParams(max_tokens=2))
     cold, warmed = Engine(config.replace(chunk_size=16)), Engine(config.replace(chunk_size=16))
-    warmed.warm(documents, scored=reuse == "tune")
+    warmed.warm(documents, reuse=reuse)
     computing, first = _pauses_before_the_first_token(cold, request)
     stored, again = _pauses_before_the_first_token(warmed, request)
     lengths = [len(ids) for ids in cold.plan_prompt(request).documents()]
@@ -238,7 +238,7 @@ def test_a_document_longer_than_a_pass_pauses_after_each_of_its_passes(config: K
     engine = Engine(config.replace(chunk_size=16))
     document = " ".join(f"line {i} of the tide table." for i in range(60))
     preamble, [ids] = engine.planner.plan_documents([document], True, None)
-    steps = engine.warm_steps(WarmRequest([document]), scored=False)
+    steps = engine.warm_steps(WarmRequest([document], reuse="blend"))
     pauses = 0
     with torch.inference_mode():
         try:

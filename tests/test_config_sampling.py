@@ -143,13 +143,13 @@ def test_a_setting_outside_its_choices_is_refused_at_construction_naming_it(name
 def test_the_config_choices_are_what_the_mechanisms_parse() -> None:
     from kvcake.reuse.scores import RULES
     from kvcake.reuse.selective import CORRECTIONS, SELECTIONS
-    from kvcake.reuse import DOCUMENT_MODES
-    from kvcake.reuse.cake import STRATEGIES
+    from kvcake.reuse import parse_mode
 
     assert set(CHOICES["tune_scoring"]) == set(RULES)
     assert CHOICES["blend_selection"] == SELECTIONS and CHOICES["blend_correction"] == CORRECTIONS
-    assert set(CHOICES["reuse"]) == {*STRATEGIES, *DOCUMENT_MODES, "split:M"} - {"split"}
-    assert KvcakeConfig(reuse="split:2").reuse == "split:2"
+    for mode in (choice.replace(":M", ":2") for choice in CHOICES["reuse"]):
+        assert KvcakeConfig(reuse=mode).reuse == mode
+        parse_mode(mode)
 
 
 def test_every_mechanism_row_names_a_document_strategy() -> None:

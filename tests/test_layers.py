@@ -68,3 +68,12 @@ def test_the_packages_import_no_cycle() -> None:
 
     cycles = sorted(unit for unit in edges if reaches(unit, unit, {unit}))
     assert not cycles, f"packages on an import cycle: {cycles}"
+
+
+def test_the_table_of_mechanisms_imports_nothing_and_names_reuse_classes() -> None:
+    """kvcake.modes is what the settings read without torch, and its rows name classes by path, which the
+    import checks above cannot see: those must live in the reuse layer."""
+    from kvcake.modes import DOCUMENT_MECHANISMS
+
+    assert _imports()["kvcake.modes"] == set()
+    assert all(path.startswith("kvcake.reuse.") for path in DOCUMENT_MECHANISMS.values())

@@ -152,7 +152,7 @@ def test_a_damaged_or_missing_entry_is_computed_instead(tiny_folders: dict[str, 
                           store_url=f"file://{store_dir}", cache_dir=str(tmp_path))
     engine = Engine(config)
     full = ask(engine, "compute")
-    keys = [key for key, _, _ in engine.warm(DOCUMENTS, system=SYSTEM, scored=True)]
+    keys = [key for key, _, _ in engine.warm(DOCUMENTS, system=SYSTEM, reuse="tune")]
     planned = engine.plan_prompt(GenerateRequest(query=QUERY, documents=DOCUMENTS, system=SYSTEM))
     tune = engine.strategies["tune"]
     order_keys = [tune.document_key(config.tenant, planned.preamble, ids, f"{tune.layout}-order") for ids in planned.documents()]
@@ -174,7 +174,7 @@ def test_a_damaged_or_missing_entry_is_computed_instead(tiny_folders: dict[str, 
         assert "could not be read" in result.metrics.documents.fallback
     else:  # as if the first document had never been stored: it is computed, the second is reused, and both are stored again
         control = Engine(config.replace(store_url="memory://"))
-        control.warm(DOCUMENTS[1:], system=SYSTEM, scored=True)
+        control.warm(DOCUMENTS[1:], system=SYSTEM, reuse="tune")
         expected = ask(control, "tune", 0.5)
         control.close()
         assert result.metrics.documents.documents_computed == 1 and not result.metrics.documents.fallback

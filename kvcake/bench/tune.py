@@ -62,8 +62,8 @@ def _bench_store(config, name: str, url: str, args: argparse.Namespace) -> dict:
     engine = Engine(config, store=open_store(url))
     item_args = argparse.Namespace(questions=1, prompt_tokens=args.prompt_tokens, per_passage=1, seed=args.seed)
     [item], _ = build_items(engine, TASKS[DEFAULT_TASK](config.cache_path()), item_args)
-    engine.warm(list(item.documents), scored=False, system=SYSTEM)
-    engine.warm(list(item.documents), scored=True, system=SYSTEM)
+    engine.warm(list(item.documents), reuse="blend", system=SYSTEM)
+    engine.warm(list(item.documents), reuse="tune", system=SYSTEM)
     methods = {"full": ("blend", 1.0), f"blend r={args.ratio:.2f}": ("blend", args.ratio), "tune auto": ("tune", None)}
     for reuse, ratio in methods.values():
         _ttft(engine, item, reuse, ratio)
@@ -107,7 +107,7 @@ def _auto_ratio(config, args: argparse.Namespace) -> dict:
 def _settled_ratio(engine: Engine, args: argparse.Namespace, requests: int = 4) -> float:
     item_args = argparse.Namespace(questions=1, prompt_tokens=args.prompt_tokens, per_passage=1, seed=args.seed)
     [item], _ = build_items(engine, TASKS[DEFAULT_TASK](engine.config.cache_path()), item_args)
-    engine.warm(list(item.documents), scored=True, system=SYSTEM)
+    engine.warm(list(item.documents), reuse="tune", system=SYSTEM)
     for _ in range(requests):
         _ttft(engine, item, "tune", None)
     return engine.strategies["tune"].ratio()

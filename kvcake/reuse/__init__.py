@@ -18,13 +18,13 @@
 """
 
 from kvcake.reuse.blend import BlendReuse
-from kvcake.reuse.cake import STRATEGIES, WAIT_S, WAITING, ChunkLoader, CostProfile, PrefixPrefill, PrefixReport, Strategy, Waiting, drain
+from kvcake.reuse.cake import WAIT_S, WAITING, ChunkLoader, CostProfile, PrefixPrefill, PrefixReport, Strategy, Waiting, drain
 from kvcake.reuse.contract import PREFIX, DocumentReport, Filled, Reuse, ReuseChoice
 from kvcake.reuse.documents import DocumentPlan, DocumentReuse, DocumentRows, DocumentSettings
 from kvcake.reuse.layers import LayerPrefetcher, LayerSource
 from kvcake.reuse.prefetch import ByteBudget, PrefixPrefetch
 from kvcake.reuse.prefix import PrefixPlan, PrefixReuse
-from kvcake.reuse.routing import BLEND, DOCUMENT_MODES, TUNE, document_mode, document_strategies, parse_mode, route
+from kvcake.reuse.routing import BLEND, DOCUMENT_MODES, document_mode, document_strategies, parse_mode, route
 from kvcake.reuse.scores import RULES, token_scores
 from kvcake.reuse.selective import BlendFallback, BlendPrefill, kept_fractions, parse_check_layers
 from kvcake.reuse.tune import ScoredDocument, TuneProfile, TuneReuse, order_entry, order_from_entry
@@ -34,13 +34,11 @@ __all__ = [
     "BLEND",
     "DOCUMENT_MODES",
     "PREFIX",
-    "TUNE",
     "document_mode",
     "document_strategies",
     "parse_mode",
     "route",
     "RULES",
-    "STRATEGIES",
     "WAITING",
     "WAIT_S",
     "BlendFallback",

@@ -34,7 +34,6 @@ from kvcake.modes import PREFIX_MODES
 from kvcake.model import KVCache, Transformer
 
 T = TypeVar("T")
-STRATEGIES = PREFIX_MODES
 RECHECK_S = 0.005
 """How often a waiting side re-checks its decision when nothing has notified it."""
 LOADER_CPU_SHARE = 0.5
@@ -56,7 +55,7 @@ class Strategy:
 
     @classmethod
     def parse(cls, text: str) -> Strategy:
-        if text in STRATEGIES:
+        if text in PREFIX_MODES:
             return cls(text)
         if text.startswith("split:") and text[6:].isdigit():
             return cls("split", int(text[6:]))

@@ -10,7 +10,8 @@ from kvcake.reuse.cake import Strategy
 from kvcake.reuse.contract import PREFIX, ReuseChoice
 from kvcake.reuse.documents import DocumentReuse
 
-BLEND, TUNE = "blend", "tune"
+BLEND = "blend"
+"""The document mode a warm call or a request with documents falls back to."""
 DOCUMENT_MODES = tuple(DOCUMENT_MECHANISMS)
 
 
