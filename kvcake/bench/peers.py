@@ -156,7 +156,8 @@ class _ServerProcess:
             os.killpg(self.process.pid, signal.SIGCONT)
 
     def stop(self) -> None:
-        """SIGTERM to the group (kvcake flushes its write-back on it), then SIGKILL after two minutes."""
+        """SIGTERM to the group (kvcake flushes its write-back on it), then SIGCONT so a paused group acts on it,
+        then SIGKILL after two minutes."""
         if self.process is None or self.process.poll() is not None:
             return
         os.killpg(self.process.pid, signal.SIGTERM)
@@ -209,9 +210,14 @@ class _Servers:
 
     def __exit__(self, *exc: object) -> None:
         """Stops the servers and removes this run's file store (a run left 0.4-0.8 GB of it in the cache)."""
-        for server in (self.vllm, self.kvcake, self.kvcake_file):
-            server.stop()
-        shutil.rmtree(self.file_store, ignore_errors=True)
+        try:
+            for server in (self.vllm, self.kvcake, self.kvcake_file):
+                try:
+                    server.stop()
+                except ProcessLookupError:  # the group ended between the check and the signal
+                    pass
+        finally:
+            shutil.rmtree(self.file_store, ignore_errors=True)
 
     @contextmanager
     def alone(self, engine: str | None) -> Iterator[None]:
@@ -221,6 +227,8 @@ class _Servers:
         148-169 tok/s beside it and at 194-213 with it stopped (same server, paired, 3 times); an idle
         kvcake took 0.01 CPU-s. So each engine, and the machine's limits, are measured with the others
         stopped."""
+        if engine is not None and engine not in self.by_engine:
+            raise ValueError(f"unknown engine {engine!r}; one of {sorted(self.by_engine)}")
         others = [server for name, servers in self.by_engine.items() if name != engine for server in servers]
         for server in others:
             server.pause()
