@@ -155,3 +155,10 @@ def test_each_tune_scoring_rule_is_stored_and_read_in_its_own_layout(tiny_folder
         assert {f"tune r=0.30 {rule}" for rule in scorings.split(",")} <= set(record)
     passages = len({item.passage for item in jsonl_questions(FIXTURE)})
     assert entries["highpass,lowpass"] == entries["highpass"] + 2 * passages, "lowpass adds its scored entry and order per passage"
+
+
+def test_an_unknown_scoring_rule_is_refused_before_any_work(tiny_folders: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    flags = ["--model", str(tiny_folders["llama"]), "--dtype", "float32", "--cache-dir", str(tmp_path / "cache")]
+    assert main(["eval", "blend", "--data", str(FIXTURE), "--tune-ratios", "0.2", "--scorings", "highpas", "--out-dir", str(tmp_path), *flags]) == 2
+    assert "unknown tune scoring rule 'highpas'; one of highpass" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.json"))

@@ -45,6 +45,7 @@ from kvcake.requests import GenerateRequest
 from kvcake.model import SamplingParams
 from kvcake.model.segments import document_token_ids
 from kvcake.reuse import DocumentReuse
+from kvcake.reuse.scores import RULES
 
 SYSTEM = "Answer the question using the documents. Reply with only the answer: a short span copied from the documents."
 BOOTSTRAP_SAMPLES = 2000
@@ -168,6 +169,8 @@ def _methods(ratios: str, tune_ratios: str = "", scorings: str = "highpass", cos
     methods = {"full": Method("blend", 1.0), "naive": Method("blend", 0.0)}
     methods.update({f"blend r={float(r):.2f}": Method("blend", float(r)) for r in ratios.split(",") if r.strip()})
     for scoring in (rule.strip() for rule in scorings.split(",") if rule.strip()):
+        if scoring not in RULES:
+            raise ValueError(f"unknown tune scoring rule {scoring!r}; one of {', '.join(RULES)}")
         methods.update({f"tune r={float(r):.2f} {scoring}": Method("tune", float(r), scoring) for r in tune_ratios.split(",") if r.strip()})
     for variant in (v.strip() for v in variants.split(",") if v.strip()):
         selection, _, correction = variant.partition("+")
