@@ -95,6 +95,9 @@ def test_partial_ratio_recomputes_the_top_fraction(engine: Engine) -> None:
     assert blend.documents_computed == 3 and blend.documents_stored == 0
     assert blend.tokens_recomputed == math.ceil(0.25 * blend.document_tokens) == blend.kept_per_check[0]
     assert blend.tokens_reused == blend.document_tokens - blend.tokens_recomputed
+    assert len(blend.tokens_per_document) == 3 and sum(blend.tokens_per_document) == blend.document_tokens
+    assert sum(blend.recomputed_per_document) == blend.tokens_recomputed
+    assert all(0 <= r <= t for r, t in zip(blend.recomputed_per_document, blend.tokens_per_document))
     assert result.metrics.tokens_loaded == 0, "documents computed in this request are not loaded"
     again = ask(engine, DOCUMENTS, "blend", 0.25)
     assert again.metrics.documents.documents_stored == 3

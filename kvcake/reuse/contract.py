@@ -67,6 +67,11 @@ class DocumentReport:
     tokens_reused: int = 0
     tokens_loaded: int = 0
     kept_per_check: list[int] = field(default_factory=list)
+    tokens_per_document: list[int] = field(default_factory=list)
+    """Document tokens the blend read from stored rows, per document in prompt order, and how many of them it
+    recomputed (where the budget went; tune's top-scored tokens are not stored rows, so only its correction
+    sample counts there)."""
+    recomputed_per_document: list[int] = field(default_factory=list)
     bytes_loaded: int = 0
     load_s: float = 0.0
     load_wait_s: float = 0.0

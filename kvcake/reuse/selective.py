@@ -170,6 +170,10 @@ class BlendPrefill:
         reused[doc_row[active][doc_row[active] >= 0]] = False
         stored = torch.ones_like(reused) if from_store is None else from_store.to(device)
         report.tokens_loaded = int((reused & stored).sum())
+        owner = document_of.cpu()
+        documents = int(owner.max()) + 1 if len(owner) else 0
+        report.tokens_per_document = torch.bincount(owner, minlength=documents).tolist()
+        report.recomputed_per_document = torch.bincount(owner[~reused.cpu()], minlength=documents).tolist()
         return self.model.logits(active_hidden[-1:])[-1], report
 
     def _checks(self, num_doc_tokens: int) -> dict[int, int]:
