@@ -26,6 +26,9 @@ def test_eval_runs_on_a_jsonl_file(tiny_folders: dict[str, Path], tmp_path: Path
     assert len(results["records"][0]["answers"]) >= 1
     report = (tmp_path / "mine.md").read_text()
     assert "Paired differences" in report and "qa passages" in report
+    assert "Where the recompute budget went" in report and "| blend r=0.30 | 3 |" in report
+    blend = record["blend r=0.30"]
+    assert sum(blend["recomputed_per_document"]) == blend["tokens_recomputed"] and len(blend["tokens_per_document"]) >= 2
 
 
 def test_resume_answers_saved_questions_by_new_methods(tiny_folders: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

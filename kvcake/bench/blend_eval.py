@@ -389,6 +389,37 @@ def summarize(records: list[dict], methods: dict[str, Method]) -> list[dict]:
     return rows
 
 
+def gold_recomputed(records: list[dict], methods: dict[str, Method]) -> list[dict]:
+    """Per method, over the records that save where its budget went: the mean share of the gold passage's tokens
+    and of the other passages' tokens it recomputed, and the gold share where its answer fell short of the full
+    prefill's F1 and where it did not (does a failure miss the passage, or read it wrongly?)."""
+    rows = []
+    for name in methods:
+        saved = [r for r in records if r[name].get("recomputed_per_document") and r[name].get("tokens_per_document")]
+        if name == "full" or not saved:
+            continue
+
+        def gold_share(record: dict) -> float:
+            entry, gold = record[name], record["gold_document"]
+            return entry["recomputed_per_document"][gold] / max(1, entry["tokens_per_document"][gold])
+
+        def other_share(record: dict) -> float:
+            entry, gold = record[name], record["gold_document"]
+            others = [i for i in range(len(entry["tokens_per_document"])) if i != gold]
+            return sum(entry["recomputed_per_document"][i] for i in others) / max(1, sum(entry["tokens_per_document"][i] for i in others))
+
+        short = [gold_share(r) for r in saved if r[name]["f1"] < r["full"]["f1"]]
+        kept = [gold_share(r) for r in saved if r[name]["f1"] >= r["full"]["f1"]]
+        rows.append({
+            "method": name, "n": len(saved),
+            "gold passage recomputed": sum(map(gold_share, saved)) / len(saved),
+            "other passages recomputed": sum(map(other_share, saved)) / len(saved),
+            "short of full: n": len(short), "short of full: gold recomputed": sum(short) / len(short) if short else None,
+            "as full: n": len(kept), "as full: gold recomputed": sum(kept) / len(kept) if kept else None,
+        })
+    return rows
+
+
 def _mean_share(records: list[dict], name: str) -> float | None:
     """Mean total compute share of `name` (None where records predate it)."""
     shares = [r[name].get("compute_share") for r in records]
@@ -505,6 +536,13 @@ def _report(results: dict, methods: dict[str, Method], out_dir: Path, stem: str)
         *markdown_rows(by_gold_index(records, methods)),
         "",
     ]
+    budget = gold_recomputed(records, methods)
+    if budget:
+        places += [
+            "Where the recompute budget went (records that save it): the mean share of the gold passage's tokens and of",
+            "the other passages' tokens recomputed, and the gold share where the answer fell short of the full prefill's F1",
+            "and where it did not.", "", *markdown_rows(budget), "",
+        ]
     text = "\n".join([f"# Blend quality: {stem}", "", *header, "", *markdown_rows(rows), "", *(comparison if paired else []), *places])
     (out_dir / f"{stem}.md").write_text(text)
     _plot(rows, out_dir / f"{stem}.png", stem)
