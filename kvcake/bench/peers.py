@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -151,6 +152,18 @@ class _ServerProcess:
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGSTOP)
 
+    def settle(self, timeout_s: float = 60.0) -> None:
+        """For a kvcake server: wait until it has written back what it computed (the write-back gauge of its
+        /metrics at 0), so that a pause does not carry that work into its next timed request."""
+        if self.name != "kvcake" or self.process is None or self.process.poll() is not None:
+            return
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(self.url + "/metrics", timeout=10) as answer:
+                if re.search(r"^kvcake_writeback_pending 0(\.0)?$", answer.read().decode(), re.MULTILINE):
+                    return
+            time.sleep(0.1)
+
     def resume(self) -> None:
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGCONT)
@@ -231,6 +244,7 @@ class _Servers:
             raise ValueError(f"unknown engine {engine!r}; one of {sorted(self.by_engine)}")
         others = [server for name, servers in self.by_engine.items() if name != engine for server in servers]
         for server in others:
+            server.settle()
             server.pause()
         try:
             yield
