@@ -304,9 +304,9 @@ def _answer(engine: Engine, item: Item, methods: dict[str, Method], answer_token
             "ratio": request.ratio,
             "compute_share": report.compute_share if report else 1.0,
             "selection": report.selection if report else "",
+            "correction": report.correction if report else "",
             "recomputed_per_document": report.recomputed_per_document if report else [],
             "tokens_per_document": report.tokens_per_document if report else [],
-            "correction": report.correction if report else "",
             "fallback": report.fallback if report else "",
         }
     return record
