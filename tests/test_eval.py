@@ -158,6 +158,11 @@ def test_each_tune_scoring_rule_is_stored_and_read_in_its_own_layout(tiny_folder
         assert {f"tune r=0.30 {rule}" for rule in scorings.split(",")} <= set(record)
     passages = len({item.passage for item in jsonl_questions(FIXTURE)})
     assert entries["highpass,lowpass"] == entries["highpass"] + 2 * passages, "lowpass adds its scored entry and order per passage"
+    alone = tmp_path / "lowpass"
+    fresh = ["--store-url", f"file://{tmp_path / 'fresh'}", "--answer-tokens", "2", "--out-dir", str(alone), "--name", "r"]
+    assert main([*run, "--scorings", "lowpass", *fresh, *flags]) == 0
+    for record in json.loads((alone / "r.json").read_text())["records"]:
+        assert record["tune r=0.30 lowpass"]["documents_computed"] == 0, "tune read the lowpass entries warmed for it"
 
 
 def test_an_unknown_scoring_rule_is_refused_before_any_work(tiny_folders: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

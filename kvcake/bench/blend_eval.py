@@ -307,6 +307,7 @@ def _answer(engine: Engine, item: Item, methods: dict[str, Method], answer_token
             "correction": report.correction if report else "",
             "recomputed_per_document": report.recomputed_per_document if report else [],
             "tokens_per_document": report.tokens_per_document if report else [],
+            "documents_computed": report.documents_computed if report else 0,
             "fallback": report.fallback if report else "",
         }
     return record
