@@ -396,29 +396,28 @@ def gold_recomputed(records: list[dict], methods: dict[str, Method]) -> list[dic
     prefill's F1 and where it did not (does a failure miss the passage, or read it wrongly?)."""
     rows = []
     for name in methods:
-        saved = [r for r in records if r[name].get("recomputed_per_document") and r[name].get("tokens_per_document")]
-        if name == "full" or not saved:
+        if name == "full":
             continue
-
-        def gold_share(record: dict) -> float:
-            entry, gold = record[name], record["gold_document"]
-            return entry["recomputed_per_document"][gold] / max(1, entry["tokens_per_document"][gold])
-
-        def other_share(record: dict) -> float:
-            entry, gold = record[name], record["gold_document"]
-            others = [i for i in range(len(entry["tokens_per_document"])) if i != gold]
-            return sum(entry["recomputed_per_document"][i] for i in others) / max(1, sum(entry["tokens_per_document"][i] for i in others))
-
-        short = [gold_share(r) for r in saved if r[name]["f1"] < r["full"]["f1"]]
-        kept = [gold_share(r) for r in saved if r[name]["f1"] >= r["full"]["f1"]]
+        saved = [(r[name]["f1"] < r["full"]["f1"], *_budget_shares(r[name], r["gold_document"])) for r in records if r[name].get("recomputed_per_document")]
+        if not saved:
+            continue
+        short = [gold for fell_short, gold, _ in saved if fell_short]
+        kept = [gold for fell_short, gold, _ in saved if not fell_short]
         rows.append({
             "method": name, "n": len(saved),
-            "gold passage recomputed": sum(map(gold_share, saved)) / len(saved),
-            "other passages recomputed": sum(map(other_share, saved)) / len(saved),
+            "gold passage recomputed": sum(gold for _, gold, _ in saved) / len(saved),
+            "other passages recomputed": sum(other for _, _, other in saved) / len(saved),
             "short of full: n": len(short), "short of full: gold recomputed": sum(short) / len(short) if short else None,
             "as full: n": len(kept), "as full: gold recomputed": sum(kept) / len(kept) if kept else None,
         })
     return rows
+
+
+def _budget_shares(entry: dict, gold: int) -> tuple[float, float]:
+    """The share of the gold passage's tokens a method's record says it recomputed, and of the other passages'."""
+    recomputed, tokens = entry["recomputed_per_document"], entry["tokens_per_document"]
+    other_tokens = sum(tokens) - tokens[gold]
+    return recomputed[gold] / max(1, tokens[gold]), (sum(recomputed) - recomputed[gold]) / max(1, other_tokens)
 
 
 def _mean_share(records: list[dict], name: str) -> float | None:
