@@ -216,7 +216,7 @@ def add_config_flags(parser: argparse.ArgumentParser, scopes: Sequence[str] = SC
         if item.json_schema_extra["scope"] not in scopes:
             continue
         flag = "--" + name.replace("_", "-")
-        group.add_argument(flag, dest=name, default=None, help=f"{item.description} (default: {item.default})")
+        group.add_argument(flag, dest=name, default=None, help=f"{item.description} (default: {item.default})".replace("%", "%%"))
 
 
 def config_from_args(args: argparse.Namespace) -> KvcakeConfig:

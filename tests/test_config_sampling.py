@@ -158,3 +158,14 @@ def test_every_mechanism_row_names_a_document_strategy() -> None:
     classes = document_strategies()
     assert list(classes) == ["blend", "tune"]
     assert all(issubclass(mechanism, DocumentReuse) for mechanism in classes.values())
+
+
+def test_help_shows_each_setting_description_as_written() -> None:
+    """A `%` in a description must reach the help as itself (argparse formats help with `%`)."""
+    parser = build_parser()
+    serve = next(action for action in parser._subparsers._group_actions[0].choices.values() if action.prog.endswith(" serve"))
+    help_text = " ".join(serve.format_help().split())
+    assert "option_strings" not in help_text
+    for name, item in KvcakeConfig.model_fields.items():
+        if item.json_schema_extra["scope"] in ("model", "reuse"):
+            assert " ".join(item.description.split()) in help_text, name
