@@ -46,10 +46,11 @@ from kvcake.model import SamplingParams
 from kvcake.model.segments import document_token_ids
 from kvcake.reuse import DocumentReuse
 from kvcake.reuse.scores import RULES
+from kvcake.reuse.selective import SELECTIONS
 
 SYSTEM = "Answer the question using the documents. Reply with only the answer: a short span copied from the documents."
 BOOTSTRAP_SAMPLES = 2000
-VARIANTS = ("deviation", "question", "probe", "deviation+offset", "question+offset", "probe+offset")
+VARIANTS = (*SELECTIONS, *(f"{selection}+offset" for selection in SELECTIONS))
 CURRENT_BLEND = "blend r=0.15"
 """The method every new one is compared with, paired per question: today's default blend."""
 POOL_PROMPTS = 3
@@ -83,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--costs", default="", help="Total prefill compute shares (of the full prefill) at which to run each --variants method; its ratio is set per question to spend that.")
     parser.add_argument(
         "--variants", default=",".join(VARIANTS),
-        help="Blend variants run at each --costs: SELECTION[+offset] with SELECTION deviation (CacheBlend) or question; +offset adds the offset correction.")
+        help=f"Blend variants run at each --costs: SELECTION[+offset] with SELECTION one of {', '.join(SELECTIONS)} (deviation is CacheBlend's); +offset adds the offset correction.")
     parser.add_argument("--per-passage", type=int, default=2, help="At most this many questions per passage.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--answer-tokens", type=int, default=16, help="Tokens generated per answer (greedy).")
