@@ -16,7 +16,7 @@ FIXTURE = Path(__file__).parent / "data" / "qa.jsonl"
 
 def test_eval_runs_on_a_jsonl_file(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
     flags = ["--model", str(tiny_folders["llama"]), "--dtype", "float32", "--chunk-size", "32", "--cache-dir", str(tmp_path / "cache")]
-    run = ["eval", "blend", "--data", str(FIXTURE), "--questions", "3", "--prompt-tokens", "400", "--ratios", "0.3"]
+    run = ["eval", "blend", "--data", str(FIXTURE), "--questions", "3", "--prompt-tokens", "400", "--ratios", "0.3", "--tune-ratios", "0.3"]
     assert main([*run, "--answer-tokens", "2", "--out-dir", str(tmp_path), "--name", "mine", *flags]) == 0
     results = json.loads((tmp_path / "mine.json").read_text())
     assert results["settings"]["data"] == "qa" and len(results["records"]) == 3
@@ -29,6 +29,9 @@ def test_eval_runs_on_a_jsonl_file(tiny_folders: dict[str, Path], tmp_path: Path
     assert "Where the recompute budget went" in report and "| blend r=0.30 | 3 |" in report
     blend = record["blend r=0.30"]
     assert sum(blend["recomputed_per_document"]) == blend["tokens_recomputed"] and len(blend["tokens_per_document"]) >= 2
+    tune = record["tune r=0.30 highpass"]
+    assert sum(tune["recomputed_per_document"]) == tune["tokens_recomputed"] > 0 and tune["tokens_per_document"] == blend["tokens_per_document"]
+    assert "| tune r=0.30 highpass | 3 |" in report
 
 
 def test_resume_answers_saved_questions_by_new_methods(tiny_folders: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -77,6 +77,7 @@ def test_only_the_reused_rows_are_read(engine: Engine) -> None:
     row_bytes = config.num_layers * 2 * config.num_kv_heads * config.head_dim * 4
     reused_rows = sum(n - r for n, r in zip(lengths, recomputed))
     assert blend.tokens_reused == reused_rows and blend.tokens_recomputed == sum(recomputed)
+    assert blend.tokens_per_document == lengths and blend.recomputed_per_document == recomputed
     assert blend.bytes_loaded == reused_rows * row_bytes
     assert read == blend.bytes_loaded + order_bytes + again.metrics.prefix.bytes_loaded  # prefix: the preamble's tail blocks
 
@@ -99,6 +100,7 @@ def test_the_offset_correction_recomputes_its_sample_and_shifts_the_reused_rows(
     sample = int(selective._offset_sample(document_of).sum())
     assert sample > 0 and after.bytes_loaded == before.bytes_loaded
     assert after.tokens_recomputed == before.tokens_recomputed + sample and after.tokens_reused == before.tokens_reused - sample
+    assert sum(after.recomputed_per_document) == after.tokens_recomputed and after.tokens_per_document == lengths
     assert (shifted.first_token_logits - uncorrected.first_token_logits).abs().max().item() > 1e-4, "the correction changed the answer's logits"
     full, tuned = ask(corrected, "compute"), ask(corrected, "tune", 1.0)
     assert tuned.token_ids == full.token_ids

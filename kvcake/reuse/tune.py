@@ -153,6 +153,9 @@ class TuneReuse(DocumentReuse):
             sampled = blend.tokens_recomputed  # stored rows computed anyway: the offset correction's sample
             blend.tokens_recomputed = document_tokens - len(stored_tokens) + sampled
             blend.tokens_reused = len(stored_tokens) - sampled
+            sampled_per_document = blend.recomputed_per_document + [0] * (len(documents) - len(blend.recomputed_per_document))
+            blend.recomputed_per_document = [recomputed + sample for (_, recomputed), sample in zip(reads, sampled_per_document)]
+            blend.tokens_per_document = [document.length for document in documents]
             computed_tokens = len(prompt.token_ids) - prompt.prefix_length - len(stored_tokens) + sampled
             self.profile.record(blend.compute_s, computed_tokens, blend.load_s, len(stored_tokens))
         blend.ratio, blend.mode, blend.document_tokens = plan.ratio, "tune", document_tokens
