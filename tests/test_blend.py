@@ -316,3 +316,20 @@ def test_a_stored_layer_whose_rows_do_not_match_the_stored_tokens_falls_back() -
     with pytest.raises(selective.BlendFallback, match="3 rows for 5 stored tokens"):
         selective._checked(prefetcher, 1, 5)
     prefetcher.close()
+
+
+def test_probe_selects_before_the_first_layer_and_computes_no_layer_in_full(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
+    """The probe's scores exist before the blend starts, so every layer computes only the selected document tokens and
+    the rest of the prompt: the compute share is the probe's pass plus those rows, with no check layer in full."""
+    engine = tiny_engine(tiny_folders["qwen2"], tmp_path, blend_selection="probe")
+    ask(engine, DOCUMENTS, "blend", 0.25)  # computes and stores the documents
+    report = ask(engine, DOCUMENTS, "blend", 0.25).metrics.documents
+    planned = engine.plan_prompt(GenerateRequest(query=QUERY, documents=DOCUMENTS, system=SYSTEM))
+    num_layers = engine.model.config.num_layers
+    tokens = len(planned.token_ids) - planned.prefix_length
+    others = tokens - report.document_tokens
+    probe_layers = max(1, round(selective.PROBE_DEPTH * num_layers))
+    assert report.check_layers == [] and report.kept_per_check == [report.tokens_recomputed]
+    assert report.tokens_recomputed == math.ceil(0.25 * report.document_tokens)
+    assert report.compute_share == pytest.approx((probe_layers * others + num_layers * (others + report.tokens_recomputed)) / (num_layers * tokens))
+    engine.close()

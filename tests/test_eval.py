@@ -141,11 +141,13 @@ def test_methods_at_a_cost_spend_it_and_are_paired_with_current_blend(tiny_folde
 def test_the_ratio_for_a_cost_inverts_the_compute_share() -> None:
     from kvcake.bench.blend_eval import ratio_for_cost
 
-    # 28 layers, check layer 1, 2000 tokens of which 1800 in documents: r = 0.15 computes
+    # 28 layers, check layer 1 (2 layers in full), 2000 tokens of which 1800 in documents: r = 0.15 computes
     # (2 * 2000 + 26 * (200 + 270)) / (28 * 2000) of the full prefill
     share = (2 * 2000 + 26 * (200 + 0.15 * 1800)) / (28 * 2000)
-    assert abs(ratio_for_cost(share, 28, 1, 2000, 1800) - 0.15) < 1e-9
-    assert ratio_for_cost(0.01, 28, 1, 2000, 1800) == 1 / 1800 and ratio_for_cost(2.0, 28, 1, 2000, 1800) == 1.0
+    assert abs(ratio_for_cost(share, 28, 2, 2000, 1800) - 0.15) < 1e-9
+    assert ratio_for_cost(0.01, 28, 2, 2000, 1800) == 1 / 1800 and ratio_for_cost(2.0, 28, 2, 2000, 1800) == 1.0
+    # probe computes no layer in full: the same cost buys more recompute
+    assert abs(ratio_for_cost((200 + 0.2 * 1800) / 2000, 28, 0, 2000, 1800) - 0.2) < 1e-9
 
 
 def test_each_tune_scoring_rule_is_stored_and_read_in_its_own_layout(tiny_folders: dict[str, Path], tmp_path: Path) -> None:

@@ -180,12 +180,13 @@ def _methods(ratios: str, tune_ratios: str = "", scorings: str = "highpass", cos
     return methods
 
 
-def ratio_for_cost(cost: float, num_layers: int, check_layer: int, tokens: int, document_tokens: int) -> float:
-    """The blend ratio whose prefill computes `cost` of the full prefill's token-layers: layers up to and including
-    the check layer compute every token after the prefix, later ones the non-document tokens and r of the
-    document tokens (`BlendPrefill`'s `compute_share`). Clamped to [1 / document tokens, 1]."""
-    later = num_layers - check_layer - 1
-    ratio = (cost * num_layers * tokens - (check_layer + 1) * tokens - later * (tokens - document_tokens)) / (later * document_tokens)
+def ratio_for_cost(cost: float, num_layers: int, full_layers: int, tokens: int, document_tokens: int) -> float:
+    """The blend ratio whose prefill computes `cost` of the full prefill's token-layers: the first `full_layers`
+    layers (up to and including the check layer; none for `probe`, which selects before the first) compute every
+    token after the prefix, later ones the non-document tokens and r of the document tokens (`BlendPrefill`'s
+    `compute_share`, less the probe's own pass). Clamped to [1 / document tokens, 1]."""
+    later = num_layers - full_layers
+    ratio = (cost * num_layers * tokens - full_layers * tokens - later * (tokens - document_tokens)) / (later * document_tokens)
     return min(1.0, max(1.0 / document_tokens, ratio))
 
 
@@ -282,7 +283,7 @@ def _answer(engine: Engine, item: Item, methods: dict[str, Method], answer_token
             sampling=SamplingParams(max_tokens=answer_tokens, temperature=0.0),
         )
         if method.cost is not None:
-            request.ratio = _cost_ratio(engine, request, method.cost)
+            request.ratio = _cost_ratio(engine, request, method.cost, method.selection)
         scoring = method.scoring or tune.settings.tune_scoring
         with _changed_settings(blend, selection=method.selection, correction=method.correction), _changed_settings(tune, tune_scoring=scoring):
             result = engine.generate(request)
@@ -314,11 +315,12 @@ def _answer(engine: Engine, item: Item, methods: dict[str, Method], answer_token
     return record
 
 
-def _cost_ratio(engine: Engine, request: GenerateRequest, cost: float) -> float:
+def _cost_ratio(engine: Engine, request: GenerateRequest, cost: float, selection: str) -> float:
     planned = engine.plan_prompt(request)
     tokens = len(planned.token_ids) - planned.prefix_length
     document_tokens = sum(end - start for start, end in planned.document_spans)
-    return ratio_for_cost(cost, engine.model.config.num_layers, engine.strategies["blend"].settings.check_layers[0], tokens, document_tokens)
+    full_layers = 0 if selection == "probe" else engine.strategies["blend"].settings.check_layers[0] + 1
+    return ratio_for_cost(cost, engine.model.config.num_layers, full_layers, tokens, document_tokens)
 
 
 def normalize(text: str) -> str:
@@ -527,7 +529,8 @@ def _report(results: dict, methods: dict[str, Method], out_dir: Path, stem: str)
         "of document tokens recomputed; `compute share`: the mean token-layers computed after the exact prefix over the full",
         "prefill's (layers up to the check layer count in full). Methods named `VARIANT cost=C` set their ratio per question",
         "to spend C: `deviation` is CacheBlend's selection, `question` the question's attention at the check layer, `probe` over",
-        "the first half of the layers (its pass counts in the cost), `+offset` the offset correction.",
+        "the first half of the layers (its pass counts in the cost; it selects before the first layer, which it does not",
+        "compute in full), `+offset` the offset correction.",
     ]
     paired = paired_comparisons(records, methods)
     comparison = ["## Paired differences", "", "Per question, method minus the blend it is compared with (negative F1 / positive KL: worse).", "", *markdown_rows(paired), ""]

@@ -20,7 +20,11 @@ it sees, averaged over heads and question tokens and smoothed over a few neighbo
 `probe` by the same attention summed over the first half of the layers, from a pass of
 only the tokens outside the documents over the stored KV before the blend (middle layers
 locate the evidence better than early ones; the pass costs those tokens' share of half the
-layers, and needs those layers loaded before the blend starts).
+layers, and needs those layers loaded before the blend starts). Its scores exist before the
+first layer, so `probe` selects there and computes no layer in full: every layer computes the
+selected tokens and the rest of the prompt, and the two layers a check at layer 1 computes in
+full go to more selected tokens at the same cost. The other tokens keep their stored K/V
+from layer 0 on; at layer 0 that equals the fresh K/V (it depends on the token alone).
 `correction = offset` shifts the stored K/V of the tokens that are not recomputed, per
 document, layer and KV head, by the mean difference between fresh and stored K/V of an
 evenly spaced sample of the document's tokens (every `OFFSET_STRIDE`-th, 3%), which stays
@@ -146,7 +150,7 @@ class BlendPrefill:
         document_of = torch.zeros(len(doc_tokens), dtype=torch.long) if document_of is None else document_of
         checks = self._checks(len(doc_tokens))
         report = DocumentReport(
-            ratio=self.ratio, check_layers=list(checks), selection=self.selection, correction=self.correction, document_tokens=len(doc_tokens))
+            ratio=self.ratio, check_layers=[] if self.selection == "probe" else list(checks), selection=self.selection, correction=self.correction, document_tokens=len(doc_tokens))
         first_loaded = self.loaded_layers(len(doc_tokens)).start
         started = time.perf_counter()
         waited_before = prefetcher.wait_s
@@ -211,9 +215,13 @@ class BlendPrefill:
         hidden = model.embed(token_ids.to(device)[active])
         mask = self._mask(cache, slot, positions, active)
         token_layers = 0
-        probe_scores, held = None, {}
+        held: dict[int, ChunkKV] = {}
         if self.selection == "probe" and checks:
             probe_scores, held, token_layers = yield from self._probe(cache, slot, token_ids, positions, doc_tokens, doc_row, prefetcher, cos, sin)
+            keep = _top(active, doc_row, probe_scores.masked_fill(sampled, float("inf")), math.ceil(self.ratio * len(doc_tokens)))
+            report.kept_per_check.append(int((doc_row[active[keep]] >= 0).sum()))
+            active, hidden, checks = active[keep], hidden[keep], {}
+            mask = self._mask(cache, slot, positions, active)
         for layer in range(model.config.num_layers):
             token_layers += len(active)
             q, k, v = model.qkv(layer, hidden)
@@ -229,9 +237,7 @@ class BlendPrefill:
                 if layer in checks:
                     self._write(cache, layer, slot, active, k, v, cos, sin)
                     fresh_written = True
-                    if probe_scores is not None:
-                        scores = probe_scores
-                    elif self.selection == "question":
+                    if self.selection == "question":
                         scores = self._question_scores(cache, layer, slot, positions, active, doc_tokens, model.apply_rope(q, cos[active], sin[active]))
                     else:
                         rows = doc_row[active]
