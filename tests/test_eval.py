@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from kvcake.cli import main
 from kvcake.config import KvcakeConfig
@@ -175,3 +176,29 @@ def test_an_unknown_scoring_rule_is_refused_before_any_work(tiny_folders: dict[s
     assert main(["eval", "blend", "--data", str(FIXTURE), "--tune-ratios", "0.2", "--scorings", "highpas", "--out-dir", str(tmp_path), *flags]) == 2
     assert "unknown tune scoring rule 'highpas'; one of highpass" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_a_resumed_run_reads_the_full_prefills_logits_it_saved(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
+    """The full prefill's first-token logits are kept per question in the cache dir; a resume that adds a method
+    measures its KL against them and gets what a run computing everything at once gets. A file saved for other
+    prompts is not used."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    flags = ["--model", str(tiny_folders["llama"]), "--dtype", "float32", "--chunk-size", "32", "--cache-dir", str(tmp_path / "cache")]
+    run = ["eval", "blend", "--data", str(FIXTURE), "--questions", "2", "--prompt-tokens", "300", "--answer-tokens", "2", "--out-dir", str(tmp_path)]
+    assert main([*run, "--name", "grow", "--ratios", "0.3", *flags]) == 0
+    saved = sorted((tmp_path / "cache" / "eval-logits" / "grow").glob("*.safetensors"))
+    records = json.loads((tmp_path / "grow.json").read_text())["records"]
+    assert [path.stem for path in saved] == sorted(str(r["index"]) for r in records)
+    with safe_open(saved[1], framework="pt") as kept:
+        metadata, logits = kept.metadata(), kept.get_tensor("logits")
+    save_file({"logits": torch.zeros_like(logits)}, saved[0], metadata={**metadata, "question": "another"})
+    save_file({"logits": logits.flip(0)}, saved[1], metadata=metadata)  # read as saved: the KL shows it
+    assert main([*run, "--name", "grow", "--ratios", "0.3,0.5", "--resume", *flags]) == 0
+    assert main([*run, "--name", "once", "--ratios", "0.3,0.5", *flags]) == 0
+    grown = {r["index"]: r["blend r=0.50"]["first_token_kl"] for r in json.loads((tmp_path / "grow.json").read_text())["records"]}
+    once = {r["index"]: r["blend r=0.50"]["first_token_kl"] for r in json.loads((tmp_path / "once.json").read_text())["records"]}
+    first, second = (int(path.stem) for path in saved)
+    assert grown[first] == once[first], "a file saved for another question is not used: the full prefill runs again"
+    assert grown[second] != once[second], "the saved logits are the reference"

@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from kvcake.bench.report import machine_description, markdown_rows
@@ -118,11 +120,12 @@ def run(args: argparse.Namespace) -> int:
         results = saved or {"settings": settings, "records": []}
         saved_records = {record["index"]: record for record in results["records"]}
         unanswered = [item for item in items if set(methods) - set(saved_records.get(item.index, ()))]
+        full_logits = FullLogits(config.cache_path() / "eval-logits" / stem, settings)
         if unanswered:
             _warm(engine, pool, methods)
         for item in tqdm(unanswered, desc=f"{stem} questions", unit="q"):
             record = saved_records.get(item.index)
-            answered = _answer(engine, item, methods, args.answer_tokens, record)
+            answered = _answer(engine, item, methods, args.answer_tokens, record, full_logits)
             if record is None:
                 results["records"].append(answered)
             _save(results_path, results)
@@ -262,17 +265,55 @@ def _check_same_prompts(saved: dict, settings: dict, items: list[Item], results_
         raise ValueError(f"--resume: {results_path} was run with other settings or data ({'; '.join(differing)}); pass the saved ones or another --name")
 
 
-def _answer(engine: Engine, item: Item, methods: dict[str, Method], answer_tokens: int, record: dict | None = None) -> dict:
+class FullLogits:
+    """Each question's full-prefill first-token logits, kept in the cache dir (0.6 MB a question at a 151k
+    vocabulary: not for the repository), so that a resumed run adding methods does not recompute the full
+    prefill for their KL. A file serves only the question and prompt settings it was written for."""
+
+    def __init__(self, folder: Path, settings: dict) -> None:
+        self.folder = folder
+        self.settings = json.dumps({key: settings[key] for key in PROMPT_SETTINGS}, sort_keys=True)
+
+    def load(self, item: Item) -> torch.Tensor | None:
+        """The saved logits of `item`, or None (none saved, unreadable, or saved for other prompts)."""
+        path = self._path(item)
+        try:
+            with safe_open(path, framework="pt") as saved:
+                if saved.metadata() != self._metadata(item):
+                    return None
+                return saved.get_tensor("logits")
+        except (OSError, SafetensorError):
+            return None
+
+    def save(self, item: Item, logits: torch.Tensor) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self._path(item)
+        partial = path.with_suffix(".partial")
+        save_file({"logits": logits.float().contiguous()}, partial, metadata=self._metadata(item))
+        partial.replace(path)
+
+    def _path(self, item: Item) -> Path:
+        return self.folder / f"{item.index}.safetensors"
+
+    def _metadata(self, item: Item) -> dict[str, str]:
+        return {"settings": self.settings, "question": item.question}
+
+
+def _answer(
+    engine: Engine, item: Item, methods: dict[str, Method], answer_tokens: int, record: dict | None = None, saved_logits: FullLogits | None = None
+) -> dict:
     """Answers `item` by every method `record` lacks (a new record: by all), filling it in.
 
-    The full prefill runs first in any case: its first-token logits are the reference of
-    every method's KL. A saved record keeps its own full answer, which new methods'
-    agreement is judged against."""
+    The full prefill's first-token logits are the reference of every method's KL: it runs
+    first unless `record` has its answer and `saved_logits` its logits. A saved record keeps
+    its own full answer, which new methods' agreement is judged against."""
     if record is None:
         record = {"index": item.index, "question": item.question, "answers": list(item.answers), "gold_document": item.gold_document}
-    full_logits, full_text = torch.empty(0), ""
+    missing = [name for name in methods if name != "full" and name not in record]
+    full_logits = saved_logits.load(item) if saved_logits is not None and "full" in record else None
+    full_text = record["full"]["answer"] if full_logits is not None else ""
     blend, tune = engine.strategies["blend"], engine.strategies["tune"]
-    for name in ["full", *(name for name in methods if name != "full" and name not in record)]:
+    for name in missing if full_logits is not None else ["full", *missing]:
         method = methods[name]
         request = GenerateRequest(
             query=f"Question: {item.question}",
@@ -289,6 +330,8 @@ def _answer(engine: Engine, item: Item, methods: dict[str, Method], answer_token
             result = engine.generate(request)
         if name == "full":
             full_logits = result.first_token_logits
+            if saved_logits is not None:
+                saved_logits.save(item, full_logits)
             if "full" in record:
                 full_text = record["full"]["answer"]
                 continue
