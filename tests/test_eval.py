@@ -193,12 +193,12 @@ def test_a_resumed_run_reads_the_full_prefills_logits_it_saved(tiny_folders: dic
     assert [path.stem for path in saved] == sorted(str(r["index"]) for r in records)
     with safe_open(saved[1], framework="pt") as kept:
         metadata, logits = kept.metadata(), kept.get_tensor("logits")
-    save_file({"logits": torch.zeros_like(logits)}, saved[0], metadata={**metadata, "question": "another"})
+    save_file({"logits": torch.zeros_like(logits)}, saved[0], metadata={**metadata, "prompt": "0" * 32})
     save_file({"logits": logits.flip(0)}, saved[1], metadata=metadata)  # read as saved: the KL shows it
     assert main([*run, "--name", "grow", "--ratios", "0.3,0.5", "--resume", *flags]) == 0
     assert main([*run, "--name", "once", "--ratios", "0.3,0.5", *flags]) == 0
     grown = {r["index"]: r["blend r=0.50"]["first_token_kl"] for r in json.loads((tmp_path / "grow.json").read_text())["records"]}
     once = {r["index"]: r["blend r=0.50"]["first_token_kl"] for r in json.loads((tmp_path / "once.json").read_text())["records"]}
     first, second = (int(path.stem) for path in saved)
-    assert grown[first] == once[first], "a file saved for another question is not used: the full prefill runs again"
+    assert grown[first] == once[first], "a file saved for another prompt is not used: the full prefill runs again"
     assert grown[second] != once[second], "the saved logits are the reference"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import random
 import re
@@ -268,35 +269,39 @@ def _check_same_prompts(saved: dict, settings: dict, items: list[Item], results_
 class FullLogits:
     """Each question's full-prefill first-token logits, kept in the cache dir (0.6 MB a question at a 151k
     vocabulary: not for the repository), so that a resumed run adding methods does not recompute the full
-    prefill for their KL. A file serves only the question and prompt settings it was written for."""
+    prefill for their KL. A file serves only the model, dtype and prompt token ids it was computed for."""
 
     def __init__(self, folder: Path, settings: dict) -> None:
         self.folder = folder
-        self.settings = json.dumps({key: settings[key] for key in PROMPT_SETTINGS}, sort_keys=True)
+        self.model = f"{settings['model']} {settings['dtype']}"
 
-    def load(self, item: Item) -> torch.Tensor | None:
-        """The saved logits of `item`, or None (none saved, unreadable, or saved for other prompts)."""
-        path = self._path(item)
+    def load(self, item: Item, prompt_ids: list[int], device: torch.device) -> torch.Tensor | None:
+        """The saved logits of `item`'s prompt, or None (none saved, unreadable, or saved for another prompt)."""
         try:
-            with safe_open(path, framework="pt") as saved:
-                if saved.metadata() != self._metadata(item):
+            with safe_open(self._path(item), framework="pt") as saved:
+                if saved.metadata() != self._metadata(prompt_ids):
                     return None
-                return saved.get_tensor("logits")
+                return saved.get_tensor("logits").to(device)
         except (OSError, SafetensorError):
             return None
 
-    def save(self, item: Item, logits: torch.Tensor) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+    def save(self, item: Item, prompt_ids: list[int], logits: torch.Tensor) -> None:
+        """Written whole or not at all; a cache, so a failed write only warns."""
         path = self._path(item)
         partial = path.with_suffix(".partial")
-        save_file({"logits": logits.float().contiguous()}, partial, metadata=self._metadata(item))
-        partial.replace(path)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            save_file({"logits": logits.float().cpu().contiguous()}, partial, metadata=self._metadata(prompt_ids))
+            partial.replace(path)
+        except OSError as error:
+            tqdm.write(f"could not keep the full prefill's logits in {path}: {error}")
 
     def _path(self, item: Item) -> Path:
         return self.folder / f"{item.index}.safetensors"
 
-    def _metadata(self, item: Item) -> dict[str, str]:
-        return {"settings": self.settings, "question": item.question}
+    def _metadata(self, prompt_ids: list[int]) -> dict[str, str]:
+        digest = hashlib.blake2b(b"".join(i.to_bytes(4, "little") for i in prompt_ids), digest_size=16).hexdigest()
+        return {"model": self.model, "prompt": digest}
 
 
 def _answer(
@@ -310,7 +315,8 @@ def _answer(
     if record is None:
         record = {"index": item.index, "question": item.question, "answers": list(item.answers), "gold_document": item.gold_document}
     missing = [name for name in methods if name != "full" and name not in record]
-    full_logits = saved_logits.load(item) if saved_logits is not None and "full" in record else None
+    prompt_ids = engine.plan_prompt(GenerateRequest(query=f"Question: {item.question}", documents=list(item.documents), system=SYSTEM)).token_ids
+    full_logits = saved_logits.load(item, prompt_ids, engine.model.device) if saved_logits is not None and "full" in record else None
     full_text = record["full"]["answer"] if full_logits is not None else ""
     blend, tune = engine.strategies["blend"], engine.strategies["tune"]
     for name in missing if full_logits is not None else ["full", *missing]:
@@ -331,7 +337,7 @@ def _answer(
         if name == "full":
             full_logits = result.first_token_logits
             if saved_logits is not None:
-                saved_logits.save(item, full_logits)
+                saved_logits.save(item, prompt_ids, full_logits)
             if "full" in record:
                 full_text = record["full"]["answer"]
                 continue
@@ -572,8 +578,8 @@ def _report(results: dict, methods: dict[str, Method], out_dir: Path, stem: str)
         "of document tokens recomputed; `compute share`: the mean token-layers computed after the exact prefix over the full",
         "prefill's (layers up to the check layer count in full). Methods named `VARIANT cost=C` set their ratio per question",
         "to spend C: `deviation` is CacheBlend's selection, `question` the question's attention at the check layer, `probe` over",
-        "the first half of the layers (its pass counts in the cost; it selects before the first layer, which it does not",
-        "compute in full), `+offset` the offset correction.",
+        "the first half of the layers (it selects before the first layer, which it does not compute in full; its pass counts",
+        "in the compute share, not in the cost its ratio is set from: ~0.5% more), `+offset` the offset correction.",
     ]
     paired = paired_comparisons(records, methods)
     comparison = ["## Paired differences", "", "Per question, method minus the blend it is compared with (negative F1 / positive KL: worse).", "", *markdown_rows(paired), ""]

@@ -55,7 +55,8 @@ class DocumentReport:
     ratio: float = 0.0
     mode: str = "blend"
     check_layers: list[int] = field(default_factory=list)
-    """The layers where tokens were selected (none at ratio 0 or 1, and for tune, whose stored order selects)."""
+    """The layers where tokens were selected (none at ratio 0 or 1; none for tune, whose stored order selects, or for
+    `probe`, which selects before the first layer)."""
     selection: str = ""
     """How the blend ranked the tokens it recomputes (`blend_selection`), and how it corrected the others."""
     correction: str = ""
@@ -67,10 +68,10 @@ class DocumentReport:
     tokens_reused: int = 0
     tokens_loaded: int = 0
     kept_per_check: list[int] = field(default_factory=list)
+    """Document tokens kept at each selection: one per check layer, or one for `probe`'s selection before the first layer."""
     tokens_per_document: list[int] = field(default_factory=list)
-    """Document tokens the blend read from stored rows, per document in prompt order, and how many of them it
-    recomputed (where the budget went; tune's top-scored tokens are not stored rows, so only its correction
-    sample counts there)."""
+    """Document tokens per document in prompt order, and how many of them were recomputed (where the budget went;
+    for tune, its top-scored tokens and its correction sample)."""
     recomputed_per_document: list[int] = field(default_factory=list)
     bytes_loaded: int = 0
     load_s: float = 0.0

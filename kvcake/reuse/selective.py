@@ -24,7 +24,8 @@ layers, and needs those layers loaded before the blend starts). Its scores exist
 first layer, so `probe` selects there and computes no layer in full: every layer computes the
 selected tokens and the rest of the prompt, and the two layers a check at layer 1 computes in
 full go to more selected tokens at the same cost. The other tokens keep their stored K/V
-from layer 0 on; at layer 0 that matches the fresh K/V (it depends on the token alone).
+from layer 0 on; at layer 0 that matches the fresh K/V (it depends on the token alone) as long
+as the store keeps the model's dtype (its default; a `dtype=int8` or `fp16` store URL rounds it).
 `correction = offset` shifts the stored K/V of the tokens that are not recomputed, per
 document, layer and KV head, by the mean difference between fresh and stored K/V of an
 evenly spaced sample of the document's tokens (every `OFFSET_STRIDE`-th, 3%), which stays
