@@ -333,3 +333,29 @@ def test_probe_selects_before_the_first_layer_and_computes_no_layer_in_full(tiny
     assert report.tokens_recomputed == math.ceil(0.25 * report.document_tokens)
     assert report.compute_share == pytest.approx((probe_layers * others + num_layers * (others + report.tokens_recomputed)) / (num_layers * tokens))
     engine.close()
+
+
+def test_probe_blend_of_kv_stored_where_it_sits_equals_the_full_prefill(tiny_folders: dict[str, Path]) -> None:
+    """Hand-built: the document opens the prompt, so its stored K/V (computed alone at the same positions) is what
+    the full prefill computes. Whatever the probe selects, the tokens it leaves keep their stored K/V from layer 0
+    on, so the blend's logits equal the full prefill's; a stored row written at the wrong place or unrotated would
+    show."""
+    from kvcake.model import Transformer
+
+    model = Transformer.from_folder(tiny_folders["qwen2"], TEST_DEVICE, torch.float32)
+    token_ids = torch.randint(3, model.config.vocab_size, (48,), generator=torch.Generator().manual_seed(0))
+    document, positions = torch.arange(36), torch.arange(48)
+    with torch.inference_mode():
+        alone = model.forward(token_ids[document], positions[document], model.new_cache(48), keep_kv=True).kv
+        full = model.forward(token_ids, positions, model.new_cache(48)).logits[-1]
+        prefetcher = LayerPrefetcher(lambda layer: (ChunkKV([alone.keys[layer]], [alone.values[layer]]), 0), range(model.config.num_layers))
+        blend = selective.BlendPrefill(model, 0.25, [1], selection="probe").run(model.new_cache(48), token_ids, positions, document, prefetcher)
+        while True:
+            try:
+                next(blend)
+            except StopIteration as done:
+                logits, report = done.value
+                break
+        prefetcher.close()
+    assert report.check_layers == [] and report.tokens_recomputed == math.ceil(0.25 * 36)
+    assert (logits - full).abs().max().item() <= 1e-4
