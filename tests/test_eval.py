@@ -130,6 +130,9 @@ def test_methods_at_a_cost_spend_it_and_are_paired_with_current_blend(tiny_folde
         assert record["full"]["compute_share"] == 1.0
         for name in ("deviation cost=0.80", "question+offset cost=0.80"):
             assert abs(record[name]["compute_share"] - 0.8) < 0.02, record[name]
+        probe, deviation = record["probe cost=0.80"], record["deviation cost=0.80"]
+        assert probe["ratio"] > deviation["ratio"], "probe computes no layer in full: the same cost buys more tokens"
+        assert 0.78 < probe["compute_share"] < 1.0, "the cost, plus the probe's own pass"
         for variant in variants.split(","):
             selection, _, correction = variant.partition("+")
             applied = record[f"{variant} cost=0.80"]
