@@ -46,10 +46,10 @@ from kvcake.data import DEFAULT_TASK, TASKS, QAQuestion, jsonl_questions
 from kvcake.engine import Engine
 from kvcake.requests import GenerateRequest
 from kvcake.model import SamplingParams
-from kvcake.model.segments import document_token_ids
+from kvcake.model.segments import PromptLayout, document_token_ids
 from kvcake.reuse import DocumentReuse
 from kvcake.reuse.scores import RULES
-from kvcake.reuse.selective import SELECTIONS
+from kvcake.reuse.selective import SELECTIONS, layers_in_full
 
 SYSTEM = "Answer the question using the documents. Reply with only the answer: a short span copied from the documents."
 BOOTSTRAP_SAMPLES = 2000
@@ -315,8 +315,8 @@ def _answer(
     if record is None:
         record = {"index": item.index, "question": item.question, "answers": list(item.answers), "gold_document": item.gold_document}
     missing = [name for name in methods if name != "full" and name not in record]
-    prompt_ids = engine.plan_prompt(GenerateRequest(query=f"Question: {item.question}", documents=list(item.documents), system=SYSTEM)).token_ids
-    full_logits = saved_logits.load(item, prompt_ids, engine.model.device) if saved_logits is not None and "full" in record else None
+    planned = engine.plan_prompt(GenerateRequest(query=f"Question: {item.question}", documents=list(item.documents), system=SYSTEM))
+    full_logits = saved_logits.load(item, planned.token_ids, engine.model.device) if saved_logits is not None and "full" in record else None
     full_text = record["full"]["answer"] if full_logits is not None else ""
     blend, tune = engine.strategies["blend"], engine.strategies["tune"]
     for name in missing if full_logits is not None else ["full", *missing]:
@@ -330,14 +330,14 @@ def _answer(
             sampling=SamplingParams(max_tokens=answer_tokens, temperature=0.0),
         )
         if method.cost is not None:
-            request.ratio = _cost_ratio(engine, request, method.cost, method.selection)
+            request.ratio = _cost_ratio(engine, planned, method.cost, method.selection)
         scoring = method.scoring or tune.settings.tune_scoring
         with _changed_settings(blend, selection=method.selection, correction=method.correction), _changed_settings(tune, tune_scoring=scoring):
             result = engine.generate(request)
         if name == "full":
             full_logits = result.first_token_logits
             if saved_logits is not None:
-                saved_logits.save(item, prompt_ids, full_logits)
+                saved_logits.save(item, planned.token_ids, full_logits)
             if "full" in record:
                 full_text = record["full"]["answer"]
                 continue
@@ -364,11 +364,10 @@ def _answer(
     return record
 
 
-def _cost_ratio(engine: Engine, request: GenerateRequest, cost: float, selection: str) -> float:
-    planned = engine.plan_prompt(request)
+def _cost_ratio(engine: Engine, planned: PromptLayout, cost: float, selection: str) -> float:
     tokens = len(planned.token_ids) - planned.prefix_length
     document_tokens = sum(end - start for start, end in planned.document_spans)
-    full_layers = 0 if selection == "probe" else engine.strategies["blend"].settings.check_layers[0] + 1
+    full_layers = layers_in_full(selection, engine.strategies["blend"].settings.check_layers)
     return ratio_for_cost(cost, engine.model.config.num_layers, full_layers, tokens, document_tokens)
 
 

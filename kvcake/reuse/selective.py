@@ -74,6 +74,12 @@ class BlendFallback(RuntimeError):
     """Stored KV could not be read mid-blend; the caller computes the tokens instead."""
 
 
+def layers_in_full(selection: str, check_layers: list[int] | tuple[int, ...]) -> int:
+    """Layers a blend at 0 < ratio < 1 computes for every token: up to the first check layer, none for `probe`
+    (whose scores exist before the first layer)."""
+    return 0 if selection == "probe" else check_layers[0] + 1
+
+
 def kept_fractions(ratio: float, num_checks: int) -> list[float]:
     """Fraction of document tokens kept at each check layer: from near 1 down to `ratio` (gradual filtering)."""
     return [ratio + (1.0 - ratio) * (num_checks - 1 - j) / num_checks for j in range(num_checks)]
