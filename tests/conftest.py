@@ -14,7 +14,7 @@ from tiny import FAMILY_CONFIGS, TEST_DEVICE, save_tiny_model  # noqa: E402
 
 from kvcake.config import KvcakeConfig, load_config  # noqa: E402
 from kvcake.engine import Engine  # noqa: E402
-from kvcake.model import DEFAULT_MODEL, ModelConfig, Tokenizer, Transformer, resolve_model  # noqa: E402
+from kvcake.model import DEFAULT_MODEL, ModelConfig, Tokenizer, Transformer, build_cpu_attention, resolve_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +33,13 @@ def tiny_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def default_config() -> KvcakeConfig:
     """The real default model, converted once into the user cache (as the README's commands do)."""
     return load_config(overrides={"model": DEFAULT_MODEL, "device": "cpu", "dtype": "float32", "store_url": "memory://?max_gb=2"})
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_attention_kernel(default_config: KvcakeConfig) -> bool:
+    """The CPU attention kernel, loaded for every test as `load_model` loads it for a float32 model on a CPU (the
+    tests that build a `Transformer` themselves would otherwise run SDPA until some test loaded a model)."""
+    return build_cpu_attention(default_config.cache_path() / "kernels")
 
 
 @pytest.fixture(scope="session")

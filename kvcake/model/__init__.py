@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from kvcake.model.config import ModelConfig, UnsupportedArchitectureError
+from kvcake.model.cpu_kernels import build_cpu_attention
 from kvcake.model.kv import CachePool, KVCache
 from kvcake.model.registry import DEFAULT_MODEL, REGISTRY, UnknownModelError, resolve_model, weights_identity
 from kvcake.model.sampling import Sampler, SamplingParams
@@ -27,6 +28,7 @@ __all__ = [
     "Tokenizer",
     "Transformer",
     "UnknownModelError",
+    "build_cpu_attention",
     "UnsupportedArchitectureError",
     "load_model",
     "resolve_device",
@@ -51,7 +53,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(model: str, cache_root: Path, device: torch.device, dtype: torch.dtype) -> tuple[Transformer, Tokenizer, Path]:
-    """Resolve, check and load a model; unsupported architectures fail before any weight is read."""
+    """Resolve, check and load a model; unsupported architectures fail before any weight is read. A float32 model on
+    a CPU gets the CPU attention kernel, compiled into the cache dir on first use."""
     folder = resolve_model(model, cache_root)
     config = ModelConfig.from_folder(folder)
+    if device.type == "cpu" and dtype == torch.float32:
+        build_cpu_attention(cache_root / "kernels")
     return Transformer.from_folder(folder, device, dtype), Tokenizer(folder, config), folder

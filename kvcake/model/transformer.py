@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from torch.nn.attention.bias import causal_lower_right
 
 from kvcake.chunk import ChunkKV
+from kvcake.model import cpu_kernels
 from kvcake.model.config import ModelConfig, RopeConfig
 from kvcake.model.kv import CachePool, KVCache
 
@@ -424,8 +425,10 @@ def attend_with_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Ma
     """q: (H, Tq, d); k, v: (Hkv, Tk, d) with H a multiple of Hkv (GQA). Returns (Tq, H * d)."""
     if q.shape[1] == 1 and mask is None and q.dtype != torch.float32 and q.device.type == "cpu":
         return _attend_one_query(q, k, v)
-    q, k, v = q[None], k[None], v[None]
     causal = mask is True or isinstance(mask, TailCausal)
+    if causal and cpu_kernels.applies(q, k, v):
+        return cpu_kernels.attend_causal(q, k, v)
+    q, k, v = q[None], k[None], v[None]
     bf16_products = q.device.type == "cpu" and q.dtype == torch.bfloat16 and _ONEDNN_BF16
     if causal and bf16_products:
         out = _attend_causal_bf16_cpu(q, k, v)
@@ -557,9 +560,9 @@ from the keys after it (`_attend_causal_cpu`)."""
 
 
 def _attend_causal_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention of a float32 prefill pass on a CPU (or float16, or bfloat16 where the CPU has no bf16 instructions):
-    q (1, H, Tq, d) are the last Tq of the Tk tokens of k, v (1, Hkv, Tk, d), each attending to itself and the
-    tokens before it.
+    """Causal attention of a prefill pass on a CPU where `cpu_kernels`' kernel does not apply (float16, bfloat16
+    where the CPU has no bf16 instructions, float32 without AVX-512 or a compiler): q (1, H, Tq, d) are the last Tq
+    of the Tk tokens of k, v (1, Hkv, Tk, d), each attending to itself and the tokens before it.
 
     SDPA's CPU flash kernel runs at ~120 GFLOP/s with a mask, which it first turns into a float bias (an extra pass
     over Tq x Tk); unmasked, with each KV head's query heads stacked into one longer query (GQA without copying
