@@ -1,5 +1,6 @@
 """The CPU attention kernel (kvcake/model/cpu_attention.cpp): built where the CPU can run it, equal to a float64
-reference, and a query's result the same bits whichever pass it is computed in."""
+reference (float32; bfloat16 within its rounding and closer than the attention it replaces), and a query's result
+the same bits whichever pass it is computed in."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from kvcake.model import cpu_kernels
+from kvcake.model.transformer import _attend_causal_bf16_cpu
 
 CAN_RUN = torch.backends.cpu.get_cpu_capability().startswith("AVX512") and shutil.which("c++") is not None
 needs_kernel = pytest.mark.skipif(not CAN_RUN, reason="the kernel needs AVX-512 and a C++ compiler")
+needs_bf16 = pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(), reason="bfloat16 needs AVX512-BF16")
+DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16)]
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -24,11 +28,11 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return out[0].transpose(0, 1).reshape(num_queries, -1).float()
 
 
-def operands(heads: int, kv_heads: int, head_dim: int, num_queries: int, num_keys: int) -> tuple[torch.Tensor, ...]:
+def operands(heads: int, kv_heads: int, head_dim: int, num_queries: int, num_keys: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
     """q as the projections give it (a transposed view), k and v as views of a cache with room to spare."""
     generator = torch.Generator().manual_seed(heads * 1000 + num_keys)
-    q = torch.randn(num_queries, heads, head_dim, generator=generator).transpose(0, 1)
-    cache = torch.randn(2, kv_heads, num_keys + 40, head_dim, generator=generator) * 2
+    q = torch.randn(num_queries, heads, head_dim, generator=generator).to(dtype).transpose(0, 1)
+    cache = (torch.randn(2, kv_heads, num_keys + 40, head_dim, generator=generator) * 2).to(dtype)
     return q, cache[0, :, :num_keys], cache[1, :, :num_keys]
 
 
@@ -47,9 +51,27 @@ def test_causal_attention_equals_the_float64_reference(heads: int, kv_heads: int
 
 
 @needs_kernel
+@needs_bf16
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (12, 2, 128), (4, 1, 48)])
+@pytest.mark.parametrize("num_queries,num_keys", [(200, 200), (37, 501), (1, 97)])
+def test_bfloat16_attention_is_within_its_rounding_and_closer_than_the_products_it_replaces(
+    heads: int, kv_heads: int, head_dim: int, num_queries: int, num_keys: int
+) -> None:
+    """Scores and sums in float32, weights rounded to bfloat16 for the values' product (as flash kernels do); the
+    oneDNN products it replaces round the scores to bfloat16 (as Hugging Face's eager attention does)."""
+    q, k, v = operands(heads, kv_heads, head_dim, num_queries, num_keys, torch.bfloat16)
+    expected = reference(q, k, v)
+    error = (cpu_kernels.attend_causal(q, k, v).float() - expected).abs().max()
+    products = _attend_causal_bf16_cpu(q[None], k[None], v[None])[0].transpose(0, 1).reshape(num_queries, -1)
+    assert error <= 2 ** -8 * expected.abs().max()
+    assert error < (products.float() - expected).abs().max()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("splits", [[333], [1, 95, 96, 97, 400], [250, 251, 599]])
-def test_a_querys_result_is_the_same_bits_in_whichever_pass_it_is_computed(splits: list[int]) -> None:
-    q, k, v = operands(9, 3, 64, 600, 600)
+def test_a_querys_result_is_the_same_bits_in_whichever_pass_it_is_computed(splits: list[int], dtype: torch.dtype) -> None:
+    q, k, v = operands(9, 3, 64, 600, 600, dtype)
     whole = cpu_kernels.attend_causal(q, k, v)
     bounds = [0, *splits, 600]
     passes = [cpu_kernels.attend_causal(q[:, start:end], k[:, :end], v[:, :end]) for start, end in zip(bounds, bounds[1:])]
@@ -57,9 +79,10 @@ def test_a_querys_result_is_the_same_bits_in_whichever_pass_it_is_computed(split
 
 
 @needs_kernel
-def test_keys_after_a_query_do_not_change_its_bits() -> None:
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_keys_after_a_query_do_not_change_its_bits(dtype: torch.dtype) -> None:
     """A pass that ends at a query gives it what a longer pass gives it (the keys after it enter as exact zeros)."""
-    q, k, v = operands(6, 2, 128, 300, 300)
+    q, k, v = operands(6, 2, 128, 300, 300, dtype)
     whole = cpu_kernels.attend_causal(q, k, v)
     for end in (1, 95, 96, 97, 191, 299):
         assert torch.equal(cpu_kernels.attend_causal(q[:, end - 1 : end], k[:, :end], v[:, :end]), whole[end - 1 : end])
@@ -68,4 +91,4 @@ def test_keys_after_a_query_do_not_change_its_bits() -> None:
 def test_operands_the_kernel_was_not_built_for_go_elsewhere() -> None:
     q, k, v = operands(4, 2, 24, 10, 10)
     assert not cpu_kernels.applies(q, k, v)
-    assert not cpu_kernels.applies(*(t.to(torch.bfloat16) for t in operands(4, 2, 64, 10, 10)))
+    assert not cpu_kernels.applies(*operands(4, 2, 64, 10, 10, torch.float16))

@@ -53,10 +53,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(model: str, cache_root: Path, device: torch.device, dtype: torch.dtype) -> tuple[Transformer, Tokenizer, Path]:
-    """Resolve, check and load a model; unsupported architectures fail before any weight is read. A float32 model on
-    a CPU gets the CPU attention kernel, compiled into the cache dir on first use."""
+    """Resolve, check and load a model; unsupported architectures fail before any weight is read. A model on a CPU
+    gets the CPU attention kernel (float32 and bfloat16), compiled into the cache dir on first use."""
     folder = resolve_model(model, cache_root)
     config = ModelConfig.from_folder(folder)
-    if device.type == "cpu" and dtype == torch.float32:
+    if device.type == "cpu":
         build_cpu_attention(cache_root / "kernels")
     return Transformer.from_folder(folder, device, dtype), Tokenizer(folder, config), folder

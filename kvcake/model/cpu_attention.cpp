@@ -1,4 +1,4 @@
-// Causal float32 attention of a prefill pass on an x86 CPU with AVX-512: one pass over the keys per block of
+// Causal attention of a float32 or bfloat16 prefill pass on an x86 CPU with AVX-512 (bfloat16: AVX512-BF16): one pass over the keys per block of
 // queries (online softmax), the scores never leaving the core's cache; each KV head's query heads are stacked
 // as rows, so grouped-query attention reads every key once per block. Built and loaded by cpu_kernels.py.
 //
@@ -14,6 +14,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
+#include <type_traits>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -47,23 +49,26 @@ inline __m512 exp_nonpositive(__m512 x) {
 }
 
 struct Pass {
-  const float* q;
-  const float* k;
-  const float* v;
-  float* out;
+  const void* q;
+  const void* k;
+  const void* v;  // float32: the values; bfloat16: the values packed in key pairs (pack_value_pairs)
+  void* out;
   int64_t q_head_stride, q_row_stride;
   int64_t k_head_stride, k_row_stride;
-  int64_t v_head_stride, v_row_stride;
+  int64_t v_head_stride, v_row_stride;  // bfloat16: per head, per key pair
   int64_t heads, kv_heads, group, num_queries, num_keys, first_position;
   int64_t queries_per_item;
   float scale;
 };
 
 // One slab's working set, transposed so that a vector holds LANES rows: scores and weights are [key][row].
+// bfloat16 keeps its query rows and weights as pairs of bf16 in 32 bits, the unit of one VDPBF16PS lane.
 template <int D>
 struct Slab {
   alignas(64) float q_t[D][ROW_SLAB];
+  alignas(64) uint32_t q_pairs[D / 2][ROW_SLAB];
   alignas(64) float scores[KEY_BLOCK][ROW_SLAB];
+  alignas(64) uint32_t weight_pairs[KEY_BLOCK / 2][ROW_SLAB];
   alignas(64) float acc[ROW_SLAB][D];
   alignas(64) float row_max[ROW_SLAB];
   alignas(64) float row_sum[ROW_SLAB];
@@ -71,9 +76,17 @@ struct Slab {
   int64_t row_position[ROW_SLAB];
 };
 
-// scores[j][rows] = q_t . k_j for SCORE_KEYS keys from `key`.
+inline __m512bh as_bf16(__m512i bits) { return reinterpret_cast<__m512bh>(bits); }
+
+inline uint32_t bf16_pair(const uint16_t* at) {
+  uint32_t pair;
+  std::memcpy(&pair, at, sizeof(pair));
+  return pair;
+}
+
+// scores[first_key + j][rows] = q . k_j for SCORE_KEYS keys from `key` (float32).
 template <int D>
-inline void score_tile(Slab<D>& slab, const float* key, int64_t key_stride, int first_key) {
+inline void score_tile(Slab<D>& slab, const float* key, int64_t key_stride, int first_key, int count) {
   __m512 sums[SCORE_KEYS][SLAB_VECTORS];
   for (int j = 0; j < SCORE_KEYS; ++j)
     for (int c = 0; c < SLAB_VECTORS; ++c) sums[j][c] = _mm512_setzero_ps();
@@ -81,24 +94,82 @@ inline void score_tile(Slab<D>& slab, const float* key, int64_t key_stride, int 
     __m512 rows[SLAB_VECTORS];
     for (int c = 0; c < SLAB_VECTORS; ++c) rows[c] = _mm512_load_ps(&slab.q_t[d][c * LANES]);
     for (int j = 0; j < SCORE_KEYS; ++j) {
-      const __m512 kd = _mm512_set1_ps(key[j * key_stride + d]);
+      const __m512 kd = _mm512_set1_ps(key[std::min(j, count - 1) * key_stride + d]);
       for (int c = 0; c < SLAB_VECTORS; ++c) sums[j][c] = _mm512_fmadd_ps(rows[c], kd, sums[j][c]);
     }
   }
-  for (int j = 0; j < SCORE_KEYS; ++j)
+  for (int j = 0; j < count; ++j)
     for (int c = 0; c < SLAB_VECTORS; ++c) _mm512_store_ps(&slab.scores[first_key + j][c * LANES], sums[j][c]);
 }
 
-// The same for one key (the block's tail when fewer than SCORE_KEYS keys remain).
+// The same in bfloat16, two dims per VDPBF16PS lane, summed in float32.
 template <int D>
-inline void score_one(Slab<D>& slab, const float* key, int j) {
-  __m512 sums[SLAB_VECTORS];
-  for (int c = 0; c < SLAB_VECTORS; ++c) sums[c] = _mm512_setzero_ps();
-  for (int d = 0; d < D; ++d) {
-    const __m512 kd = _mm512_set1_ps(key[d]);
-    for (int c = 0; c < SLAB_VECTORS; ++c) sums[c] = _mm512_fmadd_ps(_mm512_load_ps(&slab.q_t[d][c * LANES]), kd, sums[c]);
+inline void score_tile(Slab<D>& slab, const uint16_t* key, int64_t key_stride, int first_key, int count) {
+  __m512 sums[SCORE_KEYS][SLAB_VECTORS];
+  for (int j = 0; j < SCORE_KEYS; ++j)
+    for (int c = 0; c < SLAB_VECTORS; ++c) sums[j][c] = _mm512_setzero_ps();
+  for (int d = 0; d < D / 2; ++d) {
+    __m512bh rows[SLAB_VECTORS];
+    for (int c = 0; c < SLAB_VECTORS; ++c) rows[c] = as_bf16(_mm512_load_si512(&slab.q_pairs[d][c * LANES]));
+    for (int j = 0; j < SCORE_KEYS; ++j) {
+      const __m512bh kd = as_bf16(_mm512_set1_epi32(static_cast<int>(bf16_pair(key + std::min(j, count - 1) * key_stride + 2 * d))));
+      for (int c = 0; c < SLAB_VECTORS; ++c) sums[j][c] = _mm512_dpbf16_ps(sums[j][c], rows[c], kd);
+    }
   }
-  for (int c = 0; c < SLAB_VECTORS; ++c) _mm512_store_ps(&slab.scores[j][c * LANES], sums[c]);
+  for (int j = 0; j < count; ++j)
+    for (int c = 0; c < SLAB_VECTORS; ++c) _mm512_store_ps(&slab.scores[first_key + j][c * LANES], sums[j][c]);
+}
+
+// Keys after each row's position get -inf.
+template <int D>
+void hide_future(Slab<D>& slab, int64_t block_start, int keys) {
+  const int64_t last_key = block_start + keys - 1;
+  for (int r = 0; r < ROW_SLAB; ++r) {
+    if (slab.row_position[r] >= last_key) continue;
+    for (int j = std::max<int64_t>(0, slab.row_position[r] + 1 - block_start); j < keys; ++j)
+      slab.scores[j][r] = -std::numeric_limits<float>::infinity();
+  }
+}
+
+// Online softmax over one key block: scores (times score_scale) become weights exp(s - max); row_max, row_sum and
+// row_scale (the factor for the sums so far) are updated.
+template <int D>
+void softmax_block(Slab<D>& slab, int keys, float score_scale) {
+  const __m512 scale = _mm512_set1_ps(score_scale);
+  for (int c = 0; c < SLAB_VECTORS; ++c) {
+    __m512 block_max = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int j = 0; j < keys; ++j) {
+      const __m512 scaled = _mm512_mul_ps(_mm512_load_ps(&slab.scores[j][c * LANES]), scale);
+      _mm512_store_ps(&slab.scores[j][c * LANES], scaled);
+      block_max = _mm512_max_ps(block_max, scaled);
+    }
+    const __m512 old_max = _mm512_load_ps(&slab.row_max[c * LANES]);
+    const __m512 new_max = _mm512_max_ps(old_max, block_max);
+    const __m512 rescale = exp_nonpositive(_mm512_sub_ps(old_max, new_max));
+    __m512 block_sum = _mm512_setzero_ps();
+    for (int j = 0; j < keys; ++j) {
+      const __m512 w = exp_nonpositive(_mm512_sub_ps(_mm512_load_ps(&slab.scores[j][c * LANES]), new_max));
+      _mm512_store_ps(&slab.scores[j][c * LANES], w);
+      block_sum = _mm512_add_ps(block_sum, w);
+    }
+    _mm512_store_ps(&slab.row_max[c * LANES], new_max);
+    _mm512_store_ps(&slab.row_scale[c * LANES], rescale);
+    _mm512_store_ps(&slab.row_sum[c * LANES], _mm512_fmadd_ps(_mm512_load_ps(&slab.row_sum[c * LANES]), rescale, block_sum));
+  }
+}
+
+// weight_pairs[j / 2][row] = the bf16 weights of keys j and j + 1 (zero past the block's keys).
+template <int D>
+void pair_weights(Slab<D>& slab, int keys) {
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                              23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int j = 0; j < keys; j += 2)
+    for (int c = 0; c < SLAB_VECTORS; ++c) {
+      const __m512 even = _mm512_load_ps(&slab.scores[j][c * LANES]);
+      const __m512 odd = j + 1 < keys ? _mm512_load_ps(&slab.scores[j + 1][c * LANES]) : _mm512_setzero_ps();
+      const __m512i halves = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(odd, even));
+      _mm512_store_si512(&slab.weight_pairs[j / 2][c * LANES], _mm512_permutexvar_epi16(interleave, halves));
+    }
 }
 
 // acc[rows] = acc[rows] * row_scale + weights^T . v over the block's keys, ROWS rows at a time in registers.
@@ -122,73 +193,96 @@ inline void accumulate_tile(Slab<D>& slab, int row, const float* value, int64_t 
     for (int c = 0; c < DV; ++c) _mm512_store_ps(&slab.acc[row + r][c * LANES], acc[r][c]);
 }
 
-// Online softmax over one key block: hide keys after each row's position, update max and sum, turn scores into
-// weights, and rescale-and-accumulate the values.
-template <int D>
-void attend_block(Slab<D>& slab, const Pass& pass, const float* key, const float* value, int64_t block_start, int keys) {
-  int j = 0;
-  for (; j + SCORE_KEYS <= keys; j += SCORE_KEYS) score_tile<D>(slab, key + j * pass.k_row_stride, pass.k_row_stride, j);
-  for (; j < keys; ++j) score_one<D>(slab, key + j * pass.k_row_stride, j);
-  const int64_t last_key = block_start + keys - 1;
-  for (int r = 0; r < ROW_SLAB; ++r) {
-    if (slab.row_position[r] >= last_key) continue;
-    for (int jj = std::max<int64_t>(0, slab.row_position[r] + 1 - block_start); jj < keys; ++jj)
-      slab.scores[jj][r] = -std::numeric_limits<float>::infinity();
+// The same in bfloat16 over key pairs: value_pairs[p][d] holds the values of keys 2p and 2p + 1 at dim d.
+template <int D, int ROWS>
+inline void accumulate_tile(Slab<D>& slab, int row, const uint32_t* value_pairs, int64_t pair_stride, int keys) {
+  constexpr int DV = D / LANES;
+  __m512 acc[ROWS][DV];
+  for (int r = 0; r < ROWS; ++r) {
+    const __m512 s = _mm512_set1_ps(slab.row_scale[row + r]);
+    for (int c = 0; c < DV; ++c) acc[r][c] = _mm512_mul_ps(_mm512_load_ps(&slab.acc[row + r][c * LANES]), s);
   }
-  for (int c = 0; c < SLAB_VECTORS; ++c) {
-    __m512 block_max = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int jj = 0; jj < keys; ++jj) block_max = _mm512_max_ps(block_max, _mm512_load_ps(&slab.scores[jj][c * LANES]));
-    const __m512 old_max = _mm512_load_ps(&slab.row_max[c * LANES]);
-    const __m512 new_max = _mm512_max_ps(old_max, block_max);
-    const __m512 rescale = exp_nonpositive(_mm512_sub_ps(old_max, new_max));
-    __m512 block_sum = _mm512_setzero_ps();
-    for (int jj = 0; jj < keys; ++jj) {
-      const __m512 w = exp_nonpositive(_mm512_sub_ps(_mm512_load_ps(&slab.scores[jj][c * LANES]), new_max));
-      _mm512_store_ps(&slab.scores[jj][c * LANES], w);
-      block_sum = _mm512_add_ps(block_sum, w);
+  for (int p = 0; p < (keys + 1) / 2; ++p) {
+    __m512bh vp[DV];
+    for (int c = 0; c < DV; ++c) vp[c] = as_bf16(_mm512_loadu_si512(value_pairs + p * pair_stride + c * LANES));
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512bh w = as_bf16(_mm512_set1_epi32(static_cast<int>(slab.weight_pairs[p][row + r])));
+      for (int c = 0; c < DV; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], w, vp[c]);
     }
-    _mm512_store_ps(&slab.row_max[c * LANES], new_max);
-    _mm512_store_ps(&slab.row_scale[c * LANES], rescale);
-    _mm512_store_ps(&slab.row_sum[c * LANES], _mm512_fmadd_ps(_mm512_load_ps(&slab.row_sum[c * LANES]), rescale, block_sum));
   }
+  for (int r = 0; r < ROWS; ++r)
+    for (int c = 0; c < DV; ++c) _mm512_store_ps(&slab.acc[row + r][c * LANES], acc[r][c]);
+}
+
+// One key block: scores, hidden future, online softmax, weighted values. Key is the element type's pointer.
+template <int D, typename Key, typename Value>
+void attend_block(Slab<D>& slab, const Pass& pass, const Key* key, const Value* value, int64_t block_start, int keys) {
+  for (int j = 0; j < keys; j += SCORE_KEYS)
+    score_tile<D>(slab, key + j * pass.k_row_stride, pass.k_row_stride, j, std::min(SCORE_KEYS, keys - j));
+  hide_future<D>(slab, block_start, keys);
+  constexpr bool bf16 = std::is_same<Key, uint16_t>::value;
+  softmax_block<D>(slab, keys, bf16 ? pass.scale : 1.0f);
   constexpr int ROWS = D <= 64 ? 6 : (D <= 128 ? 3 : 1);
   static_assert(ROW_SLAB % ROWS == 0, "row tiles must fill the slab");
+  if constexpr (bf16) pair_weights<D>(slab, keys);
   for (int r = 0; r < ROW_SLAB; r += ROWS) accumulate_tile<D, ROWS>(slab, r, value, pass.v_row_stride, keys);
 }
 
+inline float to_float(float x) { return x; }
+inline float to_float(uint16_t bits) {
+  const uint32_t widened = static_cast<uint32_t>(bits) << 16;
+  float x;
+  std::memcpy(&x, &widened, sizeof(x));
+  return x;
+}
+
 // One work item: `queries_per_item` query positions of one KV head, their group's heads stacked as rows.
-template <int D>
+// float32 queries are scaled here; bfloat16 ones stay as given and their scores are scaled in float32.
+template <int D, typename Elem, typename Value>
 void attend_item(Slab<D>& slab, const Pass& pass, int64_t kv_head, int64_t first_query) {
+  constexpr bool bf16 = std::is_same<Elem, uint16_t>::value;
   const int64_t queries = std::min(pass.queries_per_item, pass.num_queries - first_query);
   const int64_t rows = queries * pass.group;
   for (int r = 0; r < ROW_SLAB; ++r) {
     const bool real = r < rows;
     const int64_t query = first_query + (real ? r / pass.group : queries - 1);
     const int64_t head = kv_head * pass.group + (real ? r % pass.group : 0);
-    const float* q_row = pass.q + head * pass.q_head_stride + query * pass.q_row_stride;
-    for (int d = 0; d < D; ++d) slab.q_t[d][r] = real ? q_row[d] * pass.scale : 0.0f;
+    const Elem* q_row = static_cast<const Elem*>(pass.q) + head * pass.q_head_stride + query * pass.q_row_stride;
+    if constexpr (bf16) {
+      for (int d = 0; d < D / 2; ++d) slab.q_pairs[d][r] = real ? bf16_pair(q_row + 2 * d) : 0u;
+    } else {
+      for (int d = 0; d < D; ++d) slab.q_t[d][r] = real ? q_row[d] * pass.scale : 0.0f;
+    }
     slab.row_position[r] = pass.first_position + query;
     slab.row_max[r] = -std::numeric_limits<float>::infinity();
     slab.row_sum[r] = 0.0f;
     for (int d = 0; d < D; ++d) slab.acc[r][d] = 0.0f;
   }
-  const float* key = pass.k + kv_head * pass.k_head_stride;
-  const float* value = pass.v + kv_head * pass.v_head_stride;
+  const Elem* key = static_cast<const Elem*>(pass.k) + kv_head * pass.k_head_stride;
+  const Value* value = static_cast<const Value*>(pass.v) + kv_head * pass.v_head_stride;
+  const int64_t value_step = bf16 ? KEY_BLOCK / 2 : KEY_BLOCK;
   const int64_t last_position = pass.first_position + first_query + queries - 1;
-  for (int64_t start = 0; start <= last_position; start += KEY_BLOCK) {
+  for (int64_t start = 0, block = 0; start <= last_position; start += KEY_BLOCK, ++block) {
     const int keys = static_cast<int>(std::min<int64_t>(KEY_BLOCK, pass.num_keys - start));
-    attend_block<D>(slab, pass, key + start * pass.k_row_stride, value + start * pass.v_row_stride, start, keys);
+    attend_block<D>(slab, pass, key + start * pass.k_row_stride, value + block * value_step * pass.v_row_stride, start, keys);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t query = first_query + r / pass.group;
     const int64_t head = kv_head * pass.group + r % pass.group;
-    float* out_row = pass.out + query * pass.heads * D + head * D;
+    Elem* out_row = static_cast<Elem*>(pass.out) + query * pass.heads * D + head * D;
     const float inverse = 1.0f / slab.row_sum[r];
-    for (int d = 0; d < D; ++d) out_row[d] = slab.acc[r][d] * inverse;
+    for (int d = 0; d < D; ++d) {
+      const float x = slab.acc[r][d] * inverse;
+      if constexpr (bf16) {
+        out_row[d] = c10::BFloat16(x).x;
+      } else {
+        out_row[d] = x;
+      }
+    }
   }
 }
 
-template <int D>
+template <int D, typename Elem, typename Value>
 void attend_pass(const Pass& pass) {
   const int64_t query_blocks = (pass.num_queries + pass.queries_per_item - 1) / pass.queries_per_item;
   const int64_t items = query_blocks * pass.kv_heads;
@@ -198,37 +292,69 @@ void attend_pass(const Pass& pass) {
     for (int64_t item = next++; item < items; item = next++) {
       // The latest queries (the most keys) first, so the threads finish together.
       const int64_t block = query_blocks - 1 - item / pass.kv_heads;
-      attend_item<D>(*slab, pass, item % pass.kv_heads, block * pass.queries_per_item);
+      attend_item<D, Elem, Value>(*slab, pass, item % pass.kv_heads, block * pass.queries_per_item);
     }
   });
 }
 
+// bfloat16 values (Hkv, Tk, d) as (Hkv, ceil(Tk / 2), d) pairs: element [p][d] holds keys 2p (low half) and 2p + 1.
+at::Tensor pack_value_pairs(const at::Tensor& v) {
+  const int64_t kv_heads = v.size(0), num_keys = v.size(1), head_dim = v.size(2), pairs = (num_keys + 1) / 2;
+  at::Tensor packed = at::empty({kv_heads, pairs, head_dim}, v.options().dtype(at::kInt));
+  const auto* source = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
+  auto* target = reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>());
+  at::parallel_for(0, kv_heads * pairs, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t head = index / pairs, p = index % pairs;
+      const uint16_t* even = source + head * v.stride(0) + 2 * p * v.stride(1);
+      const uint16_t* odd = even + v.stride(1);
+      const bool has_odd = 2 * p + 1 < num_keys;
+      uint32_t* row = target + index * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d)
+        row[d] = static_cast<uint32_t>(even[d]) | (has_odd ? static_cast<uint32_t>(odd[d]) << 16 : 0u);
+    }
+  });
+  return packed;
+}
+
+template <typename Elem, typename Value>
+void dispatch(const Pass& pass, int64_t head_dim) {
+  switch (head_dim) {  // the head dims of cpu_kernels.HEAD_DIMS
+    case 16: attend_pass<16, Elem, Value>(pass); break;
+    case 32: attend_pass<32, Elem, Value>(pass); break;
+    case 48: attend_pass<48, Elem, Value>(pass); break;
+    case 64: attend_pass<64, Elem, Value>(pass); break;
+    case 80: attend_pass<80, Elem, Value>(pass); break;
+    case 96: attend_pass<96, Elem, Value>(pass); break;
+    case 128: attend_pass<128, Elem, Value>(pass); break;
+    case 256: attend_pass<256, Elem, Value>(pass); break;
+    default: TORCH_CHECK(false, "attend_causal: head dim ", head_dim, " not built");
+  }
+}
+
 at::Tensor attend_causal(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "attend_causal: q (H, Tq, d), k and v (Hkv, Tk, d)");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-              "attend_causal: float32 only");
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && k.scalar_type() == dtype && v.scalar_type() == dtype,
+              "attend_causal: float32 or bfloat16, the same for q, k and v");
   TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "attend_causal: the last dim must be contiguous");
   const int64_t heads = q.size(0), num_queries = q.size(1), head_dim = q.size(2);
   const int64_t kv_heads = k.size(0), num_keys = k.size(1);
   TORCH_CHECK(heads % kv_heads == 0 && v.size(0) == kv_heads && v.size(1) == num_keys && k.size(2) == head_dim &&
                   v.size(2) == head_dim && num_queries <= num_keys,
               "attend_causal: shapes do not match");
+  TORCH_CHECK(heads / kv_heads <= ROW_SLAB, "attend_causal: at most ", ROW_SLAB, " query heads per KV head");
   at::Tensor out = at::empty({num_queries, heads * head_dim}, q.options());
-  Pass pass{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), out.data_ptr<float>(),
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+  const bool bf16 = dtype == at::kBFloat16;
+  const at::Tensor values = bf16 ? pack_value_pairs(v) : v;
+  Pass pass{q.data_ptr(), k.data_ptr(), values.data_ptr(), out.data_ptr(),
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), values.stride(0), values.stride(1),
             heads, kv_heads, heads / kv_heads, num_queries, num_keys, num_keys - num_queries,
             std::max<int64_t>(1, ROW_SLAB / (heads / kv_heads)), 1.0f / std::sqrt(static_cast<float>(head_dim))};
-  TORCH_CHECK(pass.group <= ROW_SLAB, "attend_causal: at most ", ROW_SLAB, " query heads per KV head");
-  switch (head_dim) {  // the head dims of cpu_kernels.HEAD_DIMS
-    case 16: attend_pass<16>(pass); break;
-    case 32: attend_pass<32>(pass); break;
-    case 48: attend_pass<48>(pass); break;
-    case 64: attend_pass<64>(pass); break;
-    case 80: attend_pass<80>(pass); break;
-    case 96: attend_pass<96>(pass); break;
-    case 128: attend_pass<128>(pass); break;
-    case 256: attend_pass<256>(pass); break;
-    default: TORCH_CHECK(false, "attend_causal: head dim ", head_dim, " not built");
+  if (bf16) {
+    dispatch<uint16_t, uint32_t>(pass, head_dim);
+  } else {
+    dispatch<float, float>(pass, head_dim);
   }
   return out;
 }

@@ -24,7 +24,10 @@ HEAD_DIMS = frozenset({16, 32, 48, 64, 80, 96, 128, 256})
 """Head dims the kernel is compiled for (its `switch`); others use SDPA."""
 MAX_GROUP = 48
 """At most this many query heads per KV head (one row slab of the kernel)."""
-FLAGS = ["-O3", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp"]
+FLAGS = ["-O3", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
+"""AVX512-BF16 instructions run only on bfloat16 operands, which `applies` sends only to a CPU that has them."""
+
+_AVX512_BF16 = torch.cpu._is_avx512_bf16_supported()
 
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
@@ -78,12 +81,13 @@ def _missing_requirement() -> str:
 
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """The kernel is loaded and takes these operands: float32 on a CPU, a head dim it was compiled for, each
-    row contiguous."""
+    """The kernel is loaded and takes these operands: float32, or bfloat16 on a CPU with AVX512-BF16, a head dim it
+    was compiled for, each row contiguous."""
     return (
         _state.get("loaded", False)
         and q.device.type == "cpu"
-        and q.dtype == k.dtype == v.dtype == torch.float32
+        and q.dtype == k.dtype == v.dtype
+        and (q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and _AVX512_BF16))
         and q.shape[-1] in HEAD_DIMS
         and q.shape[-3] // k.shape[-3] <= MAX_GROUP
         and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
