@@ -92,3 +92,18 @@ def test_operands_the_kernel_was_not_built_for_go_elsewhere() -> None:
     q, k, v = operands(4, 2, 24, 10, 10)
     assert not cpu_kernels.applies(q, k, v)
     assert not cpu_kernels.applies(*operands(4, 2, 64, 10, 10, torch.float16))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (12, 2, 128), (4, 4, 16), (32, 1, 48)])
+def test_decode_rows_each_attend_to_their_own_cache(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+    """Rows of different lengths, each over the start of its own cache (what lies after its length must not count)."""
+    generator = torch.Generator().manual_seed(heads + head_dim)
+    lengths = [1, 40, 17, 97]
+    q = torch.randn(len(lengths), heads, head_dim, generator=generator).to(dtype).transpose(0, 1)
+    keys = [(torch.randn(kv_heads, 120, head_dim, generator=generator) * 2).to(dtype) for _ in lengths]
+    values = [torch.randn(kv_heads, 120, head_dim, generator=generator).to(dtype) for _ in lengths]
+    expected = torch.cat([reference(q[:, row : row + 1], keys[row][:, :length], values[row][:, :length]) for row, length in enumerate(lengths)])
+    tolerance = {"rtol": 1e-5, "atol": 2e-5} if dtype == torch.float32 else {"rtol": 2**-8, "atol": 2**-8}
+    torch.testing.assert_close(cpu_kernels.attend_rows(q, keys, values, lengths).float(), expected, **tolerance)

@@ -359,8 +359,147 @@ at::Tensor attend_causal(const at::Tensor& q, const at::Tensor& k, const at::Ten
   return out;
 }
 
+// Decode: one query token per row, each row over its own cache. A row's query heads of one KV head read each of its
+// keys and values once; the dims are the vector lanes (a query's 1 x d against a key's d).
+constexpr int DECODE_ACCUMULATORS = 24;
+
+inline __m512 load_floats(const float* at) { return _mm512_loadu_ps(at); }
+inline __m512 load_floats(const uint16_t* at) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at))), 16));
+}
+
+template <int D, typename Elem>
+void decode_item(const Elem* query, int64_t query_head_stride, int64_t group, const Elem* key, const Elem* value,
+                 int64_t row_stride, int64_t length, float scale, Elem* out, std::vector<float>& weights) {
+  constexpr int DV = D / LANES;
+  constexpr int HEADS_PER_TILE = std::max(1, DECODE_ACCUMULATORS / DV);
+  weights.resize(static_cast<size_t>(group * length));
+  for (int64_t first = 0; first < group; first += HEADS_PER_TILE) {
+    const int heads = static_cast<int>(std::min<int64_t>(HEADS_PER_TILE, group - first));
+    __m512 q[HEADS_PER_TILE][DV];
+    for (int h = 0; h < heads; ++h)
+      for (int c = 0; c < DV; ++c) q[h][c] = _mm512_mul_ps(load_floats(query + (first + h) * query_head_stride + c * LANES), _mm512_set1_ps(scale));
+    float max_score[HEADS_PER_TILE];
+    for (int h = 0; h < heads; ++h) max_score[h] = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < length; ++j) {
+      __m512 kj[DV];
+      for (int c = 0; c < DV; ++c) kj[c] = load_floats(key + j * row_stride + c * LANES);
+      for (int h = 0; h < heads; ++h) {
+        __m512 sum = _mm512_mul_ps(q[h][0], kj[0]);
+        for (int c = 1; c < DV; ++c) sum = _mm512_fmadd_ps(q[h][c], kj[c], sum);
+        const float score = _mm512_reduce_add_ps(sum);
+        weights[(first + h) * length + j] = score;
+        max_score[h] = std::max(max_score[h], score);
+      }
+    }
+    float total[HEADS_PER_TILE];
+    for (int h = 0; h < heads; ++h) {
+      float* row = weights.data() + (first + h) * length;
+      const __m512 row_max = _mm512_set1_ps(max_score[h]);
+      __m512 sums = _mm512_setzero_ps();
+      int64_t j = 0;
+      for (; j + LANES <= length; j += LANES) {
+        const __m512 w = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + j), row_max));
+        _mm512_storeu_ps(row + j, w);
+        sums = _mm512_add_ps(sums, w);
+      }
+      if (j < length) {
+        const __mmask16 tail = static_cast<__mmask16>((1u << (length - j)) - 1);
+        const __m512 w = _mm512_maskz_mov_ps(tail, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, row + j), row_max)));
+        _mm512_mask_storeu_ps(row + j, tail, w);
+        sums = _mm512_add_ps(sums, w);
+      }
+      total[h] = _mm512_reduce_add_ps(sums);
+    }
+    __m512 acc[HEADS_PER_TILE][DV];
+    for (int h = 0; h < heads; ++h)
+      for (int c = 0; c < DV; ++c) acc[h][c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < length; ++j) {
+      __m512 vj[DV];
+      for (int c = 0; c < DV; ++c) vj[c] = load_floats(value + j * row_stride + c * LANES);
+      for (int h = 0; h < heads; ++h) {
+        const __m512 w = _mm512_set1_ps(weights[(first + h) * length + j]);
+        for (int c = 0; c < DV; ++c) acc[h][c] = _mm512_fmadd_ps(w, vj[c], acc[h][c]);
+      }
+    }
+    for (int h = 0; h < heads; ++h) {
+      alignas(64) float result[D];
+      const __m512 inverse = _mm512_set1_ps(1.0f / total[h]);
+      for (int c = 0; c < DV; ++c) _mm512_store_ps(result + c * LANES, _mm512_mul_ps(acc[h][c], inverse));
+      Elem* target = out + (first + h) * D;
+      for (int d = 0; d < D; ++d) {
+        if constexpr (std::is_same<Elem, uint16_t>::value) {
+          target[d] = c10::BFloat16(result[d]).x;
+        } else {
+          target[d] = result[d];
+        }
+      }
+    }
+  }
+}
+
+template <int D, typename Elem>
+void decode_rows_typed(const at::Tensor& q, const std::vector<at::Tensor>& keys, const std::vector<at::Tensor>& values,
+                       const std::vector<int64_t>& lengths, at::Tensor& out) {
+  const int64_t rows = static_cast<int64_t>(keys.size()), heads = q.size(0), kv_heads = keys[0].size(0), group = heads / kv_heads;
+  const int64_t items = rows * kv_heads;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const auto* query = static_cast<const Elem*>(q.data_ptr());
+  auto* target = static_cast<Elem*>(out.data_ptr());
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    std::vector<float> weights;
+    for (int64_t item = next++; item < items; item = next++) {
+      const int64_t row = item / kv_heads, kv_head = item % kv_heads;
+      const at::Tensor& k = keys[row];
+      const at::Tensor& v = values[row];
+      decode_item<D, Elem>(query + kv_head * group * q.stride(0) + row * q.stride(1), q.stride(0), group,
+                           static_cast<const Elem*>(k.data_ptr()) + kv_head * k.stride(0),
+                           static_cast<const Elem*>(v.data_ptr()) + kv_head * v.stride(0), k.stride(1), lengths[row], scale,
+                           target + row * heads * D + kv_head * group * D, weights);
+    }
+  });
+}
+
+at::Tensor attend_rows(const at::Tensor& q, at::TensorList keys, at::TensorList values, at::IntArrayRef lengths) {
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "attend_rows: q (H, B, d), the last dim contiguous");
+  const int64_t heads = q.size(0), rows = q.size(1), head_dim = q.size(2);
+  TORCH_CHECK(static_cast<int64_t>(keys.size()) == rows && static_cast<int64_t>(values.size()) == rows &&
+                  static_cast<int64_t>(lengths.size()) == rows, "attend_rows: one cache and length per row");
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "attend_rows: float32 or bfloat16");
+  std::vector<at::Tensor> k(keys.begin(), keys.end()), v(values.begin(), values.end());
+  std::vector<int64_t> length(lengths.begin(), lengths.end());
+  for (int64_t row = 0; row < rows; ++row) {
+    TORCH_CHECK(k[row].dim() == 3 && v[row].dim() == 3 && k[row].scalar_type() == dtype && v[row].scalar_type() == dtype &&
+                    k[row].stride(2) == 1 && v[row].stride(2) == 1 && k[row].stride(1) == v[row].stride(1) &&
+                    k[row].size(2) == head_dim && k[row].size(0) == k[0].size(0) && v[row].size(0) == k[0].size(0) &&
+                    heads % k[row].size(0) == 0 && length[row] >= 1 && length[row] <= k[row].size(1) && length[row] <= v[row].size(1),
+                "attend_rows: row ", row, "'s cache does not match the queries");
+  }
+  at::Tensor out = at::empty({rows, heads * head_dim}, q.options());
+#define KVCAKE_DECODE(DIM)                                                                   \
+  case DIM:                                                                                  \
+    if (dtype == at::kFloat) decode_rows_typed<DIM, float>(q, k, v, length, out);            \
+    else decode_rows_typed<DIM, uint16_t>(q, k, v, length, out);                             \
+    break;
+  switch (head_dim) {
+    KVCAKE_DECODE(16) KVCAKE_DECODE(32) KVCAKE_DECODE(48) KVCAKE_DECODE(64)
+    KVCAKE_DECODE(80) KVCAKE_DECODE(96) KVCAKE_DECODE(128) KVCAKE_DECODE(256)
+    default: TORCH_CHECK(false, "attend_rows: head dim ", head_dim, " not built");
+  }
+#undef KVCAKE_DECODE
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY(kvcake, m) { m.def("attend_causal(Tensor q, Tensor k, Tensor v) -> Tensor"); }
+TORCH_LIBRARY(kvcake, m) {
+  m.def("attend_causal(Tensor q, Tensor k, Tensor v) -> Tensor");
+  m.def("attend_rows(Tensor q, Tensor[] keys, Tensor[] values, int[] lengths) -> Tensor");
+}
 
-TORCH_LIBRARY_IMPL(kvcake, CPU, m) { m.impl("attend_causal", attend_causal); }
+TORCH_LIBRARY_IMPL(kvcake, CPU, m) {
+  m.impl("attend_causal", attend_causal);
+  m.impl("attend_rows", attend_rows);
+}

@@ -94,6 +94,19 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     )
 
 
+def attends_rows(device: torch.device, dtype: torch.dtype, head_dim: int, group: int) -> bool:
+    """`attend_rows` takes decode rows of this device, dtype, head dim and query heads per KV head."""
+    probe = torch.empty(group, 0, head_dim, dtype=dtype, device=device)
+    return applies(probe, probe[:1], probe[:1])
+
+
+def attend_rows(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: list[int]) -> torch.Tensor:
+    """One decode token per row: q (H, B, d), row i over the first lengths[i] of keys[i], values[i] (Hkv, capacity,
+    d), its whole cache (no mask). Returns (B, H * d). Reads half-precision caches as they are: the attention it
+    replaces converted each row's keys and values to float32 every layer of every step (`_PaddedRows`)."""
+    return torch.ops.kvcake.attend_rows(q, keys, values, lengths)
+
+
 def attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q (H, Tq, d), the last Tq of the Tk tokens of k, v (Hkv, Tk, d), each attending to itself and the tokens
     before it; the last dim contiguous. Returns (Tq, H * d). A query's result depends only on its position and the

@@ -293,8 +293,11 @@ class Transformer:
         """
         slots = [cache.reserve(positions[i : i + 1].to(self.device)) for i, cache in enumerate(caches)]
         masks = [causal_mask(cache.positions[slot], cache.positions[: slot.stop]) for cache, slot in zip(caches, slots)]
+        lengths = [slot.stop for slot in slots]
+        group = self.config.num_heads // self.config.num_kv_heads
+        direct = all(mask is None for mask in masks) and cpu_kernels.attends_rows(self.device, self.dtype, self.config.head_dim, group)
         kept, self._padded_rows = self._padded_rows, None
-        padded = _PaddedRows.for_step(kept, caches, slots, masks, self.dtype, self.config.num_layers)
+        padded = None if direct else _PaddedRows.for_step(kept, caches, slots, masks, self.dtype, self.config.num_layers)
         self._padded_rows = padded
         cos, sin = self.rope_tables(positions)
         hidden = self.embed(token_ids)
@@ -303,7 +306,9 @@ class Transformer:
             rotated_q, rotated_k = self.apply_rope(q, cos, sin), self.apply_rope(k, cos, sin)
             for row, (cache, slot) in enumerate(zip(caches, slots)):
                 cache.write(layer, slot, rotated_k[:, row : row + 1], v[:, row : row + 1])
-            if padded is not None:
+            if direct:
+                attended = cpu_kernels.attend_rows(rotated_q, [cache.keys[layer] for cache in caches], [cache.values[layer] for cache in caches], lengths)
+            elif padded is not None:
                 attended = padded.attend(rotated_q, rotated_k, v, layer)
             else:
                 attended = torch.cat([
@@ -423,6 +428,8 @@ def causal_mask(q_positions: torch.Tensor, kv_positions: torch.Tensor) -> Mask:
 
 def attend_with_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask) -> torch.Tensor:
     """q: (H, Tq, d); k, v: (Hkv, Tk, d) with H a multiple of Hkv (GQA). Returns (Tq, H * d)."""
+    if q.shape[1] == 1 and mask is None and cpu_kernels.applies(q, k, v):
+        return cpu_kernels.attend_rows(q, [k], [v], [k.shape[1]])
     if q.shape[1] == 1 and mask is None and q.dtype != torch.float32 and q.device.type == "cpu":
         return _attend_one_query(q, k, v)
     causal = mask is True or isinstance(mask, TailCausal)
