@@ -131,17 +131,20 @@ void hide_future(Slab<D>& slab, int64_t block_start, int keys) {
   }
 }
 
-// Online softmax over one key block: scores (times score_scale) become weights exp(s - max); row_max, row_sum and
-// row_scale (the factor for the sums so far) are updated.
-template <int D>
+// Online softmax over one key block: scores (times score_scale where SCALE, else as they are) become weights
+// exp(s - max); row_max, row_sum and row_scale (the factor for the sums so far) are updated.
+template <int D, bool SCALE>
 void softmax_block(Slab<D>& slab, int keys, float score_scale) {
   const __m512 scale = _mm512_set1_ps(score_scale);
   for (int c = 0; c < SLAB_VECTORS; ++c) {
     __m512 block_max = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     for (int j = 0; j < keys; ++j) {
-      const __m512 scaled = _mm512_mul_ps(_mm512_load_ps(&slab.scores[j][c * LANES]), scale);
-      _mm512_store_ps(&slab.scores[j][c * LANES], scaled);
-      block_max = _mm512_max_ps(block_max, scaled);
+      __m512 score = _mm512_load_ps(&slab.scores[j][c * LANES]);
+      if constexpr (SCALE) {
+        score = _mm512_mul_ps(score, scale);
+        _mm512_store_ps(&slab.scores[j][c * LANES], score);
+      }
+      block_max = _mm512_max_ps(block_max, score);
     }
     const __m512 old_max = _mm512_load_ps(&slab.row_max[c * LANES]);
     const __m512 new_max = _mm512_max_ps(old_max, block_max);
@@ -221,7 +224,7 @@ void attend_block(Slab<D>& slab, const Pass& pass, const Key* key, const Value* 
     score_tile<D>(slab, key + j * pass.k_row_stride, pass.k_row_stride, j, std::min(SCORE_KEYS, keys - j));
   hide_future<D>(slab, block_start, keys);
   constexpr bool bf16 = std::is_same<Key, uint16_t>::value;
-  softmax_block<D>(slab, keys, bf16 ? pass.scale : 1.0f);
+  softmax_block<D, bf16>(slab, keys, pass.scale);
   constexpr int ROWS = D <= 64 ? 6 : (D <= 128 ? 3 : 1);
   static_assert(ROW_SLAB % ROWS == 0, "row tiles must fill the slab");
   if constexpr (bf16) pair_weights<D>(slab, keys);
