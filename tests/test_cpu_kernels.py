@@ -107,3 +107,20 @@ def test_decode_rows_each_attend_to_their_own_cache(heads: int, kv_heads: int, h
     expected = torch.cat([reference(q[:, row : row + 1], keys[row][:, :length], values[row][:, :length]) for row, length in enumerate(lengths)])
     tolerance = {"rtol": 1e-5, "atol": 2e-5} if dtype == torch.float32 else {"rtol": 2**-8, "atol": 2**-8}
     torch.testing.assert_close(cpu_kernels.attend_rows(q, keys, values, lengths).float(), expected, **tolerance)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_queries_anywhere_see_the_keys_their_counts_give(dtype: torch.dtype) -> None:
+    """A blend's recomputed tokens: queries at scattered positions, each over the keys up to its own (a prefix of
+    the cache, by count), equal to the masked reference; the same queries alone give the same bits."""
+    q, k, v = operands(12, 2, 128, 7, 700, dtype)
+    visible = torch.tensor([1, 5, 96, 97, 300, 650, 700])
+    allowed = torch.arange(700)[None, :] < visible[:, None]
+    expected = F.scaled_dot_product_attention(q[None].double(), k[None].double(), v[None].double(), attn_mask=allowed, enable_gqa=True)
+    expected = expected[0].transpose(0, 1).reshape(7, -1).float()
+    got = cpu_kernels.attend_causal(q, k, v, visible)
+    tolerance = {"rtol": 1e-5, "atol": 2e-5} if dtype == torch.float32 else {"rtol": 2**-8, "atol": 2**-7}
+    torch.testing.assert_close(got.float(), expected, **tolerance)
+    for row in (0, 3, 6):
+        assert torch.equal(cpu_kernels.attend_causal(q[:, row : row + 1], k, v, visible[row : row + 1]), got[row : row + 1])

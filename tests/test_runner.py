@@ -10,7 +10,7 @@ from tiny import FAMILY_CONFIGS
 from transformers import AutoModelForCausalLM
 
 from kvcake.model import Transformer, transformer
-from kvcake.model.transformer import TailCausal, attend_with_mask, causal_mask, linear, pack_weight
+from kvcake.model.transformer import PrefixVisible, TailCausal, attend_with_mask, causal_mask, linear, pack_weight
 
 TOLERANCE = 1e-4
 
@@ -86,7 +86,8 @@ def test_attention_over_any_subset_uses_positions(test_device: torch.device) -> 
 def test_tail_chunk_mask_gives_the_position_mask_result(test_device: torch.device) -> None:
     """A chunk at the tail of a contiguous cache gets the lower-right causal form (CUDA's flash
     kernel in half precision; on a CPU the earlier tokens and the chunk's own apart, joined by their
-    log-sum-exps) with the same result as the boolean mask; a gap keeps the mask."""
+    log-sum-exps) with the same result as the boolean mask; a gap gets per-query counts of visible keys (the CPU
+    kernel's form), with the same result too; keys out of order keep the boolean mask."""
     dtype = torch.bfloat16 if test_device.type == "cuda" else torch.float32
     generator = torch.Generator().manual_seed(6)
     q = torch.randn(4, 5, 16, generator=generator).to(test_device, dtype)
@@ -96,7 +97,11 @@ def test_tail_chunk_mask_gives_the_position_mask_result(test_device: torch.devic
     assert isinstance(mask, TailCausal)
     tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-6
     torch.testing.assert_close(attend_with_mask(q, k, v, mask), attend_with_mask(q, k, v, mask.dense), atol=tolerance, rtol=tolerance)
-    assert isinstance(causal_mask(kv_positions[-5:], torch.cat([kv_positions[:3], kv_positions[4:]])), torch.Tensor)
+    gap = causal_mask(kv_positions[-5:], torch.cat([kv_positions[:3], kv_positions[4:]]))
+    assert isinstance(gap, PrefixVisible) and gap.counts.tolist() == [7, 8, 9, 10, 11]
+    k_gap, v_gap = k[:, 1:], v[:, 1:]
+    torch.testing.assert_close(attend_with_mask(q, k_gap, v_gap, gap), attend_with_mask(q, k_gap, v_gap, gap.dense), atol=tolerance, rtol=tolerance)
+    assert isinstance(causal_mask(kv_positions[-5:], kv_positions.flip(0)), torch.Tensor)
 
 
 @pytest.mark.skipif(not transformer._ONEDNN_BF16, reason="the CPU has no bf16 instructions: SDPA's kernel runs instead")

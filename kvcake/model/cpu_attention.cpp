@@ -59,7 +59,13 @@ struct Pass {
   int64_t heads, kv_heads, group, num_queries, num_keys, first_position;
   int64_t queries_per_item;
   float scale;
+  const int64_t* visible;  // nullptr: query i sees keys up to first_position + i; else the first visible[i] keys
 };
+
+// The last key a query sees.
+inline int64_t last_visible_key(const Pass& pass, int64_t query) {
+  return pass.visible ? pass.visible[query] - 1 : pass.first_position + query;
+}
 
 // One slab's working set, transposed so that a vector holds LANES rows: scores and weights are [key][row].
 // bfloat16 keeps its query rows and weights as pairs of bf16 in 32 bits, the unit of one VDPBF16PS lane.
@@ -256,7 +262,7 @@ void attend_item(Slab<D>& slab, const Pass& pass, int64_t kv_head, int64_t first
     } else {
       for (int d = 0; d < D; ++d) slab.q_t[d][r] = real ? q_row[d] * pass.scale : 0.0f;
     }
-    slab.row_position[r] = pass.first_position + query;
+    slab.row_position[r] = last_visible_key(pass, query);
     slab.row_max[r] = -std::numeric_limits<float>::infinity();
     slab.row_sum[r] = 0.0f;
     for (int d = 0; d < D; ++d) slab.acc[r][d] = 0.0f;
@@ -264,7 +270,9 @@ void attend_item(Slab<D>& slab, const Pass& pass, int64_t kv_head, int64_t first
   const Elem* key = static_cast<const Elem*>(pass.k) + kv_head * pass.k_head_stride;
   const Value* value = static_cast<const Value*>(pass.v) + kv_head * pass.v_head_stride;
   const int64_t value_step = bf16 ? KEY_BLOCK / 2 : KEY_BLOCK;
-  const int64_t last_position = pass.first_position + first_query + queries - 1;
+  int64_t last_position = 0;
+  for (int64_t query = first_query; query < first_query + queries; ++query)
+    last_position = std::max(last_position, last_visible_key(pass, query));
   for (int64_t start = 0, block = 0; start <= last_position; start += KEY_BLOCK, ++block) {
     const int keys = static_cast<int>(std::min<int64_t>(KEY_BLOCK, pass.num_keys - start));
     attend_block<D>(slab, pass, key + start * pass.k_row_stride, value + block * value_step * pass.v_row_stride, start, keys);
@@ -335,7 +343,7 @@ void dispatch(const Pass& pass, int64_t head_dim) {
   }
 }
 
-at::Tensor attend_causal(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+at::Tensor attend_causal(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& visible) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "attend_causal: q (H, Tq, d), k and v (Hkv, Tk, d)");
   const auto dtype = q.scalar_type();
   TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && k.scalar_type() == dtype && v.scalar_type() == dtype,
@@ -347,13 +355,20 @@ at::Tensor attend_causal(const at::Tensor& q, const at::Tensor& k, const at::Ten
                   v.size(2) == head_dim && num_queries <= num_keys,
               "attend_causal: shapes do not match");
   TORCH_CHECK(heads / kv_heads <= ROW_SLAB, "attend_causal: at most ", ROW_SLAB, " query heads per KV head");
+  if (visible) {
+    TORCH_CHECK(visible->scalar_type() == at::kLong && visible->is_contiguous() && visible->numel() == num_queries,
+                "attend_causal: visible is one int64 count per query");
+    TORCH_CHECK(num_queries == 0 || (visible->min().item<int64_t>() >= 1 && visible->max().item<int64_t>() <= num_keys),
+                "attend_causal: each query sees 1 to Tk keys");
+  }
   at::Tensor out = at::empty({num_queries, heads * head_dim}, q.options());
   const bool bf16 = dtype == at::kBFloat16;
   const at::Tensor values = bf16 ? pack_value_pairs(v) : v;
   Pass pass{q.data_ptr(), k.data_ptr(), values.data_ptr(), out.data_ptr(),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), values.stride(0), values.stride(1),
             heads, kv_heads, heads / kv_heads, num_queries, num_keys, num_keys - num_queries,
-            std::max<int64_t>(1, ROW_SLAB / (heads / kv_heads)), 1.0f / std::sqrt(static_cast<float>(head_dim))};
+            std::max<int64_t>(1, ROW_SLAB / (heads / kv_heads)), 1.0f / std::sqrt(static_cast<float>(head_dim)),
+            visible ? visible->data_ptr<int64_t>() : nullptr};
   if (bf16) {
     dispatch<uint16_t, uint32_t>(pass, head_dim);
   } else {
@@ -498,7 +513,7 @@ at::Tensor attend_rows(const at::Tensor& q, at::TensorList keys, at::TensorList 
 }  // namespace
 
 TORCH_LIBRARY(kvcake, m) {
-  m.def("attend_causal(Tensor q, Tensor k, Tensor v) -> Tensor");
+  m.def("attend_causal(Tensor q, Tensor k, Tensor v, Tensor? visible=None) -> Tensor");
   m.def("attend_rows(Tensor q, Tensor[] keys, Tensor[] values, int[] lengths) -> Tensor");
 }
 

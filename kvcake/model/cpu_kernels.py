@@ -107,8 +107,9 @@ def attend_rows(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Te
     return torch.ops.kvcake.attend_rows(q, keys, values, lengths)
 
 
-def attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q (H, Tq, d), the last Tq of the Tk tokens of k, v (Hkv, Tk, d), each attending to itself and the tokens
-    before it; the last dim contiguous. Returns (Tq, H * d). A query's result depends only on its position and the
-    keys up to it, never on which queries share its pass."""
-    return torch.ops.kvcake.attend_causal(q, k, v)
+def attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+    """q (H, Tq, d) over k, v (Hkv, Tk, d), the last dim contiguous; returns (Tq, H * d). Without `visible` the
+    queries are the last Tq of the Tk tokens, each attending to itself and the tokens before it; with it (int64,
+    one per query, 1 to Tk) query i attends to the first visible[i] keys. A query's result depends only on the
+    keys it sees, never on which queries share its pass."""
+    return torch.ops.kvcake.attend_causal(q, k, v, visible)

@@ -409,9 +409,18 @@ class TailCausal:
     dense: torch.Tensor
 
 
-Mask = torch.Tensor | bool | TailCausal | None
+@dataclass
+class PrefixVisible:
+    """Causal mask by position over keys whose positions increase: query i sees the first `counts[i]` keys (int64).
+    The CPU kernel takes the counts; elsewhere the equivalent boolean mask `dense` is used."""
+
+    dense: torch.Tensor
+    counts: torch.Tensor
+
+
+Mask = torch.Tensor | bool | TailCausal | PrefixVisible | None
 """What SDPA needs for a causal mask by positions: True = its built-in causal mask, None = none,
-a `TailCausal` chunk, or a bool tensor."""
+a `TailCausal` chunk, a `PrefixVisible` one, or a bool tensor."""
 
 
 def causal_mask(q_positions: torch.Tensor, kv_positions: torch.Tensor) -> Mask:
@@ -423,6 +432,8 @@ def causal_mask(q_positions: torch.Tensor, kv_positions: torch.Tensor) -> Mask:
     dense = kv_positions[None, :] <= q_positions[:, None]
     if q_positions.numel() < kv_positions.numel() and torch.equal(kv_positions[-q_positions.numel() :], q_positions) and _is_increasing_run(kv_positions):
         return TailCausal(dense)
+    if _is_sorted(kv_positions):
+        return PrefixVisible(dense, torch.searchsorted(kv_positions, q_positions, right=True))
     return dense
 
 
@@ -432,6 +443,10 @@ def attend_with_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Ma
         return cpu_kernels.attend_rows(q, [k], [v], [k.shape[1]])
     if q.shape[1] == 1 and mask is None and q.dtype != torch.float32 and q.device.type == "cpu":
         return _attend_one_query(q, k, v)
+    if isinstance(mask, PrefixVisible):
+        if cpu_kernels.applies(q, k, v):
+            return cpu_kernels.attend_causal(q, k, v, mask.counts)
+        mask = mask.dense
     causal = mask is True or isinstance(mask, TailCausal)
     if causal and cpu_kernels.applies(q, k, v):
         return cpu_kernels.attend_causal(q, k, v)
@@ -734,6 +749,11 @@ def _causal_bias(device: torch.device) -> torch.Tensor:
         index = torch.arange(CAUSAL_GRID, device=device)
         _CAUSAL_BIAS[device] = torch.zeros(CAUSAL_GRID, CAUSAL_GRID, device=device).masked_fill_(index[None, :] > index[:, None], float("-inf"))
     return _CAUSAL_BIAS[device]
+
+
+def _is_sorted(positions: torch.Tensor) -> bool:
+    """Positions never decrease, so the keys a query sees by position are a prefix of them."""
+    return positions.numel() < 2 or bool((positions[1:] >= positions[:-1]).all())
 
 
 def _is_increasing_run(positions: torch.Tensor) -> bool:
