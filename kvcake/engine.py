@@ -161,7 +161,7 @@ class Engine:
     def stream(
         self, request: GenerateRequest, metrics: RequestMetrics, prefetched: PrefixPrefetch | None = None, planned: PromptLayout | None = None
     ) -> Generator[Step, bool | None, None]:
-        """`run` driven alone (every decode step a forward of this request only): its tokens, choice after choice.
+        """`run` driven alone (every decode step a batch of this request's row only): its tokens, choice after choice.
         Sending True after a step ends that step's choice (a stop sequence)."""
         work = self.run(request, metrics, prefetched, planned)
         reply: Any = None
@@ -170,7 +170,7 @@ class Engine:
                 with torch.inference_mode():
                     item = work.send(reply)
                     if isinstance(item, DecodeStep):
-                        reply = self.model.forward(torch.tensor([item.token_id]), torch.tensor([item.position]), item.cache).logits[-1]
+                        reply = self.model.decode_batch(torch.tensor([item.token_id]), torch.tensor([item.position]), [item.cache])[0]
                         continue
                 if item is WAITING:
                     time.sleep(WAIT_S)

@@ -39,7 +39,7 @@ def default_config() -> KvcakeConfig:
 def cpu_attention_kernel(default_config: KvcakeConfig) -> bool:
     """The CPU attention kernel, loaded for every test as `load_model` loads it for a float32 model on a CPU (the
     tests that build a `Transformer` themselves would otherwise run SDPA until some test loaded a model)."""
-    return build_cpu_attention(default_config.cache_path() / "kernels")
+    return build_cpu_attention(default_config.cache_path())
 
 
 @pytest.fixture(scope="session")

@@ -4,16 +4,19 @@ the same bits whichever pass it is computed in."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kvcake.model import cpu_kernels
-from kvcake.model.transformer import _attend_causal_bf16_cpu
+from kvcake.model.transformer import _attend_causal_bf16_cpu, attend_with_mask
 
-CAN_RUN = torch.backends.cpu.get_cpu_capability().startswith("AVX512") and shutil.which("c++") is not None
+CAN_RUN = torch.backends.cpu.get_cpu_capability().startswith("AVX512") and shutil.which(os.environ.get("CXX", "c++")) is not None
 needs_kernel = pytest.mark.skipif(not CAN_RUN, reason="the kernel needs AVX-512 and a C++ compiler")
 needs_bf16 = pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(), reason="bfloat16 needs AVX512-BF16")
 DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16)]
@@ -124,3 +127,26 @@ def test_queries_anywhere_see_the_keys_their_counts_give(dtype: torch.dtype) -> 
     torch.testing.assert_close(got.float(), expected, **tolerance)
     for row in (0, 3, 6):
         assert torch.equal(cpu_kernels.attend_causal(q[:, row : row + 1], k, v, visible[row : row + 1]), got[row : row + 1])
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_one_token_pass_gives_the_bits_of_a_longer_pass(dtype: torch.dtype) -> None:
+    """A prompt's last token left alone after a prefix hit attends as it would inside the full prefill's pass."""
+    q, k, v = operands(9, 3, 64, 300, 300, dtype)
+    whole = attend_with_mask(q, k, v, True)
+    for end in (1, 96, 200, 300):
+        assert torch.equal(attend_with_mask(q[:, end - 1 : end], k[:, :end], v[:, :end], None), whole[end - 1 : end])
+
+
+def test_a_build_lock_left_by_a_dead_build_is_removed(tmp_path: Path) -> None:
+    """cpp_extension waits on its lock file forever; one older than any build means its build died."""
+    stale, fresh = tmp_path / "stale", tmp_path / "fresh"
+    stale.touch()
+    fresh.touch()
+    old = time.time() - cpu_kernels.STALE_LOCK_S - 60
+    os.utime(stale, (old, old))
+    cpu_kernels._remove_stale_lock(stale)
+    cpu_kernels._remove_stale_lock(fresh)
+    cpu_kernels._remove_stale_lock(tmp_path / "absent")
+    assert not stale.exists() and fresh.exists()

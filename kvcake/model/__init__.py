@@ -58,5 +58,5 @@ def load_model(model: str, cache_root: Path, device: torch.device, dtype: torch.
     folder = resolve_model(model, cache_root)
     config = ModelConfig.from_folder(folder)
     if device.type == "cpu":
-        build_cpu_attention(cache_root / "kernels")
+        build_cpu_attention(cache_root)
     return Transformer.from_folder(folder, device, dtype), Tokenizer(folder, config), folder

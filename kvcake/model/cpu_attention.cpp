@@ -18,6 +18,8 @@
 #include <type_traits>
 #include <cmath>
 #include <limits>
+#include <memory>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -387,8 +389,8 @@ inline __m512 load_floats(const uint16_t* at) {
 }
 
 template <int D, typename Elem>
-void decode_item(const Elem* query, int64_t query_head_stride, int64_t group, const Elem* key, const Elem* value,
-                 int64_t row_stride, int64_t length, float scale, Elem* out, std::vector<float>& weights) {
+void decode_item(const Elem* query, int64_t query_head_stride, int64_t group, const Elem* key, int64_t key_stride,
+                 const Elem* value, int64_t value_stride, int64_t length, float scale, Elem* out, std::vector<float>& weights) {
   constexpr int DV = D / LANES;
   constexpr int HEADS_PER_TILE = std::max(1, DECODE_ACCUMULATORS / DV);
   weights.resize(static_cast<size_t>(group * length));
@@ -401,7 +403,7 @@ void decode_item(const Elem* query, int64_t query_head_stride, int64_t group, co
     for (int h = 0; h < heads; ++h) max_score[h] = -std::numeric_limits<float>::infinity();
     for (int64_t j = 0; j < length; ++j) {
       __m512 kj[DV];
-      for (int c = 0; c < DV; ++c) kj[c] = load_floats(key + j * row_stride + c * LANES);
+      for (int c = 0; c < DV; ++c) kj[c] = load_floats(key + j * key_stride + c * LANES);
       for (int h = 0; h < heads; ++h) {
         __m512 sum = _mm512_mul_ps(q[h][0], kj[0]);
         for (int c = 1; c < DV; ++c) sum = _mm512_fmadd_ps(q[h][c], kj[c], sum);
@@ -434,7 +436,7 @@ void decode_item(const Elem* query, int64_t query_head_stride, int64_t group, co
       for (int c = 0; c < DV; ++c) acc[h][c] = _mm512_setzero_ps();
     for (int64_t j = 0; j < length; ++j) {
       __m512 vj[DV];
-      for (int c = 0; c < DV; ++c) vj[c] = load_floats(value + j * row_stride + c * LANES);
+      for (int c = 0; c < DV; ++c) vj[c] = load_floats(value + j * value_stride + c * LANES);
       for (int h = 0; h < heads; ++h) {
         const __m512 w = _mm512_set1_ps(weights[(first + h) * length + j]);
         for (int c = 0; c < DV; ++c) acc[h][c] = _mm512_fmadd_ps(w, vj[c], acc[h][c]);
@@ -472,8 +474,8 @@ void decode_rows_typed(const at::Tensor& q, const std::vector<at::Tensor>& keys,
       const at::Tensor& k = keys[row];
       const at::Tensor& v = values[row];
       decode_item<D, Elem>(query + kv_head * group * q.stride(0) + row * q.stride(1), q.stride(0), group,
-                           static_cast<const Elem*>(k.data_ptr()) + kv_head * k.stride(0),
-                           static_cast<const Elem*>(v.data_ptr()) + kv_head * v.stride(0), k.stride(1), lengths[row], scale,
+                           static_cast<const Elem*>(k.data_ptr()) + kv_head * k.stride(0), k.stride(1),
+                           static_cast<const Elem*>(v.data_ptr()) + kv_head * v.stride(0), v.stride(1), lengths[row], scale,
                            target + row * heads * D + kv_head * group * D, weights);
     }
   });
@@ -490,12 +492,13 @@ at::Tensor attend_rows(const at::Tensor& q, at::TensorList keys, at::TensorList 
   std::vector<int64_t> length(lengths.begin(), lengths.end());
   for (int64_t row = 0; row < rows; ++row) {
     TORCH_CHECK(k[row].dim() == 3 && v[row].dim() == 3 && k[row].scalar_type() == dtype && v[row].scalar_type() == dtype &&
-                    k[row].stride(2) == 1 && v[row].stride(2) == 1 && k[row].stride(1) == v[row].stride(1) &&
-                    k[row].size(2) == head_dim && k[row].size(0) == k[0].size(0) && v[row].size(0) == k[0].size(0) &&
+                    k[row].stride(2) == 1 && v[row].stride(2) == 1 && k[row].size(2) == head_dim &&
+                    v[row].size(2) == head_dim && k[row].size(0) == k[0].size(0) && v[row].size(0) == k[0].size(0) &&
                     heads % k[row].size(0) == 0 && length[row] >= 1 && length[row] <= k[row].size(1) && length[row] <= v[row].size(1),
                 "attend_rows: row ", row, "'s cache does not match the queries");
   }
   at::Tensor out = at::empty({rows, heads * head_dim}, q.options());
+  if (rows == 0) return out;
 #define KVCAKE_DECODE(DIM)                                                                   \
   case DIM:                                                                                  \
     if (dtype == at::kFloat) decode_rows_typed<DIM, float>(q, k, v, length, out);            \

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -23,81 +25,99 @@ SOURCE = Path(__file__).with_name("cpu_attention.cpp")
 HEAD_DIMS = frozenset({16, 32, 48, 64, 80, 96, 128, 256})
 """Head dims the kernel is compiled for (its `switch`); others use SDPA."""
 MAX_GROUP = 48
-"""At most this many query heads per KV head (one row slab of the kernel)."""
+"""At most this many query heads per KV head (`ROW_SLAB`, one row slab of the kernel)."""
 FLAGS = ["-O3", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
 """AVX512-BF16 instructions run only on bfloat16 operands, which `applies` sends only to a CPU that has them."""
+STALE_LOCK_S = 300
+"""A build lock older than this was left by a build that died (one takes ~20 s): it is removed, or every later
+start would wait on it."""
 
 _AVX512_BF16 = torch.cpu._is_avx512_bf16_supported()
 
 _lock = threading.Lock()
-_state: dict[str, bool] = {}
+_loaded: bool | None = None
+"""None until `build_cpu_attention` ran in this process, then whether the kernel is loaded."""
 
 
-def build_cpu_attention(build_root: Path) -> bool:
-    """Build (once per source and torch version, under `build_root`) and load the causal attention kernel into this
-    process. Returns whether it is loaded; a machine that cannot build it gets one warning and SDPA."""
+def build_cpu_attention(cache_root: Path) -> bool:
+    """Build (once per source, flags and torch version, under `cache_root`/kernels) and load the attention kernel
+    into this process. Returns whether it is loaded; a machine that cannot build it gets one warning and SDPA."""
+    global _loaded
     with _lock:
-        if "loaded" not in _state:
-            _state["loaded"] = _build(build_root)
-        return _state["loaded"]
+        if _loaded is None:
+            _loaded = _build(cache_root / "kernels")
+        return _loaded
 
 
 def _build(build_root: Path) -> bool:
     missing = _missing_requirement()
     if missing:
-        log.warning("kvcake: float32 attention on this CPU uses SDPA (about 1.6x slower): %s", missing)
+        log.warning("kvcake: attention on this CPU uses SDPA (slower): %s", missing)
         return False
     from torch.utils import cpp_extension
 
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    folder = build_root / f"cpu-attention-{digest}"
-    fresh = not (folder / "kvcake_cpu_attention.so").exists()
-    if fresh:
-        log.warning("kvcake: compiling the CPU attention kernel into %s (once, ~20 s)", folder)
-    folder.mkdir(parents=True, exist_ok=True)
     try:
+        digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
+        folder = build_root / f"cpu-attention-{digest}"
+        if not (folder / "kvcake_cpu_attention.so").exists():
+            log.warning("kvcake: compiling the CPU attention kernel into %s (once, ~20 s)", folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        _remove_stale_lock(folder / "lock")
         cpp_extension.load(
             name="kvcake_cpu_attention", sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
             build_directory=str(folder), is_python_module=False,
         )
-    except (OSError, RuntimeError, ImportError) as error:
-        log.warning("kvcake: float32 attention on this CPU uses SDPA (about 1.6x slower): the kernel did not build: %s", error)
+    except Exception as error:  # a kernel that does not build costs speed, never a request
+        log.warning("kvcake: attention on this CPU uses SDPA (slower): the kernel did not build: %s", error)
         return False
     return True
 
 
+def _remove_stale_lock(lock: Path) -> None:
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()
+    except FileNotFoundError:
+        pass
+
+
 def _missing_requirement() -> str:
-    """Why the kernel cannot be built or run here, or '' when it can."""
+    """Why the kernel cannot be built or run here, or '' when it can. Puts the `ninja` package's binary on PATH:
+    torch runs the bare command, and a venv's bin folder is on PATH only when the venv is activated."""
     capability = torch.backends.cpu.get_cpu_capability()
     if not capability.startswith("AVX512"):
         return f"the CPU has no AVX-512 (torch reports {capability})"
-    if shutil.which("c++") is None:
-        return "no C++ compiler (c++) on PATH"
-    from torch.utils import cpp_extension
-
-    if not cpp_extension.is_ninja_available():
-        return "ninja is not installed"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler}) on PATH"
+    try:
+        import ninja
+    except ImportError:
+        return "the ninja package is not installed"
+    if shutil.which("ninja") is None:
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     return ""
 
 
-def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """The kernel is loaded and takes these operands: float32, or bfloat16 on a CPU with AVX512-BF16, a head dim it
-    was compiled for, each row contiguous."""
+def supports(device: torch.device, dtype: torch.dtype, head_dim: int, group: int) -> bool:
+    """The kernel is loaded and takes this device, dtype (float32, or bfloat16 on a CPU with AVX512-BF16), head dim
+    and number of query heads per KV head."""
     return (
-        _state.get("loaded", False)
-        and q.device.type == "cpu"
-        and q.dtype == k.dtype == v.dtype
-        and (q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and _AVX512_BF16))
-        and q.shape[-1] in HEAD_DIMS
-        and q.shape[-3] // k.shape[-3] <= MAX_GROUP
-        and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+        bool(_loaded)
+        and device.type == "cpu"
+        and (dtype == torch.float32 or (dtype == torch.bfloat16 and _AVX512_BF16))
+        and head_dim in HEAD_DIMS
+        and group <= MAX_GROUP
     )
 
 
-def attends_rows(device: torch.device, dtype: torch.dtype, head_dim: int, group: int) -> bool:
-    """`attend_rows` takes decode rows of this device, dtype, head dim and query heads per KV head."""
-    probe = torch.empty(group, 0, head_dim, dtype=dtype, device=device)
-    return applies(probe, probe[:1], probe[:1])
+def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """`supports` these operands, each row contiguous."""
+    return (
+        q.dtype == k.dtype == v.dtype
+        and supports(q.device, q.dtype, q.shape[-1], q.shape[-3] // k.shape[-3])
+        and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+    )
 
 
 def attend_rows(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: list[int]) -> torch.Tensor:

@@ -295,7 +295,7 @@ class Transformer:
         masks = [causal_mask(cache.positions[slot], cache.positions[: slot.stop]) for cache, slot in zip(caches, slots)]
         lengths = [slot.stop for slot in slots]
         group = self.config.num_heads // self.config.num_kv_heads
-        direct = all(mask is None for mask in masks) and cpu_kernels.attends_rows(self.device, self.dtype, self.config.head_dim, group)
+        direct = all(mask is None for mask in masks) and cpu_kernels.supports(self.device, self.dtype, self.config.head_dim, group)
         kept, self._padded_rows = self._padded_rows, None
         padded = None if direct else _PaddedRows.for_step(kept, caches, slots, masks, self.dtype, self.config.num_layers)
         self._padded_rows = padded
@@ -440,7 +440,7 @@ def causal_mask(q_positions: torch.Tensor, kv_positions: torch.Tensor) -> Mask:
 def attend_with_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask) -> torch.Tensor:
     """q: (H, Tq, d); k, v: (Hkv, Tk, d) with H a multiple of Hkv (GQA). Returns (Tq, H * d)."""
     if q.shape[1] == 1 and mask is None and cpu_kernels.applies(q, k, v):
-        return cpu_kernels.attend_rows(q, [k], [v], [k.shape[1]])
+        return cpu_kernels.attend_causal(q, k, v)  # one token over all the keys: the same bits as in a longer pass
     if q.shape[1] == 1 and mask is None and q.dtype != torch.float32 and q.device.type == "cpu":
         return _attend_one_query(q, k, v)
     if isinstance(mask, PrefixVisible):
