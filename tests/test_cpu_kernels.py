@@ -150,3 +150,20 @@ def test_a_build_lock_left_by_a_dead_build_is_removed(tmp_path: Path) -> None:
     cpu_kernels._remove_stale_lock(fresh)
     cpu_kernels._remove_stale_lock(tmp_path / "absent")
     assert not stale.exists() and fresh.exists()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_rows_write_their_new_token_into_their_caches_first(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(3)
+    lengths = [3, 50]
+    q = torch.randn(2, 6, 64, generator=generator).to(dtype).transpose(0, 1)
+    keys = [torch.randn(2, 64, 64, generator=generator).to(dtype) for _ in lengths]
+    values = [torch.randn(2, 64, 64, generator=generator).to(dtype) for _ in lengths]
+    new_keys, new_values = (torch.randn(2, 2, 64, generator=generator).to(dtype) for _ in range(2))
+    written_keys, written_values = [k.clone() for k in keys], [v.clone() for v in values]
+    for row, length in enumerate(lengths):
+        written_keys[row][:, length - 1], written_values[row][:, length - 1] = new_keys[:, row], new_values[:, row]
+    expected = cpu_kernels.attend_rows(q, written_keys, written_values, lengths)
+    assert torch.equal(cpu_kernels.attend_rows(q, keys, values, lengths, new_keys, new_values), expected)
+    assert all(torch.equal(k, w) for k, w in zip(keys + values, written_keys + written_values))

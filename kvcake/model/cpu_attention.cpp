@@ -481,7 +481,30 @@ void decode_rows_typed(const at::Tensor& q, const std::vector<at::Tensor>& keys,
   });
 }
 
-at::Tensor attend_rows(const at::Tensor& q, at::TensorList keys, at::TensorList values, at::IntArrayRef lengths) {
+// Each row's new token K/V (Hkv, B, d) into its cache at lengths[row] - 1: one call instead of two small torch
+// copies per row and layer, whose cost was per call.
+void append_rows(const at::Tensor& new_keys, const at::Tensor& new_values, std::vector<at::Tensor>& keys,
+                 std::vector<at::Tensor>& values, const std::vector<int64_t>& lengths) {
+  const int64_t rows = static_cast<int64_t>(keys.size()), kv_heads = keys[0].size(0), head_dim = keys[0].size(2);
+  for (const at::Tensor* fresh : {&new_keys, &new_values})
+    TORCH_CHECK(fresh->dim() == 3 && fresh->size(0) == kv_heads && fresh->size(1) == rows && fresh->size(2) == head_dim &&
+                    fresh->stride(2) == 1 && fresh->scalar_type() == keys[0].scalar_type(),
+                "attend_rows: the new K/V are (Hkv, B, d) in the caches' dtype");
+  const int64_t bytes = head_dim * static_cast<int64_t>(keys[0].element_size());
+  for (int64_t row = 0; row < rows; ++row)
+    for (int64_t head = 0; head < kv_heads; ++head) {
+      const int64_t slot = lengths[row] - 1;
+      std::memcpy(static_cast<char*>(keys[row].data_ptr()) + (head * keys[row].stride(0) + slot * keys[row].stride(1)) * keys[row].element_size(),
+                  static_cast<const char*>(new_keys.data_ptr()) + (head * new_keys.stride(0) + row * new_keys.stride(1)) * new_keys.element_size(),
+                  bytes);
+      std::memcpy(static_cast<char*>(values[row].data_ptr()) + (head * values[row].stride(0) + slot * values[row].stride(1)) * values[row].element_size(),
+                  static_cast<const char*>(new_values.data_ptr()) + (head * new_values.stride(0) + row * new_values.stride(1)) * new_values.element_size(),
+                  bytes);
+    }
+}
+
+at::Tensor attend_rows(const at::Tensor& q, at::TensorList keys, at::TensorList values, at::IntArrayRef lengths,
+                       const std::optional<at::Tensor>& new_keys, const std::optional<at::Tensor>& new_values) {
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "attend_rows: q (H, B, d), the last dim contiguous");
   const int64_t heads = q.size(0), rows = q.size(1), head_dim = q.size(2);
   TORCH_CHECK(static_cast<int64_t>(keys.size()) == rows && static_cast<int64_t>(values.size()) == rows &&
@@ -499,6 +522,8 @@ at::Tensor attend_rows(const at::Tensor& q, at::TensorList keys, at::TensorList 
   }
   at::Tensor out = at::empty({rows, heads * head_dim}, q.options());
   if (rows == 0) return out;
+  TORCH_CHECK(new_keys.has_value() == new_values.has_value(), "attend_rows: new keys and values go together");
+  if (new_keys) append_rows(*new_keys, *new_values, k, v, length);
 #define KVCAKE_DECODE(DIM)                                                                   \
   case DIM:                                                                                  \
     if (dtype == at::kFloat) decode_rows_typed<DIM, float>(q, k, v, length, out);            \
@@ -517,7 +542,7 @@ at::Tensor attend_rows(const at::Tensor& q, at::TensorList keys, at::TensorList 
 
 TORCH_LIBRARY(kvcake, m) {
   m.def("attend_causal(Tensor q, Tensor k, Tensor v, Tensor? visible=None) -> Tensor");
-  m.def("attend_rows(Tensor q, Tensor[] keys, Tensor[] values, int[] lengths) -> Tensor");
+  m.def("attend_rows(Tensor q, Tensor(a!)[] keys, Tensor(b!)[] values, int[] lengths, Tensor? new_keys=None, Tensor? new_values=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kvcake, CPU, m) {

@@ -120,11 +120,16 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     )
 
 
-def attend_rows(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: list[int]) -> torch.Tensor:
+def attend_rows(
+    q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: list[int],
+    new_keys: torch.Tensor | None = None, new_values: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One decode token per row: q (H, B, d), row i over the first lengths[i] of keys[i], values[i] (Hkv, capacity,
-    d), its whole cache (no mask). Returns (B, H * d). Reads half-precision caches as they are: the attention it
-    replaces converted each row's keys and values to float32 every layer of every step (`_PaddedRows`)."""
-    return torch.ops.kvcake.attend_rows(q, keys, values, lengths)
+    d), its whole cache (no mask). Returns (B, H * d). With `new_keys`, `new_values` (Hkv, B, d), each row's new
+    token is first written into its cache at lengths[i] - 1 (two small torch copies per row and layer cost more
+    than the attention). Reads half-precision caches as they are: the attention it replaces converted each row's
+    keys and values to float32 every layer of every step (`_PaddedRows`)."""
+    return torch.ops.kvcake.attend_rows(q, keys, values, lengths, new_keys, new_values)
 
 
 def attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:

@@ -304,17 +304,11 @@ class Transformer:
         for layer in range(self.config.num_layers):
             q, k, v = self.qkv(layer, hidden)
             rotated_q, rotated_k = self.apply_rope(q, cos, sin), self.apply_rope(k, cos, sin)
-            for row, (cache, slot) in enumerate(zip(caches, slots)):
-                cache.write(layer, slot, rotated_k[:, row : row + 1], v[:, row : row + 1])
             if direct:
-                attended = cpu_kernels.attend_rows(rotated_q, [cache.keys[layer] for cache in caches], [cache.values[layer] for cache in caches], lengths)
-            elif padded is not None:
-                attended = padded.attend(rotated_q, rotated_k, v, layer)
+                keys, values = [cache.keys[layer] for cache in caches], [cache.values[layer] for cache in caches]
+                attended = cpu_kernels.attend_rows(rotated_q, keys, values, lengths, rotated_k, v)
             else:
-                attended = torch.cat([
-                    attend_with_mask(rotated_q[:, row : row + 1], *cache.layer(layer, slot.stop), mask)
-                    for row, (cache, slot, mask) in enumerate(zip(caches, slots, masks))
-                ])
+                attended = _attend_rows_in_torch(layer, caches, slots, masks, padded, rotated_q, rotated_k, v)
             hidden = hidden + self.attention_output(layer, attended)
             hidden = hidden + self.mlp(layer, hidden)
         for cache, slot in zip(caches, slots):
@@ -473,6 +467,22 @@ def _attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     half-precision products of these shapes 1.3-2x longer than converting the keys and values first."""
     out = F.scaled_dot_product_attention(q.float()[None], k.float()[None], v.float()[None], enable_gqa=True)
     return out[0].transpose(0, 1).reshape(1, -1).to(q.dtype)
+
+
+def _attend_rows_in_torch(
+    layer: int, caches: Sequence[KVCache], slots: list[slice], masks: list[Mask], padded: _PaddedRows | None,
+    rotated_q: torch.Tensor, rotated_k: torch.Tensor, v: torch.Tensor,
+) -> torch.Tensor:
+    """`decode_batch`'s attention where the CPU kernel does not apply: each row's new K/V into its cache, then one
+    padded batch (`padded`) or each row apart under its mask. Returns (B, H * d)."""
+    for row, (cache, slot) in enumerate(zip(caches, slots)):
+        cache.write(layer, slot, rotated_k[:, row : row + 1], v[:, row : row + 1])
+    if padded is not None:
+        return padded.attend(rotated_q, rotated_k, v, layer)
+    return torch.cat([
+        attend_with_mask(rotated_q[:, row : row + 1], *cache.layer(layer, slot.stop), mask)
+        for row, (cache, slot, mask) in enumerate(zip(caches, slots, masks))
+    ])
 
 
 class _PaddedRows:
