@@ -183,15 +183,27 @@ void pair_weights(Slab<D>& slab, int keys) {
     }
 }
 
+// ROWS rows of the slab's sums into registers, times each row's rescale factor, and back.
+template <int D, int ROWS>
+inline void load_rescaled(const Slab<D>& slab, int row, __m512 (&acc)[ROWS][D / LANES]) {
+  for (int r = 0; r < ROWS; ++r) {
+    const __m512 s = _mm512_set1_ps(slab.row_scale[row + r]);
+    for (int c = 0; c < D / LANES; ++c) acc[r][c] = _mm512_mul_ps(_mm512_load_ps(&slab.acc[row + r][c * LANES]), s);
+  }
+}
+
+template <int D, int ROWS>
+inline void store_rows(Slab<D>& slab, int row, const __m512 (&acc)[ROWS][D / LANES]) {
+  for (int r = 0; r < ROWS; ++r)
+    for (int c = 0; c < D / LANES; ++c) _mm512_store_ps(&slab.acc[row + r][c * LANES], acc[r][c]);
+}
+
 // acc[rows] = acc[rows] * row_scale + weights^T . v over the block's keys, ROWS rows at a time in registers.
 template <int D, int ROWS>
 inline void accumulate_tile(Slab<D>& slab, int row, const float* value, int64_t value_stride, int keys) {
   constexpr int DV = D / LANES;
   __m512 acc[ROWS][DV];
-  for (int r = 0; r < ROWS; ++r) {
-    const __m512 s = _mm512_set1_ps(slab.row_scale[row + r]);
-    for (int c = 0; c < DV; ++c) acc[r][c] = _mm512_mul_ps(_mm512_load_ps(&slab.acc[row + r][c * LANES]), s);
-  }
+  load_rescaled<D, ROWS>(slab, row, acc);
   for (int j = 0; j < keys; ++j) {
     __m512 vj[DV];
     for (int c = 0; c < DV; ++c) vj[c] = _mm512_loadu_ps(value + j * value_stride + c * LANES);
@@ -200,8 +212,7 @@ inline void accumulate_tile(Slab<D>& slab, int row, const float* value, int64_t 
       for (int c = 0; c < DV; ++c) acc[r][c] = _mm512_fmadd_ps(w, vj[c], acc[r][c]);
     }
   }
-  for (int r = 0; r < ROWS; ++r)
-    for (int c = 0; c < DV; ++c) _mm512_store_ps(&slab.acc[row + r][c * LANES], acc[r][c]);
+  store_rows<D, ROWS>(slab, row, acc);
 }
 
 // The same in bfloat16 over key pairs: value_pairs[p][d] holds the values of keys 2p and 2p + 1 at dim d.
@@ -209,10 +220,7 @@ template <int D, int ROWS>
 inline void accumulate_tile(Slab<D>& slab, int row, const uint32_t* value_pairs, int64_t pair_stride, int keys) {
   constexpr int DV = D / LANES;
   __m512 acc[ROWS][DV];
-  for (int r = 0; r < ROWS; ++r) {
-    const __m512 s = _mm512_set1_ps(slab.row_scale[row + r]);
-    for (int c = 0; c < DV; ++c) acc[r][c] = _mm512_mul_ps(_mm512_load_ps(&slab.acc[row + r][c * LANES]), s);
-  }
+  load_rescaled<D, ROWS>(slab, row, acc);
   for (int p = 0; p < (keys + 1) / 2; ++p) {
     __m512bh vp[DV];
     for (int c = 0; c < DV; ++c) vp[c] = as_bf16(_mm512_loadu_si512(value_pairs + p * pair_stride + c * LANES));
@@ -221,8 +229,7 @@ inline void accumulate_tile(Slab<D>& slab, int row, const uint32_t* value_pairs,
       for (int c = 0; c < DV; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], w, vp[c]);
     }
   }
-  for (int r = 0; r < ROWS; ++r)
-    for (int c = 0; c < DV; ++c) _mm512_store_ps(&slab.acc[row + r][c * LANES], acc[r][c]);
+  store_rows<D, ROWS>(slab, row, acc);
 }
 
 // One key block: scores, hidden future, online softmax, weighted values. Key is the element type's pointer.
