@@ -1,10 +1,12 @@
 """Attention kernels of our own for CPUs, compiled from C++ on the machine that runs them.
 
-SDPA's CPU flash kernel runs a float32 prefill's attention at about half the machine's matmul rate (~110 against
-~210 GFLOP/s on 2 AVX-512 cores), and attention is half of a 6k-token prefill's work. `cpu_attention.cpp` does the
-same causal attention at ~175 (`kvcake bench peers` and docs/design.md have the numbers). It needs AVX-512, a C++
-compiler and ninja (a Python package kvcake depends on); it is built once per source and torch version into the
-cache dir (~20 s) and loaded into the process. Where it cannot be built, attention stays on SDPA, with a warning.
+SDPA's CPU flash kernel ran a float32 prefill's attention at about half the machine's matmul rate (~110 against
+~210 GFLOP/s on 2 AVX-512 cores), oneDNN's bfloat16 products with their softmax at ~94, and attention is half of a
+6k-token prefill's work. `cpu_attention.cpp` runs causal prefill attention at ~175 (float32) and ~300 (bfloat16),
+and decode rows over their caches in place (docs/design.md has the measurements). It needs AVX-512 (bfloat16:
+AVX512-BF16), a C++ compiler and ninja (a Python package kvcake depends on); it is built once per source, flags and
+torch version into the cache dir (~20 s) and loaded into the process. Where it cannot be built, attention stays on
+torch's paths, with a warning.
 """
 
 from __future__ import annotations

@@ -403,7 +403,7 @@ class TailCausal:
     dense: torch.Tensor
 
 
-@dataclass
+@dataclass(frozen=True)
 class PrefixVisible:
     """Causal mask by position over keys whose positions increase: query i sees the first `counts[i]` keys (int64).
     The CPU kernel takes the counts; elsewhere the equivalent boolean mask `dense` is used."""
