@@ -84,8 +84,7 @@ def _remove_stale_lock(lock: Path) -> None:
 
 
 def _missing_requirement() -> str:
-    """Why the kernel cannot be built or run here, or '' when it can. Puts the `ninja` package's binary on PATH:
-    torch runs the bare command, and a venv's bin folder is on PATH only when the venv is activated."""
+    """Why the kernel cannot be built or run here, or '' when it can (then with ninja on PATH)."""
     capability = torch.backends.cpu.get_cpu_capability()
     if not capability.startswith("AVX512"):
         return f"the CPU has no AVX-512 (torch reports {capability})"
@@ -93,12 +92,19 @@ def _missing_requirement() -> str:
     if shutil.which(compiler) is None:
         return f"no C++ compiler ({compiler}) on PATH"
     try:
-        import ninja
+        _put_ninja_on_path()
     except ImportError:
         return "the ninja package is not installed"
+    return ""
+
+
+def _put_ninja_on_path() -> None:
+    """torch runs the bare `ninja` command, and a venv's bin folder (where the ninja package puts it) is on PATH
+    only when the venv is activated, which `./run` does not do."""
+    import ninja
+
     if shutil.which("ninja") is None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    return ""
 
 
 def supports(device: torch.device, dtype: torch.dtype, head_dim: int, group: int) -> bool:

@@ -433,17 +433,17 @@ def causal_mask(q_positions: torch.Tensor, kv_positions: torch.Tensor) -> Mask:
 
 def attend_with_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask) -> torch.Tensor:
     """q: (H, Tq, d); k, v: (Hkv, Tk, d) with H a multiple of Hkv (GQA). Returns (Tq, H * d)."""
-    if q.shape[1] == 1 and mask is None and cpu_kernels.applies(q, k, v):
-        return cpu_kernels.attend_causal(q, k, v)  # one token over all the keys: the same bits as in a longer pass
-    if q.shape[1] == 1 and mask is None and q.dtype != torch.float32 and q.device.type == "cpu":
+    one_query = q.shape[1] == 1 and mask is None
+    causal = mask is True or isinstance(mask, TailCausal)
+    if cpu_kernels.applies(q, k, v):
+        if isinstance(mask, PrefixVisible):
+            return cpu_kernels.attend_causal(q, k, v, mask.counts)
+        if causal or one_query:  # one token over all the keys: causal too, and the same bits as in a longer pass
+            return cpu_kernels.attend_causal(q, k, v)
+    if one_query and q.dtype != torch.float32 and q.device.type == "cpu":
         return _attend_one_query(q, k, v)
     if isinstance(mask, PrefixVisible):
-        if cpu_kernels.applies(q, k, v):
-            return cpu_kernels.attend_causal(q, k, v, mask.counts)
         mask = mask.dense
-    causal = mask is True or isinstance(mask, TailCausal)
-    if causal and cpu_kernels.applies(q, k, v):
-        return cpu_kernels.attend_causal(q, k, v)
     q, k, v = q[None], k[None], v[None]
     bf16_products = q.device.type == "cpu" and q.dtype == torch.bfloat16 and _ONEDNN_BF16
     if causal and bf16_products:
