@@ -167,3 +167,70 @@ def test_decode_rows_write_their_new_token_into_their_caches_first(dtype: torch.
     expected = cpu_kernels.attend_rows(q, written_keys, written_values, lengths)
     assert torch.equal(cpu_kernels.attend_rows(q, keys, values, lengths, new_keys, new_values), expected)
     assert all(torch.equal(k, w) for k, w in zip(keys + values, written_keys + written_values))
+
+
+def _rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as the reference models compute it, the normalised rows rounded to x's dtype before the weight."""
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    first, second = x.double().chunk(2, dim=-1)
+    return (x.double() * cos.double() + torch.cat((-second, first), dim=-1) * sin.double()).float()
+
+
+def _tolerance(dtype: torch.dtype) -> dict[str, float]:
+    return {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2**-7, "atol": 2**-7}
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,width", [(1, 576), (300, 200), (7, 24)])
+def test_rms_norm_equals_the_reference_models_norm(dtype: torch.dtype, rows: int, width: int) -> None:
+    generator = torch.Generator().manual_seed(rows + width)
+    x = (torch.randn(rows, width, generator=generator) * 3).to(dtype)
+    weight = torch.randn(width, generator=generator).to(dtype)
+    assert cpu_kernels.layer_ops_apply(x, weight)
+    got = cpu_kernels.rms_norm(x, weight, 1e-6)
+    torch.testing.assert_close(got.float(), _rms_norm_reference(x, weight, 1e-6).float(), **_tolerance(dtype))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,tokens,head_dim", [(9, 300, 64), (3, 5, 24), (2, 1, 128)])
+def test_rope_equals_the_rotation_of_the_halves(dtype: torch.dtype, heads: int, tokens: int, head_dim: int) -> None:
+    """On the strided (H, T, d) views the projections give, and head dims whose halves are not whole vectors."""
+    generator = torch.Generator().manual_seed(heads * tokens)
+    projected = torch.randn(tokens, 2 * heads * head_dim, generator=generator).to(dtype)
+    x = projected[:, : heads * head_dim].view(tokens, heads, head_dim).transpose(0, 1)
+    angles = torch.rand(tokens, head_dim // 2, generator=generator) * 100
+    cos, sin = torch.cat((angles, angles), dim=-1).cos().to(dtype), torch.cat((angles, angles), dim=-1).sin().to(dtype)
+    got = cpu_kernels.rope(x, cos, sin)
+    assert got.is_contiguous()
+    torch.testing.assert_close(got.float(), _rope_reference(x, cos, sin), **_tolerance(dtype))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_equals_the_reference_including_extreme_gates(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(3)
+    gate_up = (torch.randn(37, 2 * 100, generator=generator) * 4).to(dtype)
+    gate_up[0, :8] = torch.tensor([-1000.0, -100.0, -1e-30, 0.0, 1e-30, 100.0, 1000.0, 20.0]).to(dtype)
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    expected = (F.silu(gate) * up).float()
+    torch.testing.assert_close(cpu_kernels.silu_mul(gate_up).float(), expected, **_tolerance(dtype))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_ops_give_a_row_the_same_bits_in_any_pass(dtype: torch.dtype) -> None:
+    """Exact modes compute a token in passes of other sizes than the full prefill: its row must not change."""
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(600, 576, generator=generator).to(dtype)
+    weight = torch.randn(576, generator=generator).to(dtype)
+    assert torch.equal(cpu_kernels.rms_norm(x, weight, 1e-5)[250:251], cpu_kernels.rms_norm(x[250:251], weight, 1e-5))
+    assert torch.equal(cpu_kernels.silu_mul(x)[250:253], cpu_kernels.silu_mul(x[250:253]))
+    heads = x[:, :576].view(600, 9, 64).transpose(0, 1)
+    cos, sin = x[:, :64].contiguous(), x[:, 64:128].contiguous()
+    assert torch.equal(cpu_kernels.rope(heads, cos, sin)[:, 250:251], cpu_kernels.rope(heads[:, 250:251], cos[250:251], sin[250:251]))

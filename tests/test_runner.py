@@ -10,7 +10,7 @@ from tiny import FAMILY_CONFIGS
 from transformers import AutoModelForCausalLM
 
 from kvcake.model import Transformer, transformer
-from kvcake.model.transformer import PrefixVisible, TailCausal, attend_with_mask, causal_mask, linear, pack_weight
+from kvcake.model.transformer import PrefixVisible, TailCausal, attend_with_mask, causal_mask, linear, linear_add, pack_weight
 
 TOLERANCE = 1e-4
 
@@ -180,3 +180,6 @@ def test_linear_equals_the_reference_product() -> None:
         x = torch.randn(rows, 24, generator=generator)
         assert torch.allclose(linear(x, packed, bias), x @ weight.T + bias, atol=1e-5), f"packed weight, {rows} rows"
     assert torch.allclose(linear(x.T.contiguous().T, packed), x @ weight.T, atol=1e-5), "a transposed (non-contiguous) input"
+    residual = torch.randn(rows, 12, generator=generator)
+    assert torch.allclose(linear_add(x, packed, bias, residual), residual + x @ weight.T + bias, atol=1e-5)
+    assert torch.allclose(linear_add(x, weight, None, residual), residual + x @ weight.T, atol=1e-5)

@@ -10,8 +10,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -22,33 +20,18 @@
 #include <optional>
 #include <vector>
 
+#include "cpu_vector.h"
+
 namespace {
 
-constexpr int LANES = 16;
+using kvcake::exp_nonpositive;
+using kvcake::LANES;
+using kvcake::load_floats;
+
 constexpr int KEY_BLOCK = 96;        // keys per online-softmax step, aligned to absolute key positions
 constexpr int ROW_SLAB = 48;         // query rows (a query position times one head) per work item
 constexpr int SLAB_VECTORS = ROW_SLAB / LANES;
 constexpr int SCORE_KEYS = 8;        // keys per score micro-tile: SLAB_VECTORS x SCORE_KEYS accumulators
-
-// exp(x) for the x <= 0 of softmax: Cephes' range reduction and polynomial, exactly 1 at 0 and exactly 0 below
-// -87.3 (and for -inf, a masked score).
-inline __m512 exp_nonpositive(__m512 x) {
-  const __m512 lowest = _mm512_set1_ps(-87.3f);
-  const __mmask16 alive = _mm512_cmp_ps_mask(x, lowest, _CMP_GE_OQ);
-  x = _mm512_max_ps(x, lowest);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_maskz_mov_ps(alive, _mm512_scalef_ps(p, n));
-}
 
 struct Pass {
   const void* q;
@@ -389,11 +372,6 @@ at::Tensor attend_causal(const at::Tensor& q, const at::Tensor& k, const at::Ten
 // Decode: one query token per row, each row over its own cache. A row's query heads of one KV head read each of its
 // keys and values once; the dims are the vector lanes (a query's 1 x d against a key's d).
 constexpr int DECODE_ACCUMULATORS = 24;
-
-inline __m512 load_floats(const float* at) { return _mm512_loadu_ps(at); }
-inline __m512 load_floats(const uint16_t* at) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at))), 16));
-}
 
 template <int D, typename Elem>
 void decode_item(const Elem* query, int64_t query_head_stride, int64_t group, const Elem* key, int64_t key_stride,

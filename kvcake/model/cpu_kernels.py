@@ -1,12 +1,13 @@
-"""Attention kernels of our own for CPUs, compiled from C++ on the machine that runs them.
+"""Kernels of our own for CPUs, compiled from C++ on the machine that runs them.
 
 SDPA's CPU flash kernel ran a float32 prefill's attention at about half the machine's matmul rate (~110 against
 ~210 GFLOP/s on 2 AVX-512 cores), oneDNN's bfloat16 products with their softmax at ~94, and attention is half of a
 6k-token prefill's work. `cpu_attention.cpp` runs causal prefill attention at ~175 (float32) and ~300 (bfloat16),
-and decode rows over their caches in place (docs/design.md has the measurements). It needs AVX-512 (bfloat16:
-AVX512-BF16), a C++ compiler and ninja (a Python package kvcake depends on); it is built once per source, flags and
-torch version into the cache dir (~20 s) and loaded into the process. Where it cannot be built, attention stays on
-torch's paths, with a warning.
+and decode rows over their caches in place; `cpu_layer_ops.cpp` runs RMSNorm, RoPE and SwiGLU's activation in one
+pass each where torch ran 3 to 8 ops (12% of a float32 prefill, ~1000 dispatches per decode step; docs/design.md has
+the measurements). They need AVX-512 (bfloat16: AVX512-BF16), a C++ compiler and ninja (a Python package kvcake
+depends on); they are built once per source, flags and torch version into the cache dir (~25 s) and loaded into
+the process. Where they cannot be built, the model stays on torch's paths, with a warning.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_attention.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_attention.cpp", "cpu_layer_ops.cpp")]
+HEADER = Path(__file__).with_name("cpu_vector.h")
 HEAD_DIMS = frozenset({16, 32, 48, 64, 80, 96, 128, 256})
 """Head dims the kernel is compiled for (its `switch`); others use SDPA."""
 MAX_GROUP = 48
@@ -42,8 +44,8 @@ _loaded: bool | None = None
 
 
 def build_cpu_attention(cache_root: Path) -> bool:
-    """Build (once per source, flags and torch version, under `cache_root`/kernels) and load the attention kernel
-    into this process. Returns whether it is loaded; a machine that cannot build it gets one warning and SDPA."""
+    """Build (once per source, flags and torch version, under `cache_root`/kernels) and load the CPU kernels (attention
+    and the layer ops) into this process. Returns whether it is loaded; a machine that cannot build it gets one warning and SDPA."""
     global _loaded
     with _lock:
         if _loaded is None:
@@ -54,23 +56,24 @@ def build_cpu_attention(cache_root: Path) -> bool:
 def _build(build_root: Path) -> bool:
     missing = _missing_requirement()
     if missing:
-        log.warning("kvcake: attention on this CPU uses SDPA (slower): %s", missing)
+        log.warning("kvcake: attention and the layer ops on this CPU use torch (slower): %s", missing)
         return False
     from torch.utils import cpp_extension
 
     try:
-        digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
+        code = b"".join(path.read_bytes() for path in [*SOURCES, HEADER])
+        digest = hashlib.sha256(code + torch.__version__.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
         folder = build_root / f"cpu-attention-{digest}"
         if not (folder / "kvcake_cpu_attention.so").exists():
-            log.warning("kvcake: compiling the CPU attention kernel into %s (once, ~20 s)", folder)
+            log.warning("kvcake: compiling the CPU kernels into %s (once, ~25 s)", folder)
         folder.mkdir(parents=True, exist_ok=True)
         _remove_stale_lock(folder / "lock")
         cpp_extension.load(
-            name="kvcake_cpu_attention", sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+            name="kvcake_cpu_attention", sources=[str(path) for path in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
             build_directory=str(folder), is_python_module=False,
         )
     except Exception as error:  # a kernel that does not build costs speed, never a request
-        log.warning("kvcake: attention on this CPU uses SDPA (slower): the kernel did not build: %s", error)
+        log.warning("kvcake: attention and the layer ops on this CPU use torch (slower): the kernels did not build: %s", error)
         return False
     return True
 
@@ -126,6 +129,36 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         and supports(q.device, q.dtype, q.shape[-1], q.shape[-3] // k.shape[-3])
         and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
     )
+
+
+def layer_ops_apply(*tensors: torch.Tensor) -> bool:
+    """The layer ops (`cpu_layer_ops.cpp`: `rms_norm`, `rope`, `silu_mul`) take these tensors: the kernels are loaded,
+    and they are CPU tensors of one dtype, float32 or bfloat16 (on a CPU with AVX512-BF16), each row contiguous."""
+    first = tensors[0]
+    return (
+        bool(_loaded)
+        and first.device.type == "cpu"
+        and (first.dtype == torch.float32 or (first.dtype == torch.bfloat16 and _AVX512_BF16))
+        and all(tensor.dtype == first.dtype and tensor.device == first.device and tensor.stride(-1) == 1 for tensor in tensors)
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of rows x (..., hidden) in one pass, in float32, the normalised rows rounded to x's dtype before the
+    weight as the reference models do."""
+    rows = x.reshape(-1, x.shape[-1])
+    return torch.ops.kvcake.rms_norm(rows, weight, eps).view(x.shape)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x (H, T, d) with tables cos, sin (T, d) in one pass: ``x * cos + rotate_half(x) * sin``,
+    rounded once. Returns a contiguous (H, T, d)."""
+    return torch.ops.kvcake.rope(x, cos.contiguous(), sin.contiguous())
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of rows (T, 2I) holding [gate | up], in one pass, rounded once."""
+    return torch.ops.kvcake.silu_mul(gate_up)
 
 
 def attend_rows(

@@ -85,8 +85,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def linear_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + linear(x, weight, bias)``; through oneDNN, the sum is the product's epilogue (one pass fewer,
+    rounded once)."""
+    if weight.is_mkldnn or (x.device.type == "cpu" and _ONEDNN_LINEAR is not None):
+        return _ONEDNN_LINEAR.binary(x, residual, weight, bias, "add")
+    return residual + F.linear(x, weight, bias)
+
+
 def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in fp32 whatever the activation dtype, as the reference models do."""
+    """RMSNorm computed in fp32 whatever the activation dtype, as the reference models do (on a CPU, in one pass)."""
+    if cpu_kernels.layer_ops_apply(hidden, weight):
+        return cpu_kernels.rms_norm(hidden, weight, eps)
     hidden32 = hidden.float()
     normed = hidden32 * torch.rsqrt(hidden32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(hidden.dtype)
@@ -196,6 +206,9 @@ class Transformer:
 
     @staticmethod
     def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (H, T, d) rotated by the tables (T, d) of its tokens' positions."""
+        if x.dim() == 3 and cpu_kernels.layer_ops_apply(x, cos, sin):
+            return cpu_kernels.rope(x, cos, sin)
         return x * cos + rotate_half(x) * sin
 
     def qkv(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -212,16 +225,22 @@ class Transformer:
             v.view(num_tokens, -1, head_dim).transpose(0, 1),
         )
 
-    def attention_output(self, layer: int, attended: torch.Tensor) -> torch.Tensor:
+    def attention_output(self, layer: int, attended: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """The residual stream `hidden` plus the attention's output projection."""
         weights = self.layers[layer]
-        return linear(attended, weights.o, weights.o_bias)
+        return linear_add(attended, weights.o, weights.o_bias, hidden)
 
     def mlp(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        """The residual branch after attention: norm, SwiGLU, down projection."""
+        """The residual stream `hidden` plus the MLP's branch (norm, SwiGLU, down projection): the layer's output."""
         weights = self.layers[layer]
         normed = rms_norm(hidden, weights.post_norm, self.config.rms_norm_eps)
-        gate, up = linear(normed, weights.gate_up, weights.gate_up_bias).chunk(2, dim=-1)
-        return linear(F.silu(gate) * up, weights.down, weights.down_bias)
+        gate_up = linear(normed, weights.gate_up, weights.gate_up_bias)
+        if cpu_kernels.layer_ops_apply(gate_up):
+            activated = cpu_kernels.silu_mul(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            activated = F.silu(gate) * up
+        return linear_add(activated, weights.down, weights.down_bias, hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         normed = rms_norm(hidden, self.final_norm, self.config.rms_norm_eps)
@@ -248,8 +267,8 @@ class Transformer:
         cache.write(layer, slot, rotated_k, v)
         cached_k, cached_v = cache.layer(layer, slot.stop)
         attended = attend_with_mask(self.apply_rope(q, cos, sin), cached_k, cached_v, mask)
-        hidden = hidden + self.attention_output(layer, attended)
-        return hidden + self.mlp(layer, hidden), k, rotated_k, v
+        hidden = self.attention_output(layer, attended, hidden)
+        return self.mlp(layer, hidden), k, rotated_k, v
 
     def forward(
         self,
@@ -309,8 +328,7 @@ class Transformer:
                 attended = cpu_kernels.attend_rows(rotated_q, keys, values, lengths, rotated_k, v)
             else:
                 attended = _attend_rows_in_torch(layer, caches, slots, masks, padded, rotated_q, rotated_k, v)
-            hidden = hidden + self.attention_output(layer, attended)
-            hidden = hidden + self.mlp(layer, hidden)
+            hidden = self.mlp(layer, self.attention_output(layer, attended, hidden))
         for cache, slot in zip(caches, slots):
             cache.commit(slot)
         return self.logits(hidden)

@@ -260,8 +260,7 @@ class BlendPrefill:
             cached_k, cached_v = cache.layer(layer, slot.stop)
             rotated = model.apply_rope(q, cos[active], sin[active])
             attended = torch.cat([attend_with_mask(rotated[:, rows], cached_k[:, :end], cached_v[:, :end], block_mask) for rows, end, block_mask in mask])
-            hidden = hidden + model.attention_output(layer, attended)
-            hidden = hidden + model.mlp(layer, hidden)
+            hidden = model.mlp(layer, model.attention_output(layer, attended, hidden))
             yield
         cache.commit(slot)
         report.compute_share = token_layers / (model.config.num_layers * len(token_ids))
@@ -313,8 +312,7 @@ class BlendPrefill:
             keys, values = cache.layer(layer, slot.stop)
             scores += question_attention(rotated[:, question], keys, positions[active[question]], cache.positions[: slot.stop])[slot.start + doc_tokens]
             attended = torch.cat([attend_with_mask(rotated[:, rows], keys[:, :end], values[:, :end], block_mask) for rows, end, block_mask in mask])
-            hidden = hidden + model.attention_output(layer, attended)
-            hidden = hidden + model.mlp(layer, hidden)
+            hidden = model.mlp(layer, model.attention_output(layer, attended, hidden))
             yield
         return _smoothed(scores), held, depth * len(active)
 
