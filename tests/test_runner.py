@@ -131,6 +131,14 @@ def test_bf16_prefill_attention_on_a_cpu_is_the_same_wherever_a_pass_splits(monk
     torch.testing.assert_close(scattered.double(), reference[chosen], atol=2e-2, rtol=2e-2)
 
 
+def test_a_float16_model_runs_on_any_cpu(tiny_folders: dict[str, Path]) -> None:
+    """oneDNN multiplies float16 only on CPUs with AVX512-FP16; elsewhere the projections take torch's path."""
+    ids = torch.randint(3, 512, (40,), generator=torch.Generator().manual_seed(8))
+    reference = full_logits(Transformer.from_folder(tiny_folders["qwen2"], "cpu"), ids)
+    half = full_logits(Transformer.from_folder(tiny_folders["qwen2"], "cpu", dtype=torch.float16), ids)
+    torch.testing.assert_close(half.float(), reference, atol=3e-2, rtol=3e-2)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_half_precision_chunks_match_one_shot(tiny_folders: dict[str, Path], test_device: torch.device, family: str) -> None:
     """bf16 chunked prefill (tail-chunk attention) against the one-shot pass, within bf16 rounding."""
@@ -183,3 +191,5 @@ def test_linear_equals_the_reference_product() -> None:
     residual = torch.randn(rows, 12, generator=generator)
     assert torch.allclose(linear_add(x, packed, bias, residual), residual + x @ weight.T + bias, atol=1e-5)
     assert torch.allclose(linear_add(x, weight, None, residual), residual + x @ weight.T, atol=1e-5)
+    half = [tensor.half() for tensor in (x, weight, residual)]
+    torch.testing.assert_close(linear_add(half[0], half[1], None, half[2]).float(), residual + x @ weight.T, atol=2e-2, rtol=2e-2)

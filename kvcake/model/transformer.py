@@ -78,19 +78,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     On a CPU, `F.linear` in float32 goes to the BLAS, which reads a weight matrix for one token at
     about a third of the memory's speed; oneDNN's kernel reads it twice as fast (decode) and
-    multiplies 10-20% faster (prefill). Elsewhere (CUDA, a build without oneDNN) it is `F.linear`.
+    multiplies 10-20% faster (prefill). Elsewhere (CUDA, a build without oneDNN, float16, which oneDNN multiplies only
+    on CPUs with AVX512-FP16) it is `F.linear`.
     """
-    if weight.is_mkldnn or (x.device.type == "cpu" and _ONEDNN_LINEAR is not None):
+    if weight.is_mkldnn or (x.device.type == "cpu" and _onednn_packs(x.dtype)):
         return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 
 def linear_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
-    """``residual + linear(x, weight, bias)``; through oneDNN, the sum is the product's epilogue (one pass fewer,
-    rounded once)."""
-    if weight.is_mkldnn or (x.device.type == "cpu" and _ONEDNN_LINEAR is not None):
+    """``residual + linear(x, weight, bias)``; through oneDNN in float32 and bfloat16, the sum is the product's epilogue
+    (one pass fewer, rounded once; its float16 form needs instructions most CPUs lack)."""
+    if x.device.type == "cpu" and _onednn_packs(x.dtype):
         return _ONEDNN_LINEAR.binary(x, residual, weight, bias, "add")
-    return residual + F.linear(x, weight, bias)
+    return residual + linear(x, weight, bias)
 
 
 def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
