@@ -43,13 +43,14 @@ def run(args: argparse.Namespace) -> None:
         engines = {name: Engine(config.replace(store_url=urls[name])) for name in names}
         try:
             rows = _measure(engines, args.chunks, args.repeats)
+            dtype = str(engines[names[0]].model.dtype).removeprefix("torch.")
         finally:
             for engine in engines.values():
                 engine.close()
     for row in rows:
         print(row)
     header = [
-        f"Model `{config.model}`, {args.chunks} stored chunks of {config.chunk_size} tokens + 1 new token; "
+        f"Model `{config.model}` ({dtype}), {args.chunks} stored chunks of {config.chunk_size} tokens + 1 new token; "
         f"{args.repeats} rounds, each timing one request per store and the floor's two parts, medians reported "
         f"(floor / TTFT is the median of the rounds' ratios). Machine: {machine_description()}, {torch.get_num_threads()} threads.",
         "floor = memcpy of the loaded bytes + the last token's forward at this context, both measured in the same round.",

@@ -30,8 +30,8 @@ using kvcake::load_floats;
 
 constexpr int KEY_BLOCK = 96;        // keys per online-softmax step, aligned to absolute key positions
 constexpr int ROW_SLAB = 48;         // query rows (a query position times one head) per work item
-constexpr int SLAB_VECTORS = ROW_SLAB / LANES;
-constexpr int SCORE_KEYS = 8;        // keys per score micro-tile: SLAB_VECTORS x SCORE_KEYS accumulators
+constexpr int SMALL_SLAB = LANES;    // the rows of a pass that has at most this many (a one-token pass): one vector
+constexpr int SCORE_KEYS = 8;        // keys per score micro-tile: V x SCORE_KEYS accumulators
 
 struct Pass {
   const void* q;
@@ -52,19 +52,21 @@ inline int64_t last_visible_key(const Pass& pass, int64_t query) {
   return pass.visible ? pass.visible[query] - 1 : pass.first_position + query;
 }
 
-// One slab's working set, transposed so that a vector holds LANES rows: scores and weights are [key][row].
-// bfloat16 keeps its query rows and weights as pairs of bf16 in 32 bits, the unit of one VDPBF16PS lane.
-template <int D>
+// One slab's working set, V vectors of LANES rows, transposed so that a vector holds rows: scores and weights are
+// [key][row]. bfloat16 keeps its query rows and weights as pairs of bf16 in 32 bits, the unit of one VDPBF16PS lane.
+// A row's operations are the same whichever V: a slab of one vector (SMALL_SLAB) gives a row the bits of ROW_SLAB's.
+template <int D, int V>
 struct Slab {
-  alignas(64) float q_t[D][ROW_SLAB];
-  alignas(64) uint32_t q_pairs[D / 2][ROW_SLAB];
-  alignas(64) float scores[KEY_BLOCK][ROW_SLAB];
-  alignas(64) uint32_t weight_pairs[KEY_BLOCK / 2][ROW_SLAB];
-  alignas(64) float acc[ROW_SLAB][D];
-  alignas(64) float row_max[ROW_SLAB];
-  alignas(64) float row_sum[ROW_SLAB];
-  alignas(64) float row_scale[ROW_SLAB];
-  int64_t row_position[ROW_SLAB];
+  static constexpr int ROWS_IN = V * LANES;
+  alignas(64) float q_t[D][ROWS_IN];
+  alignas(64) uint32_t q_pairs[D / 2][ROWS_IN];
+  alignas(64) float scores[KEY_BLOCK][ROWS_IN];
+  alignas(64) uint32_t weight_pairs[KEY_BLOCK / 2][ROWS_IN];
+  alignas(64) float acc[ROWS_IN][D];
+  alignas(64) float row_max[ROWS_IN];
+  alignas(64) float row_sum[ROWS_IN];
+  alignas(64) float row_scale[ROWS_IN];
+  int64_t row_position[ROWS_IN];
 };
 
 inline __m512bh as_bf16(__m512i bits) { return reinterpret_cast<__m512bh>(bits); }
@@ -76,46 +78,46 @@ inline uint32_t bf16_pair(const uint16_t* at) {
 }
 
 // scores[first_key + j][rows] = q . k_j for SCORE_KEYS keys from `key` (float32).
-template <int D>
-inline void score_tile(Slab<D>& slab, const float* key, int64_t key_stride, int first_key, int count) {
-  __m512 sums[SCORE_KEYS][SLAB_VECTORS];
+template <int D, int V>
+inline void score_tile(Slab<D, V>& slab, const float* key, int64_t key_stride, int first_key, int count) {
+  __m512 sums[SCORE_KEYS][V];
   for (int j = 0; j < SCORE_KEYS; ++j)
-    for (int c = 0; c < SLAB_VECTORS; ++c) sums[j][c] = _mm512_setzero_ps();
+    for (int c = 0; c < V; ++c) sums[j][c] = _mm512_setzero_ps();
   for (int d = 0; d < D; ++d) {
-    __m512 rows[SLAB_VECTORS];
-    for (int c = 0; c < SLAB_VECTORS; ++c) rows[c] = _mm512_load_ps(&slab.q_t[d][c * LANES]);
+    __m512 rows[V];
+    for (int c = 0; c < V; ++c) rows[c] = _mm512_load_ps(&slab.q_t[d][c * LANES]);
     for (int j = 0; j < SCORE_KEYS; ++j) {
       const __m512 kd = _mm512_set1_ps(key[std::min(j, count - 1) * key_stride + d]);
-      for (int c = 0; c < SLAB_VECTORS; ++c) sums[j][c] = _mm512_fmadd_ps(rows[c], kd, sums[j][c]);
+      for (int c = 0; c < V; ++c) sums[j][c] = _mm512_fmadd_ps(rows[c], kd, sums[j][c]);
     }
   }
   for (int j = 0; j < count; ++j)
-    for (int c = 0; c < SLAB_VECTORS; ++c) _mm512_store_ps(&slab.scores[first_key + j][c * LANES], sums[j][c]);
+    for (int c = 0; c < V; ++c) _mm512_store_ps(&slab.scores[first_key + j][c * LANES], sums[j][c]);
 }
 
 // The same in bfloat16, two dims per VDPBF16PS lane, summed in float32.
-template <int D>
-inline void score_tile(Slab<D>& slab, const uint16_t* key, int64_t key_stride, int first_key, int count) {
-  __m512 sums[SCORE_KEYS][SLAB_VECTORS];
+template <int D, int V>
+inline void score_tile(Slab<D, V>& slab, const uint16_t* key, int64_t key_stride, int first_key, int count) {
+  __m512 sums[SCORE_KEYS][V];
   for (int j = 0; j < SCORE_KEYS; ++j)
-    for (int c = 0; c < SLAB_VECTORS; ++c) sums[j][c] = _mm512_setzero_ps();
+    for (int c = 0; c < V; ++c) sums[j][c] = _mm512_setzero_ps();
   for (int d = 0; d < D / 2; ++d) {
-    __m512bh rows[SLAB_VECTORS];
-    for (int c = 0; c < SLAB_VECTORS; ++c) rows[c] = as_bf16(_mm512_load_si512(&slab.q_pairs[d][c * LANES]));
+    __m512bh rows[V];
+    for (int c = 0; c < V; ++c) rows[c] = as_bf16(_mm512_load_si512(&slab.q_pairs[d][c * LANES]));
     for (int j = 0; j < SCORE_KEYS; ++j) {
       const __m512bh kd = as_bf16(_mm512_set1_epi32(static_cast<int>(bf16_pair(key + std::min(j, count - 1) * key_stride + 2 * d))));
-      for (int c = 0; c < SLAB_VECTORS; ++c) sums[j][c] = _mm512_dpbf16_ps(sums[j][c], rows[c], kd);
+      for (int c = 0; c < V; ++c) sums[j][c] = _mm512_dpbf16_ps(sums[j][c], rows[c], kd);
     }
   }
   for (int j = 0; j < count; ++j)
-    for (int c = 0; c < SLAB_VECTORS; ++c) _mm512_store_ps(&slab.scores[first_key + j][c * LANES], sums[j][c]);
+    for (int c = 0; c < V; ++c) _mm512_store_ps(&slab.scores[first_key + j][c * LANES], sums[j][c]);
 }
 
 // Keys after each row's position get -inf.
-template <int D>
-void hide_future(Slab<D>& slab, int64_t block_start, int keys) {
+template <int D, int V>
+void hide_future(Slab<D, V>& slab, int64_t block_start, int keys) {
   const int64_t last_key = block_start + keys - 1;
-  for (int r = 0; r < ROW_SLAB; ++r) {
+  for (int r = 0; r < Slab<D, V>::ROWS_IN; ++r) {
     if (slab.row_position[r] >= last_key) continue;
     for (int j = std::max<int64_t>(0, slab.row_position[r] + 1 - block_start); j < keys; ++j)
       slab.scores[j][r] = -std::numeric_limits<float>::infinity();
@@ -124,10 +126,10 @@ void hide_future(Slab<D>& slab, int64_t block_start, int keys) {
 
 // Online softmax over one key block: scores (times score_scale where SCALE, else as they are) become weights
 // exp(s - max); row_max, row_sum and row_scale (the factor for the sums so far) are updated.
-template <int D, bool SCALE>
-void softmax_block(Slab<D>& slab, int keys, float score_scale) {
+template <int D, int V, bool SCALE>
+void softmax_block(Slab<D, V>& slab, int keys, float score_scale) {
   const __m512 scale = _mm512_set1_ps(score_scale);
-  for (int c = 0; c < SLAB_VECTORS; ++c) {
+  for (int c = 0; c < V; ++c) {
     __m512 block_max = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     for (int j = 0; j < keys; ++j) {
       __m512 score = _mm512_load_ps(&slab.scores[j][c * LANES]);
@@ -153,12 +155,12 @@ void softmax_block(Slab<D>& slab, int keys, float score_scale) {
 }
 
 // weight_pairs[j / 2][row] = the bf16 weights of keys j and j + 1 (zero past the block's keys).
-template <int D>
-void pair_weights(Slab<D>& slab, int keys) {
+template <int D, int V>
+void pair_weights(Slab<D, V>& slab, int keys) {
   const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                               23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   for (int j = 0; j < keys; j += 2)
-    for (int c = 0; c < SLAB_VECTORS; ++c) {
+    for (int c = 0; c < V; ++c) {
       const __m512 even = _mm512_load_ps(&slab.scores[j][c * LANES]);
       const __m512 odd = j + 1 < keys ? _mm512_load_ps(&slab.scores[j + 1][c * LANES]) : _mm512_setzero_ps();
       const __m512i halves = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(odd, even));
@@ -167,26 +169,26 @@ void pair_weights(Slab<D>& slab, int keys) {
 }
 
 // ROWS rows of the slab's sums into registers, times each row's rescale factor, and back.
-template <int D, int ROWS>
-inline void load_rescaled(const Slab<D>& slab, int row, __m512 (&acc)[ROWS][D / LANES]) {
+template <int D, int V, int ROWS>
+inline void load_rescaled(const Slab<D, V>& slab, int row, __m512 (&acc)[ROWS][D / LANES]) {
   for (int r = 0; r < ROWS; ++r) {
     const __m512 s = _mm512_set1_ps(slab.row_scale[row + r]);
     for (int c = 0; c < D / LANES; ++c) acc[r][c] = _mm512_mul_ps(_mm512_load_ps(&slab.acc[row + r][c * LANES]), s);
   }
 }
 
-template <int D, int ROWS>
-inline void store_rows(Slab<D>& slab, int row, const __m512 (&acc)[ROWS][D / LANES]) {
+template <int D, int V, int ROWS>
+inline void store_rows(Slab<D, V>& slab, int row, const __m512 (&acc)[ROWS][D / LANES]) {
   for (int r = 0; r < ROWS; ++r)
     for (int c = 0; c < D / LANES; ++c) _mm512_store_ps(&slab.acc[row + r][c * LANES], acc[r][c]);
 }
 
 // acc[rows] = acc[rows] * row_scale + weights^T . v over the block's keys, ROWS rows at a time in registers.
-template <int D, int ROWS>
-inline void accumulate_tile(Slab<D>& slab, int row, const float* value, int64_t value_stride, int keys) {
+template <int D, int V, int ROWS>
+inline void accumulate_tile(Slab<D, V>& slab, int row, const float* value, int64_t value_stride, int keys) {
   constexpr int DV = D / LANES;
   __m512 acc[ROWS][DV];
-  load_rescaled<D, ROWS>(slab, row, acc);
+  load_rescaled<D, V, ROWS>(slab, row, acc);
   for (int j = 0; j < keys; ++j) {
     __m512 vj[DV];
     for (int c = 0; c < DV; ++c) vj[c] = _mm512_loadu_ps(value + j * value_stride + c * LANES);
@@ -195,15 +197,15 @@ inline void accumulate_tile(Slab<D>& slab, int row, const float* value, int64_t 
       for (int c = 0; c < DV; ++c) acc[r][c] = _mm512_fmadd_ps(w, vj[c], acc[r][c]);
     }
   }
-  store_rows<D, ROWS>(slab, row, acc);
+  store_rows<D, V, ROWS>(slab, row, acc);
 }
 
 // The same in bfloat16 over key pairs: value_pairs[p][d] holds the values of keys 2p and 2p + 1 at dim d.
-template <int D, int ROWS>
-inline void accumulate_tile(Slab<D>& slab, int row, const uint32_t* value_pairs, int64_t pair_stride, int keys) {
+template <int D, int V, int ROWS>
+inline void accumulate_tile(Slab<D, V>& slab, int row, const uint32_t* value_pairs, int64_t pair_stride, int keys) {
   constexpr int DV = D / LANES;
   __m512 acc[ROWS][DV];
-  load_rescaled<D, ROWS>(slab, row, acc);
+  load_rescaled<D, V, ROWS>(slab, row, acc);
   for (int p = 0; p < (keys + 1) / 2; ++p) {
     __m512bh vp[DV];
     for (int c = 0; c < DV; ++c) vp[c] = as_bf16(_mm512_loadu_si512(value_pairs + p * pair_stride + c * LANES));
@@ -212,21 +214,21 @@ inline void accumulate_tile(Slab<D>& slab, int row, const uint32_t* value_pairs,
       for (int c = 0; c < DV; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], w, vp[c]);
     }
   }
-  store_rows<D, ROWS>(slab, row, acc);
+  store_rows<D, V, ROWS>(slab, row, acc);
 }
 
 // One key block: scores, hidden future, online softmax, weighted values. Key is the element type's pointer.
-template <int D, typename Key, typename Value>
-void attend_block(Slab<D>& slab, const Pass& pass, const Key* key, const Value* value, int64_t block_start, int keys) {
+template <int D, int V, typename Key, typename Value>
+void attend_block(Slab<D, V>& slab, const Pass& pass, const Key* key, const Value* value, int64_t block_start, int keys) {
   for (int j = 0; j < keys; j += SCORE_KEYS)
-    score_tile<D>(slab, key + j * pass.k_row_stride, pass.k_row_stride, j, std::min(SCORE_KEYS, keys - j));
-  hide_future<D>(slab, block_start, keys);
+    score_tile<D, V>(slab, key + j * pass.k_row_stride, pass.k_row_stride, j, std::min(SCORE_KEYS, keys - j));
+  hide_future<D, V>(slab, block_start, keys);
   constexpr bool bf16 = std::is_same<Key, uint16_t>::value;
-  softmax_block<D, bf16>(slab, keys, pass.scale);
-  constexpr int ROWS = D <= 64 ? 6 : (D <= 128 ? 3 : 1);
-  static_assert(ROW_SLAB % ROWS == 0, "row tiles must fill the slab");
-  if constexpr (bf16) pair_weights<D>(slab, keys);
-  for (int r = 0; r < ROW_SLAB; r += ROWS) accumulate_tile<D, ROWS>(slab, r, value, pass.v_row_stride, keys);
+  softmax_block<D, V, bf16>(slab, keys, pass.scale);
+  constexpr int ROWS = V == 3 ? (D <= 64 ? 6 : (D <= 128 ? 3 : 1)) : (D <= 64 ? 4 : (D <= 128 ? 2 : 1));
+  static_assert(Slab<D, V>::ROWS_IN % ROWS == 0, "row tiles must fill the slab");
+  if constexpr (bf16) pair_weights<D, V>(slab, keys);
+  for (int r = 0; r < Slab<D, V>::ROWS_IN; r += ROWS) accumulate_tile<D, V, ROWS>(slab, r, value, pass.v_row_stride, keys);
 }
 
 inline float to_float(float x) { return x; }
@@ -239,12 +241,12 @@ inline float to_float(uint16_t bits) {
 
 // One work item: `queries_per_item` query positions of one KV head, their group's heads stacked as rows.
 // float32 queries are scaled here; bfloat16 ones stay as given and their scores are scaled in float32.
-template <int D, typename Elem, typename Value>
-void attend_item(Slab<D>& slab, const Pass& pass, int64_t kv_head, int64_t first_query) {
+template <int D, int V, typename Elem, typename Value>
+void attend_item(Slab<D, V>& slab, const Pass& pass, int64_t kv_head, int64_t first_query) {
   constexpr bool bf16 = std::is_same<Elem, uint16_t>::value;
   const int64_t queries = std::min(pass.queries_per_item, pass.num_queries - first_query);
   const int64_t rows = queries * pass.group;
-  for (int r = 0; r < ROW_SLAB; ++r) {
+  for (int r = 0; r < Slab<D, V>::ROWS_IN; ++r) {
     const bool real = r < rows;
     const int64_t query = first_query + (real ? r / pass.group : queries - 1);
     const int64_t head = kv_head * pass.group + (real ? r % pass.group : 0);
@@ -267,7 +269,7 @@ void attend_item(Slab<D>& slab, const Pass& pass, int64_t kv_head, int64_t first
     last_position = std::max(last_position, last_visible_key(pass, query));
   for (int64_t start = 0, block = 0; start <= last_position; start += KEY_BLOCK, ++block) {
     const int keys = static_cast<int>(std::min<int64_t>(KEY_BLOCK, pass.num_keys - start));
-    attend_block<D>(slab, pass, key + start * pass.k_row_stride, value + block * value_step * pass.v_row_stride, start, keys);
+    attend_block<D, V>(slab, pass, key + start * pass.k_row_stride, value + block * value_step * pass.v_row_stride, start, keys);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t query = first_query + r / pass.group;
@@ -285,17 +287,17 @@ void attend_item(Slab<D>& slab, const Pass& pass, int64_t kv_head, int64_t first
   }
 }
 
-template <int D, typename Elem, typename Value>
+template <int D, int V, typename Elem, typename Value>
 void attend_pass(const Pass& pass) {
   const int64_t query_blocks = (pass.num_queries + pass.queries_per_item - 1) / pass.queries_per_item;
   const int64_t items = query_blocks * pass.kv_heads;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    std::unique_ptr<Slab<D>> slab(new Slab<D>);
+    std::unique_ptr<Slab<D, V>> slab(new Slab<D, V>);
     for (int64_t item = next++; item < items; item = next++) {
       // The latest queries (the most keys) first, so the threads finish together.
       const int64_t block = query_blocks - 1 - item / pass.kv_heads;
-      attend_item<D, Elem, Value>(*slab, pass, item % pass.kv_heads, block * pass.queries_per_item);
+      attend_item<D, V, Elem, Value>(*slab, pass, item % pass.kv_heads, block * pass.queries_per_item);
     }
   });
 }
@@ -320,19 +322,32 @@ at::Tensor pack_value_pairs(const at::Tensor& v) {
   return packed;
 }
 
+// A pass whose rows all fit one vector (SMALL_SLAB: a one-token pass) runs in slabs of one vector, else of ROW_SLAB.
+template <int D, typename Elem, typename Value>
+void attend_pass_in_slabs(const Pass& pass) {
+  if (pass.queries_per_item * pass.group <= SMALL_SLAB) attend_pass<D, SMALL_SLAB / LANES, Elem, Value>(pass);
+  else attend_pass<D, ROW_SLAB / LANES, Elem, Value>(pass);
+}
+
 template <typename Elem, typename Value>
 void dispatch(const Pass& pass, int64_t head_dim) {
   switch (head_dim) {  // the head dims of cpu_kernels.HEAD_DIMS
-    case 16: attend_pass<16, Elem, Value>(pass); break;
-    case 32: attend_pass<32, Elem, Value>(pass); break;
-    case 48: attend_pass<48, Elem, Value>(pass); break;
-    case 64: attend_pass<64, Elem, Value>(pass); break;
-    case 80: attend_pass<80, Elem, Value>(pass); break;
-    case 96: attend_pass<96, Elem, Value>(pass); break;
-    case 128: attend_pass<128, Elem, Value>(pass); break;
-    case 256: attend_pass<256, Elem, Value>(pass); break;
+    case 16: attend_pass_in_slabs<16, Elem, Value>(pass); break;
+    case 32: attend_pass_in_slabs<32, Elem, Value>(pass); break;
+    case 48: attend_pass_in_slabs<48, Elem, Value>(pass); break;
+    case 64: attend_pass_in_slabs<64, Elem, Value>(pass); break;
+    case 80: attend_pass_in_slabs<80, Elem, Value>(pass); break;
+    case 96: attend_pass_in_slabs<96, Elem, Value>(pass); break;
+    case 128: attend_pass_in_slabs<128, Elem, Value>(pass); break;
+    case 256: attend_pass_in_slabs<256, Elem, Value>(pass); break;
     default: TORCH_CHECK(false, "attend_causal: head dim ", head_dim, " not built");
   }
+}
+
+// Queries per work item: as many as fill one slab with their group's heads (one vector when the whole pass fits it).
+int64_t queries_per_item(int64_t num_queries, int64_t group) {
+  const int64_t slab_rows = num_queries * group <= SMALL_SLAB ? SMALL_SLAB : ROW_SLAB;
+  return std::max<int64_t>(1, slab_rows / group);
 }
 
 at::Tensor attend_causal(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& visible) {
@@ -359,7 +374,7 @@ at::Tensor attend_causal(const at::Tensor& q, const at::Tensor& k, const at::Ten
   Pass pass{q.data_ptr(), k.data_ptr(), values.data_ptr(), out.data_ptr(),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), values.stride(0), values.stride(1),
             heads, kv_heads, heads / kv_heads, num_queries, num_keys, num_keys - num_queries,
-            std::max<int64_t>(1, ROW_SLAB / (heads / kv_heads)), 1.0f / std::sqrt(static_cast<float>(head_dim)),
+            queries_per_item(num_queries, heads / kv_heads), 1.0f / std::sqrt(static_cast<float>(head_dim)),
             visible ? visible->data_ptr<int64_t>() : nullptr};
   if (bf16) {
     dispatch<uint16_t, uint32_t>(pass, head_dim);
