@@ -31,6 +31,7 @@ from kvcake.bench.report import machine_description, write_report
 from kvcake.config import KvcakeConfig
 from kvcake.data import long_text
 from kvcake.engine import Engine
+from kvcake.model import resolve_device, resolve_dtype
 from kvcake.server.background import BackgroundServer
 
 TOPICS = ["a lighthouse", "a river", "a mountain village", "a clockmaker", "the first snow", "a train at night",
@@ -167,12 +168,13 @@ def _gaps_during(server: _Server, model: str, send: Callable[[], object], stream
 
 
 def report(out_dir: Path, name: str, config: KvcakeConfig, args: argparse.Namespace, decode: dict | None, stall: dict | None) -> None:
-    record = {"settings": {"model": config.model, "clients": args.clients, "decode_tokens": args.decode_tokens, "rounds": args.rounds,
+    dtype = str(resolve_dtype(config.dtype, resolve_device(config.device))).removeprefix("torch.")
+    record = {"settings": {"model": config.model, "dtype": dtype, "clients": args.clients, "decode_tokens": args.decode_tokens, "rounds": args.rounds,
                            "max_batch": config.max_batch, "stall_prompt_tokens": args.stall_prompt_tokens, "machine": machine_description()},
               "decode": decode, "stall": stall}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(record, indent=2))
-    header = [f"Model `{config.model}`, store in memory. Machine: {machine_description()}.", ""]
+    header = [f"Model `{config.model}` ({dtype}), store in memory. Machine: {machine_description()}.", ""]
     rows: list[dict] = []
     if decode is not None:
         header += [f"**Decode-heavy**: {args.clients} clients at once, each a short chat prompt and {args.decode_tokens} generated tokens, "
