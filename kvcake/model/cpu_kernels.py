@@ -27,11 +27,12 @@ log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_attention.cpp", "cpu_layer_ops.cpp")]
 HEADER = Path(__file__).with_name("cpu_vector.h")
 HEAD_DIMS = frozenset({16, 32, 48, 64, 80, 96, 128, 256})
-"""Head dims the kernel is compiled for (its `switch`); others use SDPA."""
+"""Head dims the attention kernel is compiled for (its `switch`); others use torch's attention."""
 MAX_GROUP = 48
 """At most this many query heads per KV head (`ROW_SLAB`, one row slab of the kernel)."""
 FLAGS = ["-O3", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
-"""AVX512-BF16 instructions run only on bfloat16 operands, which `applies` sends only to a CPU that has them."""
+"""AVX512-BF16 instructions run only on bfloat16 operands, which `applies` and `layer_ops_apply` send only to a CPU that
+has them."""
 STALE_LOCK_S = 300
 """A build lock older than this was left by a build that died (one takes ~20 s): it is removed, or every later
 start would wait on it."""
@@ -45,7 +46,7 @@ _loaded: bool | None = None
 
 def build_cpu_attention(cache_root: Path) -> bool:
     """Build (once per source, flags and torch version, under `cache_root`/kernels) and load the CPU kernels (attention
-    and the layer ops) into this process. Returns whether it is loaded; a machine that cannot build it gets one warning and SDPA."""
+    and the layer ops) into this process. Returns whether they are loaded; a machine that cannot build them gets one warning and torch's ops."""
     global _loaded
     with _lock:
         if _loaded is None:

@@ -1,8 +1,10 @@
 // A decoder layer's elementwise steps on an x86 CPU with AVX-512, each one pass over its rows where torch runs 3 to 8
 // ops (a pass over memory each, and a dispatch each: ~1000 per decode step). Built and loaded with
 // cpu_attention.cpp by cpu_kernels.py. Every row is computed the same way whichever call and thread it is in, so
-// a token's result never depends on its pass. float32 throughout, rounded to the activation dtype where the
-// reference models round (RMSNorm's normalised rows before the weight) and once at the end.
+// a token's result never depends on its pass. float32 throughout, rounded to the activation dtype once at the end,
+// and where the reference models' result depends on it: RMSNorm's normalised rows before the weight. RoPE's two
+// products and SiLU before its product with `up` are not rounded in between (the torch path rounds them in bf16),
+// which is closer to float32; a bf16 model's bits depend on whether the kernels are built, as with attention.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -56,10 +58,11 @@ void rope_rows(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin
   const auto* cosines = static_cast<const Elem*>(cos.data_ptr());
   const auto* sines = static_cast<const Elem*>(sin.data_ptr());
   auto* target = static_cast<Elem*>(out.data_ptr());
+  const int64_t head_stride = x.stride(0), token_stride = x.stride(1);
   at::parallel_for(0, heads * tokens, rows_per_grain(head_dim), [&](int64_t begin, int64_t end) {
     for (int64_t index = begin; index < end; ++index) {
       const int64_t head = index / tokens, token = index % tokens;
-      const Elem* row = source + head * x.stride(0) + token * x.stride(1);
+      const Elem* row = source + head * head_stride + token * token_stride;
       const Elem* c = cosines + token * head_dim;
       const Elem* s = sines + token * head_dim;
       Elem* result = target + index * head_dim;

@@ -89,7 +89,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def linear_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
     """``residual + linear(x, weight, bias)``; through oneDNN in float32 and bfloat16, the sum is the product's epilogue
     (one pass fewer, rounded once; its float16 form needs instructions most CPUs lack)."""
-    if x.device.type == "cpu" and _onednn_packs(x.dtype):
+    if x.device.type == "cpu" and _onednn_packs(x.dtype) and residual.dtype == x.dtype:
         return _ONEDNN_LINEAR.binary(x, residual, weight, bias, "add")
     return residual + linear(x, weight, bias)
 
@@ -208,7 +208,7 @@ class Transformer:
     @staticmethod
     def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x (H, T, d) rotated by the tables (T, d) of its tokens' positions."""
-        if x.dim() == 3 and cpu_kernels.layer_ops_apply(x, cos, sin):
+        if x.dim() == 3 and cos.shape == sin.shape == x.shape[1:] and cpu_kernels.layer_ops_apply(x, cos, sin):
             return cpu_kernels.rope(x, cos, sin)
         return x * cos + rotate_half(x) * sin
 
@@ -236,7 +236,7 @@ class Transformer:
         weights = self.layers[layer]
         normed = rms_norm(hidden, weights.post_norm, self.config.rms_norm_eps)
         gate_up = linear(normed, weights.gate_up, weights.gate_up_bias)
-        if cpu_kernels.layer_ops_apply(gate_up):
+        if gate_up.dim() == 2 and cpu_kernels.layer_ops_apply(gate_up):
             activated = cpu_kernels.silu_mul(gate_up)
         else:
             gate, up = gate_up.chunk(2, dim=-1)
