@@ -231,14 +231,6 @@ void attend_block(Slab<D, V>& slab, const Pass& pass, const Key* key, const Valu
   for (int r = 0; r < Slab<D, V>::ROWS_IN; r += ROWS) accumulate_tile<D, V, ROWS>(slab, r, value, pass.v_row_stride, keys);
 }
 
-inline float to_float(float x) { return x; }
-inline float to_float(uint16_t bits) {
-  const uint32_t widened = static_cast<uint32_t>(bits) << 16;
-  float x;
-  std::memcpy(&x, &widened, sizeof(x));
-  return x;
-}
-
 // One work item: `queries_per_item` query positions of one KV head, their group's heads stacked as rows.
 // float32 queries are scaled here; bfloat16 ones stay as given and their scores are scaled in float32.
 template <int D, int V, typename Elem, typename Value>

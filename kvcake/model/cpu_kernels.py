@@ -34,7 +34,7 @@ FLAGS = ["-O3", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx512
 """AVX512-BF16 instructions run only on bfloat16 operands, which `applies` and `layer_ops_apply` send only to a CPU that
 has them."""
 STALE_LOCK_S = 300
-"""A build lock older than this was left by a build that died (one takes ~20 s): it is removed, or every later
+"""A build lock older than this was left by a build that died (one takes ~25 s): it is removed, or every later
 start would wait on it."""
 
 _AVX512_BF16 = torch.cpu._is_avx512_bf16_supported()
@@ -46,7 +46,8 @@ _loaded: bool | None = None
 
 def build_cpu_attention(cache_root: Path) -> bool:
     """Build (once per source, flags and torch version, under `cache_root`/kernels) and load the CPU kernels (attention
-    and the layer ops) into this process. Returns whether they are loaded; a machine that cannot build them gets one warning and torch's ops."""
+    and the layer ops) into this process. Returns whether they are loaded; a machine that cannot build them gets one
+    warning and torch's ops."""
     global _loaded
     with _lock:
         if _loaded is None:
