@@ -120,3 +120,20 @@ def test_requests_served_together_give_what_they_give_alone_on_the_real_model(en
     for together, reference in zip(served, alone):
         assert [token for token, _ in together] == [token for token, _ in reference]
         assert max((a - b).abs().max().item() for (_, a), (_, b) in zip(together, reference)) <= 1e-4
+
+
+def test_a_token_computed_alone_gets_the_bits_it_has_inside_a_longer_pass(default_model, long_prompt) -> None:
+    """A prompt's last token computed alone (after a prefix hit whose stored tail ends just before it) gives the full
+    prefill's logits and K/V to the bit: with smollm2's 1536-wide MLP, one row's down projection takes another oneDNN
+    path than several rows'."""
+    ids = torch.tensor(long_prompt[:300])
+    whole, alone_cache = default_model.new_cache(len(ids)), default_model.new_cache(len(ids))
+    for cache, cuts in ((whole, [0, 256, 300]), (alone_cache, [0, 256, 299, 300])):
+        for start, end in zip(cuts, cuts[1:]):
+            out = default_model.forward(ids[start:end], torch.arange(start, end), cache)
+        if cache is whole:
+            in_pass = out.logits[-1]
+    assert torch.equal(out.logits[-1], in_pass)
+    for layer in range(default_model.config.num_layers):
+        assert torch.equal(alone_cache.keys[layer][:, 299], whole.keys[layer][:, 299])
+        assert torch.equal(alone_cache.values[layer][:, 299], whole.values[layer][:, 299])

@@ -260,14 +260,18 @@ class Transformer:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One layer for the tokens in cache slot `slot`, attending over the cache up to its end.
 
-        Returns the new hidden states and the layer's K before RoPE, K after it, and V for these tokens.
+        Returns the new hidden states and the layer's K before RoPE, K after it, and V for these tokens. `hidden` may
+        hold a padding row after the slot's tokens (`_padded_for_products`), which takes part in the row-wise steps only.
         """
-        q, k, v = self.qkv(layer, hidden)
+        num_tokens = slot.stop - slot.start
+        q, k, v = (x[:, :num_tokens] for x in self.qkv(layer, hidden))
         cos, sin = rope
         rotated_k = self.apply_rope(k, cos, sin)
         cache.write(layer, slot, rotated_k, v)
         cached_k, cached_v = cache.layer(layer, slot.stop)
         attended = attend_with_mask(self.apply_rope(q, cos, sin), cached_k, cached_v, mask)
+        if hidden.shape[0] > num_tokens:
+            attended = F.pad(attended, (0, 0, 0, hidden.shape[0] - num_tokens))
         hidden = self.attention_output(layer, attended, hidden)
         return self.mlp(layer, hidden), k, rotated_k, v
 
@@ -291,7 +295,7 @@ class Transformer:
         slot = cache.reserve(positions.to(self.device))
         rope = self.rope_tables(positions)
         mask = causal_mask(cache.positions[slot], cache.positions[: slot.stop])
-        hidden = self.embed(token_ids)
+        hidden = self._padded_for_products(self.embed(token_ids))
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
         for layer in range(self.config.num_layers):
@@ -300,8 +304,21 @@ class Transformer:
                 keys.append((rotated_k if rotated_keys else k).contiguous())
                 values.append(v.contiguous())
         cache.commit(slot)
-        last = hidden if all_logits else hidden[-1:]
+        num_tokens = len(token_ids)
+        last = hidden[:num_tokens] if all_logits else hidden[num_tokens - 1 : num_tokens]
         return ForwardOutput(self.logits(last), ChunkKV(keys, values))
+
+    def _padded_for_products(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A one-token pass's hidden state with a copy of its row after it, on a CPU whose products run in oneDNN.
+
+        oneDNN multiplies a single row on another path than several (a matrix-vector product, whose sums run in
+        another order for K >= 1536 in float32: smollm2's down projection), and a row's bits are the same for any
+        number of rows from 2 up. A prompt's last token computed alone after a prefix hit thus gets the bits it has
+        inside the full prefill's pass, so the exact modes stay exact to the bit; decode steps (`decode_batch`),
+        whose bits nothing compares, stay one row."""
+        if hidden.shape[0] != 1 or hidden.device.type != "cpu" or _ONEDNN_LINEAR is None:
+            return hidden
+        return hidden.expand(2, -1).contiguous()
 
     def decode_batch(self, token_ids: torch.Tensor, positions: torch.Tensor, caches: Sequence[KVCache]) -> torch.Tensor:
         """One new token for each of several sequences, each with its own cache: (B, vocab) logits.
