@@ -112,16 +112,14 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+def _runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """The kernels are loaded and take this device and dtype: float32, or bfloat16 on a CPU with AVX512-BF16."""
+    return bool(_loaded) and device.type == "cpu" and (dtype == torch.float32 or (dtype == torch.bfloat16 and _AVX512_BF16))
+
+
 def supports(device: torch.device, dtype: torch.dtype, head_dim: int, group: int) -> bool:
-    """The kernel is loaded and takes this device, dtype (float32, or bfloat16 on a CPU with AVX512-BF16), head dim
-    and number of query heads per KV head."""
-    return (
-        bool(_loaded)
-        and device.type == "cpu"
-        and (dtype == torch.float32 or (dtype == torch.bfloat16 and _AVX512_BF16))
-        and head_dim in HEAD_DIMS
-        and group <= MAX_GROUP
-    )
+    """The attention kernel takes this device, dtype, head dim and number of query heads per KV head."""
+    return _runs(device, dtype) and head_dim in HEAD_DIMS and group <= MAX_GROUP
 
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -137,11 +135,8 @@ def layer_ops_apply(*tensors: torch.Tensor) -> bool:
     """The layer ops (`cpu_layer_ops.cpp`: `rms_norm`, `rope`, `silu_mul`) take these tensors: the kernels are loaded,
     and they are CPU tensors of one dtype, float32 or bfloat16 (on a CPU with AVX512-BF16), each row contiguous."""
     first = tensors[0]
-    return (
-        bool(_loaded)
-        and first.device.type == "cpu"
-        and (first.dtype == torch.float32 or (first.dtype == torch.bfloat16 and _AVX512_BF16))
-        and all(tensor.dtype == first.dtype and tensor.device == first.device and tensor.stride(-1) == 1 for tensor in tensors)
+    return _runs(first.device, first.dtype) and all(
+        tensor.dtype == first.dtype and tensor.device == first.device and tensor.stride(-1) == 1 for tensor in tensors
     )
 
 

@@ -316,7 +316,7 @@ class Transformer:
         number of rows from 2 up. A prompt's last token computed alone after a prefix hit thus gets the bits it has
         inside the full prefill's pass, so the exact modes stay exact to the bit; decode steps (`decode_batch`),
         whose bits nothing compares, stay one row."""
-        if hidden.shape[0] != 1 or hidden.device.type != "cpu" or _ONEDNN_LINEAR is None:
+        if hidden.shape[0] != 1 or hidden.device.type != "cpu" or not _onednn_packs(hidden.dtype):
             return hidden
         return hidden.expand(2, -1).contiguous()
 
