@@ -31,7 +31,7 @@ from kvcake.requests import (
 )
 from kvcake.runtime import keep_freed_memory
 from kvcake.reuse import (
-    PREFIX, WAIT_S, WAITING, ByteBudget, CostProfile, DocumentSettings, PrefixPrefetch, PrefixReuse, Reuse,
+    ALONE, PREFIX, WAIT_S, WAITING, ByteBudget, CostProfile, DocumentSettings, PrefixPrefetch, PrefixReuse, Reuse,
     ReuseChoice, Waiting, WriteBack, document_mode, document_strategies, drain, parse_check_layers, route,
 )
 from kvcake.store import KeyRules, KVStore, StoreStats, model_fingerprint, open_store
@@ -161,8 +161,8 @@ class Engine:
     def stream(
         self, request: GenerateRequest, metrics: RequestMetrics, prefetched: PrefixPrefetch | None = None, planned: PromptLayout | None = None
     ) -> Generator[Step, bool | None, None]:
-        """`run` driven alone (every decode step a batch of this request's row only): its tokens, choice after choice.
-        Sending True after a step ends that step's choice (a stop sequence)."""
+        """`run` driven alone (every decode step a batch of this request's row only, every pause answered `ALONE`):
+        its tokens, choice after choice. Sending True after a step ends that step's choice (a stop sequence)."""
         work = self.run(request, metrics, prefetched, planned)
         reply: Any = None
         try:
@@ -174,7 +174,7 @@ class Engine:
                         continue
                 if item is WAITING:
                     time.sleep(WAIT_S)
-                reply = None if item is None or item is WAITING else (yield item)
+                reply = ALONE if item is None else None if item is WAITING else (yield item)
         except StopIteration:
             return
         finally:

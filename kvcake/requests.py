@@ -150,7 +150,8 @@ class DecodeStep:
 
 Work = Step | DecodeStep | Waiting | None
 """What `Engine.run` yields: a generated token (send True to end its choice), a decode step
-(send its logits), None: a pause after a unit of prefill work (send None), or `WAITING`: a pause
+(send its logits), None: a pause after a unit of prefill work (send None, or `ALONE` when no other request
+waits for the compute: the next pass may be longer), or `WAITING`: a pause
 in which it did nothing, waiting for another request's chunks (send None, after running others)."""
 
 

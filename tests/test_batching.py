@@ -12,10 +12,10 @@ from tiny import TEST_DEVICE
 from kvcake.reuse.documents import packs
 from kvcake.config import KvcakeConfig
 from kvcake.engine import Engine
-from kvcake.requests import GenerateRequest, RequestMetrics, WarmRequest
+from kvcake.requests import GenerateRequest, RequestMetrics, Step, WarmRequest
 from kvcake.model import SamplingParams, Transformer, transformer
 from kvcake.model.kv import CachePool
-from kvcake.reuse import drain
+from kvcake.reuse import ALONE, Alone, drain
 from kvcake.server.worker import Cancelled, ComputeWorker, Done, Event, Failed, Job, PromptLogprobs, TokenEvent
 
 FAMILIES = ["llama", "llama3-rope", "qwen2", "mistral"]
@@ -201,18 +201,60 @@ def test_a_cancelled_request_leaves_the_others_running(config: KvcakeConfig) -> 
     engine.close()
 
 
-def _pauses_before_the_first_token(engine: Engine, request: GenerateRequest) -> tuple[int, int]:
-    """How often `run` paused before its first token, and that token."""
+def _pauses_before_the_first_token(engine: Engine, request: GenerateRequest, pace: Alone | None = None) -> tuple[int, Step]:
+    """How often `run` paused before its first token (each pause answered `pace`), and that token's step."""
     work = engine.run(request, RequestMetrics())
     pauses, reply = 0, None
     with torch.inference_mode():
         while True:
             item = work.send(reply)
             if item is None:
-                pauses, reply = pauses + 1, None
+                pauses, reply = pauses + 1, pace
                 continue
             work.close()
-            return pauses, item.token_id
+            return pauses, item
+
+
+def test_a_prefill_told_it_runs_alone_takes_long_passes_with_the_same_bits(config: KvcakeConfig) -> None:
+    """Answered `ALONE`, a prefill computes the rest of its prompt in one long pass after its first; answered None,
+    in passes of the configured size. A token's K/V and the first token's logits do not depend on the pass."""
+    engines = [Engine(config.replace(chunk_size=16)) for _ in range(2)]  # each its own store: both prompts are cold
+    prompt = torch.randint(3, 512, (16 * 12 + 7,), generator=torch.Generator().manual_seed(2)).tolist()
+    short, in_short_passes = _pauses_before_the_first_token(engines[0], _greedy(prompt))
+    long, in_long_passes = _pauses_before_the_first_token(engines[1], _greedy(prompt), ALONE)
+    assert short == 13 and long == 2
+    assert in_short_passes.token_id == in_long_passes.token_id
+    assert torch.equal(in_short_passes.logits, in_long_passes.logits)
+    for engine in engines:
+        engine.close()
+
+
+def test_a_long_prefill_beside_a_decoding_request_keeps_short_passes(config: KvcakeConfig) -> None:
+    """A prefill that starts while another request decodes is not told it runs alone: that request's tokens keep
+    coming between its short passes, all of them before the long prompt's first token; once nothing decodes, the long
+    prefill's passes grow, and its tokens are what it gives served alone."""
+    engine, reference = Engine(config.replace(chunk_size=16)), Engine(config.replace(chunk_size=16))
+    long_prompt = torch.randint(3, 512, (16 * 30,), generator=torch.Generator().manual_seed(4)).tolist()
+    solo = [step.token_id for step in reference.stream(_greedy(long_prompt, tokens=4), RequestMetrics())]
+    reference.close()
+    worker = ComputeWorker(engine, max_queue=8, io_threads=0, on_finished=lambda metrics, cancelled: None, max_batch=2)
+    order: list[str] = []
+    decoding, long_one = _Collector(), _Collector()
+    long_job = Job(request=_greedy(long_prompt, tokens=4), planned=None,
+                   emit=lambda event: (order.append("long"), long_one.emit(event)))
+
+    def on_decoded(event: Event) -> None:
+        if isinstance(event, TokenEvent) and not decoding.tokens:
+            worker.submit(long_job)  # joins while this request decodes
+        order.append("decode")
+        decoding.emit(event)
+
+    worker.submit(Job(request=_greedy(list(range(3, 12)), tokens=20), planned=None, emit=on_decoded))
+    assert decoding.done.wait(60) and long_one.done.wait(60)
+    worker.close()
+    assert len(decoding.tokens) == 20 and long_one.tokens == solo
+    assert order.index("long") > len(order) - order[::-1].index("decode") - 1, "every decoded token came before the long prompt's first"
+    engine.close()
 
 
 @pytest.mark.parametrize("reuse", ["blend", "tune"])
@@ -227,7 +269,7 @@ def test_documents_missing_from_the_store_are_computed_pass_by_pass(config: Kvca
     lengths = [len(ids) for ids in cold.plan_prompt(request).documents()]
     # a pack of short documents is one pass; a document longer than a pass is cut into passes
     passes = sum(-(-lengths[batch[0]] // 16) if len(batch) == 1 else 1 for batch in packs(lengths, 16))
-    assert computing == stored + passes and passes > 1 and first == again
+    assert computing == stored + passes and passes > 1 and first.token_id == again.token_id
     cold.close()
     warmed.close()
 

@@ -19,7 +19,7 @@
 
 from kvcake.reuse.blend import BlendReuse
 from kvcake.reuse.cake import WAIT_S, WAITING, ChunkLoader, CostProfile, PrefixPrefill, PrefixReport, Strategy, Waiting, drain
-from kvcake.reuse.contract import PREFIX, DocumentReport, Filled, Reuse, ReuseChoice
+from kvcake.reuse.contract import ALONE, ALONE_PASS_TOKENS, PREFIX, Alone, DocumentReport, Filled, Reuse, ReuseChoice
 from kvcake.reuse.documents import DocumentPlan, DocumentReuse, DocumentRows, DocumentSettings
 from kvcake.reuse.layers import LayerPrefetcher, LayerSource
 from kvcake.reuse.prefetch import ByteBudget, PrefixPrefetch
@@ -31,6 +31,8 @@ from kvcake.reuse.tune import ScoredDocument, TuneProfile, TuneReuse, order_entr
 from kvcake.reuse.writeback import WriteBack
 
 __all__ = [
+    "ALONE",
+    "ALONE_PASS_TOKENS",
     "BLEND",
     "DOCUMENT_MODES",
     "PREFIX",
@@ -41,6 +43,7 @@ __all__ = [
     "RULES",
     "WAITING",
     "WAIT_S",
+    "Alone",
     "BlendFallback",
     "BlendPrefill",
     "DocumentReport",

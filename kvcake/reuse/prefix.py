@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +25,7 @@ import torch
 from kvcake.chunk import ChunkKV
 from kvcake.model import KVCache, Transformer
 from kvcake.model.segments import PromptLayout
-from kvcake.reuse.contract import Filled, ReuseChoice
+from kvcake.reuse.contract import ALONE, ALONE_PASS_TOKENS, Alone, Filled, ReuseChoice
 from kvcake.reuse.inflight import InFlight
 from kvcake.reuse.prefetch import ByteBudget, PrefixPrefetch
 from kvcake.reuse.cake import WAITING, ChunkLoader, CostProfile, PrefixPrefill, PrefixReport, Strategy, Waiting
@@ -95,7 +95,7 @@ class PrefixReuse:
         plan = self.plan(prompt, choice)
         return PrefixPrefetch(self._loader(plan.keys), plan.num_stored, self.prefetch_budget) if plan.num_stored else None
 
-    def fill(self, plan: PrefixPlan, cache: KVCache, prefetched: PrefixPrefetch | None = None) -> Generator[Waiting | None, None, Filled]:
+    def fill(self, plan: PrefixPlan, cache: KVCache, prefetched: PrefixPrefetch | None = None) -> Generator[Waiting | None, Alone | None, Filled]:
         """The stored chunks by the plan's strategy, then the rest computed; pauses after every computed chunk or pass.
 
         Chunks `prefetched` while the request waited are used as loaded (Cake, load). Chunks another
@@ -163,37 +163,35 @@ class PrefixReuse:
 
     def _compute_rest(
         self, plan: PrefixPlan, cache: KVCache, report: PrefixReport
-    ) -> Generator[None, None, tuple[torch.Tensor, dict[str, ChunkKV]]]:
+    ) -> Generator[None, Alone | None, tuple[torch.Tensor, dict[str, ChunkKV]]]:
         """Compute the tokens after the cache: the last token's logits, and the K/V of the stored entries
         (full chunks, tail blocks) the computed tokens make up, by key.
 
-        Passes are `prefill_chunk` tokens (several store chunks at once, when it is larger),
-        cut at multiples of it from position 0 whatever was reused, so a token is mostly
-        computed in the same pass shape as in a full prefill; each pass's K/V is cut into
-        entries. A trailing partial block is never stored, so its K/V is not kept.
-        Pauses after each pass; its compute time goes to `report.compute_s`.
+        Passes are `prefill_chunk` tokens (several store chunks at once, when it is larger), or
+        `ALONE_PASS_TOKENS` after the scheduler answered the last pause with `ALONE`; they are cut
+        at multiples of that size from position 0, so every pass holds whole chunks, and each pass's
+        K/V is cut into entries. A token's K/V does not depend on the pass it is in (the runner's
+        products and attention are row-invariant for passes of two or more rows, and a one-token
+        pass is padded to two), so exact modes stay exact whatever the scheduler sends. A trailing
+        partial block is never stored, so its K/V is not kept. Pauses after each pass; its compute
+        time goes to `report.compute_s`.
         """
         entries = plan.entries(self.chunk_size)
+        alone_pass = max(self.prefill_chunk, ALONE_PASS_TOKENS // self.prefill_chunk * self.prefill_chunk)
         logits = None
         computed: dict[str, ChunkKV] = {}
-        for start, end in passes(cache.length, len(plan.token_ids), self.prefill_chunk):
+        start, end, pass_tokens = cache.length, len(plan.token_ids), self.prefill_chunk
+        while start < end:
+            stop = min(end, (start // pass_tokens + 1) * pass_tokens)
             started = time.perf_counter()
-            ids, positions = torch.tensor(plan.token_ids[start:end]), torch.arange(start, end)
-            inside = [(key, first, last) for key, first, last in entries if start <= first and last <= end]
+            ids, positions = torch.tensor(plan.token_ids[start:stop]), torch.arange(start, stop)
+            inside = [(key, first, last) for key, first, last in entries if start <= first and last <= stop]
             out = self.model.forward(ids, positions, cache, keep_kv=bool(inside), rotated_keys=True)
             for key, first, last in inside:
                 computed[key] = ChunkKV([k[:, first - start : last - start] for k in out.kv.keys], [v[:, first - start : last - start] for v in out.kv.values])
             logits = out.logits
             report.compute_s += time.perf_counter() - started
-            yield
+            start = stop
+            pass_tokens = alone_pass if (yield) is ALONE else self.prefill_chunk
         assert logits is not None
         return logits[-1], computed
-
-
-def passes(first: int, end: int, step: int) -> Iterator[tuple[int, int]]:
-    """[start, end) of each prefill pass over tokens first..end, cut at multiples of `step` from position 0."""
-    start = first
-    while start < end:
-        stop = min(end, (start // step + 1) * step)
-        yield start, stop
-        start = stop

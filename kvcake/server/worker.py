@@ -32,7 +32,7 @@ import torch
 
 from kvcake.engine import Engine
 from kvcake.requests import DecodeStep, GenerateRequest, RequestMetrics, Step, WarmRequest, Work
-from kvcake.reuse import WAIT_S, WAITING, PrefixPrefetch
+from kvcake.reuse import ALONE, WAIT_S, WAITING, PrefixPrefetch
 from kvcake.model.segments import PromptLayout
 from kvcake.runtime import confine_torch_to_this_thread
 from kvcake.server.stops import StopMatcher
@@ -223,15 +223,18 @@ class ComputeWorker:
     def _prefill_unit(self, running: list[_Running]) -> None:
         """One chunk of the oldest prefill, so prefills advance in arrival order between decode steps. A prefill
         waiting for another request's chunks (`WAITING`) lets the next one go first, so the request it waits
-        for can finish them; with only waiting ones it looks again after a short sleep (unless tokens decode)."""
+        for can finish them; with only waiting ones it looks again after a short sleep (unless tokens decode).
+        While no request decodes, nothing waits between this prefill's units (later prefills wait for it in
+        any case), so it is told `ALONE` and may take longer passes."""
+        decoding = any(isinstance(r.pending, DecodeStep) for r in running)
         entry = next((r for r in running if r.pending is None), None)
         if entry is None:
             entry = next((r for r in running if r.pending is WAITING), None)
             if entry is None:
                 return
-            if not any(isinstance(r.pending, DecodeStep) for r in running):
+            if not decoding:
                 time.sleep(WAIT_S)
-        if not self._advance(entry, None):
+        if not self._advance(entry, None if decoding else ALONE):
             running.remove(entry)
 
     def _decode_step(self, running: list[_Running]) -> None:
