@@ -170,7 +170,8 @@ class PrefixReuse:
         Passes are `prefill_chunk` tokens (several store chunks at once, when it is larger), or
         `ALONE_PASS_TOKENS` after the scheduler answered the last pause with `ALONE`; they are cut
         at multiples of that size from position 0, so every pass holds whole chunks, and each pass's
-        K/V is cut into entries. A token's K/V does not depend on the pass it is in (the runner's
+        K/V is cut into entries. Tokens that take more than one configured pass pause once before
+        the first, to learn its size. A token's K/V does not depend on the pass it is in (the runner's
         products and attention are row-invariant for passes of two or more rows, and a one-token
         pass is padded to two), so exact modes stay exact whatever the scheduler sends. A trailing
         partial block is never stored, so its K/V is not kept. Pauses after each pass; its compute
@@ -181,6 +182,8 @@ class PrefixReuse:
         logits = None
         computed: dict[str, ChunkKV] = {}
         start, end, pass_tokens = cache.length, len(plan.token_ids), self.prefill_chunk
+        if end - start > self.prefill_chunk:
+            pass_tokens = alone_pass if (yield) is ALONE else self.prefill_chunk
         while start < end:
             stop = min(end, (start // pass_tokens + 1) * pass_tokens)
             started = time.perf_counter()
