@@ -259,8 +259,9 @@ void attend_item(Slab<D, V>& slab, const Pass& pass, int64_t kv_head, int64_t fi
   int64_t last_position = 0;
   for (int64_t query = first_query; query < first_query + queries; ++query)
     last_position = std::max(last_position, last_visible_key(pass, query));
+  // The last block ends at the item's last visible key: the keys after it would add exact zeros to every row.
   for (int64_t start = 0, block = 0; start <= last_position; start += KEY_BLOCK, ++block) {
-    const int keys = static_cast<int>(std::min<int64_t>(KEY_BLOCK, pass.num_keys - start));
+    const int keys = static_cast<int>(std::min<int64_t>({KEY_BLOCK, pass.num_keys - start, last_position + 1 - start}));
     attend_block<D, V>(slab, pass, key + start * pass.k_row_stride, value + block * value_step * pass.v_row_stride, start, keys);
   }
   for (int64_t r = 0; r < rows; ++r) {
