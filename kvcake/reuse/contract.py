@@ -35,6 +35,7 @@ from kvcake.reuse.cake import PrefixReport, Strategy
 
 Plan = TypeVar("Plan")
 
+
 class Alone:
     """What a scheduler sends to a paused fill when no other request waits for its units (none is decoding): the
     fill may compute its next pass in `ALONE_PASS_TOKENS`. Longer passes read each layer's weights fewer times; while
