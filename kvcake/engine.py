@@ -31,7 +31,7 @@ from kvcake.requests import (
 )
 from kvcake.runtime import keep_freed_memory
 from kvcake.reuse import (
-    ALONE, PREFIX, WAIT_S, WAITING, ByteBudget, CostProfile, DocumentSettings, PrefixPrefetch, PrefixReuse, Reuse,
+    ALONE, PACE, PREFIX, WAIT_S, WAITING, ByteBudget, CostProfile, DocumentSettings, PrefixPrefetch, PrefixReuse, Reuse,
     ReuseChoice, Waiting, WriteBack, document_mode, document_strategies, drain, parse_check_layers, route,
 )
 from kvcake.store import KeyRules, KVStore, StoreStats, model_fingerprint, open_store
@@ -174,7 +174,7 @@ class Engine:
                         continue
                 if item is WAITING:
                     time.sleep(WAIT_S)
-                reply = ALONE if item is None else None if item is WAITING else (yield item)
+                reply = ALONE if item is None or item is PACE else None if item is WAITING else (yield item)
         except StopIteration:
             return
         finally:

@@ -15,7 +15,7 @@ import torch
 from kvcake.model import KVCache, SamplingParams, Tokenizer
 from kvcake.model.grammar import GrammarError, JsonConstraint
 from kvcake.model.segments import PromptLayout, Segments, document_preamble, document_token_ids, layout, split_prompt
-from kvcake.reuse import DocumentReport, PrefixReport, Strategy, Waiting, parse_mode
+from kvcake.reuse import DocumentReport, Pace, PrefixReport, Strategy, Waiting, parse_mode
 MAX_CHOICES = 16
 """Most choices (`n`) one request may ask for: each holds its own copy of the prompt's KV."""
 
@@ -148,10 +148,11 @@ class DecodeStep:
     cache: KVCache
 
 
-Work = Step | DecodeStep | Waiting | None
+Work = Step | DecodeStep | Waiting | Pace | None
 """What `Engine.run` yields: a generated token (send True to end its choice), a decode step
 (send its logits), None: a pause after a unit of prefill work (send None, or `ALONE` when no other request
-waits for the compute: the next pass may be longer), or `WAITING`: a pause
+waits for the compute: the next pass may be longer), `PACE`: the same question before the first of several
+passes (answer it at once, it is no unit of work), or `WAITING`: a pause
 in which it did nothing, waiting for another request's chunks (send None, after running others)."""
 
 

@@ -15,7 +15,7 @@ from kvcake.engine import Engine
 from kvcake.requests import GenerateRequest, RequestMetrics, Step, WarmRequest
 from kvcake.model import SamplingParams, Transformer, transformer
 from kvcake.model.kv import CachePool
-from kvcake.reuse import ALONE, Alone, drain
+from kvcake.reuse import ALONE, PACE, Alone, drain
 from kvcake.server.worker import Cancelled, ComputeWorker, Done, Event, Failed, Job, PromptLogprobs, TokenEvent
 
 FAMILIES = ["llama", "llama3-rope", "qwen2", "mistral"]
@@ -202,27 +202,28 @@ def test_a_cancelled_request_leaves_the_others_running(config: KvcakeConfig) -> 
 
 
 def _pauses_before_the_first_token(engine: Engine, request: GenerateRequest, pace: Alone | None = None) -> tuple[int, Step]:
-    """How often `run` paused before its first token (each pause answered `pace`), and that token's step."""
+    """How often `run` paused before its first token (each pause, and each `PACE` question, answered `pace`), and
+    that token's step."""
     work = engine.run(request, RequestMetrics())
     pauses, reply = 0, None
     with torch.inference_mode():
         while True:
             item = work.send(reply)
-            if item is None:
-                pauses, reply = pauses + 1, pace
+            if item is None or item is PACE:
+                pauses, reply = pauses + (item is None), pace
                 continue
             work.close()
             return pauses, item
 
 
 def test_a_prefill_told_it_runs_alone_takes_long_passes_with_the_same_bits(config: KvcakeConfig) -> None:
-    """Answered `ALONE`, a prefill computes its prompt in one long pass (after one pause that asks); answered None,
-    in passes of the configured size. A token's K/V and the first token's logits do not depend on the pass."""
+    """Answered `ALONE`, a prefill computes its prompt in one long pass; answered None, in passes of the configured
+    size. A token's K/V and the first token's logits do not depend on the pass."""
     engines = [Engine(config.replace(chunk_size=16)) for _ in range(2)]  # each its own store: both prompts are cold
     prompt = torch.randint(3, 512, (16 * 12 + 7,), generator=torch.Generator().manual_seed(2)).tolist()
     short, in_short_passes = _pauses_before_the_first_token(engines[0], _greedy(prompt))
     long, in_long_passes = _pauses_before_the_first_token(engines[1], _greedy(prompt), ALONE)
-    assert short == 14 and long == 2
+    assert short == 13 and long == 1
     assert in_short_passes.token_id == in_long_passes.token_id
     assert torch.equal(in_short_passes.logits, in_long_passes.logits)
     for engine in engines:
@@ -311,7 +312,7 @@ def test_a_request_that_stops_early_gives_its_caches_back(config: KvcakeConfig, 
     work = engine.run(request, RequestMetrics())
     with torch.inference_mode():
         item = work.send(None)
-        while stop_after == "a token" and item is None:  # only prefill pauses come before the first token
+        while stop_after == "a token" and (item is None or item is PACE):  # only prefill pauses come before the first token
             item = work.send(None)
     work.close()
     # the request's caches have a capacity (prompt + 2,000 tokens) that no document pass uses, so the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import threading
 import time
 import urllib.request
@@ -127,6 +128,7 @@ def test_metrics_and_health(live: LiveServer, config: KvcakeConfig) -> None:
     assert "kvcake_ttft_seconds_count 1.0" in text
     assert 'kvcake_requests_total{endpoint="/v1/completions",status="200"} 1.0' in text
     assert "kvcake_queue_depth 0.0" in text and 'kvcake_store{counter="bytes_written"}' in text
+    assert re.search(r"^kvcake_starting [01]\.0$", text, re.MULTILINE)
 
 
 def test_sixteen_concurrent_clients_get_the_serial_answers(config: KvcakeConfig) -> None:

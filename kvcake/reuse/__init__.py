@@ -19,7 +19,7 @@
 
 from kvcake.reuse.blend import BlendReuse
 from kvcake.reuse.cake import WAIT_S, WAITING, ChunkLoader, CostProfile, PrefixPrefill, PrefixReport, Strategy, Waiting, drain
-from kvcake.reuse.contract import ALONE, ALONE_PASS_TOKENS, PREFIX, Alone, DocumentReport, Filled, Reuse, ReuseChoice
+from kvcake.reuse.contract import ALONE, ALONE_PASS_TOKENS, PACE, PREFIX, Alone, DocumentReport, Filled, Pace, Reuse, ReuseChoice
 from kvcake.reuse.documents import DocumentPlan, DocumentReuse, DocumentRows, DocumentSettings
 from kvcake.reuse.layers import LayerPrefetcher, LayerSource
 from kvcake.reuse.prefetch import ByteBudget, PrefixPrefetch
@@ -35,6 +35,7 @@ __all__ = [
     "ALONE_PASS_TOKENS",
     "BLEND",
     "DOCUMENT_MODES",
+    "PACE",
     "PREFIX",
     "document_mode",
     "document_strategies",
@@ -58,6 +59,7 @@ __all__ = [
     "Filled",
     "LayerPrefetcher",
     "LayerSource",
+    "Pace",
     "PrefixPlan",
     "PrefixPrefetch",
     "PrefixPrefill",

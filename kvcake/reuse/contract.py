@@ -12,7 +12,9 @@ Cake, split:M; `kvcake.reuse.prefix`) and the document strategies (blend, tune;
   yields `WAITING` instead while it waits for chunks another request is computing (a
   scheduler then runs others first); `drain` runs one without pausing. A scheduler
   resumes it with None, or with `ALONE` when no other request waits for the compute
-  between its units: the next unit may then be a longer pass.
+  between its units: the next unit may then be a longer pass. Before a computation of
+  more than one pass it yields `PACE`, a question rather than a pause, which its driver
+  answers at once the same way.
 
 `prefetch(prompt, choice)` hands a loader of the stored prefix to a request that waits
 its turn (or None); it reads no more of the store's index than that needs. A
@@ -46,6 +48,18 @@ class Alone:
 
 
 ALONE = Alone()
+
+
+class Pace:
+    """What a fill yields before a computation of more than one pass: a question, not a pause (no work was done).
+    Its driver answers at once (``send``) with `ALONE` when no other request waits for the compute, else None; the
+    answer sizes the first pass, as the answers to later pauses size the passes after them."""
+
+    def __repr__(self) -> str:
+        return "PACE"
+
+
+PACE = Pace()
 
 ALONE_PASS_TOKENS = 2048
 """Tokens per prefill pass while a request runs alone (rounded down to a multiple of the configured pass). Measured
@@ -125,4 +139,4 @@ class Reuse(Protocol[Plan]):
 
     def prefetch(self, prompt: PromptLayout, choice: ReuseChoice) -> PrefixPrefetch | None: ...
 
-    def fill(self, plan: Plan, cache: KVCache, prefetched: PrefixPrefetch | None = None) -> Generator[None, Alone | None, Filled]: ...
+    def fill(self, plan: Plan, cache: KVCache, prefetched: PrefixPrefetch | None = None) -> Generator[Pace | None, Alone | None, Filled]: ...

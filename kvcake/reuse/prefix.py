@@ -25,7 +25,7 @@ import torch
 from kvcake.chunk import ChunkKV
 from kvcake.model import KVCache, Transformer
 from kvcake.model.segments import PromptLayout
-from kvcake.reuse.contract import ALONE, ALONE_PASS_TOKENS, Alone, Filled, ReuseChoice
+from kvcake.reuse.contract import ALONE, ALONE_PASS_TOKENS, PACE, Alone, Filled, Pace, ReuseChoice
 from kvcake.reuse.inflight import InFlight
 from kvcake.reuse.prefetch import ByteBudget, PrefixPrefetch
 from kvcake.reuse.cake import WAITING, ChunkLoader, CostProfile, PrefixPrefill, PrefixReport, Strategy, Waiting
@@ -95,7 +95,7 @@ class PrefixReuse:
         plan = self.plan(prompt, choice)
         return PrefixPrefetch(self._loader(plan.keys), plan.num_stored, self.prefetch_budget) if plan.num_stored else None
 
-    def fill(self, plan: PrefixPlan, cache: KVCache, prefetched: PrefixPrefetch | None = None) -> Generator[Waiting | None, Alone | None, Filled]:
+    def fill(self, plan: PrefixPlan, cache: KVCache, prefetched: PrefixPrefetch | None = None) -> Generator[Waiting | Pace | None, Alone | None, Filled]:
         """The stored chunks by the plan's strategy, then the rest computed; pauses after every computed chunk or pass.
 
         Chunks `prefetched` while the request waited are used as loaded (Cake, load). Chunks another
@@ -163,15 +163,15 @@ class PrefixReuse:
 
     def _compute_rest(
         self, plan: PrefixPlan, cache: KVCache, report: PrefixReport
-    ) -> Generator[None, Alone | None, tuple[torch.Tensor, dict[str, ChunkKV]]]:
+    ) -> Generator[Pace | None, Alone | None, tuple[torch.Tensor, dict[str, ChunkKV]]]:
         """Compute the tokens after the cache: the last token's logits, and the K/V of the stored entries
         (full chunks, tail blocks) the computed tokens make up, by key.
 
         Passes are `prefill_chunk` tokens (several store chunks at once, when it is larger), or
         `ALONE_PASS_TOKENS` after the scheduler answered the last pause with `ALONE`; they are cut
         at multiples of that size from position 0, so every pass holds whole chunks, and each pass's
-        K/V is cut into entries. Tokens that take more than one configured pass pause once before
-        the first, to learn its size. A token's K/V does not depend on the pass it is in (the runner's
+        K/V is cut into entries. Tokens that take more than one configured pass ask (`PACE`) how
+        long the first may be. A token's K/V does not depend on the pass it is in (the runner's
         products and attention are row-invariant for passes of two or more rows, and a one-token
         pass is padded to two), so exact modes stay exact whatever the scheduler sends. A trailing
         partial block is never stored, so its K/V is not kept. Pauses after each pass; its compute
@@ -183,7 +183,7 @@ class PrefixReuse:
         computed: dict[str, ChunkKV] = {}
         start, end, pass_tokens = cache.length, len(plan.token_ids), self.prefill_chunk
         if end - start > self.prefill_chunk:
-            pass_tokens = alone_pass if (yield) is ALONE else self.prefill_chunk
+            pass_tokens = alone_pass if (yield PACE) is ALONE else self.prefill_chunk
         while start < end:
             stop = min(end, (start // pass_tokens + 1) * pass_tokens)
             started = time.perf_counter()

@@ -88,7 +88,7 @@ def create_app(engine: Engine) -> FastAPI:
     @app.get("/metrics")
     async def prometheus(request: Request) -> Response:
         state = request.app.state
-        data = state.metrics.render(state.engine.stats(), state.worker.depth)
+        data = state.metrics.render(state.engine.stats(), state.worker.depth, state.worker.starting)
         return Response(data, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")

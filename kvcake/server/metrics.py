@@ -32,6 +32,7 @@ class ServerMetrics:
         self.queue_depth = Gauge("kvcake_queue_depth", "Requests waiting for the compute thread.", registry=self.registry)
         self.writeback_dropped = Gauge("kvcake_writeback_dropped", "Computed chunks not written back (queue full).", registry=self.registry)
         self.writeback_pending = Gauge("kvcake_writeback_pending", "Computed chunks queued or being written to the store.", registry=self.registry)
+        self.starting = Gauge("kvcake_starting", "1 while start-up work (mapping the store's read buffers) still runs beside requests.", registry=self.registry)
 
     def record(self, metrics: RequestMetrics | None, cancelled: bool) -> None:
         """Called by the compute thread for every request that ran, including ones whose client left, and for
@@ -51,7 +52,7 @@ class ServerMetrics:
         self.documents.labels("stored").inc(shown["documents_stored"])
         self.documents.labels("computed").inc(shown["documents_computed"])
 
-    def render(self, engine: EngineStats, queue_depth: int) -> bytes:
+    def render(self, engine: EngineStats, queue_depth: int, starting: bool) -> bytes:
         store = engine.store
         errors = sum(store.errors.values())
         by_kind: dict[str, int] = dict(store.errors)
@@ -66,5 +67,6 @@ class ServerMetrics:
         self.queue_depth.set(queue_depth)
         self.writeback_dropped.set(engine.writeback_dropped)
         self.writeback_pending.set(engine.writeback_pending)
+        self.starting.set(int(starting))
         return generate_latest(self.registry)
 

@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Generator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +32,7 @@ import torch
 
 from kvcake.engine import Engine
 from kvcake.requests import DecodeStep, GenerateRequest, RequestMetrics, Step, WarmRequest, Work
-from kvcake.reuse import ALONE, WAIT_S, WAITING, PrefixPrefetch
+from kvcake.reuse import ALONE, PACE, WAIT_S, WAITING, Alone, PrefixPrefetch
 from kvcake.model.segments import PromptLayout
 from kvcake.runtime import confine_torch_to_this_thread
 from kvcake.server.stops import StopMatcher
@@ -144,8 +144,7 @@ class ComputeWorker:
         self._queue: queue.Queue[Job | None] = queue.Queue(max_queue)
         self._thread = threading.Thread(target=self._run, name="kvcake-compute", daemon=True)
         self._thread.start()
-        if self._io is not None:
-            self._io.submit(self._map_read_buffers)
+        self._start_up: Future[None] | None = self._io.submit(self._map_read_buffers) if self._io is not None else None
 
     def _map_read_buffers(self) -> None:
         """At start-up, on an I/O thread: the store's read buffers, mapped before the first load needs them."""
@@ -159,6 +158,12 @@ class ComputeWorker:
     @property
     def depth(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def starting(self) -> bool:
+        """Whether start-up work (mapping the store's read buffers) still runs on an I/O thread; requests are
+        served meanwhile, beside it."""
+        return self._start_up is not None and not self._start_up.done()
 
     def submit(self, job: Job) -> None:
         try:
@@ -209,7 +214,7 @@ class ComputeWorker:
             if job is None:
                 self._closing = True
                 break
-            started = self._start(job)
+            started = self._start(job, self._pace(running))
             if started is not None:
                 running.append(started)
         return bool(running) or not self._closing
@@ -220,21 +225,25 @@ class ComputeWorker:
             self._finish(entry)
             running.remove(entry)
 
+    @staticmethod
+    def _pace(running: list[_Running]) -> Alone | None:
+        """`ALONE` while no request decodes: nothing then waits between a prefill's units (later prefills wait
+        for the oldest in any case), so it may take longer passes; else None, and passes stay short."""
+        return None if any(isinstance(r.pending, DecodeStep) for r in running) else ALONE
+
     def _prefill_unit(self, running: list[_Running]) -> None:
         """One chunk of the oldest prefill, so prefills advance in arrival order between decode steps. A prefill
         waiting for another request's chunks (`WAITING`) lets the next one go first, so the request it waits
-        for can finish them; with only waiting ones it looks again after a short sleep (unless tokens decode).
-        While no request decodes, nothing waits between this prefill's units (later prefills wait for it in
-        any case), so it is told `ALONE` and may take longer passes."""
-        decoding = any(isinstance(r.pending, DecodeStep) for r in running)
+        for can finish them; with only waiting ones it looks again after a short sleep (unless tokens decode)."""
+        pace = self._pace(running)
         entry = next((r for r in running if r.pending is None), None)
         if entry is None:
             entry = next((r for r in running if r.pending is WAITING), None)
             if entry is None:
                 return
-            if not decoding:
+            if pace is ALONE:
                 time.sleep(WAIT_S)
-        if not self._advance(entry, None if decoding else ALONE):
+        if not self._advance(entry, pace, pace):
             running.remove(entry)
 
     def _decode_step(self, running: list[_Running]) -> None:
@@ -259,8 +268,9 @@ class ComputeWorker:
 
     # ---- one job ------------------------------------------------------------------------
 
-    def _start(self, job: Job) -> _Running | None:
-        """Begin a job; skipped and failed jobs, and ones done at once, end here (None)."""
+    def _start(self, job: Job, pace: Alone | None) -> _Running | None:
+        """Begin a job (its first unit of work sized by `pace`); skipped and failed jobs, and ones done at once, end
+        here (None)."""
         with job.lock:
             job.started = True
         try:
@@ -268,13 +278,13 @@ class ComputeWorker:
                 job.emit(Cancelled())
             elif isinstance(job.request, WarmRequest):
                 entry = _Running(job, self.engine.warm_steps(job.request), [], [])
-                return entry if self._advance(entry, None) else None
+                return entry if self._advance(entry, None, pace) else None
             else:
                 request = job.request
                 tokenizer = self.engine.tokenizer
                 entry = _Running(job, self._generation(job, request), [tokenizer.stream_decoder() for _ in range(request.n)],
                                  [StopMatcher(job.stop) for _ in range(request.n)])
-                return entry if self._advance(entry, None) else None
+                return entry if self._advance(entry, None, pace) else None
         except Exception as error:
             if not isinstance(error, ValueError):
                 log.exception("request failed")
@@ -282,12 +292,13 @@ class ComputeWorker:
         self._release_prefetch(job)
         return None
 
-    def _advance(self, entry: _Running, reply: Any) -> bool:
-        """Resume a generation until it needs the model again; emits its tokens. False when it has ended."""
+    def _advance(self, entry: _Running, reply: Any, pace: Alone | None = None) -> bool:
+        """Resume a generation until it needs the model again; emits its tokens and answers its `PACE` questions
+        with `pace`. False when it has ended."""
         try:
             item = entry.work.send(reply)
-            while isinstance(item, Step):
-                item = entry.work.send(self._emit_token(entry, item))
+            while isinstance(item, Step) or item is PACE:
+                item = entry.work.send(pace if item is PACE else self._emit_token(entry, item))
         except StopIteration as done:
             self._finish(entry, done.value)
             return False
