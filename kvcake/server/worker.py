@@ -7,7 +7,8 @@ chunk or pass of a plain or Cake prefill, a pass of documents computed in isolat
 layer of blend or tune, a pass of a warm call or of an echoed prompt's log probabilities)
 to the oldest job still prefilling, then runs one decode step for every decoding request
 in one batched forward (`Transformer.decode_batch`), so a long prefill delays another
-client's next token by about one unit, not by the whole prefill. A job joins as soon as
+client's next token by about one unit, not by the whole prefill; while no request decodes,
+a prefill is told it runs `ALONE` and takes longer passes. A job joins as soon as
 a slot is free and leaves when it finishes.
 
 While a request waits, an I/O thread loads its stored prefix chunks from the back
