@@ -56,7 +56,7 @@ class KvcakeConfig(BaseSettings):
     threads: int = _setting(0, "CPU threads for torch; 0 keeps torch's default (all cores).", "model")
     chunk_size: int = _setting(256, "Tokens per stored KV chunk (the unit of prefix keys and reuse).", "model")
     compute_chunk: int = _setting(
-        0, "Tokens per prefill pass when computing; a multiple of chunk_size, 0 = chunk_size. Larger passes fill a GPU; entries stay chunk_size.", "model")
+        0, "Tokens per prefill pass while other requests decode (a prefill running alone takes 2048-token passes, or this if larger); a multiple of chunk_size, 0 = chunk_size. Larger passes fill a GPU; entries stay chunk_size.", "model")
     max_tokens: int = _setting(64, "Default number of tokens to generate.", "model")
     cache_dir: str = _setting("~/.cache/kvcake", "Where converted models, downloaded packages and data sets are kept.", "model")
     store_url: str = _setting(
